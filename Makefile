@@ -1,0 +1,31 @@
+# flora-ray: the two commands a newcomer needs are `make quickstart` and `make test`.
+# Both create .venv, install everything (PyTorch, the package, the Fashion-MNIST data) and then run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.flora-ray-installed
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install data test test-fast quickstart lint
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PINS)
+	$(BIN)/pip install -q -e ".[dev]" $(TORCH_PINS)
+	touch $@
+
+install: $(STAMP)
+
+data:
+	bash experiments/get_fashion_mnist.sh
+
+test: install data
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .

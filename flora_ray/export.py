@@ -1,0 +1,137 @@
+"""Subnet extraction and export: a standalone timm model at fixed ranks, saved as safetensors plus a JSON spec.
+
+The exported model contains only timm and plain torch modules: each factorised layer becomes either
+``nn.Sequential(Linear(d_in, r, bias=False), Linear(r, d_out))`` or a merged ``nn.Linear``, whichever the cost
+model charges (``lowrank.low_rank_is_cheaper``). Loading it needs the timm name and kwargs, the per-layer forms
+(all in ``subnet.json``) and the weights (``model.safetensors``); no supernet is built.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flora_ray import __version__
+from flora_ray.fileio import read_checkpoint, read_json, sha256_file, write_checkpoint, write_json
+from flora_ray.lowrank import build_static_layer, low_rank_is_cheaper
+from flora_ray.models import ModelSpec, load_state_dict_strict
+from flora_ray.supernet import Supernet
+from flora_ray.surgery import swap_modules
+
+SUBNET_FORMAT = "flora-ray/subnet"
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "subnet.json"
+
+
+def extract_subnet(supernet: Supernet, ranks: Mapping[str, int]) -> nn.Module:
+    """A standalone copy of the supernet's timm model at ``ranks``; the supernet itself is not modified.
+
+    Its outputs equal the supernet's with ``set_ranks(ranks)`` (up to float rounding of the merged layers).
+    """
+    config = supernet.space.validate(ranks)
+    layers = supernet.elastic_layers()
+    # Pre-seed deepcopy's memo so that each elastic layer is replaced by its static twin instead of copied.
+    memo = {id(layers[fqn]): layers[fqn].to_static(config[fqn]) for fqn in config}
+    return copy.deepcopy(supernet.model, memo)
+
+
+def subnet_spec(supernet: Supernet, ranks: Mapping[str, int]) -> dict[str, Any]:
+    """The JSON spec of an exported subnet (without the weights checksum)."""
+    supernet.header()  # raises a clear error when the supernet cannot be rebuilt by name
+    config = supernet.space.validate(ranks)
+    cost = supernet.cost
+    layers = {}
+    for fqn, layer in supernet.elastic_layers().items():
+        layers[fqn] = {
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "rank": config[fqn],
+            "max_rank": layer.max_rank,
+            "bias": layer.bias is not None,
+            "form": "low_rank"
+            if low_rank_is_cheaper(layer.in_features, layer.out_features, config[fqn])
+            else "dense",
+        }
+    return {
+        "format": SUBNET_FORMAT,
+        "version": 1,
+        "model": supernet.spec.to_dict(),
+        "ranks": config,
+        "layers": layers,
+        "macs": cost.macs(config),
+        "params": cost.params(config),
+        "dense_macs": cost.dense_macs,
+        "dense_params": cost.dense_params,
+        "sv_placement": supernet.sv_placement,
+        "versions": package_versions(),
+    }
+
+
+def package_versions() -> dict[str, str]:
+    """Versions recorded with every artefact."""
+    import timm
+
+    return {
+        "flora_ray": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def save_subnet(
+    supernet: Supernet, ranks: Mapping[str, int], directory: str | os.PathLike, **extra: Any
+) -> Path:
+    """Extract the subnet at ``ranks`` and write ``model.safetensors`` and ``subnet.json`` into ``directory``.
+
+    Both files are written atomically, weights first; the spec records the weights' SHA-256, so a directory
+    whose two files do not belong together is detected at load time.
+    """
+    out = Path(directory)
+    spec = {**subnet_spec(supernet, ranks), **extra}
+    model = extract_subnet(supernet, ranks)
+    write_checkpoint(out / WEIGHTS_FILE, model.state_dict(), {"format": SUBNET_FORMAT, "version": 1})
+    spec["weights_sha256"] = sha256_file(out / WEIGHTS_FILE)
+    write_json(out / SPEC_FILE, spec)
+    return out
+
+
+def load_subnet(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Load an exported subnet in any process: timm builds the architecture, the saved layer forms replace the
+    factorised Linear layers, and the weights load strictly."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"subnet directory {str(d)!r} does not exist")
+    spec = read_json(d / SPEC_FILE, "subnet spec")
+    if not isinstance(spec, dict) or spec.get("format") != SUBNET_FORMAT:
+        raise ValueError(f"{str(d / SPEC_FILE)!r} is not a flora-ray subnet spec")
+    weights = d / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"subnet weights {str(weights)!r} are missing; export the subnet again")
+    if spec.get("weights_sha256") and sha256_file(weights) != spec["weights_sha256"]:
+        raise ValueError(
+            f"{str(weights)!r} does not match {SPEC_FILE} (checksum differs); export the subnet again"
+        )
+    model = ModelSpec.from_dict(spec["model"]).create(device=device)
+    layers = spec["layers"]
+    swap_modules(
+        model,
+        lambda m, fqn: fqn in layers,
+        lambda m, fqn: build_static_layer(
+            layers[fqn]["in_features"],
+            layers[fqn]["out_features"],
+            layers[fqn]["rank"],
+            layers[fqn]["bias"],
+            device=device,
+        ),
+    )
+    tensors, _ = read_checkpoint(weights, device=device)
+    load_state_dict_strict(model, tensors, weights)
+    return model.eval()

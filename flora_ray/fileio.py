@@ -1,0 +1,125 @@
+"""Atomic file writes and safetensors checkpoints with a JSON header.
+
+Every artefact flora-ray writes goes through ``atomic_path``: the data is written to a temporary file in the
+same directory and renamed over the target, so a crash never leaves a half-written file and never destroys the
+previous version. Checkpoints are safetensors files (no pickle) whose metadata holds one JSON document under the
+key ``flora_ray``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+METADATA_KEY = "flora_ray"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` atomically."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Read a JSON file; a missing or malformed file is a one-line error naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {str(p)!r} does not exist")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} {str(p)!r} is not valid JSON ({exc}); regenerate it") from exc
+
+
+def write_checkpoint(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]
+) -> None:
+    """Save ``tensors`` as safetensors with ``header`` as JSON metadata, atomically."""
+    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(data, str(tmp), metadata={METADATA_KEY: json.dumps(header)})
+
+
+def read_checkpoint_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a safetensors checkpoint ({} when it has none), without reading the tensors."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    _check_exists(p)
+    try:
+        with safe_open(str(p), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"cannot read checkpoint {str(p)!r} (corrupt or not safetensors): {exc}") from exc
+    return _parse_header(metadata, p)
+
+
+def read_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a safetensors checkpoint: ``(tensors, header)``. Never unpickles anything."""
+    p = Path(path)
+    header = read_checkpoint_header(p)
+    try:
+        tensors = load_file(str(p), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"cannot read checkpoint {str(p)!r} (corrupt or truncated): {exc}") from exc
+    return tensors, header
+
+
+def _check_exists(p: Path) -> None:
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist; check the path")
+
+
+def _parse_header(metadata: Mapping[str, str], p: Path) -> dict[str, Any]:
+    raw = metadata.get(METADATA_KEY)
+    if raw is None:
+        return {}
+    try:
+        header = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"checkpoint {str(p)!r} has a corrupt flora-ray header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ValueError(f"checkpoint {str(p)!r} has a corrupt flora-ray header (not an object)")
+    return header
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

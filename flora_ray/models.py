@@ -1,0 +1,217 @@
+"""timm models: creation from a name plus kwargs, architecture families, and loading of dense weights.
+
+A ``ModelSpec`` (timm name + JSON-able kwargs) is what every flora-ray artefact records, so that a model can be
+rebuilt in a fresh process. Dense weights come from timm's pretrained mechanism (a local file through the
+``pretrained_cfg_overlay`` file overlay, or the Hugging Face hub cache when offline) or from a flora-ray dense
+checkpoint (safetensors with a ``flora-ray/dense`` header).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from flora_ray.fileio import read_checkpoint
+
+logger = logging.getLogger(__name__)
+
+DENSE_FORMAT = "flora-ray/dense"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"model kwarg value {value!r} is not JSON-serialisable; use numbers, strings and lists")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A timm model name plus the kwargs passed to ``timm.create_model`` (``img_size``, ``num_classes``, ...)."""
+
+    name: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"model name must be a non-empty string, got {self.name!r}")
+        object.__setattr__(self, "kwargs", _jsonable(dict(self.kwargs)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kwargs": dict(self.kwargs)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
+        if not isinstance(data, Mapping) or "name" not in data:
+            raise ValueError(f"a model spec needs a 'name' (and optional 'kwargs'), got {data!r}")
+        return cls(data["name"], data.get("kwargs") or {})
+
+    def create(
+        self, pretrained: bool | str | os.PathLike = False, device: str | torch.device = "cpu"
+    ) -> nn.Module:
+        """Build the model; see ``create_model``."""
+        return create_model(self.name, pretrained=pretrained, device=device, **self.kwargs)
+
+
+def check_model_name(name: str) -> None:
+    """Raise a ``ValueError`` naming close matches when timm has no model called ``name``."""
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for the names"
+    raise ValueError(f"unknown timm model {name!r}: {hint}")
+
+
+def create_model(
+    name: str,
+    pretrained: bool | str | os.PathLike = False,
+    device: str | torch.device = "cpu",
+    **kwargs: Any,
+) -> nn.Module:
+    """Create a timm model, optionally with dense weights.
+
+    Args:
+        name: timm model name (``deit_small_patch16_224``, ``swin_tiny_patch4_window7_224``, ``test_vit``...).
+        pretrained: ``False`` for random init; ``True`` for timm's pretrained weights from the Hugging Face hub
+            (its local cache is used, so this works offline once downloaded); or a path: a flora-ray dense
+            checkpoint, or any timm-loadable weight file (``.safetensors``, ``.pth``, ``.bin``) loaded through
+            timm's file overlay, which adapts ``num_classes``, ``in_chans`` and the position embedding size.
+        device: Where to build the model; ``"meta"`` builds the structure only (no memory, no init cost).
+        **kwargs: timm model kwargs.
+    """
+    check_model_name(name)
+    if isinstance(pretrained, str | os.PathLike) and not isinstance(pretrained, bool):
+        path = Path(pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"weights file {str(path)!r} does not exist; give the path of a weight file"
+            )
+        tensors, meta = read_checkpoint(path) if path.suffix == ".safetensors" else (None, {})
+        if meta.get("format") == DENSE_FORMAT:
+            return _load_dense_checkpoint(name, kwargs, tensors, meta, path, device)
+        return _timm_create(name, kwargs, device, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    return _timm_create(name, kwargs, device, pretrained=bool(pretrained))
+
+
+def _timm_create(name: str, kwargs: Mapping[str, Any], device: str | torch.device, **extra: Any) -> nn.Module:
+    try:
+        if extra.get("pretrained"):
+            model = timm.create_model(name, **extra, **kwargs)
+            return model.to(device)
+        with torch.device(device):
+            return timm.create_model(name, **extra, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"invalid kwargs for timm model {name!r}: {exc}") from exc
+    except RuntimeError as exc:
+        source = extra.get("pretrained_cfg_overlay", {}).get("file", "the Hugging Face hub cache")
+        raise ValueError(
+            f"cannot load pretrained weights for {name!r} from {source}: {_first_line(exc)}; "
+            "give a weight file of this architecture (or download it to the hub cache)"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        source = extra.get("pretrained_cfg_overlay", {}).get("file", "the Hugging Face hub cache")
+        raise ValueError(
+            f"cannot read pretrained weights for {name!r} from {source}: {_first_line(exc)}; "
+            "pass a local weight file (pretrained=PATH) when offline"
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _load_dense_checkpoint(
+    name: str,
+    kwargs: Mapping[str, Any],
+    tensors: dict[str, torch.Tensor],
+    meta: Mapping[str, Any],
+    path: Path,
+    device: str | torch.device,
+) -> nn.Module:
+    saved = ModelSpec.from_dict(meta.get("model", {}))
+    wanted = ModelSpec(name, kwargs)
+    if saved != wanted:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds {json.dumps(saved.to_dict())}, not {json.dumps(wanted.to_dict())}; "
+            "use the checkpoint made for this model or change the model config"
+        )
+    model = _timm_create(name, kwargs, device)
+    load_state_dict_strict(model, tensors, path)
+    return model
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: Any) -> None:
+    """``model.load_state_dict(strict=True)`` that reports a mismatch as one ``ValueError`` line."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
+        raise ValueError(
+            f"checkpoint {str(source)!r} does not match the model: {', '.join(parts)}; "
+            "use a checkpoint of the same architecture and kwargs"
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def dense_checkpoint_metadata(spec: ModelSpec, **extra: Any) -> dict[str, Any]:
+    """Header of a flora-ray dense checkpoint (see ``fileio.write_checkpoint``)."""
+    return {"format": DENSE_FORMAT, "version": 1, "model": spec.to_dict(), **extra}
+
+
+# --- architecture families -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where the factorisable layers of one timm architecture family live.
+
+    ``block_pattern`` matches the FQN prefix of one transformer block; the target layers are children of a
+    block named in ``layers`` (``attn.qkv``, ``mlp.fc1``, ...).
+    """
+
+    name: str
+    block_pattern: str
+    layers: tuple[str, ...] = ("attn.qkv", "mlp.fc1", "mlp.fc2")
+
+    def target_regex(self, include_proj: bool = False) -> str:
+        layers = list(self.layers)
+        if include_proj and "attn.proj" not in layers:
+            layers.insert(1, "attn.proj")
+        alternatives = "|".join(re.escape(name) for name in layers)
+        return rf"^(?P<block>{self.block_pattern})\.(?:{alternatives})$"
+
+
+VIT = Family("vit", r"blocks\.\d+")
+SWIN = Family("swin", r"layers\.\d+\.blocks\.\d+")
+
+
+def detect_family(model: nn.Module) -> Family | None:
+    """The preset family of a timm model: ViT/DeiT (distilled too) or Swin; ``None`` for anything else."""
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, SwinTransformer):
+        return SWIN
+    if isinstance(model, VisionTransformer):
+        return VIT
+    return None
