@@ -122,9 +122,7 @@ def build_cost_model(model: nn.Module) -> CostModel:
             continue
         if fqn not in tokens:
             raise ValueError(f"cost model cannot place Linear layer {fqn!r} of {type(model).__name__}")
-        sites[fqn] = LinearSite(
-            fqn, module.in_features, module.out_features, module.bias is not None, tokens[fqn]
-        )
+        sites[fqn] = LinearSite(fqn, module.in_features, module.out_features, module.bias is not None, tokens[fqn])
         linear_param_ids.update(id(p) for p in module.parameters())
     other_params = sum(p.numel() for p in model.parameters() if id(p) not in linear_param_ids)
     return CostModel(sites, other_macs, other_params)

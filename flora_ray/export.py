@@ -55,9 +55,7 @@ def subnet_spec(supernet: Supernet, ranks: Mapping[str, int]) -> dict[str, Any]:
             "rank": config[fqn],
             "max_rank": layer.max_rank,
             "bias": layer.bias is not None,
-            "form": "low_rank"
-            if low_rank_is_cheaper(layer.in_features, layer.out_features, config[fqn])
-            else "dense",
+            "form": "low_rank" if low_rank_is_cheaper(layer.in_features, layer.out_features, config[fqn]) else "dense",
         }
     return {
         "format": SUBNET_FORMAT,
@@ -86,9 +84,7 @@ def package_versions() -> dict[str, str]:
     }
 
 
-def save_subnet(
-    supernet: Supernet, ranks: Mapping[str, int], directory: str | os.PathLike, **extra: Any
-) -> Path:
+def save_subnet(supernet: Supernet, ranks: Mapping[str, int], directory: str | os.PathLike, **extra: Any) -> Path:
     """Extract the subnet at ``ranks`` and write ``model.safetensors`` and ``subnet.json`` into ``directory``.
 
     Both files are written atomically, weights first; the spec records the weights' SHA-256, so a directory
@@ -116,9 +112,7 @@ def load_subnet(directory: str | os.PathLike, device: str | torch.device = "cpu"
     if not weights.is_file():
         raise FileNotFoundError(f"subnet weights {str(weights)!r} are missing; export the subnet again")
     if spec.get("weights_sha256") and sha256_file(weights) != spec["weights_sha256"]:
-        raise ValueError(
-            f"{str(weights)!r} does not match {SPEC_FILE} (checksum differs); export the subnet again"
-        )
+        raise ValueError(f"{str(weights)!r} does not match {SPEC_FILE} (checksum differs); export the subnet again")
     model = ModelSpec.from_dict(spec["model"]).create(device=device)
     layers = spec["layers"]
     swap_modules(

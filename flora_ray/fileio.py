@@ -60,9 +60,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise ValueError(f"{what} {str(p)!r} is not valid JSON ({exc}); regenerate it") from exc
 
 
-def write_checkpoint(
-    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]
-) -> None:
+def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> None:
     """Save ``tensors`` as safetensors with ``header`` as JSON metadata, atomically."""
     data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:

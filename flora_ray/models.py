@@ -60,9 +60,7 @@ class ModelSpec:
             raise ValueError(f"a model spec needs a 'name' (and optional 'kwargs'), got {data!r}")
         return cls(data["name"], data.get("kwargs") or {})
 
-    def create(
-        self, pretrained: bool | str | os.PathLike = False, device: str | torch.device = "cpu"
-    ) -> nn.Module:
+    def create(self, pretrained: bool | str | os.PathLike = False, device: str | torch.device = "cpu") -> nn.Module:
         """Build the model; see ``create_model``."""
         return create_model(self.name, pretrained=pretrained, device=device, **self.kwargs)
 
@@ -97,9 +95,7 @@ def create_model(
     if isinstance(pretrained, str | os.PathLike) and not isinstance(pretrained, bool):
         path = Path(pretrained)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"weights file {str(path)!r} does not exist; give the path of a weight file"
-            )
+            raise FileNotFoundError(f"weights file {str(path)!r} does not exist; give the path of a weight file")
         tensors, meta = read_checkpoint(path) if path.suffix == ".safetensors" else (None, {})
         if meta.get("format") == DENSE_FORMAT:
             return _load_dense_checkpoint(name, kwargs, tensors, meta, path, device)

@@ -165,9 +165,7 @@ class RankSpace:
                 ``complete``), or a block tuple that a filtered space does not contain.
         """
         if not isinstance(ranks, Mapping):
-            raise ValueError(
-                f"a rank configuration is a mapping from layer FQN to rank, got {type(ranks).__name__}"
-            )
+            raise ValueError(f"a rank configuration is a mapping from layer FQN to rank, got {type(ranks).__name__}")
         for fqn, rank in ranks.items():
             layer = self.layer(fqn)
             if isinstance(rank, bool) or not isinstance(rank, int) or rank not in layer.rank_choices:
@@ -178,15 +176,11 @@ class RankSpace:
             return {f: int(ranks[f]) for f in self.fqns if f in ranks}
         missing = [f for f in self.fqns if f not in ranks]
         if missing:
-            raise ValueError(
-                f"rank configuration has no rank for layer {missing[0]!r} ({len(missing)} missing)"
-            )
+            raise ValueError(f"rank configuration has no rank for layer {missing[0]!r} ({len(missing)} missing)")
         config = {f: int(ranks[f]) for f in self.fqns}
         for block, cand in zip(self.blocks, self.block_tuples(config), strict=True):
             if cand not in set(block.candidates):
-                raise ValueError(
-                    f"ranks {list(cand)} of block {block.name!r} are not among its kept candidates"
-                )
+                raise ValueError(f"ranks {list(cand)} of block {block.name!r} are not among its kept candidates")
         return config
 
     def block_tuples(self, ranks: Mapping[str, int]) -> list[tuple[int, ...]]:
@@ -212,9 +206,7 @@ class RankSpace:
         for block, row in zip(self.blocks, ratios, strict=True):
             if len(row) != len(block.fqns):
                 raise ValueError(f"block {block.name!r} needs {len(block.fqns)} ratios, got {list(row)}")
-            tuples.append(
-                [rank_for_ratio(r, self.layer(f).max_rank) for f, r in zip(block.fqns, row, strict=True)]
-            )
+            tuples.append([rank_for_ratio(r, self.layer(f).max_rank) for f, r in zip(block.fqns, row, strict=True)])
         return self.from_block_tuples(tuples)
 
     def uniform(self, ratio: float) -> RankConfig:
@@ -249,9 +241,7 @@ class RankSpace:
         tuples = []
         for block in self.blocks:
             widths = [self.layer(f).in_features + self.layer(f).out_features for f in block.fqns]
-            tuples.append(
-                pick(block.candidates, key=lambda c, w=widths: (sum(r * x for r, x in zip(c, w)), c))
-            )
+            tuples.append(pick(block.candidates, key=lambda c, w=widths: (sum(r * x for r, x in zip(c, w, strict=False)), c)))
         return self.from_block_tuples(tuples)
 
     def ratio_of(self, fqn: str, rank: int) -> float:
@@ -300,9 +290,7 @@ class RankSpace:
                 for d in data["layers"]
             )
             blocks = tuple(
-                BlockChoices(
-                    str(d["name"]), tuple(d["fqns"]), tuple(tuple(int(r) for r in c) for c in d["candidates"])
-                )
+                BlockChoices(str(d["name"]), tuple(d["fqns"]), tuple(tuple(int(r) for r in c) for c in d["candidates"]))
                 for d in data["blocks"]
             )
             ratios = tuple(float(r) for r in data["ratios"])
@@ -324,9 +312,7 @@ class RankSpace:
         theirs = [(layer.fqn, layer.in_features, layer.out_features) for layer in other.layers]
         if mine != theirs or [b.fqns for b in self.blocks] != [b.fqns for b in other.blocks]:
             diff = next(((a, b) for a, b in zip(mine, theirs, strict=False) if a != b), None)
-            detail = (
-                f"first difference {diff[1]} vs {diff[0]}" if diff else f"{len(theirs)} vs {len(mine)} layers"
-            )
+            detail = f"first difference {diff[1]} vs {diff[0]}" if diff else f"{len(theirs)} vs {len(mine)} layers"
             raise ValueError(
                 f"{source} was made for another model ({other.model or 'unknown'}; {detail}); "
                 f"regenerate it for {self.model or 'this model'}"
@@ -352,9 +338,7 @@ class RankSpace:
                 if len(cand) != len(block.fqns) or any(
                     r not in self._by_fqn[f].rank_choices for f, r in zip(block.fqns, cand, strict=False)
                 ):
-                    raise ValueError(
-                        f"candidate {list(cand)} of block {block.name!r} is not a valid rank tuple"
-                    )
+                    raise ValueError(f"candidate {list(cand)} of block {block.name!r} is not a valid rank tuple")
         if seen != set(self._by_fqn):
             raise ValueError(f"layer {sorted(set(self._by_fqn) - seen)[0]!r} belongs to no block")
 
@@ -387,9 +371,7 @@ def load_reference_yaml(path: str | os.PathLike, space: RankSpace) -> RankConfig
     if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
         raise ValueError(f"MODEL.DEIT.SVD_CONFIG in {str(p)!r} must be a list of [qkv, fc1, fc2] ratio lists")
     if "DEPTH" in deit and int(deit["DEPTH"]) != len(space.blocks):
-        raise ValueError(
-            f"rank file {str(p)!r} is for a {deit['DEPTH']}-block model; this one has {len(space.blocks)}"
-        )
+        raise ValueError(f"rank file {str(p)!r} is for a {deit['DEPTH']}-block model; this one has {len(space.blocks)}")
     if "EMBED_DIM" in deit and space.layers and int(deit["EMBED_DIM"]) != space.layers[0].in_features:
         raise ValueError(
             f"rank file {str(p)!r} is for embed dim {deit['EMBED_DIM']}; this model has {space.layers[0].in_features}"

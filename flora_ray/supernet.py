@@ -166,17 +166,13 @@ def load_supernet(
     """
     header = read_checkpoint_header(path)
     if header.get("format") != SUPERNET_FORMAT:
-        raise ValueError(
-            f"{str(path)!r} is not a flora-ray supernet checkpoint (format {header.get('format')!r})"
-        )
+        raise ValueError(f"{str(path)!r} is not a flora-ray supernet checkpoint (format {header.get('format')!r})")
     spec = ModelSpec.from_dict(header["model"])
     saved_space = RankSpace.from_dict(header["space"], source=f"checkpoint {str(path)!r}")
     module = spec.create(device=device)
     found = find_targets(module, targets=_targets_regex(saved_space))
     if [t.fqn for t in found] != list(saved_space.fqns):
-        raise ValueError(
-            f"checkpoint {str(path)!r} does not match {spec.name}: its layers differ from the model's"
-        )
+        raise ValueError(f"checkpoint {str(path)!r} does not match {spec.name}: its layers differ from the model's")
     swap_modules(
         module,
         lambda m, fqn: fqn in set(saved_space.fqns),

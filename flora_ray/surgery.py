@@ -83,9 +83,7 @@ def find_targets(
         if not isinstance(module, nn.Linear | ElasticLowRankLinear):
             if targets is None:
                 continue
-            raise ValueError(
-                f"target {fqn!r} is a {type(module).__name__}, not an nn.Linear; narrow the regex"
-            )
+            raise ValueError(f"target {fqn!r} is a {type(module).__name__}, not an nn.Linear; narrow the regex")
         block = _block_of(fqn, match, block_re)
         found.append(TargetLayer(fqn, block, module.in_features, module.out_features))
     if not found:
