@@ -241,7 +241,9 @@ class RankSpace:
         tuples = []
         for block in self.blocks:
             widths = [self.layer(f).in_features + self.layer(f).out_features for f in block.fqns]
-            tuples.append(pick(block.candidates, key=lambda c, w=widths: (sum(r * x for r, x in zip(c, w, strict=False)), c)))
+            tuples.append(
+                pick(block.candidates, key=lambda c, w=widths: (sum(r * x for r, x in zip(c, w, strict=False)), c))
+            )
         return self.from_block_tuples(tuples)
 
     def ratio_of(self, fqn: str, rank: int) -> float:

@@ -137,16 +137,36 @@ def build_supernet(
         module = model
     else:
         raise TypeError(f"model must be a timm model name or an nn.Module, got {type(model).__name__}")
-    found = find_targets(module, targets=targets, include_proj=include_proj, block_pattern=block_pattern)
-    space = RankSpace.from_targets(found, ratios, model=spec.name if spec else type(module).__name__)
-    wanted = {t.fqn for t in found}
+    space = build_space(
+        module,
+        ratios=ratios,
+        include_proj=include_proj,
+        targets=targets,
+        block_pattern=block_pattern,
+        model_name=spec.name if spec else None,
+    )
+    wanted = set(space.fqns)
     swap_modules(
         module,
         lambda m, fqn: fqn in wanted and isinstance(m, nn.Linear),
         lambda m, fqn: ElasticLowRankLinear.from_linear(m, sv_placement, merge_above_break_even),
     )
-    logger.info("factorised %d layers in %d blocks (%s)", len(found), len(space.blocks), sv_placement)
+    logger.info("factorised %d layers in %d blocks (%s)", len(wanted), len(space.blocks), sv_placement)
     return Supernet(module, space, spec, sv_placement)
+
+
+def build_space(
+    model: nn.Module,
+    *,
+    ratios: Sequence[float] | None = None,
+    include_proj: bool = False,
+    targets: str | None = None,
+    block_pattern: str | None = None,
+    model_name: str | None = None,
+) -> RankSpace:
+    """The full rank space of a dense timm model (any device, ``meta`` included) without factorising it."""
+    found = find_targets(model, targets=targets, include_proj=include_proj, block_pattern=block_pattern)
+    return RankSpace.from_targets(found, ratios, model=model_name or type(model).__name__)
 
 
 def save_supernet(supernet: Supernet, path: str | os.PathLike, **extra: Any) -> None:

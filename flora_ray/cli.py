@@ -1,0 +1,175 @@
+"""The ``flora-ray`` command line.
+
+Every subcommand turns a library error caused by bad input (``ValueError``, ``TypeError``, a missing file) into
+one line on stderr, ``flora-ray: error: ...``, and exit code 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+
+logger = logging.getLogger("flora_ray")
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid ratio {text!r}: give a number in (0, 1]") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"ratio {value} is out of range: give a number in (0, 1]")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with flora-ray's one-line error format and exit code."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"flora-ray: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from flora_ray import __version__
+
+    parser = _Parser(prog="flora-ray", description="FLORA low-rank architecture search for Vision Transformers.")
+    parser.add_argument("--version", action="version", version=f"flora-ray {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="per-layer shapes, ranks and exact MACs of a model configuration",
+        description="Print every factorised layer's shape and rank, then total MACs and parameters versus dense.",
+    )
+    inspect.add_argument("model", help="timm model name, e.g. deit_base_patch16_224")
+    which = inspect.add_mutually_exclusive_group()
+    which.add_argument("--ranks", metavar="FILE", help="flora-ray rank JSON or reference subnet YAML")
+    which.add_argument("--ratio", type=_ratio, help="uniform rank ratio for every layer, in (0, 1]")
+    inspect.add_argument("--img-size", type=_positive_int, help="input resolution (default: the model's)")
+    inspect.add_argument("--num-classes", type=_positive_int, help="classifier classes (default: the model's)")
+    inspect.add_argument("--in-chans", type=_positive_int, help="input channels (default: the model's)")
+    inspect.add_argument("--include-proj", action="store_true", help="also factorise attn.proj")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    inspect.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def inspect_report(
+    model: str,
+    ranks_file: str | None = None,
+    ratio: float | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    include_proj: bool = False,
+) -> dict[str, Any]:
+    """The data ``flora-ray inspect`` prints (built on the meta device: no weights, no SVD)."""
+    from flora_ray.cost import build_cost_model
+    from flora_ray.lowrank import low_rank_is_cheaper
+    from flora_ray.models import create_model
+    from flora_ray.space import default_ratios, load_rank_file
+    from flora_ray.supernet import build_space
+
+    kwargs = dict(model_kwargs or {})
+    dense = create_model(model, device="meta", **kwargs)
+    ratios = sorted(set(default_ratios(model)) | ({ratio} if ratio else set()))
+    space = build_space(dense, ratios=ratios, include_proj=include_proj, model_name=model)
+    cost = build_cost_model(dense)
+    if ranks_file:
+        ranks = load_rank_file(ranks_file, space)
+    elif ratio:
+        ranks = space.uniform(ratio)
+    else:
+        ranks = space.largest()
+    layers = []
+    for layer in space.layers:
+        rank = ranks[layer.fqn]
+        layers.append(
+            {
+                "fqn": layer.fqn,
+                "in_features": layer.in_features,
+                "out_features": layer.out_features,
+                "rank": rank,
+                "max_rank": layer.max_rank,
+                "form": "low_rank" if low_rank_is_cheaper(layer.in_features, layer.out_features, rank) else "dense",
+                "macs": cost.layer_macs(layer.fqn, rank),
+            }
+        )
+    img_size = dense.patch_embed.img_size
+    return {
+        "model": model,
+        "img_size": list(img_size),
+        "macs": cost.macs(ranks),
+        "params": cost.params(ranks),
+        "dense_macs": cost.dense_macs,
+        "dense_params": cost.dense_params,
+        "layers": layers,
+    }
+
+
+def format_inspect(report: dict[str, Any]) -> str:
+    height, width = report["img_size"]
+    lines = [f"{report['model']} at {height}x{width}: {len(report['layers'])} factorised layers"]
+    lines.append(f"{'layer':<28} {'in':>6} {'out':>6} {'rank':>11} {'form':<9} {'MMACs':>10}")
+    for layer in report["layers"]:
+        rank = f"{layer['rank']}/{layer['max_rank']}"
+        lines.append(
+            f"{layer['fqn']:<28} {layer['in_features']:>6} {layer['out_features']:>6} {rank:>11} "
+            f"{layer['form']:<9} {layer['macs'] / 1e6:>10.2f}"
+        )
+    macs, dense_macs = report["macs"], report["dense_macs"]
+    params, dense_params = report["params"], report["dense_params"]
+    lines.append(
+        f"total: {macs / 1e9:.2f} GMACs (dense {dense_macs / 1e9:.2f}, saving {100 * (1 - macs / dense_macs):.1f}%), "
+        f"{params / 1e6:.2f} M params (dense {dense_params / 1e6:.2f}, saving {100 * (1 - params / dense_params):.1f}%)"
+    )
+    return "\n".join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    kwargs = {
+        key: value
+        for key, value in (("img_size", args.img_size), ("num_classes", args.num_classes), ("in_chans", args.in_chans))
+        if value is not None
+    }
+    report = inspect_report(args.model, args.ranks, args.ratio, kwargs, args.include_proj)
+    print(json.dumps(report) if args.json else format_inspect(report))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, OSError) as exc:
+        if args.verbose:
+            logger.exception("failed")
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"flora-ray: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("flora-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

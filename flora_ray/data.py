@@ -1,0 +1,328 @@
+"""The data layer: Fashion-MNIST, scikit-learn digits and ImageNet-style folders behind one interface.
+
+``build_datasets(DataConfig(...))`` returns three torch Datasets: ``train`` (supernet training), ``search`` (a
+seeded, class-balanced split carved out of the official training data; filtering and the search score on it) and
+``test`` (the official test/val split, touched only for final reporting). ``train`` and ``search`` are disjoint and
+together are the official training set (before the optional ``train_subset``).
+
+Fashion-MNIST and digits live in memory as uint8 images and are resized, augmented (random crop with padding and
+horizontal flip, train split only) and normalised per item. Image folders use timm's transforms: the FLORA reference
+recipe (RandAugment m9, random erasing 0.25, no mixup/cutmix) for training and timm's eval transform otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from flora_ray.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+logger = logging.getLogger(__name__)
+
+DATASET_NAMES = ("fashion_mnist", "digits", "imagefolder")
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_TEST_SEED = 0  # the digits test split is fixed, whatever DataConfig.seed is
+# Per-dataset (mean, std) of the grey values in [0, 1]; image folders use timm's ImageNet defaults.
+GREY_STATS = {"fashion_mnist": (0.2860, 0.3530), "digits": (0.3053, 0.3760)}
+AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
+RE_PROB = 0.25
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data to load and how to split and transform it.
+
+    Attributes:
+        name: ``fashion_mnist``, ``digits`` or ``imagefolder``.
+        root: Data directory. Fashion-MNIST: the idx files (or a torchvision download directory); defaults to the
+            first of ``FASHION_MNIST_DIRS`` that exists. Image folders: ``root/train/<class>/*``,
+            ``root/val/<class>/*`` (required). Ignored for digits.
+        img_size: Side of the square images the model sees.
+        in_chans: 1 or 3; grey images are replicated to 3 channels. Image folders need 3.
+        search_fraction: Fraction of each class of the training data carved out as the search split, in (0, 1).
+        search_per_class: Images per class in the search split; overrides ``search_fraction`` when set.
+        seed: Seed of the search split and the train subset.
+        train_subset: Fraction in (0, 1] of the remaining training data kept (seeded, class-balanced).
+        augment: Augment the train split (never search or test).
+        mean: Per-channel normalisation mean (1 or ``in_chans`` values); ``None`` for the dataset's default.
+        std: Per-channel normalisation std, as ``mean``.
+    """
+
+    name: str = "fashion_mnist"
+    root: str | None = None
+    img_size: int = 224
+    in_chans: int = 3
+    search_fraction: float = 0.1
+    search_per_class: int | None = None
+    seed: int = 0
+    train_subset: float | None = None
+    augment: bool = True
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.root, os.PathLike):
+            object.__setattr__(self, "root", os.fspath(self.root))
+        for field in ("mean", "std"):
+            value = getattr(self, field)
+            if isinstance(value, list | tuple) and all(map(_is_real, value)):
+                object.__setattr__(self, field, tuple(float(v) for v in value))
+        folder = self.name == "imagefolder"
+        fraction, per_class, subset = self.search_fraction, self.search_per_class, self.train_subset
+        checks = [
+            ("name", self.name in DATASET_NAMES, f"one of {list(DATASET_NAMES)}"),
+            ("root", self.root is None or isinstance(self.root, str), "a path or None"),
+            ("root", not folder or self.root is not None, "a path for imagefolder"),
+            ("img_size", _is_int(self.img_size) and self.img_size >= 1, "a positive integer"),
+            ("in_chans", _is_int(self.in_chans) and self.in_chans in (1, 3), "1 or 3"),
+            ("in_chans", not folder or self.in_chans == 3, "3 for imagefolder"),
+            ("search_fraction", _is_real(fraction) and 0 < fraction < 1, "a number in (0, 1)"),
+            ("search_per_class", per_class is None or (_is_int(per_class) and per_class >= 1), "None or >= 1"),
+            ("seed", _is_int(self.seed) and self.seed >= 0, "a non-negative integer"),
+            ("train_subset", subset is None or (_is_real(subset) and 0 < subset <= 1), "None or in (0, 1]"),
+            ("augment", isinstance(self.augment, bool), "True or False"),
+        ]
+        for field in ("mean", "std"):
+            value = getattr(self, field)
+            numbers = isinstance(value, tuple) and all(isinstance(v, float) for v in value)
+            ok = value is None or (numbers and len(value) in (1, self.in_chans))
+            checks.append((field, ok, f"None or 1 or in_chans={self.in_chans} numbers"))
+        std_ok = not isinstance(self.std, tuple) or all(v > 0 for v in self.std if isinstance(v, float))
+        checks.append(("std", std_ok, "positive numbers"))
+        for field, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"DataConfig.{field}={getattr(self, field)!r} is invalid: it must be {allowed}")
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """The three splits of one dataset; every item is ``(image tensor (C, H, W), int label)``."""
+
+    train: Dataset
+    search: Dataset
+    test: Dataset
+    num_classes: int
+    class_names: tuple[str, ...]
+
+
+def build_datasets(cfg: DataConfig) -> DataSplits:
+    """Load the data ``cfg`` names and split it into train / search / test."""
+    if cfg.name == "imagefolder":
+        return _build_imagefolder(cfg)
+    if cfg.name == "fashion_mnist":
+        train_x, train_y, test_x, test_y = load_fashion_mnist(cfg.root)
+        class_names = FASHION_MNIST_CLASSES
+    else:
+        train_x, train_y, test_x, test_y = load_digits()
+        class_names = tuple(str(d) for d in range(10))
+    train_idx, search_idx = _train_search_indices(train_y, cfg)
+    mean, std = _norm_stats(cfg, GREY_STATS[cfg.name])
+
+    def make(images: np.ndarray, labels: np.ndarray, augment: bool) -> InMemoryImageDataset:
+        return InMemoryImageDataset(images, labels, cfg.img_size, cfg.in_chans, mean, std, augment)
+
+    return DataSplits(
+        train=make(train_x[train_idx], train_y[train_idx], cfg.augment),
+        search=make(train_x[search_idx], train_y[search_idx], False),
+        test=make(test_x, test_y, False),
+        num_classes=len(class_names),
+        class_names=class_names,
+    )
+
+
+def class_balanced_split(
+    labels: np.ndarray, fraction: float | None = None, per_class: int | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split sample indices into ``(rest, carved)``, carving the same share of every class.
+
+    Args:
+        labels: Integer class label per sample.
+        fraction: Share of each class to carve, in (0, 1]: ``round(fraction * n_class)``, at least 1.
+        per_class: Samples per class to carve instead of a fraction; every class needs at least that many.
+        seed: The split is a function of ``labels`` and ``seed`` only.
+
+    Returns:
+        Two sorted, disjoint int64 index arrays that together cover ``range(len(labels))``.
+    """
+    if (fraction is None) == (per_class is None):
+        raise ValueError(f"give exactly one of fraction={fraction!r} and per_class={per_class!r}")
+    if fraction is not None and not (_is_real(fraction) and 0 < fraction <= 1):
+        raise ValueError(f"fraction={fraction!r} is out of range: it must be in (0, 1]")
+    if per_class is not None and not (_is_int(per_class) and per_class >= 1):
+        raise ValueError(f"per_class={per_class!r} is invalid: it must be a positive integer")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    carved = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        if per_class is not None:
+            if per_class > len(members):
+                raise ValueError(f"per_class={per_class} but class {cls} has only {len(members)} samples; lower it")
+            k = per_class
+        else:
+            k = min(len(members), max(1, int(np.floor(fraction * len(members) + 0.5))))
+        carved.append(rng.permutation(members)[:k])
+    carved_idx = np.sort(np.concatenate(carved)) if carved else np.zeros(0, dtype=np.int64)
+    mask = np.ones(len(labels), dtype=bool)
+    mask[carved_idx] = False
+    return np.flatnonzero(mask).astype(np.int64), carved_idx.astype(np.int64)
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0, drop_last: bool = False
+) -> DataLoader:
+    """A plain DataLoader whose shuffling and worker seeds come from ``seed``."""
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: it must be a positive integer")
+    if not _is_int(num_workers) or num_workers < 0:
+        raise ValueError(f"num_workers={num_workers!r} is invalid: it must be a non-negative integer")
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
+        generator=generator,
+    )  # fmt: skip
+
+
+class InMemoryImageDataset(Dataset):
+    """Grey uint8 images ``(N, H, W)`` in memory, resized, augmented and normalised per item."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        img_size: int,
+        in_chans: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augment: bool = False,
+    ) -> None:
+        if images.ndim != 3 or images.dtype != np.uint8 or len(images) != len(labels):
+            raise ValueError(f"expected uint8 images (N, H, W) and N labels, got {images.shape} {images.dtype}")
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.img_size, self.in_chans, self.augment = img_size, in_chans, augment
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = self.images[index].to(torch.float32).div_(255.0)[None, None]
+        if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", antialias=True)
+        x = x[0]
+        if self.augment:
+            x = _random_crop_flip(x, pad=max(1, self.img_size // 8))
+        x = x.expand(self.in_chans, -1, -1)
+        return (x - self.mean) / self.std, int(self.targets[index])
+
+
+class LabelledSubset(Subset):
+    """A ``Subset`` that keeps its samples' ``targets``."""
+
+    @property
+    def targets(self) -> list[int]:
+        base = self.dataset.targets
+        return [int(base[i]) for i in self.indices]
+
+
+def load_digits() -> tuple[np.ndarray, ...]:
+    """scikit-learn's 8x8 digits as ``(train_images, train_labels, test_images, test_labels)``, uint8 in 0..255.
+
+    Digits has no official test split; a fixed class-balanced ``DIGITS_TEST_FRACTION`` of it is the test split.
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    labels = bunch.target.astype(np.int64)
+    train_idx, test_idx = class_balanced_split(labels, fraction=DIGITS_TEST_FRACTION, seed=DIGITS_TEST_SEED)
+    return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
+
+
+def _build_imagefolder(cfg: DataConfig) -> DataSplits:
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+    from torchvision.datasets import ImageFolder
+
+    root = Path(cfg.root)
+    classes = {split: _class_dirs(root, split) for split in ("train", "val")}
+    if classes["train"] != classes["val"]:
+        raise ValueError(
+            f"image folder {str(root)!r}: train/ and val/ have different class folders "
+            f"({sorted(set(classes['train']) ^ set(classes['val']))[:5]} ...); give both the same classes"
+        )
+    mean, std = _norm_stats(cfg, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    common = {"input_size": cfg.img_size, "interpolation": "bicubic", "mean": mean, "std": std}
+    eval_tf = create_transform(**common, is_training=False)
+    train_tf = create_transform(**common, is_training=True, auto_augment=AUTO_AUGMENT,)
+    train_all = ImageFolder(str(root / "train"), transform=train_tf if cfg.augment else eval_tf)
+    search_all = copy.copy(train_all)  # same scanned samples, eval transform
+    search_all.transform = eval_tf
+    train_idx, search_idx = _train_search_indices(np.asarray(train_all.targets), cfg)
+    return DataSplits(
+        train=LabelledSubset(train_all, train_idx.tolist()),
+        search=LabelledSubset(search_all, search_idx.tolist()),
+        test=ImageFolder(str(root / "val"), transform=eval_tf),
+        num_classes=len(train_all.classes),
+        class_names=tuple(train_all.classes),
+    )
+
+
+def _class_dirs(root: Path, split: str) -> list[str]:
+    layout = "expected an ImageNet-style layout root/train/<class>/*.jpg and root/val/<class>/*.jpg"
+    if not (root / split).is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} has no {split}/ directory; {layout}")
+    names = sorted(d.name for d in (root / split).iterdir() if d.is_dir())
+    if not names:
+        raise FileNotFoundError(f"image folder {str(root / split)!r} has no class folders; {layout}")
+    return names
+
+
+def _train_search_indices(labels: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Carve the search split out of the training labels, then keep ``train_subset`` of the rest."""
+    if cfg.search_per_class is not None:
+        train_idx, search_idx = class_balanced_split(labels, per_class=cfg.search_per_class, seed=cfg.seed)
+    else:
+        train_idx, search_idx = class_balanced_split(labels, fraction=cfg.search_fraction, seed=cfg.seed)
+    if cfg.train_subset is not None and cfg.train_subset < 1:
+        _, kept = class_balanced_split(labels[train_idx], fraction=cfg.train_subset, seed=cfg.seed + 1)
+        train_idx = train_idx[kept]
+    logger.info("%s: %d train, %d search samples", cfg.name, len(train_idx), len(search_idx))
+    return train_idx, search_idx
+
+
+def _random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Zero-pad ``x`` (C, H, W) by ``pad``, crop a random H x W window and flip it horizontally half the time."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (pad, pad, pad, pad))
+    top, left = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,)))
+    x = padded[:, top : top + h, left : left + w]
+    return x.flip(-1) if torch.rand(()) < 0.5 else x
+
+
+def _norm_stats(cfg: DataConfig, default: tuple) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` with one value per channel, from ``cfg`` or ``default``."""
+
+    def per_channel(values) -> tuple[float, ...]:
+        values = tuple(float(v) for v in np.atleast_1d(values))
+        return values * cfg.in_chans if len(values) == 1 else values[: cfg.in_chans]
+
+    return per_channel(cfg.mean or default[0]), per_channel(cfg.std or default[1])
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)

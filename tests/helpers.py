@@ -1,0 +1,54 @@
+"""Shared test helpers: tiny models of each supported family and small utilities."""
+
+from pathlib import Path
+
+import torch
+import yaml
+
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+# Small models of each supported family, with the kwargs that make them fast on CPU.
+TINY_MODELS = {
+    "vit": ("test_vit", {"img_size": 64}),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 64, "depth": 2}),
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        {"img_size": 64, "embed_dim": 32, "depths": (2, 2), "num_heads": (2, 4), "window_size": 4},
+    ),
+    # 72 px: stage resolutions 18 and 9 are not multiples of the window, so timm pads the windows.
+    "swin_padded": (
+        "swin_tiny_patch4_window7_224",
+        {"img_size": 72, "embed_dim": 32, "depths": (2, 2), "num_heads": (2, 4), "window_size": 4},
+    ),
+}
+
+
+def random_config(space, rng):
+    """A random configuration from the space's block candidates."""
+    return space.from_block_tuples([rng.choice(block.candidates) for block in space.blocks])
+
+
+def input_for(model, batch=2):
+    height, width = model.patch_embed.img_size
+    return torch.randn(batch, model.patch_embed.proj.in_channels, height, width)
+
+
+# MODEL.DEIT.SVD_CONFIG of the two subnets released with the paper (configs/lr_deit/subnet/ of the reference code).
+DEIT_B_SVD_CONFIG = [
+    [0.125, 0.25, 0.375], [0.125, 0.125, 0.125], [0.125, 0.375, 0.125], [0.375, 0.5, 0.25],
+    [0.25, 0.125, 0.25], [0.5, 0.25, 0.375], [0.375, 0.5, 0.5], [0.375, 0.375, 0.25],
+    [0.375, 0.375, 0.25], [0.375, 0.625, 0.125], [0.375, 0.5, 0.125], [0.375, 0.125, 0.125],
+]  # fmt: skip
+S1, S2, S3, S4, S5 = 1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6
+DEIT_S_SVD_CONFIG = [
+    [S1, S3, S2], [S1, S3, S2], [S2, S3, S3], [S3, S3, S1], [S3, S3, S2], [S3, S2, S2],
+    [S2, S4, S3], [S2, S5, S2], [1.0, S3, S1], [S2, S3, S1], [S4, S3, S1], [S3, S1, S1],
+]  # fmt: skip
+
+
+def write_reference_yaml(tmp_path, rows, depth=12, dim=768):
+    """Write a reference-format subnet YAML (MODEL.DEIT.SVD_CONFIG) into tmp_path."""
+    path = tmp_path / "subnet.yml"
+    doc = {"MODEL": {"DEIT": {"DEPTH": depth, "EMBED_DIM": dim, "SVD_CONFIG": rows}, "NAME": "x"}}
+    path.write_text(yaml.safe_dump(doc))
+    return path
