@@ -264,7 +264,7 @@ def _build_imagefolder(cfg: DataConfig) -> DataSplits:
     mean, std = _norm_stats(cfg, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     common = {"input_size": cfg.img_size, "interpolation": "bicubic", "mean": mean, "std": std}
     eval_tf = create_transform(**common, is_training=False)
-    train_tf = create_transform(**common, is_training=True, auto_augment=AUTO_AUGMENT,)
+    train_tf = create_transform(**common, is_training=True, auto_augment=AUTO_AUGMENT, re_prob=RE_PROB)
     train_all = ImageFolder(str(root / "train"), transform=train_tf if cfg.augment else eval_tf)
     search_all = copy.copy(train_all)  # same scanned samples, eval transform
     search_all.transform = eval_tf
