@@ -12,6 +12,7 @@ import difflib
 import json
 import logging
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -112,7 +113,7 @@ def _timm_create(name: str, kwargs: Mapping[str, Any], device: str | torch.devic
             return timm.create_model(name, **extra, **kwargs)
     except TypeError as exc:
         raise ValueError(f"invalid kwargs for timm model {name!r}: {exc}") from exc
-    except RuntimeError as exc:
+    except (RuntimeError, pickle.UnpicklingError) as exc:  # older timm lets torch's UnpicklingError through
         source = extra.get("pretrained_cfg_overlay", {}).get("file", "the Hugging Face hub cache")
         raise ValueError(
             f"cannot load pretrained weights for {name!r} from {source}: {_first_line(exc)}; "
@@ -127,8 +128,12 @@ def _timm_create(name: str, kwargs: Mapping[str, Any], device: str | torch.devic
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    """The gist of an exception in one line: its first line, plus the first detail line of a state-dict error."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = " ".join(lines[:2]) if lines[0].startswith("Error(s) in loading state_dict") else lines[0]
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _load_dense_checkpoint(
