@@ -9,11 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 EXIT_BAD_INPUT = 2
+
+# Local Ray binds every component to 127.0.0.1 only when this is set before Ray starts.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 logger = logging.getLogger("flora_ray")
 
@@ -68,7 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--include-proj", action="store_true", help="also factorise attn.proj")
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     inspect.set_defaults(func=cmd_inspect)
+
+    for name, text in (
+        ("pretrain", "train the dense teacher on the configured data (Ray Train)"),
+        ("train", "train the FLORA supernet by distillation from the teacher (Ray Train)"),
+    ):
+        stage = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        _add_run_arguments(stage)
+        stage.set_defaults(func=cmd_stage, stage=name)
     return parser
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML (see experiments/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
+    parser.add_argument(
+        "--address", help="Ray cluster to join (auto, ray://host:10001, host:6379); default: local Ray on 127.0.0.1"
+    )
+    parser.add_argument("--output", help="parent directory of the run directory (overrides run.output_dir)")
 
 
 def inspect_report(
@@ -152,6 +173,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_run_config(args: argparse.Namespace):
+    from flora_ray.config import load_config
+
+    overrides = list(args.overrides)
+    if args.output:
+        overrides.append(f"run.output_dir={args.output}")
+    return load_config(args.config, overrides)
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    import ray
+
+    from flora_ray.ray_train import init_ray, run_stage
+    from flora_ray.training import preflight
+
+    cfg = _load_run_config(args)
+    preflight(cfg, args.stage)
+    started_here = not ray.is_initialized() and args.address is None
+    init_ray(args.address)
+    try:
+        outcome = run_stage(cfg, args.stage)
+    finally:
+        if started_here:
+            ray.shutdown()
+    metrics = {k: v for k, v in outcome["metrics"].items() if isinstance(v, int | float)}
+    print(f"{args.stage}: done in {outcome['seconds']:.0f} s -> {outcome['output']}")
+    print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -160,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
         if args.verbose:
             logger.exception("failed")
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
