@@ -43,17 +43,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     1-D parameters (norm scales, biases) and the names timm's ``no_weight_decay()`` lists (``pos_embed``,
     ``cls_token``, ``dist_token``, Swin's relative position tables...) get none.
     """
-    base = model.module if hasattr(model, "module") else model
+    base = model
+    while hasattr(base, "module") or (hasattr(base, "model") and isinstance(base.model, nn.Module)):
+        base = base.module if hasattr(base, "module") else base.model  # unwrap DDP and Supernet
     skip = set(base.no_weight_decay()) if hasattr(base, "no_weight_decay") else set()
+    no_decay_ids = {
+        id(p) for name, p in base.named_parameters() if p.ndim <= 1 or name in skip or name.split(".")[-1] in skip
+    }
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        bare = name.removeprefix("module.").removeprefix("model.")
-        if param.ndim <= 1 or bare in skip or any(bare.endswith(s) for s in skip):
-            no_decay.append(param)
-        else:
-            decay.append(param)
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or id(param) in no_decay_ids else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -1,0 +1,168 @@
+"""Training pieces without Ray: samplers, losses, parameter groups, the worker loop and its resume logic."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import flora_ray as fr
+from flora_ray.config import config_to_dict
+from flora_ray.optim import distillation_loss, param_groups, soft_cross_entropy
+from flora_ray.sampling import BlockwiseSampler, SandwichSampler, build_sampler, config_digest, step_generator
+from flora_ray.training import LocalSession, probe_configs, resolve_space, run_worker
+
+
+def _space():
+    model = fr.create_model("test_vit", img_size=32, depth=2, embed_dim=48, device="meta")
+    return fr.supernet.build_space(model, ratios=[0.25, 0.5, 1.0], model_name="test_vit")
+
+
+def test_lowrank_sampler_frequencies_match_inverse_ratio_product():
+    space = _space()
+    sampler = BlockwiseSampler(space, "lowrank")
+    block = space.blocks[0]
+    # Hand-computed: weight of a tuple = 1 / (rho_qkv * rho_fc1 * rho_fc2); ratios here are 0.25, 0.5, 1.
+    ratios = {12: 0.25, 24: 0.5, 48: 1.0}
+    weights = np.array([1 / math.prod(ratios[r] for r in cand) for cand in block.candidates])
+    np.testing.assert_allclose(sampler.probabilities[0], weights / weights.sum())
+    rng = np.random.default_rng(0)
+    index = {cand: i for i, cand in enumerate(block.candidates)}
+    counts = np.zeros(len(block.candidates))
+    for _ in range(20000):
+        config = sampler.sample(rng)[0]
+        counts[index[tuple(config[f] for f in block.fqns)]] += 1
+    expected = sampler.probabilities[0] * counts.sum()
+    assert chisquare(counts, expected).pvalue > 1e-3
+    # The smallest triple is drawn 64x as often as the full-rank one.
+    smallest, largest = index[(12, 12, 12)], index[(48, 48, 48)]
+    assert counts[smallest] / counts[largest] == pytest.approx(64, rel=0.35)
+
+
+def test_uniform_and_sandwich_samplers():
+    space = _space()
+    uniform = BlockwiseSampler(space, "uniform")
+    np.testing.assert_allclose(uniform.probabilities[1], np.full(27, 1 / 27))
+    configs = SandwichSampler(space).sample(np.random.default_rng(0))
+    assert configs[0] == space.largest() and configs[1] == space.smallest() and len(configs) == 3
+    with pytest.raises(ValueError, match="sampler 'greedy' is not supported"):
+        build_sampler("greedy", space)
+
+
+def test_samplers_respect_a_filtered_space():
+    space = _space()
+    kept = [space.blocks[0].candidates[i] for i in (0, 5, 26)]
+    filtered = space.restrict({space.blocks[0].name: kept})
+    sampler = build_sampler("lowrank", filtered)
+    rng = np.random.default_rng(1)
+    draws = [sampler.sample(rng)[0] for _ in range(300)]
+    seen = {tuple(config[f] for f in space.blocks[0].fqns) for config in draws}
+    assert seen == set(kept)
+
+
+def test_step_generator_is_shared_and_deterministic():
+    space = _space()
+    sampler = build_sampler("lowrank", space)
+    a = sampler.sample(step_generator(7, 2, 13))[0]
+    b = sampler.sample(step_generator(7, 2, 13))[0]
+    assert a == b and config_digest(a) == config_digest(b)
+    draws = {config_digest(sampler.sample(step_generator(7, 2, s))[0]) for s in range(50)}
+    assert len(draws) > 40
+
+
+def test_distillation_loss_equals_hand_computed_value():
+    student = torch.tensor([[1.0, 2.0, 0.5]])
+    teacher = torch.tensor([[0.0, 3.0, 1.0]])
+    p = [math.exp(v) / sum(math.exp(u) for u in (0.0, 3.0, 1.0)) for v in (0.0, 3.0, 1.0)]
+    log_q = [v - math.log(sum(math.exp(u) for u in (1.0, 2.0, 0.5))) for v in (1.0, 2.0, 0.5)]
+    expected = -sum(pi * qi for pi, qi in zip(p, log_q, strict=True))
+    assert soft_cross_entropy(student, teacher).item() == pytest.approx(expected, rel=1e-6)
+    # Temperature 2: softened distributions, scaled by T^2.
+    p2 = [math.exp(v / 2) / sum(math.exp(u / 2) for u in (0.0, 3.0, 1.0)) for v in (0.0, 3.0, 1.0)]
+    log_q2 = [v / 2 - math.log(sum(math.exp(u / 2) for u in (1.0, 2.0, 0.5))) for v in (1.0, 2.0, 0.5)]
+    expected2 = -4 * sum(pi * qi for pi, qi in zip(p2, log_q2, strict=True))
+    assert soft_cross_entropy(student, teacher, 2.0).item() == pytest.approx(expected2, rel=1e-6)
+    label = torch.tensor([1])
+    ce = -log_q[1]
+    assert distillation_loss(student, teacher, label, 1.0, 0.5).item() == pytest.approx(expected + 0.5 * ce, rel=1e-6)
+
+
+def test_param_groups_skip_norms_biases_tokens_and_pos_embed():
+    supernet = fr.build_supernet("test_vit", model_kwargs={"img_size": 32})
+    decay, no_decay = param_groups(supernet, 0.01)
+    names = {id(p): n for n, p in supernet.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert "model.pos_embed" in skipped and "model.cls_token" in skipped
+    assert "model.blocks.0.norm1.weight" in skipped and "model.blocks.0.attn.qkv.bias" in skipped
+    assert "model.blocks.0.attn.qkv.u" in decayed and "model.blocks.0.attn.qkv.vt" in decayed
+    assert "model.blocks.0.attn.proj.weight" in decayed and "model.head.weight" in decayed
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert len(decayed) + len(skipped) == len(list(supernet.parameters()))
+
+
+def test_probe_configs():
+    space = _space()
+    probes = probe_configs(space)
+    assert probes["largest"] == space.uniform(1.0) and probes["smallest"] == space.uniform(0.25)
+    assert probes["middle"] == space.uniform(0.5)
+
+
+def _payload(cfg, stage, **extra):
+    return {"config": config_to_dict(cfg), "stage": stage, "run_dir": str(cfg.run.run_dir), **extra}
+
+
+def test_local_train_interrupted_then_resumed_matches_checkpoint(digits_config, with_teacher, tmp_path):
+    cfg = digits_config()
+    with_teacher(cfg)
+    session = LocalSession(tmp_path / "ckpt")
+    fault = {"epoch": 1, "rank": 0, "marker": str(tmp_path / "failed")}
+    with pytest.raises(RuntimeError, match="injected failure at epoch 1"):
+        run_worker(_payload(cfg, "train", fault_injection=fault, sample_log_dir=str(tmp_path / "s")), session)
+    assert [r["epoch"] for r in session.reports] == [1]
+    state = torch.load(tmp_path / "ckpt" / "latest" / "state.pt", weights_only=True)
+    assert state["epoch"] == 1
+    run_worker(_payload(cfg, "train", fault_injection=fault, sample_log_dir=str(tmp_path / "s")), session)
+    assert [r["epoch"] for r in session.reports] == [1, 2, 3]
+    lines = [json.loads(line) for line in (tmp_path / "s" / "rank0.jsonl").read_text().splitlines()]
+    steps = [(d["epoch"], d["step"]) for d in lines]
+    assert len(steps) == len(set(steps))  # no epoch trained twice: the resumed run started at epoch 1
+    assert {e for e, _ in steps} == {0, 1, 2}
+
+
+def test_resumed_run_draws_what_an_uninterrupted_run_draws(digits_config, with_teacher, tmp_path):
+    cfg = digits_config("train.epochs=2")
+    with_teacher(cfg)
+    run_worker(_payload(cfg, "train", sample_log_dir=str(tmp_path / "a")), LocalSession(tmp_path / "c1"))
+    session = LocalSession(tmp_path / "c2")
+    fault = {"epoch": 1, "marker": str(tmp_path / "m")}
+    with pytest.raises(RuntimeError):
+        run_worker(_payload(cfg, "train", fault_injection=fault, sample_log_dir=str(tmp_path / "b")), session)
+    run_worker(_payload(cfg, "train", fault_injection=fault, sample_log_dir=str(tmp_path / "b")), session)
+    assert (tmp_path / "a" / "rank0.jsonl").read_text() == (tmp_path / "b" / "rank0.jsonl").read_text()
+
+
+def test_pretrain_learns_digits(digits_config, tmp_path):
+    cfg = digits_config("pretrain.epochs=8", "pretrain.lr=0.003", "pretrain.batch_size=32")
+    session = LocalSession(tmp_path / "ckpt")
+    run_worker(_payload(cfg, "pretrain"), session)
+    accuracies = [r["search_acc"] for r in session.reports]
+    assert len(accuracies) == 8 and accuracies[-1] > 40  # chance is 10%
+    assert session.reports[-1]["loss"] < session.reports[0]["loss"]
+
+
+def test_space_file_for_another_model_is_rejected(digits_config, with_teacher, tmp_path):
+    cfg = digits_config()
+    full = _space()  # a different model (embed 48, 32 px)
+    full.save(tmp_path / "other.json")
+    cfg2 = digits_config(f"train.space_file={tmp_path / 'other.json'}")
+    from flora_ray.training import build_run_supernet
+
+    with_teacher(cfg2)
+    with pytest.raises(ValueError, match="was made for another model"):
+        build_run_supernet(cfg2, cfg2.run.run_dir)
+    (tmp_path / "corrupt.json").write_text("{")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        resolve_space(digits_config(f"train.space_file={tmp_path / 'corrupt.json'}"), cfg.run.run_dir, full)
