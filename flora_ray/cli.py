@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
 
 # Local Ray binds every component to 127.0.0.1 only when this is set before Ray starts.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -217,7 +218,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+    except RuntimeError as exc:
+        if args.verbose:
+            logger.exception("failed")
+        print(f"flora-ray: error: {' '.join(str(exc).split())[:1000]}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ValueError, TypeError, OSError) as exc:
         if args.verbose:
             logger.exception("failed")
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

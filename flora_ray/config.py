@@ -315,6 +315,11 @@ def _coerce(hint: Any, value: Any, dotted: str) -> Any:
             raise ValueError(f"{dotted}={value!r} must be an integer")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{dotted}={value!r} must be a number") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{dotted}={value!r} must be a number")
         return float(value)

@@ -82,6 +82,7 @@ def _worker_entry(payload: dict[str, Any]) -> None:
         package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO)
     package_logger.propagate = False
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report and checkpoint is noise here
     run_worker(payload, _RaySession())
 
 
@@ -136,7 +137,10 @@ def run_stage(
         ),
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors; keep the first line, the workers' logs have the rest
+        raise RuntimeError(f"{stage} failed: {' '.join(str(exc).split())[:500]}") from exc
     if result.error is not None:
         raise RuntimeError(f"{stage} failed: {result.error}") from result.error
     if result.checkpoint is None:

@@ -153,7 +153,10 @@ def preflight(cfg: Config, stage: str) -> None:
     """Cheap checks of a stage's inputs before any Ray worker starts (missing data, teacher or space file)."""
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r} is not one of {STAGES}")
-    resolve_model_spec(cfg)
+    spec = resolve_model_spec(cfg)
+    from flora_ray.models import create_model
+
+    create_model(spec.name, device="meta", **spec.kwargs)  # unknown model or kwargs: fail here, not in a worker
     if cfg.data.name in SMALL_DATASETS:
         build_datasets(cfg.data)
     elif cfg.data.root is None or not Path(cfg.data.root).is_dir():
@@ -162,10 +165,8 @@ def preflight(cfg: Config, stage: str) -> None:
         run_dir = cfg.run.run_dir
         teacher_source(cfg, run_dir)
         if cfg.train.space_file or (run_dir / SPACE_FILE).is_file():
-            from flora_ray.models import create_model
             from flora_ray.supernet import build_space
 
-            spec = resolve_model_spec(cfg)
             dense = create_model(spec.name, device="meta", **spec.kwargs)
             full = build_space(
                 dense,
@@ -439,7 +440,10 @@ class _Loop:
     def _evaluate(self) -> dict[str, float]:
         limit = getattr(self.opt, "eval_images", None)
         if self.supernet is None:
-            return {"search_acc": accuracy(self.net, self.splits.search, self.device, limit)}
+            out = {"search_acc": accuracy(self.net, self.splits.search, self.device, limit)}
+            if self.epoch + 1 == self.opt.epochs:  # the dense teacher's final test accuracy, for the report
+                out["test_acc"] = accuracy(self.net, self.splits.test, self.device)
+            return out
         out = {}
         for name, config in probe_configs(self.supernet.space).items():
             self.supernet.set_ranks(config)
