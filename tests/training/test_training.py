@@ -166,3 +166,15 @@ def test_space_file_for_another_model_is_rejected(digits_config, with_teacher, t
     (tmp_path / "corrupt.json").write_text("{")
     with pytest.raises(ValueError, match="is not valid JSON"):
         resolve_space(digits_config(f"train.space_file={tmp_path / 'corrupt.json'}"), cfg.run.run_dir, full)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_training_with_mixed_precision(digits_config, with_teacher, tmp_path, amp):
+    cfg = digits_config("train.epochs=1", f"train.amp={amp}")
+    with_teacher(cfg)
+    session = LocalSession(tmp_path / "ckpt", device="cuda")
+    run_worker(_payload(cfg, "train"), session)
+    assert math.isfinite(session.reports[-1]["loss"])
+    supernet = fr.supernet.load_supernet(tmp_path / "ckpt" / "latest" / "model.safetensors", device="cuda")
+    assert next(supernet.parameters()).device.type == "cuda"
