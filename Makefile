@@ -27,5 +27,5 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check flora_ray tests experiments
+	$(BIN)/ruff format --check flora_ray tests experiments
