@@ -113,17 +113,19 @@ def _timm_create(name: str, kwargs: Mapping[str, Any], device: str | torch.devic
             return timm.create_model(name, **extra, **kwargs)
     except TypeError as exc:
         raise ValueError(f"invalid kwargs for timm model {name!r}: {exc}") from exc
-    except (RuntimeError, pickle.UnpicklingError) as exc:  # older timm lets torch's UnpicklingError through
-        source = extra.get("pretrained_cfg_overlay", {}).get("file", "the Hugging Face hub cache")
-        raise ValueError(
-            f"cannot load pretrained weights for {name!r} from {source}: {_first_line(exc)}; "
-            "give a weight file of this architecture (or download it to the hub cache)"
-        ) from exc
     except (OSError, ValueError) as exc:
         source = extra.get("pretrained_cfg_overlay", {}).get("file", "the Hugging Face hub cache")
         raise ValueError(
             f"cannot read pretrained weights for {name!r} from {source}: {_first_line(exc)}; "
             "pass a local weight file (pretrained=PATH) when offline"
+        ) from exc
+    except (RuntimeError, pickle.UnpicklingError, KeyError, EOFError, IndexError, AssertionError) as exc:
+        # A corrupt or foreign weight file: torch's weights-only unpickler raises any of these (older timm lets
+        # them through unwrapped), timm's strict load a RuntimeError.
+        source = extra.get("pretrained_cfg_overlay", {}).get("file", "the Hugging Face hub cache")
+        raise ValueError(
+            f"cannot load pretrained weights for {name!r} from {source}: {_first_line(exc)}; "
+            "give a weight file of this architecture (or download it to the hub cache)"
         ) from exc
 
 

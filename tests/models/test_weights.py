@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -245,7 +246,7 @@ def _truncated(src: Path, dst: Path) -> Path:
 def test_corrupt_files_are_value_errors_naming_the_path(tmp_path, weight_files):
     dense = tmp_path / "dense.safetensors"
     write_checkpoint(dense, _distinct_state_dict(9), dense_checkpoint_metadata(ModelSpec(NAME, {})))
-    random_bytes = os.urandom(4096)
+    random_bytes = random.Random(0).randbytes(4096)
     cases = {
         "random.safetensors": random_bytes,
         "random.pth": random_bytes,
@@ -376,6 +377,6 @@ def test_pickled_objects_rejected_when_timm_lets_unpickling_error_through(monkey
     assert str(path) in str(info.value)
     assert not marker.exists()
     random_bytes = tmp_path / "random.pth"
-    random_bytes.write_bytes(os.urandom(4096))
+    random_bytes.write_bytes(random.Random(0).randbytes(4096))
     with pytest.raises(ValueError, match="cannot load pretrained weights"):
         create_model(NAME, pretrained=random_bytes)
