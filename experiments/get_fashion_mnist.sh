@@ -4,7 +4,7 @@
 #   otherwise: apt-get download + dpkg-deb -x into ./data/debian          -> ./data/fashion-mnist
 set -euo pipefail
 cd "$(dirname "$0")/.."
-system_dir=/usr/share/datasets/fashion-mnist
+system_dir=${FASHION_MNIST_SYSTEM_DIR:-/usr/share/datasets/fashion-mnist}  # override: tests of the no-root path
 local_dir=data/fashion-mnist
 files=(train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz)
 
