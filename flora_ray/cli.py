@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (
         ("pretrain", "train the dense teacher on the configured data (Ray Train)"),
+        ("filter", "filter each block's rank candidates with local supernets (Ray tasks)"),
         ("train", "train the FLORA supernet by distillation from the teacher (Ray Train)"),
     ):
         stage = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
@@ -194,6 +195,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
     started_here = not ray.is_initialized() and args.address is None
     init_ray(args.address)
     try:
+        if args.stage == "filter":
+            from flora_ray.ray_filter import run_filter
+
+            summary = run_filter(cfg)
+            print(
+                f"filter ({cfg.filter.mode}): done in {summary['seconds']:.0f} s; kept {summary['kept_per_block']} of "
+                f"{summary['candidates_per_block'][0]} candidates per block; space {summary['configs_before']:.3g} -> "
+                f"{summary['configs_after']:.3g} configurations\n  {summary['space']}\n  {summary['scores']}"
+            )
+            return 0
         outcome = run_stage(cfg, args.stage)
     finally:
         if started_here:
@@ -216,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
     )
+    logger.setLevel(logging.INFO)  # flora-ray's own progress lines (epochs, blocks, ETA) are always shown
     try:
         return args.func(args)
     except RuntimeError as exc:

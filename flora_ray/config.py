@@ -148,6 +148,50 @@ class TrainConfig(OptimConfig):
         _check(self.eval_images >= 1, "train.eval_images", self.eval_images, "must be at least 1")
 
 
+FILTER_MODES = ("local_supernet", "zero_training")
+FILTER_SCORES = ("flops_aware", "accuracy")
+
+
+@dataclass(frozen=True)
+class FilterConfig(OptimConfig):
+    """Low-rank aware candidate filtering (design doc section 3).
+
+    Attributes:
+        mode: ``local_supernet`` (per block, train a supernet in which only that block's tuple varies, then
+            score) or ``zero_training`` (score on the inherited weights directly: fast, labelled in the output).
+        subset: Seeded, class-balanced fraction of the training data the local supernets train on.
+        keep_fraction: Fraction of each block's candidates kept (the full-rank tuple is always kept).
+        score: ``flops_aware``: accuracy lost per fraction of MACs saved, lowest kept; ``accuracy``: highest kept.
+        eval_images: Search-split images each candidate is scored on.
+        concurrency: Blocks processed at once (one Ray task each).
+        cpus_per_task: CPUs one block's task reserves.
+    """
+
+    epochs: int = 2
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_epochs: float = 0.0
+    temperature: float = 1.0
+    mode: str = "local_supernet"
+    subset: float = 0.35
+    keep_fraction: float = 0.3
+    score: str = "flops_aware"
+    eval_images: int = 2000
+    concurrency: int = 2
+    cpus_per_task: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.mode in FILTER_MODES, "filter.mode", self.mode, f"one of {FILTER_MODES}")
+        _check(0 < self.subset <= 1, "filter.subset", self.subset, "must be in (0, 1]")
+        _check(0 < self.keep_fraction <= 1, "filter.keep_fraction", self.keep_fraction, "must be in (0, 1]")
+        _check(self.score in FILTER_SCORES, "filter.score", self.score, f"one of {FILTER_SCORES}")
+        _check(self.eval_images >= 1, "filter.eval_images", self.eval_images, "must be at least 1")
+        _check(self.concurrency >= 1, "filter.concurrency", self.concurrency, "must be at least 1")
+        _check(self.cpus_per_task >= 0, "filter.cpus_per_task", self.cpus_per_task, "must be >= 0")
+        _check(self.temperature > 0, "filter.temperature", self.temperature, "must be positive")
+
+
 @dataclass(frozen=True)
 class ScalingConfig:
     """Ray Train workers.
@@ -215,6 +259,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
 

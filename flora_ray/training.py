@@ -38,6 +38,7 @@ from flora_ray.supernet import Supernet, build_supernet
 logger = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "train")
+PREFLIGHT_STAGES = (*STAGES, "filter")
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 TEACHER_FILE = "teacher.safetensors"
@@ -151,8 +152,8 @@ def build_run_supernet(cfg: Config, run_dir: Path, device: torch.device | str = 
 
 def preflight(cfg: Config, stage: str) -> None:
     """Cheap checks of a stage's inputs before any Ray worker starts (missing data, teacher or space file)."""
-    if stage not in STAGES:
-        raise ValueError(f"stage {stage!r} is not one of {STAGES}")
+    if stage not in PREFLIGHT_STAGES:
+        raise ValueError(f"stage {stage!r} is not one of {PREFLIGHT_STAGES}")
     spec = resolve_model_spec(cfg)
     from flora_ray.models import create_model
 
@@ -161,6 +162,8 @@ def preflight(cfg: Config, stage: str) -> None:
         build_datasets(cfg.data)
     elif cfg.data.root is None or not Path(cfg.data.root).is_dir():
         raise FileNotFoundError(f"data.root {cfg.data.root!r} is not a directory with train/ and val/ class folders")
+    if stage == "filter":
+        teacher_source(cfg, cfg.run.run_dir)
     if stage == "train":
         run_dir = cfg.run.run_dir
         teacher_source(cfg, run_dir)

@@ -1,0 +1,233 @@
+"""Low-rank aware candidate filtering, one block at a time (design doc section 3).
+
+For block i, a *local supernet* varies only block i's rank tuple (uniform sampling) while every other block stays
+at full rank; it is trained from the inherited (SVD) weights by distillation on a seeded subset of the training
+data. Every candidate tuple of block i is then scored on the search split. Candidates share everything before
+block i, so that prefix runs once and its output is cached; each candidate only runs blocks i.. onwards.
+
+``filter_block`` does one block and returns plain rows; ``select`` applies the keep rule. The Ray fan-out and the
+output files live in ``ray_filter``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from flora_ray.config import FilterConfig
+from flora_ray.optim import build_optimizer, build_scheduler, soft_cross_entropy
+from flora_ray.sampling import BlockwiseSampler, step_generator
+from flora_ray.space import RankSpace
+from flora_ray.supernet import Supernet
+
+logger = logging.getLogger(__name__)
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def local_space(space: RankSpace, block_index: int) -> RankSpace:
+    """The space of local supernet ``block_index``: that block's candidates, every other block at full rank."""
+    full = space.largest()
+    kept = {}
+    for i, block in enumerate(space.blocks):
+        if i != block_index:
+            kept[block.name] = [tuple(full[f] for f in block.fqns)]
+    return space.restrict(kept)
+
+
+def split_forward(model: nn.Module, block_name: str) -> tuple[Forward, Forward]:
+    """``(prefix, suffix)`` with ``suffix(prefix(x)) == model(x)``; ``prefix`` stops just before ``block_name``.
+
+    Supported: timm ViT/DeiT (``blocks.i``) and Swin (``layers.s.blocks.j``); other models get an identity
+    prefix and the full forward as suffix (correct, without the caching).
+    """
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import VisionTransformer
+
+    parts = block_name.split(".")
+    if isinstance(model, VisionTransformer) and len(parts) == 2 and parts[0] == "blocks":
+        i = int(parts[1])
+
+        def vit_prefix(x: torch.Tensor) -> torch.Tensor:
+            x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+            for block in model.blocks[:i]:
+                x = block(x)
+            return x
+
+        def vit_suffix(x: torch.Tensor) -> torch.Tensor:
+            for block in model.blocks[i:]:
+                x = block(x)
+            return model.forward_head(model.norm(x))
+
+        return vit_prefix, vit_suffix
+    if isinstance(model, SwinTransformer) and len(parts) == 4 and parts[0] == "layers":
+        s, j = int(parts[1]), int(parts[3])
+
+        def swin_prefix(x: torch.Tensor) -> torch.Tensor:
+            x = model.patch_embed(x)
+            for stage in model.layers[:s]:
+                x = stage(x)
+            x = model.layers[s].downsample(x)
+            for block in model.layers[s].blocks[:j]:
+                x = block(x)
+            return x
+
+        def swin_suffix(x: torch.Tensor) -> torch.Tensor:
+            for block in model.layers[s].blocks[j:]:
+                x = block(x)
+            for stage in model.layers[s + 1 :]:
+                x = stage(x)
+            return model.forward_head(model.norm(x))
+
+        return swin_prefix, swin_suffix
+    return (lambda x: x), model
+
+
+def train_local_supernet(
+    supernet: Supernet,
+    teacher: nn.Module,
+    block_index: int,
+    dataset,
+    cfg: FilterConfig,
+    seed: int,
+    device: torch.device,
+) -> list[float]:
+    """Distil local supernet ``block_index`` for ``cfg.epochs`` epochs; returns the mean loss of each epoch."""
+    space = supernet.space
+    sampler = BlockwiseSampler(local_space(space, block_index), "uniform")
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=generator)
+    if len(loader) == 0:
+        raise ValueError(f"filter.batch_size={cfg.batch_size} is larger than the filter subset ({len(dataset)} images)")
+    optimizer = build_optimizer(supernet, cfg.lr, cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.epochs * len(loader), int(cfg.warmup_epochs * len(loader)), cfg.min_lr)
+    supernet.train()
+    losses, step = [], 0
+    for epoch in range(cfg.epochs):
+        total = 0.0
+        for batch, (x, _) in enumerate(loader):
+            x = x.to(device)
+            supernet.set_ranks(sampler.sample(step_generator(seed, epoch, batch))[0])
+            with torch.no_grad():
+                target = teacher(x)
+            loss = soft_cross_entropy(supernet(x), target, cfg.temperature)
+            loss.backward()
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(supernet.parameters(), cfg.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            scheduler.step_update(step)
+            total += loss.item()
+        losses.append(total / len(loader))
+    supernet.eval()
+    return losses
+
+
+@torch.no_grad()
+def score_candidates(
+    supernet: Supernet, block_index: int, dataset, max_images: int, device: torch.device, batch_size: int = 500
+) -> list[float]:
+    """Top-1 accuracy (%) of every candidate of block ``block_index`` (others at full rank) on ``dataset``."""
+    space = supernet.space
+    block = space.blocks[block_index]
+    if max_images < len(dataset):
+        dataset = Subset(dataset, range(max_images))
+    prefix, suffix = split_forward(supernet.model, block.name)
+    supernet.eval()
+    base = space.largest()
+    supernet.set_ranks(base)
+    cached, labels = [], []
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        cached.append(prefix(x.to(device)))
+        labels.append(y.to(device))
+    accuracies = []
+    for candidate in block.candidates:
+        supernet.set_ranks({**base, **dict(zip(block.fqns, candidate, strict=True))})
+        correct = sum((suffix(h).argmax(-1) == y).sum().item() for h, y in zip(cached, labels, strict=True))
+        accuracies.append(100.0 * correct / sum(len(y) for y in labels))
+    return accuracies
+
+
+def filter_block(
+    supernet: Supernet,
+    teacher: nn.Module,
+    block_index: int,
+    train_subset,
+    search,
+    cfg: FilterConfig,
+    seed: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Train (unless zero-training) and score one block; returns ``{"block", "rows", "seconds", "losses"}``."""
+    started = time.perf_counter()
+    losses = []
+    if cfg.mode == "local_supernet":
+        losses = train_local_supernet(supernet, teacher, block_index, train_subset, cfg, seed + block_index, device)
+    accuracies = score_candidates(supernet, block_index, search, cfg.eval_images, device)
+    block = supernet.space.blocks[block_index]
+    base = supernet.space.largest()
+    rows = []
+    for index, (candidate, acc) in enumerate(zip(block.candidates, accuracies, strict=True)):
+        ranks = {**base, **dict(zip(block.fqns, candidate, strict=True))}
+        rows.append(
+            {
+                "block": block.name,
+                "block_index": block_index,
+                "candidate": index,
+                "ranks": list(candidate),
+                "macs": supernet.cost.macs(ranks),
+                "accuracy": acc,
+            }
+        )
+    return {"block": block.name, "rows": rows, "seconds": time.perf_counter() - started, "losses": losses}
+
+
+def select(rows: list[dict[str, Any]], full: tuple[int, ...], keep_fraction: float, score: str) -> list[dict[str, Any]]:
+    """Add ``score`` (lower is better) and ``kept`` to one block's rows.
+
+    ``flops_aware``: accuracy lost per fraction of the network's MACs saved, relative to the full-rank tuple
+    (a tuple that saves nothing scores +inf); ties go to the cheaper tuple. ``accuracy``: minus the accuracy.
+    ``ceil(keep_fraction * n)`` tuples are kept, the full-rank tuple always among them.
+    """
+    reference = next((r for r in rows if tuple(r["ranks"]) == full), None)
+    if reference is None:
+        raise ValueError(f"block {rows[0]['block']!r} has no full-rank candidate {list(full)}")
+    for row in rows:
+        if score == "accuracy":
+            row["score"] = -row["accuracy"]
+        else:
+            saved = (reference["macs"] - row["macs"]) / reference["macs"]
+            drop = reference["accuracy"] - row["accuracy"]
+            row["score"] = drop / saved if saved > 0 else (math.inf if row is not reference else -math.inf)
+    n_keep = max(1, math.ceil(keep_fraction * len(rows)))
+    order = sorted(rows, key=lambda r: (tuple(r["ranks"]) != full, r["score"], r["macs"], r["candidate"]))
+    kept = {id(r) for r in order[:n_keep]}
+    for row in rows:
+        row["kept"] = id(row) in kept
+    return rows
+
+
+def kept_space(space: RankSpace, rows: list[dict[str, Any]]) -> RankSpace:
+    """The filtered space: per block, the kept tuples in their original order."""
+    kept: dict[str, list[tuple[int, ...]]] = {}
+    for row in sorted(rows, key=lambda r: (r["block_index"], r["candidate"])):
+        if row["kept"]:
+            kept.setdefault(row["block"], []).append(tuple(row["ranks"]))
+    missing = [b.name for b in space.blocks if b.name not in kept]
+    if missing:
+        raise ValueError(f"filter results lack block {missing[0]!r}")
+    return space.restrict(kept)
+
+
+def as_numpy_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """A state dict as numpy arrays (for Ray's object store, zero-copy on the same node)."""
+    return {k: v.detach().cpu().numpy() for k, v in state.items()}

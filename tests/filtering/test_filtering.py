@@ -1,0 +1,158 @@
+"""Candidate filtering: cached prefix/suffix forward, local supernets, keep rule, outputs and resume on Ray."""
+
+import json
+import math
+import random
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import TINY_MODELS, input_for
+
+import flora_ray as fr
+from flora_ray.config import FilterConfig
+from flora_ray.data import build_datasets
+from flora_ray.filtering import filter_block, local_space, score_candidates, select, split_forward
+from flora_ray.sampling import BlockwiseSampler
+from flora_ray.space import RankSpace
+from flora_ray.training import SPACE_FILE, build_run_supernet
+
+
+@pytest.mark.parametrize("family", ["vit", "swin_padded", "deit_distilled"])
+def test_prefix_then_suffix_equals_the_full_forward(family):
+    name, kwargs = TINY_MODELS[family]
+    supernet = fr.build_supernet(name, model_kwargs=kwargs).eval()
+    x = input_for(supernet.model)
+    with torch.no_grad():
+        expected = supernet(x)
+        for block in supernet.space.blocks:
+            prefix, suffix = split_forward(supernet.model, block.name)
+            torch.testing.assert_close(suffix(prefix(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_local_supernet_never_changes_other_blocks():
+    supernet = fr.build_supernet(*TINY_MODELS["vit"][:1], model_kwargs=TINY_MODELS["vit"][1])
+    space = supernet.space
+    full = space.largest()
+    for i, block in enumerate(space.blocks[:3]):
+        sampler = BlockwiseSampler(local_space(space, i), "uniform")
+        rng = np.random.default_rng(i)
+        seen = set()
+        for _ in range(300):
+            config = sampler.sample(rng)[0]
+            assert all(config[f] == full[f] for f in space.fqns if f not in block.fqns)
+            seen.add(tuple(config[f] for f in block.fqns))
+        assert len(seen) > 150  # block i really varies (216 candidates)
+
+
+def test_cached_scores_equal_full_forward_accuracy():
+    dense = fr.create_model("test_vit", img_size=8, patch_size=2, in_chans=1, num_classes=10, depth=2, embed_dim=32)
+    with torch.no_grad():
+        for p in dense.parameters():  # large random weights: predictions differ between candidates
+            p.normal_(0, 0.5)
+    supernet = fr.build_supernet(dense)
+    search = build_datasets(fr.data.DataConfig(name="digits", img_size=8, in_chans=1)).search
+    scores = score_candidates(supernet, 1, search, 100, torch.device("cpu"), batch_size=32)
+    block = supernet.space.blocks[1]
+    x = torch.stack([search[i][0] for i in range(100)])
+    y = torch.tensor([search[i][1] for i in range(100)])
+    rng = random.Random(0)
+    for index in rng.sample(range(len(block.candidates)), 8):
+        config = {**supernet.space.largest(), **dict(zip(block.fqns, block.candidates[index], strict=True))}
+        supernet.set_ranks(config)
+        with torch.no_grad():
+            acc = 100.0 * (supernet(x).argmax(-1) == y).float().mean().item()
+        assert scores[index] == pytest.approx(acc, abs=1e-4)
+    assert len(set(scores)) > 1  # the scores differ between candidates
+
+
+def _rows(accuracies, macs):
+    return [
+        {"block": "b", "block_index": 0, "candidate": i, "ranks": [r, r], "macs": m, "accuracy": a}
+        for i, (r, a, m) in enumerate(zip(range(1, len(macs) + 1), accuracies, macs, strict=True))
+    ]
+
+
+def test_flops_aware_keep_rule_on_hand_made_rows():
+    # Candidate ranks (1,1) .. (5,5); (5,5) is full rank with 100 MACs and 90% accuracy.
+    rows = _rows([80.0, 89.0, 85.0, 89.5, 90.0], [20, 40, 60, 80, 100])
+    select(rows, (5, 5), keep_fraction=0.6, score="flops_aware")
+    scores = [r["score"] for r in rows]
+    assert scores[0] == pytest.approx(10 / 0.8) and scores[1] == pytest.approx(1 / 0.6)
+    assert scores[3] == pytest.approx(0.5 / 0.2) and scores[4] == -math.inf
+    assert [r["kept"] for r in rows] == [False, True, False, True, True]  # ceil(0.6 * 5) = 3, full included
+    select(rows, (5, 5), keep_fraction=0.4, score="accuracy")
+    assert [r["kept"] for r in rows] == [False, False, False, True, True]
+    with pytest.raises(ValueError, match="has no full-rank candidate"):
+        select(rows, (9, 9), 0.5, "accuracy")
+
+
+def test_zero_training_scores_every_triple_once_and_deterministically():
+    supernet = fr.build_supernet(
+        "test_vit",
+        model_kwargs={"img_size": 8, "patch_size": 2, "in_chans": 1, "num_classes": 10, "depth": 2, "embed_dim": 32},
+    )
+    splits = build_datasets(fr.data.DataConfig(name="digits", img_size=8, in_chans=1))
+    cfg = FilterConfig(mode="zero_training", eval_images=64)
+    first = filter_block(supernet, None, 0, splits.train, splits.search, cfg, 0, torch.device("cpu"))
+    second = filter_block(supernet, None, 0, splits.train, splits.search, cfg, 0, torch.device("cpu"))
+    assert [tuple(r["ranks"]) for r in first["rows"]] == list(supernet.space.blocks[0].candidates)
+    assert [r["accuracy"] for r in first["rows"]] == [r["accuracy"] for r in second["rows"]]
+    assert first["losses"] == []
+
+
+@pytest.mark.slow
+def test_filter_on_ray_outputs_resume_and_feed_training(digits_config, with_teacher, tmp_path):
+    import ray
+
+    from flora_ray.ray_filter import BLOCKS_DIR, SCORES_FILE, run_filter
+    from flora_ray.ray_train import init_ray
+
+    cfg = digits_config(
+        "filter.epochs=1",
+        "filter.batch_size=64",
+        "filter.eval_images=100",
+        "filter.subset=0.3",
+        "model.ratios=[0.5, 1.0]",
+    )
+    cfg = replace(cfg, model=replace(cfg.model, kwargs={**cfg.model.kwargs, "depth": 3}))
+    with_teacher(cfg)
+    init_ray(num_cpus=2)
+    try:
+        summary = run_filter(cfg)
+        run_dir = cfg.run.run_dir
+        df = pd.read_parquet(run_dir / SCORES_FILE)
+        assert list(df.columns) == [
+            "block", "block_index", "candidate", "ranks", "ranks_by_fqn", "macs", "accuracy", "score", "kept", "mode"
+        ]  # fmt: skip
+        assert len(df) == 3 * 8 and not df.duplicated(["block", "candidate"]).any()
+        assert (df.groupby("block").kept.sum() == math.ceil(0.3 * 8)).all()
+        full = df[df.ranks.map(lambda r: list(r) == [32, 32, 32])]
+        assert len(full) == 3 and full.kept.all()
+        metadata = pq.read_schema(run_dir / SCORES_FILE).metadata
+        assert json.loads(metadata[b"flora_ray.config"])["filter"]["epochs"] == 1
+        space = RankSpace.load(run_dir / SPACE_FILE)
+        assert [len(b.candidates) for b in space.blocks] == [3, 3, 3] == summary["kept_per_block"]
+        assert summary["configs_before"] == 8**3 and summary["configs_after"] == 27
+        # Training reads the filtered space.
+        supernet, _ = build_run_supernet(cfg, run_dir)
+        assert supernet.space == space
+        # Resume: only the missing block is recomputed; the result is deterministic for the seed.
+        kept_files = {p.name: p.stat().st_mtime_ns for p in (run_dir / BLOCKS_DIR).glob("block_*.json")}
+        (run_dir / BLOCKS_DIR / "block_001.json").unlink()
+        run_filter(cfg)
+        after = {p.name: p.stat().st_mtime_ns for p in (run_dir / BLOCKS_DIR).glob("block_*.json")}
+        assert after["block_000.json"] == kept_files["block_000.json"]
+        assert after["block_002.json"] == kept_files["block_002.json"]
+        assert after["block_001.json"] != kept_files["block_001.json"]
+        again = pd.read_parquet(run_dir / SCORES_FILE)
+        pd.testing.assert_frame_equal(again, df)
+        # A block file from another space is rejected.
+        (run_dir / BLOCKS_DIR / "block_000.json").write_text(json.dumps({"block": "blocks.9", "rows": []}))
+        with pytest.raises(ValueError, match="does not belong to this model's space"):
+            run_filter(cfg)
+    finally:
+        ray.shutdown()
