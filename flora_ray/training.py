@@ -127,6 +127,7 @@ def resolve_space(cfg: Config, run_dir: Path, full: RankSpace) -> RankSpace:
         return full
     space = RankSpace.load(path)
     full.check_compatible(space, source=f"space file {str(path)!r}")
+    logger.info("sampling from %s: %.3g of %.3g configurations", path, space.num_configs, full.num_configs)
     return space
 
 
