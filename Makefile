@@ -23,9 +23,10 @@ data:
 test: install data
 	$(BIN)/python -m pytest -q
 
-# The small default: dense teacher and supernet on Fashion-MNIST, local Ray, 2 CPU workers (about 5 minutes).
+# The small default: dense teacher, filtering and supernet on Fashion-MNIST, local Ray, 2 CPU workers (~7 minutes).
 quickstart: install data
 	$(BIN)/flora-ray pretrain experiments/quickstart.yaml
+	$(BIN)/flora-ray filter experiments/quickstart.yaml
 	$(BIN)/flora-ray train experiments/quickstart.yaml
 
 test-fast: install

@@ -193,6 +193,54 @@ class FilterConfig(OptimConfig):
 
 
 @dataclass(frozen=True)
+class SearchConfig:
+    """Multi-objective search (design doc section 5): Ray Tune + Optuna NSGA-II over the filtered space.
+
+    Attributes:
+        trials: Subnets evaluated in total (the uniform configurations first).
+        population: NSGA-II population size per generation.
+        mutation_prob: Per-block mutation probability (``None``: Optuna's default, 1 / number of blocks).
+        crossover_prob: NSGA-II crossover probability.
+        seed: Sampler seed (``None``: ``run.seed``).
+        max_macs: Hard budget in MACs per image (a constraint; ``None``: none).
+        eval_images: Search-split images each subnet is scored on.
+        batch_size: Evaluation batch size.
+        concurrency: Trials evaluated at once (evaluator actors).
+        cpus_per_trial: CPUs an evaluator reserves.
+        gpus_per_trial: GPU fraction an evaluator reserves (several evaluators may share a GPU).
+    """
+
+    trials: int = 200
+    population: int = 50
+    mutation_prob: float | None = None
+    crossover_prob: float = 0.9
+    seed: int | None = None
+    max_macs: float | None = None
+    eval_images: int = 2000
+    batch_size: int = 500
+    concurrency: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.trials >= 1, "search.trials", self.trials, "must be at least 1")
+        _check(self.population >= 2, "search.population", self.population, "must be at least 2")
+        _check(
+            self.mutation_prob is None or 0 <= self.mutation_prob <= 1,
+            "search.mutation_prob",
+            self.mutation_prob,
+            "in [0, 1] or null",
+        )
+        _check(0 <= self.crossover_prob <= 1, "search.crossover_prob", self.crossover_prob, "must be in [0, 1]")
+        _check(self.max_macs is None or self.max_macs > 0, "search.max_macs", self.max_macs, "positive or null")
+        _check(self.eval_images >= 1, "search.eval_images", self.eval_images, "must be at least 1")
+        _check(self.batch_size >= 1, "search.batch_size", self.batch_size, "must be at least 1")
+        _check(self.concurrency >= 1, "search.concurrency", self.concurrency, "must be at least 1")
+        _check(self.cpus_per_trial >= 0, "search.cpus_per_trial", self.cpus_per_trial, "must be >= 0")
+        _check(0 <= self.gpus_per_trial <= 1, "search.gpus_per_trial", self.gpus_per_trial, "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
 class ScalingConfig:
     """Ray Train workers.
 
@@ -261,6 +309,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
 

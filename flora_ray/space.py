@@ -209,6 +209,10 @@ class RankSpace:
             tuples.append([rank_for_ratio(r, self.layer(f).max_rank) for f, r in zip(block.fqns, row, strict=True)])
         return self.from_block_tuples(tuples)
 
+    def uniform_all(self) -> dict[float, RankConfig]:
+        """The uniform configuration of every ratio, whether or not a filter kept its tuples."""
+        return {r: {layer.fqn: rank_for_ratio(r, layer.max_rank) for layer in self.layers} for r in self.ratios}
+
     def uniform(self, ratio: float) -> RankConfig:
         """Every layer at ``round(ratio * max_rank)``."""
         return self.validate({layer.fqn: rank_for_ratio(ratio, layer.max_rank) for layer in self.layers})

@@ -56,9 +56,19 @@ class Supernet(nn.Module):
         """The elastic layers by FQN (relative to ``model``)."""
         return {fqn: self.model.get_submodule(fqn) for fqn in self.space.fqns}
 
-    def set_ranks(self, ranks: Mapping[str, int]) -> RankConfig:
-        """Activate a rank configuration (validated against the space; every layer must be given)."""
-        config = self.space.validate(ranks)
+    def set_ranks(self, ranks: Mapping[str, int], within_candidates: bool = True) -> RankConfig:
+        """Activate a rank configuration; every layer must be given a rank among its choices.
+
+        Args:
+            ranks: ``{fqn: rank}``.
+            within_candidates: Also require every block's tuple to be among the space's (filtered) candidates;
+                ``False`` admits any combination of the layers' rank choices (e.g. uniform baselines that a
+                filter dropped).
+        """
+        config = self.space.validate(ranks, complete=not within_candidates)
+        missing = [f for f in self.space.fqns if f not in config]
+        if missing:
+            raise ValueError(f"rank configuration has no rank for layer {missing[0]!r} ({len(missing)} missing)")
         for fqn, layer in self.elastic_layers().items():
             layer.set_rank(config[fqn])
         return config

@@ -1,0 +1,130 @@
+"""Pareto fronts of cost versus accuracy for pandas users.
+
+Objectives throughout: ``macs`` is minimised, ``accuracy`` is maximised. Frames have at least those two columns
+(the search writes ``trials.parquet``, ``pareto.parquet`` and ``uniform.parquet`` in this shape).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+TRIALS_FILE = "trials.parquet"
+PARETO_FILE = "pareto.parquet"
+UNIFORM_FILE = "uniform.parquet"
+
+
+def _check_columns(df: pd.DataFrame) -> None:
+    missing = {"macs", "accuracy"} - set(df.columns)
+    if missing:
+        raise ValueError(f"frame has no column {sorted(missing)[0]!r}; a front needs 'macs' and 'accuracy'")
+
+
+def pareto_mask(df: pd.DataFrame) -> np.ndarray:
+    """Boolean mask of the non-dominated rows (no other row has macs <= and accuracy >=, one of them strictly).
+
+    Duplicated points are all non-dominated. Rows with a missing value are never on the front.
+    """
+    _check_columns(df)
+    macs = df["macs"].to_numpy(dtype=float)
+    acc = df["accuracy"].to_numpy(dtype=float)
+    valid = ~(np.isnan(macs) | np.isnan(acc))
+    mask = np.zeros(len(df), dtype=bool)
+    order = np.lexsort((-acc, macs))  # by macs ascending, then accuracy descending
+    best = -np.inf
+    last_point: tuple[float, float] | None = None
+    for i in order:
+        if not valid[i]:
+            continue
+        point = (macs[i], acc[i])
+        if acc[i] > best or point == last_point:
+            mask[i] = True
+            best = max(best, acc[i])
+            last_point = point
+    return mask
+
+
+def hypervolume(df: pd.DataFrame, ref: tuple[float, float]) -> float:
+    """Area dominated by the frame's points inside the box bounded by ``ref = (macs_ref, accuracy_ref)``.
+
+    Points with ``macs >= macs_ref`` or ``accuracy <= accuracy_ref`` add nothing. Units: MACs times accuracy points.
+    """
+    _check_columns(df)
+    macs_ref, acc_ref = ref
+    front = df[pareto_mask(df)]
+    front = front[(front["macs"] < macs_ref) & (front["accuracy"] > acc_ref)]
+    points = sorted(zip(front["accuracy"].astype(float), front["macs"].astype(float), strict=True))
+    area, previous = 0.0, acc_ref
+    for accuracy, macs in points:  # ascending accuracy, so descending macs along the front
+        area += (macs_ref - macs) * (accuracy - previous)
+        previous = accuracy
+    return area
+
+
+def best_under(df: pd.DataFrame, max_macs: float) -> pd.Series | None:
+    """The most accurate row with ``macs <= max_macs`` (the cheaper one on ties); ``None`` if there is none."""
+    _check_columns(df)
+    within = df[df["macs"] <= max_macs]
+    if within.empty:
+        return None
+    return within.sort_values(["accuracy", "macs"], ascending=[False, True]).iloc[0]
+
+
+def cheapest_within(df: pd.DataFrame, min_accuracy: float) -> pd.Series | None:
+    """The cheapest row with ``accuracy >= min_accuracy``; ``None`` if there is none."""
+    _check_columns(df)
+    within = df[df["accuracy"] >= min_accuracy]
+    if within.empty:
+        return None
+    return within.sort_values(["macs", "accuracy"], ascending=[True, False]).iloc[0]
+
+
+def gain_over_uniform(
+    front: pd.DataFrame,
+    uniform: pd.DataFrame,
+    max_accuracy_drop: float,
+    reference_accuracy: float | None = None,
+) -> float | None:
+    """Extra MAC reduction of the front over the best uniform configuration at the same accuracy.
+
+    Both sides must reach ``reference_accuracy - max_accuracy_drop`` (reference: the most accurate uniform
+    configuration, i.e. full rank, unless given). Returns ``1 - macs_front / macs_uniform`` of the cheapest
+    qualifying point of each (0.33 means 33% fewer MACs than uniform ranks, the paper's "33% extra"), or ``None``
+    when neither the front nor the uniform set reaches the target.
+    """
+    if max_accuracy_drop < 0:
+        raise ValueError(f"max_accuracy_drop={max_accuracy_drop} must be >= 0 (accuracy points)")
+    _check_columns(uniform)
+    if uniform.empty:
+        raise ValueError("uniform frame is empty")
+    reference = float(uniform["accuracy"].max()) if reference_accuracy is None else float(reference_accuracy)
+    target = reference - max_accuracy_drop
+    ours, theirs = cheapest_within(front, target), cheapest_within(uniform, target)
+    if ours is None or theirs is None:
+        return None
+    return 1.0 - float(ours["macs"]) / float(theirs["macs"])
+
+
+def _read(run_dir: str | os.PathLike, name: str) -> pd.DataFrame:
+    path = Path(run_dir) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist; run `flora-ray search` for this run first")
+    return pd.read_parquet(path)
+
+
+def load_trials(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every search trial of a run (``trials.parquet``)."""
+    return _read(run_dir, TRIALS_FILE)
+
+
+def load_front(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """The Pareto front of a run (``pareto.parquet``), sorted by MACs."""
+    return _read(run_dir, PARETO_FILE)
+
+
+def load_uniform(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """The uniform-rank baseline of a run (``uniform.parquet``)."""
+    return _read(run_dir, UNIFORM_FILE)

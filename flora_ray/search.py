@@ -1,0 +1,156 @@
+"""Search building blocks without Ray: genes, subnet evaluation with inherited weights, the evaluator cache.
+
+A gene is one categorical parameter per block, named by the block (``blocks.3``), whose value indexes that
+block's kept candidate tuples, so that any crossover of two configurations stays inside the filtered space.
+
+An ``Evaluator`` holds one supernet and a fixed batch of search-split images. ``cached_evaluator`` keeps one per
+process and key, so an evaluator actor that Ray Tune reuses across trials builds its supernet once: from numpy
+weights (Ray's object store) on the ``meta`` device, loaded with ``assign=True`` (no copy, no initialisation).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from flora_ray.lowrank import ElasticLowRankLinear
+from flora_ray.models import ModelSpec
+from flora_ray.space import RankConfig, RankSpace
+from flora_ray.supernet import Supernet
+from flora_ray.surgery import swap_modules
+
+logger = logging.getLogger(__name__)
+
+
+def genes_to_config(space: RankSpace, genes: Mapping[str, Any]) -> RankConfig:
+    """The rank configuration of one gene per block (an index into the block's candidates)."""
+    tuples = []
+    for block in space.blocks:
+        if block.name not in genes:
+            raise ValueError(f"no gene for block {block.name!r}")
+        index = int(genes[block.name])
+        if not 0 <= index < len(block.candidates):
+            raise ValueError(f"gene {block.name}={index} is out of range 0..{len(block.candidates) - 1}")
+        tuples.append(block.candidates[index])
+    return space.from_block_tuples(tuples)
+
+
+def config_to_genes(space: RankSpace, config: Mapping[str, int]) -> dict[str, int]:
+    """The genes of a configuration of the space."""
+    config = space.validate(config)
+    return {
+        block.name: block.candidates.index(cand)
+        for block, cand in zip(space.blocks, space.block_tuples(config), strict=True)
+    }
+
+
+def uniform_points(space: RankSpace) -> dict[float, dict[str, int]]:
+    """Genes of every uniform configuration the space contains, by ratio."""
+    return {ratio: config_to_genes(space, config) for ratio, config in space.uniform_configs().items()}
+
+
+def supernet_from_numpy(
+    header: Mapping[str, Any], state: Mapping[str, np.ndarray], device: torch.device | str = "cpu"
+) -> Supernet:
+    """A supernet from a checkpoint header and numpy weights, built on ``meta`` and loaded with ``assign=True``."""
+    spec = ModelSpec.from_dict(header["model"])
+    space = RankSpace.from_dict(header["space"], source="supernet header")
+    wanted = set(space.fqns)
+    model = spec.create(device="meta")
+    swap_modules(
+        model,
+        lambda m, fqn: fqn in wanted,
+        lambda m, fqn: ElasticLowRankLinear(m.in_features, m.out_features, m.bias is not None, device="meta"),
+    )
+    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        # Non-persistent buffers (Swin's relative position index, attention masks) are not in the state dict:
+        # build those models normally instead.
+        model = spec.create(device="cpu")
+        swap_modules(
+            model,
+            lambda m, fqn: fqn in wanted,
+            lambda m, fqn: ElasticLowRankLinear(m.in_features, m.out_features, m.bias is not None),
+        )
+        model.load_state_dict(tensors, strict=True)
+    return Supernet(model.to(device).eval(), space, spec, header.get("sv_placement", "faithful"))
+
+
+class Evaluator:
+    """Accuracy of subnets with inherited supernet weights on a fixed set of search images."""
+
+    def __init__(
+        self,
+        supernet: Supernet,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        device: torch.device | str = "cpu",
+        batch_size: int = 500,
+    ) -> None:
+        self.supernet = supernet.eval()
+        self.device = torch.device(device)
+        self.images = images
+        self.labels = labels
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def accuracy(self, config: Mapping[str, int]) -> float:
+        """Top-1 accuracy (%) of the subnet ``config``."""
+        self.supernet.set_ranks(config, within_candidates=False)
+        correct = 0
+        for start in range(0, len(self.labels), self.batch_size):
+            x = self.images[start : start + self.batch_size].to(self.device, non_blocking=True)
+            y = self.labels[start : start + self.batch_size].to(self.device, non_blocking=True)
+            correct += (self.supernet(x).argmax(-1) == y).sum().item()
+        return 100.0 * correct / len(self.labels)
+
+    def evaluate(self, config: Mapping[str, int]) -> dict[str, float]:
+        """``accuracy``, ``macs``, ``params`` and ``eval_seconds`` of the subnet ``config``."""
+        config = self.supernet.space.validate(config, complete=False)
+        if len(config) != len(self.supernet.space.fqns):
+            raise ValueError(f"configuration has {len(config)} of {len(self.supernet.space.fqns)} layers")
+        started = time.perf_counter()
+        accuracy = self.accuracy(config)
+        return {
+            "accuracy": accuracy,
+            "macs": float(self.supernet.cost.macs(config)),
+            "params": float(self.supernet.cost.params(config)),
+            "eval_seconds": time.perf_counter() - started,
+        }
+
+
+def search_batch(dataset, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n_images`` of a dataset as two tensors (the same images for every trial)."""
+    n = min(n_images, len(dataset))
+    items = [dataset[i] for i in range(n)]
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
+class _EvaluatorCache:
+    """One evaluator per key and process (the one process-level state of flora-ray, by design)."""
+
+    evaluators: dict[str, Evaluator] = {}  # noqa: RUF012
+    builds = 0
+
+
+def cached_evaluator(key: str, build: Callable[[], Evaluator]) -> Evaluator:
+    """The process's evaluator for ``key``, built by ``build()`` the first time only."""
+    cache = _EvaluatorCache
+    if key not in cache.evaluators:
+        started = time.perf_counter()
+        cache.evaluators.clear()  # one supernet per process: a new key replaces the old one
+        cache.evaluators[key] = build()
+        cache.builds += 1
+        logger.info("evaluator %s built in %.1f s", key, time.perf_counter() - started)
+    return cache.evaluators[key]
+
+
+def evaluator_builds() -> int:
+    """How many evaluators this process has built (tests count supernet loads with it)."""
+    return _EvaluatorCache.builds

@@ -1,0 +1,62 @@
+"""Front utilities against brute force and hand-made fronts with known answers."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flora_ray.results import best_under, gain_over_uniform, hypervolume, pareto_mask
+
+
+def brute_force_pareto(df):
+    macs, acc = df["macs"].to_numpy(), df["accuracy"].to_numpy()
+    out = []
+    for i in range(len(df)):
+        dominated = any(
+            macs[j] <= macs[i] and acc[j] >= acc[i] and (macs[j] < macs[i] or acc[j] > acc[i]) for j in range(len(df))
+        )
+        out.append(not dominated)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pareto_mask_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({"macs": rng.integers(1, 30, 200), "accuracy": rng.integers(50, 90, 200).astype(float)})
+    np.testing.assert_array_equal(pareto_mask(df), brute_force_pareto(df))
+
+
+def test_pareto_mask_handles_nan_and_duplicates():
+    df = pd.DataFrame({"macs": [1, 1, 2, 3, 2], "accuracy": [50.0, 50.0, np.nan, 60.0, 55.0]})
+    assert pareto_mask(df).tolist() == [True, True, False, True, True]
+
+
+def test_hypervolume_of_known_fronts():
+    df = pd.DataFrame({"macs": [2.0, 4.0, 6.0], "accuracy": [70.0, 80.0, 90.0]})
+    # Box up to macs 10 and down to accuracy 60: staircase 8*10 + 6*10 + 4*10.
+    assert hypervolume(df, (10.0, 60.0)) == pytest.approx(180.0)
+    dominated = pd.concat([df, pd.DataFrame({"macs": [5.0], "accuracy": [75.0]})])
+    assert hypervolume(dominated, (10.0, 60.0)) == pytest.approx(180.0)
+    assert hypervolume(df, (3.0, 75.0)) == pytest.approx(0.0)
+    assert hypervolume(df.iloc[:1], (10.0, 60.0)) == pytest.approx(80.0)
+
+
+def test_best_under():
+    df = pd.DataFrame({"macs": [2, 4, 6, 4], "accuracy": [70.0, 80.0, 90.0, 80.0], "trial": [0, 1, 2, 3]})
+    assert best_under(df, 5)["trial"] == 1
+    assert best_under(df, 100)["trial"] == 2
+    assert best_under(df, 1) is None
+
+
+def test_gain_over_uniform_known_answers():
+    uniform = pd.DataFrame({"macs": [25.0, 50.0, 75.0, 100.0], "accuracy": [70.0, 85.0, 89.5, 90.0]})
+    front = pd.DataFrame({"macs": [30.0, 40.0, 60.0], "accuracy": [80.0, 89.0, 90.0]})
+    # Within 1 point of 90: uniform needs 75 (89.5), the front 40 (89.0): 1 - 40/75.
+    assert gain_over_uniform(front, uniform, 1.0) == pytest.approx(1 - 40 / 75)
+    # Within 0.5 points: uniform 75, front 60.
+    assert gain_over_uniform(front, uniform, 0.5) == pytest.approx(1 - 60 / 75)
+    # An explicit reference (say the dense model at 91): target 90.5, the front never reaches it.
+    assert gain_over_uniform(front, uniform, 0.5, reference_accuracy=91.0) is None
+    with pytest.raises(ValueError, match="max_accuracy_drop=-1"):
+        gain_over_uniform(front, uniform, -1)
+    with pytest.raises(ValueError, match="no column 'macs'"):
+        gain_over_uniform(front.drop(columns="macs"), uniform, 1)
