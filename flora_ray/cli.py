@@ -77,12 +77,39 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("pretrain", "train the dense teacher on the configured data (Ray Train)"),
         ("filter", "filter each block's rank candidates with local supernets (Ray tasks)"),
+        ("search", "NSGA-II search of the (filtered) space with Ray Tune; Pareto front to Parquet"),
         ("train", "train the FLORA supernet by distillation from the teacher (Ray Train)"),
     ):
         stage = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         _add_run_arguments(stage)
         stage.set_defaults(func=cmd_stage, stage=name)
+    export = sub.add_parser(
+        "export",
+        help="export a searched subnet; report its test accuracy and CPU latency versus dense",
+        description="Extract a subnet of a searched run into safetensors + subnet.json, then score and time it.",
+    )
+    export.add_argument("run_dir", help="the run directory (runs/<name>)")
+    pick = export.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--trial", type=int, help="trial number (trials.parquet)")
+    pick.add_argument("--max-macs", type=float, help="the most accurate front point within this many MACs per image")
+    export.add_argument("--output", help="directory to write (default RUN_DIR/export/trial_N)")
+    export.add_argument("--threads", type=_positive_int, default=1, help="CPU threads for the latency measurement")
+    export.set_defaults(func=cmd_export)
     return parser
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from flora_ray.export_run import export_from_run
+
+    report = export_from_run(args.run_dir, args.trial, args.max_macs, args.output, args.threads)
+    lat = report["latency"]
+    print(
+        f"trial {report['trial']}: {report['macs'] / 1e6:.2f} MMACs ({100 * report['macs'] / report['dense_macs']:.0f}% "
+        f"of dense), search acc {report['search_accuracy']:.2f}%, test acc {report['test_accuracy']:.2f}%\n"
+        f"  CPU latency batch 1: {lat['subnet_batch1_ms']:.2f} ms (dense {lat['dense_batch1_ms']:.2f}), "
+        f"batch 32: {lat['subnet_batch32_ms']:.2f} ms (dense {lat['dense_batch32_ms']:.2f})\n  {report['directory']}"
+    )
+    return 0
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,6 +230,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
                 f"filter ({cfg.filter.mode}): done in {summary['seconds']:.0f} s; kept {summary['kept_per_block']} of "
                 f"{summary['candidates_per_block'][0]} candidates per block; space {summary['configs_before']:.3g} -> "
                 f"{summary['configs_after']:.3g} configurations\n  {summary['space']}\n  {summary['scores']}"
+            )
+            return 0
+        if args.stage == "search":
+            from flora_ray.ray_search import run_search
+
+            summary = run_search(cfg)
+            print(
+                f"search: {summary['complete']}/{summary['trials']} trials complete ({summary['failed']} failed) in "
+                f"{summary['seconds']:.0f} s ({summary['trials_per_second']:.2f} trials/s); front of "
+                f"{summary['front_size']}, hypervolume {summary['hypervolume']:.4g}\n  {cfg.run.run_dir}/pareto.parquet"
             )
             return 0
         outcome = run_stage(cfg, args.stage)

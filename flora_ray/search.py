@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -67,7 +68,9 @@ def supernet_from_numpy(
         lambda m, fqn: fqn in wanted,
         lambda m, fqn: ElasticLowRankLinear(m.in_features, m.out_features, m.bias is not None, device="meta"),
     )
-    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
+    with warnings.catch_warnings():  # object-store arrays are read-only; evaluation never writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         # Non-persistent buffers (Swin's relative position index, attention masks) are not in the state dict:

@@ -38,7 +38,7 @@ from flora_ray.supernet import Supernet, build_supernet
 logger = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "train")
-PREFLIGHT_STAGES = (*STAGES, "filter")
+PREFLIGHT_STAGES = (*STAGES, "filter", "search")
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 TEACHER_FILE = "teacher.safetensors"
@@ -165,6 +165,10 @@ def preflight(cfg: Config, stage: str) -> None:
         raise FileNotFoundError(f"data.root {cfg.data.root!r} is not a directory with train/ and val/ class folders")
     if stage == "filter":
         teacher_source(cfg, cfg.run.run_dir)
+    if stage == "search" and not (cfg.run.run_dir / SUPERNET_FILE).is_file():
+        raise FileNotFoundError(
+            f"no supernet at {str(cfg.run.run_dir / SUPERNET_FILE)!r}: run `flora-ray train CONFIG` first"
+        )
     if stage == "train":
         run_dir = cfg.run.run_dir
         teacher_source(cfg, run_dir)

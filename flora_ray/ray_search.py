@@ -1,0 +1,292 @@
+"""Ray glue for the search: a Ray Tune ``Tuner`` driven by Optuna's NSGA-II, results written to Parquet.
+
+The Optuna study lives in a ``JournalStorage`` file in the run directory (``search_journal.log``) and the Tune
+experiment under the run's storage path, so re-running an interrupted search continues it. Evaluator actors are
+reused across trials (``reuse_actors=True``) and keep their supernet in a process cache; its weights travel once
+through the object store as numpy arrays. MACs and parameters come from the analytic cost model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flora_ray.config import Config, build_dataclass, config_to_dict, dump_config
+from flora_ray.fileio import atomic_path, read_checkpoint, write_text
+from flora_ray.results import PARETO_FILE, TRIALS_FILE, UNIFORM_FILE, hypervolume, pareto_mask
+from flora_ray.search import (
+    Evaluator,
+    cached_evaluator,
+    evaluator_builds,
+    genes_to_config,
+    search_batch,
+    supernet_from_numpy,
+    uniform_points,
+)
+from flora_ray.space import RankSpace
+from flora_ray.training import SUPERNET_FILE
+
+logger = logging.getLogger(__name__)
+
+JOURNAL_FILE = "search_journal.log"
+
+
+def _build_evaluator(header: dict[str, Any], weights: dict[str, Any], config: dict[str, Any]) -> Evaluator:
+    import torch
+
+    from flora_ray.data import build_datasets
+
+    cfg: Config = build_dataclass(Config, config, "")
+    if cfg.run.threads_per_worker:
+        torch.set_num_threads(cfg.run.threads_per_worker)
+    device = torch.device("cuda" if cfg.search.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
+    supernet = supernet_from_numpy(header, weights, device)
+    images, labels = search_batch(build_datasets(cfg.data).search, cfg.search.eval_images)
+    return Evaluator(supernet, images, labels, device, cfg.search.batch_size)
+
+
+def _evaluate_trial(genes: dict[str, Any], header=None, weights=None, config=None, key=None) -> None:
+    from ray import tune
+
+    evaluator = cached_evaluator(key, lambda: _build_evaluator(header, weights, config))
+    metrics = evaluator.evaluate(genes_to_config(evaluator.supernet.space, genes))
+    metrics.update(pid=os.getpid(), evaluator_builds=evaluator_builds())
+    tune.report(metrics)
+
+
+def _searcher_class():
+    from ray.tune.search.optuna import OptunaSearch
+
+    class FloraOptunaSearch(OptunaSearch):
+        """OptunaSearch that records parameters and evaluation time on the Optuna trial, marks NaN results as
+        failed, and sets the MAC budget with ``Trial.set_constraint``."""
+
+        def __init__(self, *args: Any, max_macs: float | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._max_macs = max_macs
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            ot_trial = self._ot_trials.get(trial_id)
+            if result is not None and not all(
+                isinstance(result.get(k), int | float) and math.isfinite(result[k]) for k in ("accuracy", "macs")
+            ):
+                result, error = None, True
+            if ot_trial is not None and result is not None:
+                for key in ("params", "eval_seconds"):
+                    ot_trial.set_user_attr(key, float(result[key]))
+                if self._max_macs is not None:
+                    ot_trial.set_constraint("max_macs", float(result["macs"]) - self._max_macs)
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+    return FloraOptunaSearch
+
+
+def _progress_callback(total: int):
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        """Logs trials done / total, the current front size and hypervolume as results arrive."""
+
+        def __init__(self) -> None:
+            self.points: list[tuple[float, float]] = []
+            self.started = time.perf_counter()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            if "accuracy" not in result or "macs" not in result:
+                return
+            self.points.append((float(result["macs"]), float(result["accuracy"])))
+            df = pd.DataFrame(self.points, columns=["macs", "accuracy"])
+            ref = (df["macs"].max() * 1.01, 0.0)
+            done = len(self.points)
+            rate = done / max(time.perf_counter() - self.started, 1e-9)
+            logger.info(
+                "search: %d/%d trials (this session), front %d, hypervolume %.4g, %.2f trials/s, ETA %.0f s",
+                done,
+                total,
+                int(pareto_mask(df).sum()),
+                hypervolume(df, ref),
+                rate,
+                max(total - done, 0) / rate,
+            )
+
+    return Progress()
+
+
+def run_search(cfg: Config) -> dict[str, Any]:
+    """Run (or continue) the search of a run and write its Parquet files; returns a summary."""
+    import optuna
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    run_dir = cfg.run.run_dir.resolve()
+    supernet_path = run_dir / SUPERNET_FILE
+    if not supernet_path.is_file():
+        raise FileNotFoundError(f"no supernet at {str(supernet_path)!r}: run `flora-ray train CONFIG` first")
+    write_text(run_dir / "search_config.yaml", dump_config(cfg))
+    tensors, header = read_checkpoint(supernet_path)
+    space = RankSpace.from_dict(header["space"], source=f"checkpoint {str(supernet_path)!r}")
+    weights = {k: v.numpy() for k, v in tensors.items()}
+    key = f"{supernet_path}:{supernet_path.stat().st_mtime_ns}:{cfg.data.name}:{cfg.search.eval_images}"
+    trainable = tune.with_parameters(
+        _evaluate_trial, header=header, weights=weights, config=config_to_dict(cfg), key=key
+    )
+    resources = {"cpu": cfg.search.cpus_per_trial}
+    if cfg.search.gpus_per_trial:
+        if cfg.scaling.accelerator == "GPU":
+            resources["gpu"] = cfg.search.gpus_per_trial
+        else:
+            resources[cfg.scaling.accelerator] = cfg.search.gpus_per_trial
+    trainable = tune.with_resources(trainable, resources)
+
+    name = f"{cfg.run.name}-search"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / JOURNAL_FILE)))
+    experiment = os.path.join(cfg.run.storage_path, name)
+    started = time.perf_counter()
+    if tune.Tuner.can_restore(experiment):
+        logger.info("search: continuing %s", experiment)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+    else:
+        sampler = optuna.samplers.NSGAIISampler(
+            population_size=cfg.search.population,
+            mutation_prob=cfg.search.mutation_prob,
+            crossover_prob=cfg.search.crossover_prob,
+            seed=cfg.search.seed if cfg.search.seed is not None else cfg.run.seed,
+        )
+        searcher = _searcher_class()(
+            space={b.name: tune.choice(list(range(len(b.candidates)))) for b in space.blocks},
+            metric=["accuracy", "macs"],
+            mode=["max", "min"],
+            sampler=sampler,
+            study_name=name,
+            storage=storage,
+            points_to_evaluate=list(uniform_points(space).values())[: cfg.search.trials],
+            max_macs=cfg.search.max_macs,
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.search.concurrency),
+                num_samples=cfg.search.trials,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=cfg.run.storage_path,
+                verbose=0,
+                callbacks=[_progress_callback(cfg.search.trials)],
+            ),
+        )
+    grid = tuner.fit()
+    seconds = time.perf_counter() - started
+    study = optuna.load_study(study_name=name, storage=storage)
+    trials = trials_frame(study, space, cfg)
+    uniform = evaluate_uniform(header, weights, cfg, space)
+    _write_parquet(run_dir / TRIALS_FILE, trials, cfg)
+    front = trials[trials["is_pareto"]].sort_values("macs").reset_index(drop=True)
+    _write_parquet(run_dir / PARETO_FILE, front, cfg)
+    _write_parquet(run_dir / UNIFORM_FILE, uniform, cfg)
+    complete = trials[trials["state"] == "COMPLETE"]
+    ref = (float(uniform["macs"].max()) * 1.01, 0.0)
+    summary = {
+        "trials": len(trials),
+        "complete": len(complete),
+        "failed": int((trials["state"] == "FAIL").sum()),
+        "front_size": len(front),
+        "hypervolume": hypervolume(complete, ref) if len(complete) else 0.0,
+        "seconds": seconds,
+        "trials_per_second": len(grid) / seconds if seconds else 0.0,
+        "evaluator_builds": _builds_per_process(grid),
+    }
+    logger.info("search: %s", summary)
+    return summary
+
+
+def _builds_per_process(grid) -> dict[int, int]:
+    builds: dict[int, int] = {}
+    for result in grid:
+        metrics = result.metrics or {}
+        if "pid" in metrics:
+            builds[int(metrics["pid"])] = max(builds.get(int(metrics["pid"]), 0), int(metrics["evaluator_builds"]))
+    return builds
+
+
+def trials_frame(study, space: RankSpace, cfg: Config) -> pd.DataFrame:
+    """One row per Optuna trial: number, generation, genes as triples, ranks, objectives, state, ``is_pareto``."""
+    rows = []
+    for trial in study.trials:
+        generation = next((v for k, v in trial.system_attrs.items() if k.endswith(":generation")), None)
+        row: dict[str, Any] = {
+            "trial": trial.number,
+            # Enqueued uniform configurations carry no generation: they belong to the first one.
+            "generation": 0 if generation is None else int(generation),
+            "enqueued": generation is None,
+            "state": trial.state.name,
+            "accuracy": math.nan,
+            "macs": math.nan,
+            "params": trial.user_attrs.get("params", math.nan),
+            "eval_seconds": trial.user_attrs.get("eval_seconds", math.nan),
+            "triples": None,
+            "ranks": None,
+            "feasible": True,
+        }
+        if len(trial.params) == len(space.blocks):
+            config = genes_to_config(space, trial.params)
+            row["triples"] = json.dumps([list(t) for t in space.block_tuples(config)])
+            row["ranks"] = json.dumps(config)
+        if trial.values is not None:
+            row["accuracy"], row["macs"] = float(trial.values[0]), float(trial.values[1])
+        if cfg.search.max_macs is not None and not math.isnan(row["macs"]):
+            row["feasible"] = row["macs"] <= cfg.search.max_macs
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    candidates = df[(df["state"] == "COMPLETE") & df["feasible"]]
+    df["is_pareto"] = False
+    if len(candidates):
+        df.loc[candidates.index[pareto_mask(candidates)], "is_pareto"] = True
+    return df
+
+
+def evaluate_uniform(header: dict[str, Any], weights: dict[str, Any], cfg: Config, space: RankSpace) -> pd.DataFrame:
+    """Every uniform configuration of the layers' rank choices, evaluated like a trial (same images, same code)."""
+    evaluator = _build_evaluator(header, weights, config_to_dict(cfg))
+    rows = []
+    for ratio, config in space.uniform_all().items():
+        metrics = evaluator.evaluate(config)
+        rows.append(
+            {
+                "ratio": ratio,
+                "accuracy": metrics["accuracy"],
+                "macs": metrics["macs"],
+                "params": metrics["params"],
+                "eval_seconds": metrics["eval_seconds"],
+                "triples": json.dumps([list(t) for t in space.block_tuples(config)]),
+                "ranks": json.dumps(config),
+                "in_space": space.contains(config),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _write_parquet(path: Path, df: pd.DataFrame, cfg: Config) -> None:
+    from flora_ray.export import package_versions
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    metadata = {
+        "flora_ray.config": json.dumps(config_to_dict(cfg)),
+        "flora_ray.versions": json.dumps(package_versions()),
+        "flora_ray.seed": str(cfg.search.seed if cfg.search.seed is not None else cfg.run.seed),
+        "flora_ray.model": cfg.model.name,
+        "flora_ray.dataset": cfg.data.name,
+    }
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
