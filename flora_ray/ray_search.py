@@ -207,6 +207,12 @@ def run_search(cfg: Config) -> dict[str, Any]:
         "evaluator_builds": _builds_per_process(grid),
     }
     logger.info("search: %s", summary)
+    if summary["complete"] + summary["failed"] < cfg.search.trials:
+        logger.warning(
+            "search stopped after %d of %d trials; the files hold those; re-run the same command to continue",
+            summary["complete"] + summary["failed"],
+            cfg.search.trials,
+        )
     return summary
 
 

@@ -1,0 +1,209 @@
+"""Search: genes, the evaluator and its cache, and the Ray Tune + NSGA-II search end to end (slow)."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from helpers import TINY_MODELS, input_for
+
+import flora_ray as fr
+from flora_ray.config import config_to_dict
+from flora_ray.results import PARETO_FILE, TRIALS_FILE, UNIFORM_FILE
+from flora_ray.search import (
+    Evaluator,
+    cached_evaluator,
+    config_to_genes,
+    evaluator_builds,
+    genes_to_config,
+    supernet_from_numpy,
+    uniform_points,
+)
+from flora_ray.training import SUPERNET_FILE, LocalSession, run_worker
+
+DOCUMENTED_COLUMNS = {
+    "trial",
+    "generation",
+    "state",
+    "accuracy",
+    "macs",
+    "params",
+    "eval_seconds",
+    "triples",
+    "ranks",
+    "is_pareto",
+}
+
+
+def _space():
+    return fr.build_supernet("test_vit", model_kwargs={"img_size": 32, "depth": 3}).space
+
+
+def test_genes_round_trip_and_uniform_points():
+    space = _space().restrict({"blocks.1": [(11, 11, 11), (64, 64, 64), (32, 32, 32)]})
+    config = space.uniform(0.5)
+    genes = config_to_genes(space, config)
+    assert genes["blocks.1"] == 2 and genes_to_config(space, genes) == config
+    assert set(uniform_points(space)) == {1 / 6, 0.5, 1.0}  # the filter kept only these uniform tuples of blocks.1
+    with pytest.raises(ValueError, match="gene blocks.1=3 is out of range 0..2"):
+        genes_to_config(space, {**genes, "blocks.1": 3})
+
+
+@pytest.mark.parametrize("family", ["vit", "swin_padded"])
+def test_supernet_from_numpy_on_meta_equals_the_original(family):
+    name, kwargs = TINY_MODELS[family]
+    supernet = fr.build_supernet(name, model_kwargs=kwargs).eval()
+    state = {k: v.numpy() for k, v in supernet.model.state_dict().items()}
+    rebuilt = supernet_from_numpy(supernet.header(), state)
+    config = supernet.space.uniform(0.5)
+    supernet.set_ranks(config)
+    rebuilt.set_ranks(config)
+    x = input_for(supernet.model)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), supernet(x), rtol=0, atol=0)
+    if family == "vit":  # no non-persistent buffers: the weights are the object-store arrays themselves
+        assert rebuilt.model.blocks[0].attn.qkv.u.data_ptr() == state["blocks.0.attn.qkv.u"].ctypes.data
+
+
+def test_evaluator_and_its_process_cache():
+    supernet = fr.build_supernet("test_vit", model_kwargs={"img_size": 32, "num_classes": 10})
+    images, labels = torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,))
+    evaluator = Evaluator(supernet, images, labels, batch_size=16)
+    config = supernet.space.uniform(0.5)
+    metrics = evaluator.evaluate(config)
+    supernet.set_ranks(config)
+    with torch.no_grad():
+        expected = 100.0 * (supernet(images).argmax(-1) == labels).float().mean().item()
+    assert metrics["accuracy"] == pytest.approx(expected, abs=1e-4)
+    assert metrics["macs"] == supernet.cost.macs(config) and metrics["params"] == supernet.cost.params(config)
+    before = evaluator_builds()
+    calls = []
+    for _ in range(3):
+        cached_evaluator("key-a", lambda: calls.append(1) or evaluator)
+    assert len(calls) == 1 and evaluator_builds() == before + 1
+
+
+@pytest.fixture
+def searched_run(digits_config, tmp_path):
+    """A run directory with a digits teacher trained for a few seconds and its SVD supernet."""
+    cfg = digits_config(
+        "pretrain.epochs=8",
+        "pretrain.batch_size=32",
+        "pretrain.lr=0.003",
+        "search.trials=30",
+        "search.population=8",
+        "search.eval_images=150",
+        "search.concurrency=2",
+    )
+    session = LocalSession(tmp_path / "ckpt")
+    payload = {"config": config_to_dict(cfg), "stage": "pretrain", "run_dir": str(cfg.run.run_dir)}
+    run_worker(payload, session)
+    from flora_ray.training import save_stage_outputs
+
+    save_stage_outputs(tmp_path / "ckpt" / "latest", cfg.run.run_dir, "pretrain")
+    from flora_ray.training import build_run_supernet
+
+    supernet, _ = build_run_supernet(cfg, cfg.run.run_dir)
+    fr.save_supernet(supernet, cfg.run.run_dir / SUPERNET_FILE)
+    return cfg, supernet
+
+
+def _brute_force_front(df):
+    macs, acc = df["macs"].to_numpy(), df["accuracy"].to_numpy()
+    return np.array(
+        [
+            not any(
+                macs[j] <= macs[i] and acc[j] >= acc[i] and (macs[j] < macs[i] or acc[j] > acc[i])
+                for j in range(len(df))
+            )
+            for i in range(len(df))
+        ]
+    )
+
+
+@pytest.mark.slow
+def test_search_end_to_end_with_budget_and_export(searched_run):
+    import ray
+
+    from flora_ray.export_run import export_from_run
+    from flora_ray.ray_search import run_search
+    from flora_ray.ray_train import init_ray
+
+    cfg, supernet = searched_run
+    from dataclasses import replace
+
+    budget = 0.8 * supernet.cost.dense_macs
+    cfg = replace(cfg, search=replace(cfg.search, max_macs=budget))
+    init_ray(num_cpus=2)
+    try:
+        summary = run_search(cfg)
+    finally:
+        ray.shutdown()
+    run_dir = cfg.run.run_dir
+    trials = pd.read_parquet(run_dir / TRIALS_FILE)
+    assert set(trials.columns) >= DOCUMENTED_COLUMNS
+    assert len(trials) == 30 and trials["trial"].is_unique and (trials["state"] == "COMPLETE").all()
+    feasible = trials[trials["macs"] <= budget]
+    np.testing.assert_array_equal(
+        trials.loc[feasible.index, "is_pareto"].to_numpy(), _brute_force_front(feasible.reset_index(drop=True))
+    )
+    assert not trials.loc[trials["macs"] > budget, "is_pareto"].any()
+    front = pd.read_parquet(run_dir / PARETO_FILE)
+    assert (front["macs"] <= budget).all() and front["macs"].is_monotonic_increasing and len(front) >= 1
+    uniform = pd.read_parquet(run_dir / UNIFORM_FILE)
+    assert sorted(uniform["ratio"]) == [0.25, 0.5, 1.0]
+    # The uniform configurations were in the first generation, evaluated like every trial.
+    first = trials[trials["generation"] == 0]
+    for ranks in uniform["ranks"]:
+        match = first[first["ranks"] == ranks]
+        assert len(match) == 1
+        assert match["accuracy"].iloc[0] == uniform.loc[uniform["ranks"] == ranks, "accuracy"].iloc[0]
+    metadata = pq.read_schema(run_dir / TRIALS_FILE).metadata
+    assert json.loads(metadata[b"flora_ray.config"])["search"]["trials"] == 30
+    assert set(json.loads(metadata[b"flora_ray.versions"])) >= {"torch", "timm", "flora_ray"}
+    assert summary["evaluator_builds"] and set(summary["evaluator_builds"].values()) == {1}  # once per process
+    report = export_from_run(run_dir, max_macs=budget)
+    assert report["macs"] <= budget and 0 <= report["test_accuracy"] <= 100
+    assert (run_dir / "export" / f"trial_{report['trial']}" / "export.json").is_file()
+
+
+@pytest.mark.slow
+def test_interrupted_search_continues_without_duplicates(searched_run, tmp_path):
+    cfg, _ = searched_run
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    command = [sys.executable, "-m", "flora_ray.cli", "search", str(config_file), "search.concurrency=1"]
+    journal = cfg.run.run_dir / "search_journal.log"
+    first = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline and first.poll() is None:
+        if journal.is_file() and journal.read_text().count('"state":1,') >= 8:  # 8 completed trials
+            break
+        time.sleep(0.3)
+    first.send_signal(signal.SIGINT)
+    try:
+        first.wait(timeout=90)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+    completed_first = journal.read_text().count('"state":1,')
+    assert 8 <= completed_first < 30, f"the first search was not interrupted mid-way ({completed_first} trials)"
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "search: continuing" in second.stdout + second.stderr
+    trials = pd.read_parquet(cfg.run.run_dir / TRIALS_FILE)
+    assert len(trials) == 30 and trials["trial"].is_unique and (trials["state"] == "COMPLETE").all()
+    front = trials[trials["is_pareto"]]
+    np.testing.assert_array_equal(trials["is_pareto"].to_numpy(), _brute_force_front(trials))
+    assert len(front) >= 1
