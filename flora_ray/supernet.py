@@ -65,7 +65,7 @@ class Supernet(nn.Module):
                 ``False`` admits any combination of the layers' rank choices (e.g. uniform baselines that a
                 filter dropped).
         """
-        config = self.space.validate(ranks, complete=not within_candidates)
+        config = self.space.validate(ranks, complete=within_candidates)
         missing = [f for f in self.space.fqns if f not in config]
         if missing:
             raise ValueError(f"rank configuration has no rank for layer {missing[0]!r} ({len(missing)} missing)")

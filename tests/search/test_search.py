@@ -207,3 +207,14 @@ def test_interrupted_search_continues_without_duplicates(searched_run, tmp_path)
     front = trials[trials["is_pareto"]]
     np.testing.assert_array_equal(trials["is_pareto"].to_numpy(), _brute_force_front(trials))
     assert len(front) >= 1
+
+
+def test_uniform_baselines_outside_a_filtered_space_are_evaluated():
+    supernet = fr.build_supernet("test_vit", model_kwargs={"img_size": 32, "num_classes": 10, "depth": 2})
+    supernet.space = supernet.space.restrict({"blocks.0": [(64, 64, 64)]})
+    outside = supernet.space.uniform_all()[0.5]
+    with pytest.raises(ValueError, match="are not among its kept candidates"):
+        supernet.set_ranks(outside)
+    evaluator = Evaluator(supernet, torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    metrics = evaluator.evaluate(outside)
+    assert supernet.active_ranks() == outside and metrics["macs"] == supernet.cost.macs(outside)
