@@ -1,0 +1,123 @@
+"""Search overhead: share of wall time outside subnet evaluation, Ray Tune + Optuna versus a plain Optuna loop.
+
+Both run NSGA-II over the same space with the same ``Evaluator`` (quickstart model and data, the same search
+images), one evaluation at a time. Overhead share = (wall time - time inside ``Evaluator.evaluate``) / wall time.
+The Ray Tune wall time is that of building and fitting the ``Tuner`` (local Ray already started), so it includes
+the evaluator actor's start and its one supernet build. Target: under 10%. Prints a table, writes ``results/search_overhead.json``.
+
+    .venv/bin/python experiments/benchmarks/search_overhead.py            # 60 trials each (about 2 minutes)
+    .venv/bin/python experiments/benchmarks/search_overhead.py --smoke    # 6 trials each
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import optuna
+import pandas as pd
+import torch
+
+import flora_ray as fr
+from flora_ray.config import config_to_dict, load_config
+from flora_ray.fileio import write_checkpoint, write_json
+from flora_ray.models import dense_checkpoint_metadata
+from flora_ray.ray_search import _build_evaluator, run_search
+from flora_ray.search import genes_to_config
+from flora_ray.training import SUPERNET_FILE, TEACHER_FILE, build_run_supernet, resolve_model_spec
+
+EXPERIMENTS = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def prepare_run(trials: int, eval_images: int, out: Path):
+    """A run directory with the quickstart model's teacher (random init) and its SVD supernet."""
+    cfg = load_config(
+        EXPERIMENTS / "quickstart.yaml",
+        [
+            f"run.output_dir={out}",
+            "run.name=overhead",
+            f"search.trials={trials}",
+            "search.population=12",
+            f"search.eval_images={eval_images}",
+            "search.concurrency=1",
+        ],
+    )
+    spec = resolve_model_spec(cfg)
+    cfg.run.run_dir.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(cfg.run.run_dir / TEACHER_FILE, spec.create().state_dict(), dense_checkpoint_metadata(spec))
+    supernet, _ = build_run_supernet(cfg, cfg.run.run_dir)
+    fr.save_supernet(supernet, cfg.run.run_dir / SUPERNET_FILE)
+    return cfg, supernet
+
+
+def plain_optuna(cfg, supernet) -> tuple[float, float]:
+    """Wall seconds and seconds inside evaluate() of an ask/tell NSGA-II loop in this process."""
+    from flora_ray.fileio import read_checkpoint
+
+    tensors, header = read_checkpoint(cfg.run.run_dir / SUPERNET_FILE)
+    evaluator = _build_evaluator(header, {k: v.numpy() for k, v in tensors.items()}, config_to_dict(cfg))
+    space = supernet.space
+    sampler = optuna.samplers.NSGAIISampler(population_size=cfg.search.population, seed=cfg.run.seed)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    distributions = {
+        b.name: optuna.distributions.CategoricalDistribution(list(range(len(b.candidates)))) for b in space.blocks
+    }
+    inside = 0.0
+    started = time.perf_counter()
+    for _ in range(cfg.search.trials):
+        trial = study.ask(distributions)
+        metrics = evaluator.evaluate(genes_to_config(space, trial.params))
+        inside += metrics["eval_seconds"]
+        study.tell(trial, [metrics["accuracy"], metrics["macs"]])
+    return time.perf_counter() - started, inside
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--eval-images", type=int, default=2000)
+    args = parser.parse_args()
+    trials = 6 if args.smoke else args.trials
+    torch.set_num_threads(1)
+    import ray
+
+    from flora_ray.ray_train import init_ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, supernet = prepare_run(trials, 200 if args.smoke else args.eval_images, Path(tmp))
+        plain_wall, plain_inside = plain_optuna(cfg, supernet)
+        init_ray(num_cpus=2)
+        try:
+            tune_wall = run_search(cfg)["seconds"]  # Tuner construction and fit, not the Parquet writing
+        finally:
+            ray.shutdown()
+        trials_df = pd.read_parquet(cfg.run.run_dir / "trials.parquet")
+        tune_inside = float(trials_df["eval_seconds"].sum())
+    rows = [
+        {"loop": "plain Optuna ask/tell", "wall_s": plain_wall, "eval_s": plain_inside},
+        {"loop": "Ray Tune + OptunaSearch", "wall_s": tune_wall, "eval_s": tune_inside},
+    ]
+    for row in rows:
+        row["overhead_share"] = (row["wall_s"] - row["eval_s"]) / row["wall_s"]
+        row["trials_per_s"] = trials / row["wall_s"]
+        print(
+            f"{row['loop']:<26} {trials} trials  wall {row['wall_s']:7.2f} s  in evaluate {row['eval_s']:7.2f} s  "
+            f"overhead {100 * row['overhead_share']:5.1f}%  {row['trials_per_s']:.2f} trials/s",
+            flush=True,
+        )
+    if not args.smoke:
+        write_json(
+            RESULTS / "search_overhead.json",
+            {"rows": rows, "trials": trials, "eval_images": args.eval_images, "date": time.strftime("%Y-%m-%d")},
+        )
+
+
+if __name__ == "__main__":
+    main()
