@@ -23,11 +23,12 @@ data:
 test: install data
 	$(BIN)/python -m pytest -q
 
-# The small default: dense teacher, filtering and supernet on Fashion-MNIST, local Ray, 2 CPU workers (~7 minutes).
+# The small default on Fashion-MNIST, local Ray, 2 CPU workers (~8 minutes): teacher, filter, supernet, search.
 quickstart: install data
 	$(BIN)/flora-ray pretrain experiments/quickstart.yaml
 	$(BIN)/flora-ray filter experiments/quickstart.yaml
 	$(BIN)/flora-ray train experiments/quickstart.yaml
+	$(BIN)/flora-ray search experiments/quickstart.yaml
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
