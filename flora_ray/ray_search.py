@@ -195,6 +195,8 @@ def run_search(cfg: Config) -> dict[str, Any]:
     _write_parquet(run_dir / PARETO_FILE, front, cfg)
     _write_parquet(run_dir / UNIFORM_FILE, uniform, cfg)
     complete = trials[trials["state"] == "COMPLETE"]
+    plot_front(run_dir / "pareto.png", complete, front, uniform)
+    plot_hypervolume(run_dir / "hypervolume.png", trials, (float(uniform["macs"].max()) * 1.01, 0.0))
     finished = [t for t in study.trials if t.datetime_start and t.datetime_complete]
     span = (
         (max(t.datetime_complete for t in finished) - min(t.datetime_start for t in finished)).total_seconds()
@@ -302,3 +304,47 @@ def _write_parquet(path: Path, df: pd.DataFrame, cfg: Config) -> None:
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def plot_front(path: Path, trials: pd.DataFrame, front: pd.DataFrame, uniform: pd.DataFrame) -> None:
+    """Accuracy versus GMACs: every trial, the front, the uniform baseline and the full-rank (dense-cost) model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.scatter(trials["macs"] / 1e9, trials["accuracy"], s=10, color="0.75", label="trials")
+    ax.step(front["macs"] / 1e9, front["accuracy"], where="post", color="C0", marker="o", label="Pareto front")
+    ordered = uniform.sort_values("macs")
+    ax.plot(ordered["macs"] / 1e9, ordered["accuracy"], color="C1", marker="s", linestyle="--", label="uniform ranks")
+    full = ordered.iloc[-1]
+    ax.scatter([full["macs"] / 1e9], [full["accuracy"]], color="C3", marker="*", s=120, zorder=5, label="full rank")
+    ax.set_xlabel("GMACs per image")
+    ax.set_ylabel("search-split accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_hypervolume(path: Path, trials: pd.DataFrame, ref: tuple[float, float]) -> None:
+    """Hypervolume of the trials so far, by trial number."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = trials[trials["state"] == "COMPLETE"].sort_values("trial")
+    values = [hypervolume(done.iloc[: i + 1], ref) for i in range(len(done))]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(done["trial"], values, color="C0")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("hypervolume (MACs x accuracy points)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -171,6 +171,7 @@ def test_search_end_to_end_with_budget_and_export(searched_run):
     assert json.loads(metadata[b"flora_ray.config"])["search"]["trials"] == 30
     assert set(json.loads(metadata[b"flora_ray.versions"])) >= {"torch", "timm", "flora_ray"}
     assert summary["evaluator_builds"] and set(summary["evaluator_builds"].values()) == {1}  # once per process
+    assert (run_dir / "pareto.png").read_bytes()[:4] == b"\x89PNG" and (run_dir / "hypervolume.png").stat().st_size > 0
     report = export_from_run(run_dir, max_macs=budget)
     assert report["macs"] <= budget and 0 <= report["test_accuracy"] <= 100
     assert (run_dir / "export" / f"trial_{report['trial']}" / "export.json").is_file()
