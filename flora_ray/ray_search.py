@@ -123,6 +123,8 @@ def _progress_callback(total: int):
 
 def run_search(cfg: Config) -> dict[str, Any]:
     """Run (or continue) the search of a run and write its Parquet files; returns a summary."""
+    # Tune's default per-trial CSV/JSON/TensorBoard loggers duplicate what the Parquet files hold and cost time.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     import optuna
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
