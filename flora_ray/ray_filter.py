@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from flora_ray.config import Config, config_to_dict, dump_config
-from flora_ray.fileio import atomic_path, read_json, write_json, write_text
+from flora_ray.fileio import read_json, write_json, write_parquet, write_text
 from flora_ray.filtering import as_numpy_state, filter_block, kept_space, select
-from flora_ray.training import SPACE_FILE, resolve_model_spec, teacher_source
+from flora_ray.training import SPACE_FILE, full_space, provenance, resolve_model_spec, teacher_source
 
 logger = logging.getLogger(__name__)
 
@@ -72,21 +71,12 @@ def run_filter(cfg: Config) -> dict[str, Any]:
     """Filter every block on Ray; returns a summary (blocks, kept counts, seconds, output paths)."""
     import ray
 
-    from flora_ray.models import create_model
-    from flora_ray.supernet import build_space
-
     run_dir = cfg.run.run_dir.resolve()
     blocks_dir = run_dir / BLOCKS_DIR
     blocks_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "filter_config.yaml", dump_config(cfg))
     spec = resolve_model_spec(cfg)
-    space = build_space(
-        create_model(spec.name, device="meta", **spec.kwargs),
-        ratios=cfg.model.ratios,
-        include_proj=cfg.model.include_proj,
-        targets=cfg.model.targets,
-        model_name=spec.name,
-    )
+    space = full_space(cfg)
     done = _finished_blocks(blocks_dir, space)
     todo = [i for i in range(len(space.blocks)) if i not in done]
     started = time.perf_counter()
@@ -176,17 +166,7 @@ def _write_outputs(
             ]
         ),
     )
-    from flora_ray.export import package_versions
-
-    metadata = {
-        "flora_ray.config": json.dumps(config_to_dict(cfg)),
-        "flora_ray.versions": json.dumps(package_versions()),
-        "flora_ray.seed": str(cfg.run.seed),
-        "flora_ray.mode": cfg.filter.mode,
-    }
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    with atomic_path(run_dir / SCORES_FILE) as tmp:
-        pq.write_table(table, tmp)
+    write_parquet(run_dir / SCORES_FILE, table, provenance(cfg, mode=cfg.filter.mode))
     before, after = space.num_configs, filtered.num_configs
     kept_per_block = [len(b.candidates) for b in filtered.blocks]
     logger.info(

@@ -18,10 +18,9 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from flora_ray.config import Config, build_dataclass, config_to_dict, dump_config
-from flora_ray.fileio import atomic_path, read_checkpoint, write_text
+from flora_ray.fileio import atomic_path, read_checkpoint, write_parquet, write_text
 from flora_ray.results import PARETO_FILE, TRIALS_FILE, UNIFORM_FILE, hypervolume, pareto_mask
 from flora_ray.search import (
     Evaluator,
@@ -33,7 +32,7 @@ from flora_ray.search import (
     uniform_points,
 )
 from flora_ray.space import RankSpace
-from flora_ray.training import SUPERNET_FILE
+from flora_ray.training import SUPERNET_FILE, provenance
 
 logger = logging.getLogger(__name__)
 
@@ -293,28 +292,29 @@ def evaluate_uniform(header: dict[str, Any], weights: dict[str, Any], cfg: Confi
 
 
 def _write_parquet(path: Path, df: pd.DataFrame, cfg: Config) -> None:
-    from flora_ray.export import package_versions
-
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    metadata = {
-        "flora_ray.config": json.dumps(config_to_dict(cfg)),
-        "flora_ray.versions": json.dumps(package_versions()),
-        "flora_ray.seed": str(cfg.search.seed if cfg.search.seed is not None else cfg.run.seed),
-        "flora_ray.model": cfg.model.name,
-        "flora_ray.dataset": cfg.data.name,
-    }
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    seed = cfg.search.seed if cfg.search.seed is not None else cfg.run.seed
+    write_parquet(path, pa.Table.from_pandas(df, preserve_index=False), provenance(cfg, seed=seed))
 
 
-def plot_front(path: Path, trials: pd.DataFrame, front: pd.DataFrame, uniform: pd.DataFrame) -> None:
-    """Accuracy versus GMACs: every trial, the front, the uniform baseline and the full-rank (dense-cost) model."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    _pyplot().close(fig)
+
+
+def plot_front(path: Path, trials: pd.DataFrame, front: pd.DataFrame, uniform: pd.DataFrame) -> None:
+    """Accuracy versus GMACs: every trial, the front, the uniform baseline and the full-rank (dense-cost) model."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ax.scatter(trials["macs"] / 1e9, trials["accuracy"], s=10, color="0.75", label="trials")
     ax.step(front["macs"] / 1e9, front["accuracy"], where="post", color="C0", marker="o", label="Pareto front")
@@ -326,19 +326,12 @@ def plot_front(path: Path, trials: pd.DataFrame, front: pd.DataFrame, uniform: p
     ax.set_ylabel("search-split accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def plot_hypervolume(path: Path, trials: pd.DataFrame, ref: tuple[float, float]) -> None:
     """Hypervolume of the trials so far, by trial number."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     done = trials[trials["state"] == "COMPLETE"].sort_values("trial")
     values = [hypervolume(done.iloc[: i + 1], ref) for i in range(len(done))]
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
@@ -346,7 +339,4 @@ def plot_hypervolume(path: Path, trials: pd.DataFrame, ref: tuple[float, float])
     ax.set_xlabel("trial")
     ax.set_ylabel("hypervolume (MACs x accuracy points)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    _save_figure(fig, path)

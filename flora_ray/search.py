@@ -19,11 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from flora_ray.lowrank import ElasticLowRankLinear
 from flora_ray.models import ModelSpec
 from flora_ray.space import RankConfig, RankSpace
-from flora_ray.supernet import Supernet
-from flora_ray.surgery import swap_modules
+from flora_ray.supernet import Supernet, elastic_skeleton
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +59,7 @@ def supernet_from_numpy(
     """A supernet from a checkpoint header and numpy weights, built on ``meta`` and loaded with ``assign=True``."""
     spec = ModelSpec.from_dict(header["model"])
     space = RankSpace.from_dict(header["space"], source="supernet header")
-    wanted = set(space.fqns)
-    model = spec.create(device="meta")
-    swap_modules(
-        model,
-        lambda m, fqn: fqn in wanted,
-        lambda m, fqn: ElasticLowRankLinear(m.in_features, m.out_features, m.bias is not None, device="meta"),
-    )
+    model = elastic_skeleton(spec, space.fqns, "meta", source="supernet header")
     with warnings.catch_warnings():  # object-store arrays are read-only; evaluation never writes to them
         warnings.simplefilter("ignore", UserWarning)
         tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
@@ -75,12 +67,7 @@ def supernet_from_numpy(
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         # Non-persistent buffers (Swin's relative position index, attention masks) are not in the state dict:
         # build those models normally instead.
-        model = spec.create(device="cpu")
-        swap_modules(
-            model,
-            lambda m, fqn: fqn in wanted,
-            lambda m, fqn: ElasticLowRankLinear(m.in_features, m.out_features, m.bias is not None),
-        )
+        model = elastic_skeleton(spec, space.fqns, "cpu", source="supernet header")
         model.load_state_dict(tensors, strict=True)
     return Supernet(model.to(device).eval(), space, spec, header.get("sv_placement", "faithful"))
 

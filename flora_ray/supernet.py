@@ -199,15 +199,7 @@ def load_supernet(
         raise ValueError(f"{str(path)!r} is not a flora-ray supernet checkpoint (format {header.get('format')!r})")
     spec = ModelSpec.from_dict(header["model"])
     saved_space = RankSpace.from_dict(header["space"], source=f"checkpoint {str(path)!r}")
-    module = spec.create(device=device)
-    found = find_targets(module, targets=_targets_regex(saved_space))
-    if [t.fqn for t in found] != list(saved_space.fqns):
-        raise ValueError(f"checkpoint {str(path)!r} does not match {spec.name}: its layers differ from the model's")
-    swap_modules(
-        module,
-        lambda m, fqn: fqn in set(saved_space.fqns),
-        lambda m, fqn: ElasticLowRankLinear(m.in_features, m.out_features, m.bias is not None, device=device),
-    )
+    module = elastic_skeleton(spec, saved_space.fqns, device, source=f"checkpoint {str(path)!r}")
     tensors, _ = read_checkpoint(path, device=device)
     load_state_dict_strict(module, tensors, path)
     if space is not None:
@@ -215,7 +207,21 @@ def load_supernet(
     return Supernet(module, space or saved_space, spec, header.get("sv_placement", "faithful"))
 
 
-def _targets_regex(space: RankSpace) -> str:
-    import re
+def elastic_skeleton(
+    spec: ModelSpec, fqns: Sequence[str], device: torch.device | str = "cpu", source: str = "checkpoint"
+) -> nn.Module:
+    """The timm model of ``spec`` with uninitialised elastic layers at ``fqns``, ready for a state-dict load.
 
-    return "^(?:" + "|".join(re.escape(f) for f in space.fqns) + ")$"
+    On the ``meta`` device nothing is allocated; load with ``assign=True``.
+    """
+    module = spec.create(device=device)
+    wanted = set(fqns)
+    swapped = swap_modules(
+        module,
+        lambda m, fqn: fqn in wanted and isinstance(m, nn.Linear),
+        lambda m, fqn: ElasticLowRankLinear(m.in_features, m.out_features, m.bias is not None, device=device),
+    )
+    if set(swapped) != wanted:
+        missing = sorted(wanted - set(swapped))[0]
+        raise ValueError(f"{source} does not match {spec.name}: it has no Linear layer {missing!r}")
+    return module

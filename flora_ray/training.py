@@ -151,6 +151,36 @@ def build_run_supernet(cfg: Config, run_dir: Path, device: torch.device | str = 
     return supernet, teacher
 
 
+def full_space(cfg: Config) -> RankSpace:
+    """The run's unfiltered rank space, from the model built on the meta device (no weights, no SVD)."""
+    from flora_ray.models import create_model
+    from flora_ray.supernet import build_space
+
+    spec = resolve_model_spec(cfg)
+    return build_space(
+        create_model(spec.name, device="meta", **spec.kwargs),
+        ratios=cfg.model.ratios,
+        include_proj=cfg.model.include_proj,
+        targets=cfg.model.targets,
+        model_name=spec.name,
+    )
+
+
+def provenance(cfg: Config, seed: int | None = None, **extra: str) -> dict[str, str]:
+    """Parquet key-value metadata of a run's results: config, seed, model, data set and package versions."""
+    from flora_ray.config import config_to_dict
+    from flora_ray.export import package_versions
+
+    return {
+        "flora_ray.config": json.dumps(config_to_dict(cfg)),
+        "flora_ray.versions": json.dumps(package_versions()),
+        "flora_ray.seed": str(cfg.run.seed if seed is None else seed),
+        "flora_ray.model": cfg.model.name,
+        "flora_ray.dataset": cfg.data.name,
+        **{f"flora_ray.{k}": v for k, v in extra.items()},
+    }
+
+
 def preflight(cfg: Config, stage: str) -> None:
     """Cheap checks of a stage's inputs before any Ray worker starts (missing data, teacher or space file)."""
     if stage not in PREFLIGHT_STAGES:
@@ -173,17 +203,7 @@ def preflight(cfg: Config, stage: str) -> None:
         run_dir = cfg.run.run_dir
         teacher_source(cfg, run_dir)
         if cfg.train.space_file or (run_dir / SPACE_FILE).is_file():
-            from flora_ray.supernet import build_space
-
-            dense = create_model(spec.name, device="meta", **spec.kwargs)
-            full = build_space(
-                dense,
-                ratios=cfg.model.ratios,
-                include_proj=cfg.model.include_proj,
-                targets=cfg.model.targets,
-                model_name=spec.name,
-            )
-            resolve_space(cfg, run_dir, full)
+            resolve_space(cfg, run_dir, full_space(cfg))
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------
