@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from flora_ray.config import Config, build_dataclass, config_to_dict, dump_config
-from flora_ray.fileio import atomic_path, read_checkpoint, write_parquet, write_text
+from flora_ray.fileio import atomic_path, read_checkpoint, write_json, write_parquet, write_text
 from flora_ray.results import PARETO_FILE, TRIALS_FILE, UNIFORM_FILE, hypervolume, pareto_mask
 from flora_ray.search import (
     Evaluator,
@@ -37,6 +37,7 @@ from flora_ray.training import SUPERNET_FILE, provenance
 logger = logging.getLogger(__name__)
 
 JOURNAL_FILE = "search_journal.log"
+SUMMARY_FILE = "search_summary.json"
 
 
 def _build_evaluator(header: dict[str, Any], weights: dict[str, Any], config: dict[str, Any]) -> Evaluator:
@@ -53,13 +54,27 @@ def _build_evaluator(header: dict[str, Any], weights: dict[str, Any], config: di
     return Evaluator(supernet, images, labels, device, cfg.search.batch_size)
 
 
-def _evaluate_trial(genes: dict[str, Any], header=None, weights=None, config=None, key=None) -> None:
+def _evaluate_trial(
+    genes: dict[str, Any], header=None, weights=None, config=None, key=None, fault_injection=None
+) -> None:
     from ray import tune
 
     evaluator = cached_evaluator(key, lambda: _build_evaluator(header, weights, config))
     metrics = evaluator.evaluate(genes_to_config(evaluator.supernet.space, genes))
+    _inject_fault(fault_injection, genes, metrics)
     metrics.update(pid=os.getpid(), evaluator_builds=evaluator_builds())
     tune.report(metrics)
+
+
+def _inject_fault(fault_injection: dict[str, Any] | None, genes: dict[str, Any], metrics: dict[str, float]) -> None:
+    """Tests only: a trial whose first gene equals ``raise_if_first_gene`` raises, ``nan_if_first_gene``: NaN."""
+    if not fault_injection:
+        return
+    first = genes[sorted(genes)[0]]
+    if first == fault_injection.get("raise_if_first_gene"):
+        raise RuntimeError(f"injected evaluation failure (first gene {first})")
+    if first == fault_injection.get("nan_if_first_gene"):
+        metrics["accuracy"] = math.nan
 
 
 def _searcher_class():
@@ -120,8 +135,19 @@ def _progress_callback(total: int):
     return Progress()
 
 
-def run_search(cfg: Config) -> dict[str, Any]:
-    """Run (or continue) the search of a run and write its Parquet files; returns a summary."""
+def _trial_resources(cfg: Config) -> dict[str, float]:
+    """What one evaluator asks Ray for: CPUs, plus a share of the accelerator (``GPU`` or a custom resource)."""
+    resources = {"CPU": cfg.search.cpus_per_trial}
+    if cfg.search.gpus_per_trial:
+        resources[cfg.scaling.accelerator] = cfg.search.gpus_per_trial
+    return resources
+
+
+def run_search(cfg: Config, *, fault_injection: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or continue) the search of a run and write its Parquet files; returns a summary.
+
+    ``fault_injection`` (tests only) makes chosen trials raise or return NaN; see ``_inject_fault``.
+    """
     # Tune's default per-trial CSV/JSON/TensorBoard loggers duplicate what the Parquet files hold and cost time.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     import optuna
@@ -138,15 +164,14 @@ def run_search(cfg: Config) -> dict[str, Any]:
     weights = {k: v.numpy() for k, v in tensors.items()}
     key = f"{supernet_path}:{supernet_path.stat().st_mtime_ns}:{cfg.data.name}:{cfg.search.eval_images}"
     trainable = tune.with_parameters(
-        _evaluate_trial, header=header, weights=weights, config=config_to_dict(cfg), key=key
+        _evaluate_trial,
+        header=header,
+        weights=weights,
+        config=config_to_dict(cfg),
+        key=key,
+        fault_injection=fault_injection,
     )
-    resources = {"cpu": cfg.search.cpus_per_trial}
-    if cfg.search.gpus_per_trial:
-        if cfg.scaling.accelerator == "GPU":
-            resources["gpu"] = cfg.search.gpus_per_trial
-        else:
-            resources[cfg.scaling.accelerator] = cfg.search.gpus_per_trial
-    trainable = tune.with_resources(trainable, resources)
+    trainable = tune.with_resources(trainable, _trial_resources(cfg))
 
     name = f"{cfg.run.name}-search"
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / JOURNAL_FILE)))
@@ -190,7 +215,7 @@ def run_search(cfg: Config) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     study = optuna.load_study(study_name=name, storage=storage)
     trials = trials_frame(study, space, cfg)
-    uniform = evaluate_uniform(header, weights, cfg, space)
+    uniform, dense_accuracy = evaluate_baselines(header, weights, cfg, space)
     _write_parquet(run_dir / TRIALS_FILE, trials, cfg)
     front = trials[trials["is_pareto"]].sort_values("macs").reset_index(drop=True)
     _write_parquet(run_dir / PARETO_FILE, front, cfg)
@@ -211,10 +236,13 @@ def run_search(cfg: Config) -> dict[str, Any]:
         "failed": int((trials["state"] == "FAIL").sum()),
         "front_size": len(front),
         "hypervolume": hypervolume(complete, ref) if len(complete) else 0.0,
+        "dense_accuracy": dense_accuracy,
+        "dense_macs": float(uniform["macs"].max()),
         "seconds": seconds,
         "trials_per_second": len(finished) / span if span else 0.0,  # over the whole study, all sessions
-        "evaluator_builds": _builds_per_process(grid),
+        "evaluator_builds": {str(k): v for k, v in _builds_per_process(grid).items()},
     }
+    write_json(run_dir / SUMMARY_FILE, summary)
     logger.info("search: %s", summary)
     if summary["complete"] + summary["failed"] < cfg.search.trials:
         logger.warning(
@@ -229,7 +257,7 @@ def _builds_per_process(grid) -> dict[int, int]:
     builds: dict[int, int] = {}
     for result in grid:
         metrics = result.metrics or {}
-        if "pid" in metrics:
+        if "pid" in metrics and "evaluator_builds" in metrics:  # failed trials report nothing
             builds[int(metrics["pid"])] = max(builds.get(int(metrics["pid"]), 0), int(metrics["evaluator_builds"]))
     return builds
 
@@ -263,32 +291,80 @@ def trials_frame(study, space: RankSpace, cfg: Config) -> pd.DataFrame:
             row["feasible"] = row["macs"] <= cfg.search.max_macs
         rows.append(row)
     df = pd.DataFrame(rows)
-    candidates = df[(df["state"] == "COMPLETE") & df["feasible"]]
-    df["is_pareto"] = False
-    if len(candidates):
-        df.loc[candidates.index[pareto_mask(candidates)], "is_pareto"] = True
+    df["is_pareto"] = _feasible_front(df)
     return df
 
 
-def evaluate_uniform(header: dict[str, Any], weights: dict[str, Any], cfg: Config, space: RankSpace) -> pd.DataFrame:
-    """Every uniform configuration of the layers' rank choices, evaluated like a trial (same images, same code)."""
-    evaluator = _build_evaluator(header, weights, config_to_dict(cfg))
+def _baselines_task(header: dict[str, Any], weights: dict[str, Any], dense_state: dict[str, Any], config):
+    """Evaluate every uniform configuration and the dense model on the search images (one evaluator build)."""
+    import torch
+
+    from flora_ray.models import ModelSpec
+
+    evaluator = _build_evaluator(header, weights, config)
     rows = []
-    for ratio, config in space.uniform_all().items():
-        metrics = evaluator.evaluate(config)
-        rows.append(
-            {
-                "ratio": ratio,
-                "accuracy": metrics["accuracy"],
-                "macs": metrics["macs"],
-                "params": metrics["params"],
-                "eval_seconds": metrics["eval_seconds"],
-                "triples": json.dumps([list(t) for t in space.block_tuples(config)]),
-                "ranks": json.dumps(config),
-                "in_space": space.contains(config),
-            }
+    for ratio, ranks in evaluator.supernet.space.uniform_all().items():
+        rows.append({"ratio": ratio, "ranks": ranks, **evaluator.evaluate(ranks)})
+    dense = ModelSpec.from_dict(header["model"]).create(device="meta")
+    dense.load_state_dict({k: torch.from_numpy(v) for k, v in dense_state.items()}, strict=True, assign=True)
+    dense = dense.to(evaluator.device).eval()
+    with torch.no_grad():
+        correct = sum(
+            (
+                dense(evaluator.images[i : i + evaluator.batch_size].to(evaluator.device)).argmax(-1).cpu()
+                == evaluator.labels[i : i + evaluator.batch_size]
+            )
+            .sum()
+            .item()
+            for i in range(0, len(evaluator.labels), evaluator.batch_size)
         )
-    return pd.DataFrame(rows)
+    return rows, 100.0 * correct / len(evaluator.labels)
+
+
+def evaluate_baselines(
+    header: dict[str, Any], weights: dict[str, Any], cfg: Config, space: RankSpace
+) -> tuple[pd.DataFrame, float]:
+    """The uniform baseline (``uniform.parquet``: the trial columns plus ``ratio`` and ``in_space``) and the dense
+    teacher's accuracy, evaluated like a trial (same images, same code) in one Ray task with a trial's resources."""
+    import ray
+
+    from flora_ray.training import resolve_model_spec, teacher_source
+
+    dense = resolve_model_spec(cfg).create(pretrained=teacher_source(cfg, cfg.run.run_dir))
+    dense_state = {k: v.detach().cpu().numpy() for k, v in dense.state_dict().items()}
+    resources = _trial_resources(cfg)
+    task = ray.remote(_baselines_task).options(
+        num_cpus=resources.pop("CPU"), num_gpus=resources.pop("GPU", 0), resources=resources or None
+    )
+    rows, dense_accuracy = ray.get(task.remote(header, weights, dense_state, config_to_dict(cfg)))
+    frame = pd.DataFrame(
+        {
+            "trial": pd.array([None] * len(rows), dtype="Int64"),  # not Optuna trials
+            "generation": pd.array([None] * len(rows), dtype="Int64"),
+            "enqueued": False,
+            "state": "COMPLETE",
+            "accuracy": [r["accuracy"] for r in rows],
+            "macs": [r["macs"] for r in rows],
+            "params": [r["params"] for r in rows],
+            "eval_seconds": [r["eval_seconds"] for r in rows],
+            "triples": [json.dumps([list(t) for t in space.block_tuples(r["ranks"])]) for r in rows],
+            "ranks": [json.dumps(r["ranks"]) for r in rows],
+            "feasible": [cfg.search.max_macs is None or r["macs"] <= cfg.search.max_macs for r in rows],
+            "ratio": [r["ratio"] for r in rows],
+            "in_space": [space.contains(r["ranks"]) for r in rows],
+        }
+    )
+    frame.insert(frame.columns.get_loc("feasible") + 1, "is_pareto", _feasible_front(frame))
+    return frame, dense_accuracy
+
+
+def _feasible_front(df: pd.DataFrame) -> pd.Series:
+    """``is_pareto``: non-dominated among the complete, feasible rows."""
+    mask = pd.Series(False, index=df.index)
+    candidates = df[(df["state"] == "COMPLETE") & df["feasible"]]
+    if len(candidates):
+        mask[candidates.index[pareto_mask(candidates)]] = True
+    return mask
 
 
 def _write_parquet(path: Path, df: pd.DataFrame, cfg: Config) -> None:

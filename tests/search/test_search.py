@@ -161,6 +161,12 @@ def test_search_end_to_end_with_budget_and_export(searched_run):
     assert (front["macs"] <= budget).all() and front["macs"].is_monotonic_increasing and len(front) >= 1
     uniform = pd.read_parquet(run_dir / UNIFORM_FILE)
     assert sorted(uniform["ratio"]) == [0.25, 0.5, 1.0]
+    assert list(uniform.columns) == [*trials.columns, "ratio", "in_space"]  # same columns as the trials, plus two
+    np.testing.assert_array_equal(
+        uniform["is_pareto"].to_numpy(), _brute_force_front(uniform) & (uniform["macs"] <= budget).to_numpy()
+    )
+    assert 0 < summary["dense_accuracy"] <= 100 and summary["dense_macs"] == supernet.cost.dense_macs
+    assert json.loads((run_dir / "search_summary.json").read_text())["front_size"] == len(front)
     # The uniform configurations were in the first generation, evaluated like every trial.
     first = trials[trials["generation"] == 0]
     for ranks in uniform["ranks"]:
@@ -208,6 +214,36 @@ def test_interrupted_search_continues_without_duplicates(searched_run, tmp_path)
     front = trials[trials["is_pareto"]]
     np.testing.assert_array_equal(trials["is_pareto"].to_numpy(), _brute_force_front(trials))
     assert len(front) >= 1
+
+
+@pytest.mark.slow
+def test_failing_and_nan_trials_are_marked_failed_and_the_search_goes_on(searched_run):
+    import ray
+
+    from flora_ray.ray_search import run_search
+    from flora_ray.ray_train import init_ray
+
+    cfg, supernet = searched_run
+    from dataclasses import replace
+
+    cfg = replace(cfg, search=replace(cfg.search, trials=12, population=4))
+    space = supernet.space
+    first_block = sorted(b.name for b in space.blocks)[0]
+    # The enqueued uniform configurations are always evaluated: make the 0.5 one raise and the 0.25 one yield NaN.
+    raising = config_to_genes(space, space.uniform(0.5))[first_block]
+    nan = config_to_genes(space, space.uniform(0.25))[first_block]
+    init_ray(num_cpus=2)
+    try:
+        summary = run_search(cfg, fault_injection={"raise_if_first_gene": raising, "nan_if_first_gene": nan})
+    finally:
+        ray.shutdown()
+    trials = pd.read_parquet(cfg.run.run_dir / TRIALS_FILE)
+    assert len(trials) == 12 and trials["trial"].is_unique
+    genes = trials["ranks"].map(lambda r: config_to_genes(space, json.loads(r))[first_block])
+    bad = genes.isin([raising, nan])
+    assert bad.sum() >= 2 and (trials.loc[bad, "state"] == "FAIL").all()
+    assert (trials.loc[~bad, "state"] == "COMPLETE").all() and summary["failed"] == bad.sum()
+    assert not trials.loc[bad, "is_pareto"].any() and trials.loc[~bad, "accuracy"].notna().all()
 
 
 def test_uniform_baselines_outside_a_filtered_space_are_evaluated():
