@@ -1,0 +1,146 @@
+"""Smoke runs of the search benchmarks (``search_efficiency.py``, ``flora_vs_uniform.py``) on a tiny digits run.
+
+Both scripts run as subprocesses with ``--smoke --output TMP``; search_efficiency prepares the digits run
+in-process (pretrain, zero-training filter, train) and flora_vs_uniform reuses it through ``--run-dir`` and trains
+its two ablation supernets beside it. The checks recompute what the JSON claims from the points it records.
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from flora_ray.fileio import read_checkpoint_header
+from flora_ray.results import cheapest_within, hypervolume, pareto_mask
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks"
+
+pytestmark = pytest.mark.slow
+
+
+def _run(script: str, *args: str) -> str:
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--smoke", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def efficiency(tmp_path_factory):
+    out = tmp_path_factory.mktemp("search-bench")
+    stdout = _run("search_efficiency.py", "--output", str(out))
+    return out, stdout, json.loads((out / "search_efficiency.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def versus_uniform(efficiency):
+    out, _, _ = efficiency
+    stdout = _run("flora_vs_uniform.py", "--output", str(out), "--run-dir", str(out / "runs" / "bench-smoke"))
+    return out, stdout, json.loads((out / "flora_vs_uniform.json").read_text())
+
+
+def _frame(points) -> pd.DataFrame:
+    return pd.DataFrame(points, columns=["macs", "accuracy"])
+
+
+def test_search_efficiency_reports_every_method_with_consistent_hypervolumes(efficiency):
+    out, stdout, result = efficiency
+    assert (out / "search_efficiency.png").stat().st_size > 1000
+    assert "| (a) NSGA-II (flora-ray)" in stdout and "| (c) reference evolution" in stdout
+    methods, trials, seeds = result["methods"], result["trials"], result["seeds"]
+    assert set(methods) == {"nsga2", "random", "evolution", "uniform"}
+    assert len(seeds) >= 2 and result["dataset"] == "digits"
+    ref = (result["reference_point"]["macs"], result["reference_point"]["accuracy"])
+    assert ref[0] == result["full_rank_macs"] and ref[1] < result["full_rank_accuracy"]
+    scale, everything = result["hypervolume_scale"], result["hypervolume_all_evaluated"]
+    for name, method in methods.items():
+        assert len(method["hypervolume"]) == len(method["fronts"]) == len(seeds)
+        for hv, front in zip(method["hypervolume"], method["fronts"], strict=True):
+            # The reported hypervolume is that of the recorded front, and no method beats all points together.
+            assert hv == pytest.approx(hypervolume(_frame(front), ref) / scale)
+            assert 0 < hv <= everything + 1e-12, name
+        assert method["hypervolume_mean"] == pytest.approx(sum(method["hypervolume"]) / len(seeds))
+    for name in ("nsga2", "random"):
+        assert methods[name]["evaluations"] == [trials] * len(seeds)
+        curve = methods[name]["curve_mean"]
+        assert len(curve) == trials and all(b >= a - 1e-12 for a, b in itertools.pairwise(curve))
+        assert all(pareto_mask(_frame(front)).all() for front in methods[name]["fronts"])
+    assert all(0 < n <= trials for n in methods["evolution"]["evaluations"])
+    assert all(
+        len(front) <= len(result["settings"]["evolution"]["windows"]) for front in methods["evolution"]["fronts"]
+    )
+    assert methods["uniform"]["evaluations"] == [len(result["ratios"])] * len(seeds)
+
+
+def test_search_efficiency_target_follows_from_the_curves(efficiency):
+    _, _, result = efficiency
+    goal, methods, trials = result["target"], result["methods"], result["trials"]
+    assert goal["random_final_hypervolume_mean"] == pytest.approx(methods["random"]["hypervolume_mean"])
+    reached = goal["nsga2_evaluations_to_reach_mean"]
+    curve = methods["nsga2"]["curve_mean"]
+    if reached is None:
+        assert max(curve) < goal["random_final_hypervolume_mean"]
+    else:
+        assert curve[reached - 1] >= goal["random_final_hypervolume_mean"] * (1 - 1e-12)
+        assert reached == 1 or curve[reached - 2] < goal["random_final_hypervolume_mean"]
+    assert goal["met"] == (reached is not None and reached <= trials / 2)
+    assert len(goal["nsga2_evaluations_to_reach_per_seed"]) == len(result["seeds"])
+
+
+def test_flora_vs_uniform_variants_and_gains(versus_uniform, efficiency):
+    out, stdout, result = versus_uniform
+    assert (out / "flora_vs_uniform.png").stat().st_size > 1000
+    assert "extra reduction over uniform" in stdout
+    variants = result["variants"]
+    assert set(variants) == {"flora", "no_filter", "uniform_sampling"}
+    assert [variants[v]["sampler"] for v in variants] == ["lowrank", "lowrank", "uniform"]
+    full = len(result["ratios"]) ** 3
+    assert variants["no_filter"]["candidates_per_block"] == [full] * len(variants["no_filter"]["candidates_per_block"])
+    assert all(n < full for n in variants["flora"]["candidates_per_block"])
+    assert variants["uniform_sampling"]["candidates_per_block"] == variants["flora"]["candidates_per_block"]
+    for name, variant in variants.items():
+        front, uniform = _frame(variant["front"]), pd.DataFrame(variant["uniform"])
+        assert pareto_mask(front).all() and len(uniform) == len(result["ratios"]), name
+        for row in variant["versus_dense"]:
+            assert row["target_accuracy"] == pytest.approx(result["dense_accuracy"] - row["drop"])
+            ours, theirs = (
+                cheapest_within(front, row["target_accuracy"]),
+                cheapest_within(uniform, row["target_accuracy"]),
+            )
+            assert row["front_macs"] == (None if ours is None else ours["macs"])
+            assert row["uniform_macs"] == (None if theirs is None else theirs["macs"])
+            if ours is not None and theirs is not None:
+                assert row["extra_reduction_over_uniform"] == pytest.approx(1 - ours["macs"] / theirs["macs"])
+            else:
+                assert row["extra_reduction_over_uniform"] is None
+    # Without filtering, every uniform configuration is in the space and enqueued first, so the front is never
+    # worse than the best uniform configuration at any target.
+    no_filter = variants["no_filter"]
+    assert all(u["in_space"] for u in no_filter["uniform"])
+    for row in no_filter["versus_dense"] + no_filter["versus_full_rank"]:
+        if row["uniform_macs"] is not None:
+            assert row["front_macs"] is not None and row["front_macs"] <= row["uniform_macs"]
+
+
+def test_flora_vs_uniform_trains_the_ablations_on_their_spaces(versus_uniform):
+    out, _, result = versus_uniform
+    runs = {name: Path(v["run_dir"]) for name, v in result["variants"].items()}
+    assert runs["flora"] == (out / "runs" / "bench-smoke").resolve()
+    headers = {name: read_checkpoint_header(path / "supernet.safetensors") for name, path in runs.items()}
+    assert headers["uniform_sampling"]["space"] == headers["flora"]["space"]
+    assert headers["no_filter"]["space"] != headers["flora"]["space"]
+    for name in ("no_filter", "uniform_sampling"):
+        source = json.loads((runs[name] / "bench_source.json").read_text())
+        assert source["config"]["train"]["sampler"] == result["variants"][name]["sampler"]
+        assert runs[name].name.startswith("bench-smoke-")
