@@ -23,12 +23,9 @@ data:
 test: install data
 	$(BIN)/python -m pytest -q
 
-# The small default on Fashion-MNIST, local Ray, 2 CPU workers (~8 minutes): teacher, filter, supernet, search.
+# The small default on Fashion-MNIST, local Ray, 2 CPU workers: teacher, filter, supernet, search, export, report.
 quickstart: install data
-	$(BIN)/flora-ray pretrain experiments/quickstart.yaml
-	$(BIN)/flora-ray filter experiments/quickstart.yaml
-	$(BIN)/flora-ray train experiments/quickstart.yaml
-	$(BIN)/flora-ray search experiments/quickstart.yaml
+	$(BIN)/flora-ray run experiments/quickstart.yaml
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     inspect.set_defaults(func=cmd_inspect)
 
+    run = sub.add_parser(
+        "run",
+        help="the whole pipeline: teacher, filter, supernet, search, export of the knee point, report",
+        description="Run every stage in order; a finished stage is skipped when the command is run again, an "
+        "interrupted one resumes. Writes report.md in the run directory.",
+    )
+    _add_run_arguments(run)
+    run.set_defaults(func=cmd_run)
     for name, text in (
         ("pretrain", "train the dense teacher on the configured data (Ray Train)"),
         ("filter", "filter each block's rank candidates with local supernets (Ray tasks)"),
@@ -211,14 +219,42 @@ def _load_run_config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import ray
+
+    from flora_ray.pipeline import PIPELINE_STAGES, claim_run_dir, run_pipeline, stage_marker
+    from flora_ray.ray_train import init_ray
+    from flora_ray.report import REPORT_FILE
+    from flora_ray.training import PREFLIGHT_STAGES, preflight
+
+    cfg = _load_run_config(args)
+    claim_run_dir(cfg, record=False)
+    # Check the inputs of the first unfinished stage (model, data, checkpoints) before Ray starts.
+    todo = [s for s in PIPELINE_STAGES if stage_marker(cfg.run.run_dir, s) is None and s in PREFLIGHT_STAGES]
+    preflight(cfg, todo[0] if todo else "pretrain")
+    claim_run_dir(cfg)
+    started_here = not ray.is_initialized() and args.address is None
+    init_ray(args.address)
+    try:
+        run_pipeline(cfg)
+    finally:
+        if started_here:
+            ray.shutdown()
+    print((cfg.run.run_dir / REPORT_FILE).read_text())
+    return 0
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
     import ray
 
+    from flora_ray.pipeline import claim_run_dir
     from flora_ray.ray_train import init_ray, run_stage
     from flora_ray.training import preflight
 
     cfg = _load_run_config(args)
+    claim_run_dir(cfg, record=False)  # a different config's directory: refuse before anything else
     preflight(cfg, args.stage)
+    claim_run_dir(cfg)
     started_here = not ray.is_initialized() and args.address is None
     init_ray(args.address)
     try:

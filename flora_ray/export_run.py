@@ -23,7 +23,7 @@ from flora_ray.export import load_subnet, package_versions, save_subnet
 from flora_ray.fileio import write_json
 from flora_ray.results import best_under, load_front, load_trials
 from flora_ray.supernet import load_supernet
-from flora_ray.training import SUPERNET_FILE, accuracy, resolve_model_spec
+from flora_ray.training import SUPERNET_FILE, accuracy, resolve_model_spec, teacher_source
 
 
 @torch.no_grad()
@@ -76,16 +76,20 @@ def export_from_run(
     save_subnet(supernet, ranks, out, trial=int(row["trial"]), search_accuracy=float(row["accuracy"]))
     model = load_subnet(out)
     splits = build_datasets(cfg.data)
-    torch.set_num_threads(threads)
-    test_acc = accuracy(model, splits.test, torch.device("cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # accuracy only; latency is on CPU
+    test_acc = accuracy(model.to(device), splits.test, device)
+    dense = resolve_model_spec(cfg).create(pretrained=teacher_source(cfg, run_dir))
+    dense_test_acc = accuracy(dense.to(device), splits.test, device)
     x = torch.stack([splits.test[i][0] for i in range(32)])
-    dense = resolve_model_spec(cfg).create()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     latency = {
         "subnet_batch1_ms": cpu_latency_ms(model, x[:1]),
         "dense_batch1_ms": cpu_latency_ms(dense, x[:1]),
         "subnet_batch32_ms": cpu_latency_ms(model, x),
         "dense_batch32_ms": cpu_latency_ms(dense, x),
     }
+    torch.set_num_threads(previous_threads)
     report = {
         "trial": int(row["trial"]),
         "directory": str(out),
@@ -94,6 +98,7 @@ def export_from_run(
         "params": supernet.cost.params(ranks),
         "search_accuracy": float(row["accuracy"]),
         "test_accuracy": test_acc,
+        "dense_test_accuracy": dense_test_acc,
         "latency": latency,
         "threads": threads,
         "versions": package_versions(),

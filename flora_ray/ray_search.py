@@ -110,14 +110,19 @@ def _progress_callback(total: int):
     class Progress(Callback):
         """Logs trials done / total, the current front size and hypervolume as results arrive."""
 
-        def __init__(self) -> None:
+        def __init__(self, every_s: float = 5.0) -> None:
             self.points: list[tuple[float, float]] = []
-            self.started = time.perf_counter()
+            self.started = self.logged = time.perf_counter()
+            self.every_s = every_s
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             if "accuracy" not in result or "macs" not in result:
                 return
             self.points.append((float(result["macs"]), float(result["accuracy"])))
+            now = time.perf_counter()
+            if len(self.points) < total and now - self.logged < self.every_s:
+                return
+            self.logged = now
             df = pd.DataFrame(self.points, columns=["macs", "accuracy"])
             ref = (df["macs"].max() * 1.01, 0.0)
             done = len(self.points)
@@ -150,6 +155,8 @@ def run_search(cfg: Config, *, fault_injection: dict[str, Any] | None = None) ->
     """
     # Tune's default per-trial CSV/JSON/TensorBoard loggers duplicate what the Parquet files hold and cost time.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # ...so the result grid cannot read them back and would warn once per trial; the Optuna journal has them.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     import optuna
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter

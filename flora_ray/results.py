@@ -82,6 +82,27 @@ def cheapest_within(df: pd.DataFrame, min_accuracy: float) -> pd.Series | None:
     return within.sort_values(["macs", "accuracy"], ascending=[True, False]).iloc[0]
 
 
+def knee_point(front: pd.DataFrame) -> pd.Series:
+    """The front's knee: the point farthest from the straight line joining its cheapest and its most accurate point.
+
+    Both objectives are scaled to [0, 1] over the front first, so the choice does not depend on units. With one
+    or two points (no bend to find), the most accurate point is returned.
+    """
+    _check_columns(front)
+    points = front[pareto_mask(front)].sort_values(["macs", "accuracy"], ascending=[True, False])
+    if points.empty:
+        raise ValueError("the front is empty: no knee point")
+    macs = points["macs"].to_numpy(dtype=float)
+    acc = points["accuracy"].to_numpy(dtype=float)
+    if len(points) < 3 or macs[-1] == macs[0] or acc[-1] == acc[0]:
+        return points.iloc[int(np.argmax(acc))]
+    x = (macs - macs[0]) / (macs[-1] - macs[0])
+    y = (acc - acc[0]) / (acc[-1] - acc[0])
+    # The chord runs from (0, 0) to (1, 1); front points lie above it (accuracy rises faster than cost).
+    distance = (y - x) / np.sqrt(2.0)
+    return points.iloc[int(np.argmax(distance))]
+
+
 def gain_over_uniform(
     front: pd.DataFrame,
     uniform: pd.DataFrame,

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from flora_ray.config import Config, build_dataclass
 from flora_ray.data import build_datasets
-from flora_ray.fileio import read_checkpoint, write_checkpoint, write_json
+from flora_ray.fileio import read_checkpoint, read_checkpoint_header, write_checkpoint, write_json
 from flora_ray.models import ModelSpec, dense_checkpoint_metadata, load_state_dict_strict
 from flora_ray.optim import build_optimizer, build_scheduler, distillation_loss
 from flora_ray.sampling import build_sampler, config_digest, step_generator
@@ -189,21 +189,37 @@ def preflight(cfg: Config, stage: str) -> None:
     from flora_ray.models import create_model
 
     create_model(spec.name, device="meta", **spec.kwargs)  # unknown model or kwargs: fail here, not in a worker
+    pretrained = cfg.model.pretrained
+    if isinstance(pretrained, str) and not Path(pretrained).expanduser().is_file():
+        raise FileNotFoundError(f"model.pretrained weight file {pretrained!r} does not exist; fix the path")
     if cfg.data.name in SMALL_DATASETS:
         build_datasets(cfg.data)
     elif cfg.data.root is None or not Path(cfg.data.root).is_dir():
         raise FileNotFoundError(f"data.root {cfg.data.root!r} is not a directory with train/ and val/ class folders")
-    if stage == "filter":
-        teacher_source(cfg, cfg.run.run_dir)
-    if stage == "search" and not (cfg.run.run_dir / SUPERNET_FILE).is_file():
-        raise FileNotFoundError(
-            f"no supernet at {str(cfg.run.run_dir / SUPERNET_FILE)!r}: run `flora-ray train CONFIG` first"
-        )
+    if stage in ("filter", "train"):
+        _check_checkpoint(teacher_source(cfg, cfg.run.run_dir), spec)
+    if stage == "search":
+        if not (cfg.run.run_dir / SUPERNET_FILE).is_file():
+            raise FileNotFoundError(
+                f"no supernet at {str(cfg.run.run_dir / SUPERNET_FILE)!r}: run `flora-ray train CONFIG` first"
+            )
+        _check_checkpoint(str(cfg.run.run_dir / SUPERNET_FILE), spec)
     if stage == "train":
         run_dir = cfg.run.run_dir
-        teacher_source(cfg, run_dir)
         if cfg.train.space_file or (run_dir / SPACE_FILE).is_file():
             resolve_space(cfg, run_dir, full_space(cfg))
+
+
+def _check_checkpoint(source: bool | str, spec: ModelSpec) -> None:
+    """A safetensors checkpoint must be readable and, if flora-ray wrote it, be of this model (header only)."""
+    if not isinstance(source, str) or not source.endswith(".safetensors"):
+        return
+    header = read_checkpoint_header(source)
+    if "model" in header and ModelSpec.from_dict(header["model"]) != spec:
+        raise ValueError(
+            f"checkpoint {source!r} holds {json.dumps(header['model'])}, not {json.dumps(spec.to_dict())}; "
+            "use the checkpoint made for this model or change the model config"
+        )
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------

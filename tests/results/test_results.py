@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flora_ray.results import best_under, gain_over_uniform, hypervolume, pareto_mask
+from flora_ray.results import best_under, gain_over_uniform, hypervolume, knee_point, pareto_mask
 
 
 def brute_force_pareto(df):
@@ -60,3 +60,17 @@ def test_gain_over_uniform_known_answers():
         gain_over_uniform(front, uniform, -1)
     with pytest.raises(ValueError, match="no column 'macs'"):
         gain_over_uniform(front.drop(columns="macs"), uniform, 1)
+
+
+def test_knee_point_is_the_bend_of_the_front():
+    # A front that gains 9 of its 10 points by 20% of its cost range: the bend is at (20, 89).
+    front = pd.DataFrame({"macs": [0, 10, 20, 60, 100], "accuracy": [80, 85, 89, 89.5, 90], "trial": range(5)})
+    assert knee_point(front)["trial"] == 2
+    # Dominated rows are ignored (this one would stretch the cost axis and end the front at 85%).
+    noisy = pd.concat([front, pd.DataFrame({"macs": [200], "accuracy": [85], "trial": [9]})])
+    assert knee_point(noisy)["trial"] == 2
+    skewed = pd.concat([front, pd.DataFrame({"macs": [5], "accuracy": [88.5], "trial": [7]})])
+    assert knee_point(skewed)["trial"] == 7  # (5, 88.5) is now the sharpest bend
+    assert knee_point(front.iloc[[0, 4]])["trial"] == 4  # two points: the most accurate
+    with pytest.raises(ValueError, match="front is empty"):
+        knee_point(front.iloc[:0])

@@ -1,0 +1,180 @@
+"""``report.md``: a finished run summarised from the files in its directory.
+
+Dense accuracy and MACs, the Pareto front as a table, the uniform baseline, the gain of the front over uniform
+ranks at 0.5 and 1 accuracy point below dense, the exported subnet with its test accuracy and latency, each stage's
+wall time, and where the Parquet files and plots are. Everything is read back from the run directory, so the
+report can be rebuilt at any time (``write_report(run_dir)``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from flora_ray.fileio import read_json, write_text
+from flora_ray.results import cheapest_within, gain_over_uniform, load_front, load_uniform
+
+REPORT_FILE = "report.md"
+STAGES_DIR = "stages"  # one <stage>.json completion record per finished stage (written by the pipeline)
+DROPS = (0.5, 1.0)
+
+
+def stage_markers(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The completion records of a run's finished stages, in the order they finished."""
+    markers = [read_json(p) for p in (Path(run_dir) / STAGES_DIR).glob("*.json")]
+    return {m["stage"]: m for m in sorted(markers, key=lambda m: m["finished_at"])}
+
+
+def _macs(macs: float) -> str:
+    """A MAC count with its unit: ``8.04 G`` or ``3.90 M``."""
+    return f"{macs / 1e9:.2f} G" if macs >= 1e9 else f"{macs / 1e6:.2f} M"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _dense_section(
+    markers: dict[str, dict[str, Any]], search: dict[str, Any], export: dict[str, Any] | None
+) -> list[str]:
+    pretrain = markers.get("pretrain", {}).get("summary", {})
+    test_acc = pretrain.get("metrics", {}).get("test_acc")
+    if test_acc is None and export is not None:
+        test_acc = export.get("dense_test_accuracy")
+    source = pretrain.get("skipped") or "trained by `flora-ray pretrain` (teacher.safetensors)"
+    lines = ["## Dense model", "", f"- weights: {source}", f"- cost: {_macs(search['dense_macs'])}MACs per image"]
+    lines.append(
+        f"- accuracy: {search['dense_accuracy']:.2f}% on the search images"
+        + (f", {test_acc:.2f}% on the test split" if test_acc is not None else "")
+    )
+    return lines
+
+
+def _front_section(front: pd.DataFrame, dense_macs: float, dense_acc: float) -> list[str]:
+    rows = [
+        [
+            str(int(r.trial)),
+            _macs(r.macs),
+            f"{100 * r.macs / dense_macs:.1f}%",
+            f"{r.params / 1e6:.3f}",
+            f"{r.accuracy:.2f}",
+            f"{r.accuracy - dense_acc:+.2f}",
+        ]
+        for r in front.itertuples()
+    ]
+    headers = ["trial", "MACs", "of dense", "M params", "search acc (%)", "vs dense (pts)"]
+    return [f"## Pareto front ({len(front)} subnets)", "", *_table(headers, rows)]
+
+
+def _uniform_section(uniform: pd.DataFrame, dense_macs: float, dense_acc: float) -> list[str]:
+    rows = [
+        [
+            f"{r.ratio:.4g}",
+            _macs(r.macs),
+            f"{100 * r.macs / dense_macs:.1f}%",
+            f"{r.accuracy:.2f}",
+            f"{r.accuracy - dense_acc:+.2f}",
+        ]
+        for r in uniform.sort_values("macs").itertuples()
+    ]
+    headers = ["rank ratio", "MACs", "of dense", "search acc (%)", "vs dense (pts)"]
+    return ["## Uniform ranks (baseline)", "", *_table(headers, rows)]
+
+
+def _gain_section(front: pd.DataFrame, uniform: pd.DataFrame, dense_acc: float) -> tuple[list[str], dict[str, Any]]:
+    lines = ["## Gain over uniform ranks", ""]
+    gains: dict[str, Any] = {}
+    for drop in DROPS:
+        target = dense_acc - drop
+        ours, theirs = cheapest_within(front, target), cheapest_within(uniform, target)
+        gain = gain_over_uniform(front, uniform, drop, reference_accuracy=dense_acc)
+        gains[str(drop)] = gain
+
+        def describe(row):
+            return "none reaches it" if row is None else f"{_macs(row['macs'])}MACs ({row['accuracy']:.2f}%)"
+
+        verdict = "n/a" if gain is None else f"**{100 * gain:+.1f}%** fewer MACs"
+        lines.append(
+            f"- within {drop:g} pt of dense (>= {target:.2f}%): front {describe(ours)}, uniform {describe(theirs)}: "
+            f"{verdict}"
+        )
+    return lines, gains
+
+
+def _export_section(export: dict[str, Any]) -> list[str]:
+    lat = export["latency"]
+    return [
+        "## Exported subnet (knee point of the front)",
+        "",
+        f"- trial {export['trial']}: {_macs(export['macs'])}MACs ({100 * export['macs'] / export['dense_macs']:.1f}% "
+        f"of dense), {export['params'] / 1e6:.3f} M params",
+        f"- accuracy: {export['test_accuracy']:.2f}% on the test split ({export['search_accuracy']:.2f}% on the search "
+        "images)",
+        f"- CPU latency ({export['threads']} thread(s), median): batch 1 {lat['subnet_batch1_ms']:.2f} ms "
+        f"(dense {lat['dense_batch1_ms']:.2f} ms), batch 32 {lat['subnet_batch32_ms']:.2f} ms "
+        f"(dense {lat['dense_batch32_ms']:.2f} ms)",
+        f"- files: `{export['directory']}` (model.safetensors, subnet.json, export.json)",
+    ]
+
+
+def build_report(run_dir: str | Path) -> tuple[str, dict[str, Any]]:
+    """The markdown report of a searched run, and its key figures as a dict."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "search_summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{str(summary_path)!r} does not exist: run the search stage first")
+    search = read_json(summary_path)
+    front, uniform = load_front(run_dir), load_uniform(run_dir)
+    markers = stage_markers(run_dir)
+    export = markers.get("export", {}).get("summary")
+    dense_acc, dense_macs = float(search["dense_accuracy"]), float(search["dense_macs"])
+    lines = [f"# flora-ray report: {run_dir.name}", ""]
+    lines += [*_dense_section(markers, search, export), ""]
+    lines += [*_front_section(front, dense_macs, dense_acc), ""]
+    lines += [*_uniform_section(uniform, dense_macs, dense_acc), ""]
+    gain_lines, gains = _gain_section(front, uniform, dense_acc)
+    lines += [*gain_lines, ""]
+    if export is not None:
+        lines += [*_export_section(export), ""]
+    lines += [
+        "## Search",
+        "",
+        f"- {search['complete']} of {search['trials']} trials complete ({search['failed']} failed), "
+        f"{search['trials_per_second']:.2f} trials/s, hypervolume {search['hypervolume']:.4g}",
+        "",
+        "## Stage wall times",
+        "",
+        *_table(["stage", "seconds"], [[s, f"{m['seconds']:.0f}"] for s, m in markers.items()]),
+        "",
+        "## Files",
+        "",
+        *[
+            f"- `{run_dir / name}`"
+            for name in ("trials.parquet", "pareto.parquet", "uniform.parquet", "pareto.png", "hypervolume.png")
+        ],
+        "",
+    ]
+    figures = {
+        "dense_accuracy": dense_acc,
+        "dense_macs": dense_macs,
+        "front_size": len(front),
+        "gain_over_uniform": gains,
+        "export": export,
+        "stage_seconds": {s: m["seconds"] for s, m in markers.items()},
+    }
+    return "\n".join(lines), figures
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, str]:
+    """Write ``report.md`` (atomically) and ``report.json`` next to it; returns the path and the markdown."""
+    run_dir = Path(run_dir)
+    text, figures = build_report(run_dir)
+    path = run_dir / REPORT_FILE
+    write_text(path, text)
+    write_text(run_dir / "report.json", json.dumps(figures, indent=2, default=float))
+    return path, text

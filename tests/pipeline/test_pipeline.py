@@ -1,0 +1,80 @@
+"""``flora-ray run``: run-directory ownership, stage markers, skip and resume, and the report (slow end to end)."""
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from flora_ray.config import config_to_dict
+from flora_ray.pipeline import PIPELINE_STAGES, RUN_CONFIG_FILE, claim_run_dir, stage_marker
+from flora_ray.report import build_report
+
+
+def test_a_run_directory_keeps_its_configuration(digits_config):
+    cfg = digits_config()
+    claim_run_dir(cfg, record=False)
+    assert not cfg.run.run_dir.exists()  # checking alone writes nothing
+    claim_run_dir(cfg)
+    stored = (cfg.run.run_dir / RUN_CONFIG_FILE).read_text()
+    claim_run_dir(digits_config("search.concurrency=1", "scaling.num_workers=1", "train.log_every=7"))  # speed only
+    with pytest.raises(ValueError, match=r"different configuration \(search.eval_images: 2000 -> 100\)"):
+        claim_run_dir(digits_config("search.eval_images=100"))
+    with pytest.raises(ValueError, match=r"model.kwargs: .*choose another run.name or --output"):
+        claim_run_dir(digits_config("model.kwargs={patch_size: 2, embed_dim: 64, depth: 2, num_heads: 2}"))
+    assert (cfg.run.run_dir / RUN_CONFIG_FILE).read_text() == stored
+
+
+def _run(config_file, *extra):
+    env = {**os.environ, "TIMM_FUSED_ATTN": "0"}
+    command = [sys.executable, "-m", "flora_ray.cli", "run", str(config_file), *extra]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_then_skips_and_resumes(digits_config, tmp_path):
+    cfg = digits_config(
+        "pretrain.epochs=3",
+        "pretrain.lr=0.003",
+        "filter.epochs=1",
+        "filter.eval_images=100",
+        "train.epochs=1",
+        "search.trials=12",
+        "search.population=4",
+        "search.eval_images=150",
+    )
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    run_dir = cfg.run.run_dir
+
+    out = _run(config_file)
+    for stage in PIPELINE_STAGES:
+        assert stage_marker(run_dir, stage) is not None, stage
+    report = (run_dir / "report.md").read_text()
+    assert report in out  # printed on the console too
+    for heading in ("## Dense model", "## Pareto front", "## Uniform ranks", "## Gain over uniform", "## Exported"):
+        assert heading in report
+    front = pd.read_parquet(run_dir / "pareto.parquet")
+    exported = stage_marker(run_dir, "export")["summary"]
+    assert exported["trial"] in set(front["trial"])  # the knee point is a front point
+    assert (run_dir / "export" / f"trial_{exported['trial']}" / "model.safetensors").is_file()
+    _, figures = build_report(run_dir)
+    assert set(figures["stage_seconds"]) == set(PIPELINE_STAGES) and figures["front_size"] == len(front)
+
+    # Everything done: a second run skips every stage and rebuilds nothing.
+    teacher_mtime = (run_dir / "teacher.safetensors").stat().st_mtime_ns
+    out = _run(config_file)
+    assert out.count("done earlier") == len(PIPELINE_STAGES)
+    assert (run_dir / "teacher.safetensors").stat().st_mtime_ns == teacher_mtime
+
+    # Interrupted after training: the search continues from its journal, then export and report run again.
+    for stage in ("search", "export", "report"):
+        (run_dir / "stages" / f"{stage}.json").unlink()
+    out = _run(config_file, "search.concurrency=1")  # a speed-only key may differ
+    assert out.count("done earlier") == 3 and "search: continuing" in out
+    assert len(pd.read_parquet(run_dir / "trials.parquet")) == 12  # nothing evaluated twice
+    assert (run_dir / "teacher.safetensors").stat().st_mtime_ns == teacher_mtime
