@@ -1,0 +1,280 @@
+"""The cluster files in ``cluster/``: Ray's own offline validation, flora-ray's requirements, and broken copies.
+
+``aws.yaml`` and ``gcp.yaml`` go through what ``ray up`` runs before it talks to a cloud: the JSON schema shipped
+in the ray wheel (``ray/autoscaler/ray-schema.json``), ``prepare_config`` (merge with the provider's defaults,
+setup-command merge, docker check, per-type worker bounds) and ``validate_config``. The provider bootstrap that
+follows in ``ray up`` (``bootstrap_aws`` / ``bootstrap_gcp``, instance-type resource detection) needs boto3 or the
+Google API client and cloud credentials, so it is not run here. Then flora-ray's own requirements: a head without
+accelerator or CPUs for work, worker types that advertise the accelerator the code asks for and start from zero,
+spot / preemptible workers, the installed Ray and Python in the image, PyTorch pinned. The autoscaler's
+bin-packing (``get_nodes_for``) must place the demands the code builds on those worker types. The KubeRay
+``RayJob`` is checked for its structure. Each check must also reject a deliberately broken copy.
+"""
+
+import copy
+import functools
+import json
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import torch
+import torchvision
+import yaml
+from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from flora_ray.config import ScalingConfig, load_config
+from flora_ray.ray_search import _trial_resources
+from flora_ray.ray_train import scaling_config
+
+CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
+EXPERIMENTS = CLUSTER.parent / "experiments"
+LAUNCHER_FILES = ("aws.yaml", "gcp.yaml")
+IMAGE = f"rayproject/ray:{ray.__version__}-py{sys.version_info.major}{sys.version_info.minor}-gpu"
+TORCH_PINS = (f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}")
+ACCELERATOR = ScalingConfig().accelerator
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def ray_schema() -> dict:
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+# --- launcher files (ray up) ---------------------------------------------------------------------------------------
+
+
+def check_launcher(config: dict) -> dict:
+    """Ray's offline checks, then flora-ray's; returns the prepared config. Raises on the first problem."""
+    jsonschema.validate(config, ray_schema())
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    check_flora_launcher(prepared)
+    return prepared
+
+
+def worker_types(config: dict) -> dict[str, dict]:
+    """Worker node types that advertise at least one unit of the accelerator the code asks for by default."""
+    return {
+        name: spec
+        for name, spec in config["available_node_types"].items()
+        if name != config["head_node_type"] and spec["resources"].get(ACCELERATOR, 0) >= 1
+    }
+
+
+def check_flora_launcher(config: dict) -> None:
+    head = config["available_node_types"][config["head_node_type"]]
+    if head["resources"].get(ACCELERATOR, 0) or head["resources"].get("CPU", 1):
+        raise ValueError(f"head node type must advertise no {ACCELERATOR} and CPU 0, got {head['resources']}")
+    workers = worker_types(config)
+    if not workers:
+        raise ValueError(f"no worker node type advertises {ACCELERATOR!r}")
+    for name, spec in workers.items():
+        if spec.get("min_workers", 0) != 0:
+            raise ValueError(f"{name}: min_workers must be 0 (nodes follow demand), got {spec['min_workers']}")
+        if not _is_spot(config["provider"]["type"], spec["node_config"]):
+            raise ValueError(f"{name}: workers must be spot / preemptible")
+    if config["docker"].get("image") != IMAGE:
+        raise ValueError(f"docker image must be {IMAGE} (the installed Ray and Python), got {config['docker']}")
+    setup = " ".join(config["setup_commands"])
+    if not all(pin in setup for pin in TORCH_PINS) or "~/flora-ray" not in setup:
+        raise ValueError(f"setup commands must pip install ~/flora-ray with {TORCH_PINS}")
+
+
+def _is_spot(provider: str, node_config: dict) -> bool:
+    if provider == "aws":
+        return node_config.get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+    return any(item.get("preemptible") for item in node_config.get("scheduling", []))
+
+
+@pytest.mark.parametrize("name", LAUNCHER_FILES)
+def test_launcher_file_passes_ray_and_flora_checks(name):
+    prepared = check_launcher(load(name))
+    workers = worker_types(prepared)
+    assert workers and all(spec["resources"]["CPU"] >= 1 for spec in workers.values())
+    # prepare_config merged the common setup commands into the head's and the workers'.
+    assert prepared["worker_setup_commands"][: len(prepared["setup_commands"])] == prepared["setup_commands"]
+    assert sum(spec["max_workers"] for spec in workers.values()) >= prepared["max_workers"] >= 1
+
+
+def _demands(config_file: Path | None = None, **overrides: str) -> dict[str, list[dict]]:
+    """What the code asks Ray for: per training worker (Ray Train) and per evaluator (Ray Tune), unchanged."""
+    cfg = load_config(config_file, [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()])
+    train = scaling_config(cfg)
+    return {
+        "training": [dict(train._resources_per_worker_not_none)] * train.num_workers,
+        "search": [_trial_resources(cfg)] * cfg.search.concurrency,
+    }
+
+
+def _place(config: dict, demands: list[dict]) -> tuple[dict, list[dict]]:
+    scorer = functools.partial(
+        _default_utilization_scorer, node_availability_summary=NodeAvailabilitySummary(node_availabilities={})
+    )
+    head = config["head_node_type"]
+    return get_nodes_for(config["available_node_types"], {head: 1}, head, config["max_workers"], demands, scorer)
+
+
+@pytest.mark.parametrize("name", LAUNCHER_FILES)
+def test_autoscaler_places_the_code_demands_on_gpu_worker_types(name):
+    config = check_launcher(load(name))
+    demands = _demands(
+        scaling__use_gpu="true", scaling__num_workers="4", search__gpus_per_trial="0.5", search__concurrency="4"
+    )
+    assert all(d[ACCELERATOR] > 0 for stage in demands.values() for d in stage)
+    for stage, bundles in demands.items():
+        added, unplaced = _place(config, bundles)
+        assert not unplaced, f"{stage} demand {bundles} does not fit {name}'s node types"
+        assert added and set(added) <= set(worker_types(config)), (stage, added)
+    # A custom accelerator name that no node type advertises stays unplaced: names must match.
+    _, unplaced = _place(config, _demands(scaling__use_gpu="true", scaling__accelerator="accel")["training"])
+    assert unplaced
+
+
+@pytest.mark.parametrize("name", LAUNCHER_FILES)
+def test_deit_small_recipe_fits_within_max_workers(name):
+    """The recipe cluster/README.md submits: 8 training workers of 8 CPUs + 1 GPU, 16 evaluators of 4 CPUs + 0.5."""
+    config = check_launcher(load(name))
+    for stage, bundles in _demands(EXPERIMENTS / "deit_small_imagenet.yaml").items():
+        added, unplaced = _place(config, bundles)
+        assert not unplaced, f"{stage}: {len(unplaced)} of {len(bundles)} units do not fit {name} ({added})"
+
+
+def _set(path: tuple, value):
+    def mutate(doc):
+        node = doc
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+
+    return mutate
+
+
+def _drop_worker_types(doc):
+    doc["available_node_types"] = {doc["head_node_type"]: doc["available_node_types"][doc["head_node_type"]]}
+
+
+def _unpin_image(doc):
+    doc["docker"]["image"] = "rayproject/ray:latest-gpu"
+
+
+def _on_demand(doc):
+    for name, spec in doc["available_node_types"].items():
+        if name != doc["head_node_type"]:
+            spec["node_config"].pop("InstanceMarketOptions", None)
+            spec["node_config"].pop("scheduling", None)
+
+
+BROKEN_LAUNCHER = {
+    "max_workers_not_integer": (_set(("max_workers",), "eight"), jsonschema.ValidationError, "is not of type"),
+    "unknown_top_level_key": (_set(("gpu_workers",), 4), jsonschema.ValidationError, "Additional properties"),
+    "fractional_node_resource": (
+        _set(("available_node_types", "gpu_1x", "resources", "GPU"), 0.5),
+        jsonschema.ValidationError,
+        "is not of type 'integer'",
+    ),
+    "head_type_missing": (_set(("head_node_type",), "nohead"), ValueError, "head_node_type"),
+    "no_worker_types": (_drop_worker_types, ValueError, "no worker node type advertises"),
+    "head_with_gpu": (_set(("available_node_types", "head", "resources"), {"CPU": 0, "GPU": 1}), ValueError, "head"),
+    "workers_start_nonzero": (_set(("available_node_types", "gpu_1x", "min_workers"), 1), ValueError, "min_workers"),
+    "on_demand_workers": (_on_demand, ValueError, "spot"),
+    "unpinned_image": (_unpin_image, ValueError, "docker image"),
+}
+
+
+@pytest.mark.parametrize("name", LAUNCHER_FILES)
+@pytest.mark.parametrize("case", sorted(BROKEN_LAUNCHER))
+def test_broken_launcher_file_fails(name, case):
+    mutate, error, match = BROKEN_LAUNCHER[case]
+    doc = load(name)
+    mutate(doc)
+    with pytest.raises(error, match=match):
+        check_launcher(doc)
+
+
+# --- KubeRay RayJob ------------------------------------------------------------------------------------------------
+
+
+def _containers(group: dict) -> list[dict]:
+    return group["template"]["spec"]["containers"]
+
+
+def _gpus(container: dict) -> int:
+    resources = container.get("resources", {})
+    return max(int(resources.get(part, {}).get("nvidia.com/gpu", 0)) for part in ("limits", "requests"))
+
+
+def check_rayjob(doc: dict) -> None:
+    """A RayJob running flora-ray on an autoscaling cluster: CPU-only head, GPU workers from zero."""
+    if (doc.get("apiVersion"), doc.get("kind")) != ("ray.io/v1", "RayJob"):
+        raise ValueError(f"not a ray.io/v1 RayJob: {doc.get('apiVersion')}/{doc.get('kind')}")
+    spec = doc["spec"]
+    if not spec.get("entrypoint", "").startswith("flora-ray run ") or "--address auto" not in spec["entrypoint"]:
+        raise ValueError(f"entrypoint must run `flora-ray run ... --address auto`: {spec.get('entrypoint')!r}")
+    if spec.get("shutdownAfterJobFinishes") is not True:
+        raise ValueError("shutdownAfterJobFinishes must be true")
+    cluster = spec["rayClusterSpec"]
+    if cluster.get("enableInTreeAutoscaling") is not True:
+        raise ValueError("enableInTreeAutoscaling must be true")
+    if cluster.get("rayVersion") != ray.__version__:
+        raise ValueError(f"rayVersion must be {ray.__version__}")
+    head = cluster["headGroupSpec"]
+    if any(_gpus(c) for c in _containers(head)) or str(head.get("rayStartParams", {}).get("num-cpus")) != "0":
+        raise ValueError("the head group must have no GPUs and num-cpus 0")
+    gpu_groups = [g for g in cluster.get("workerGroupSpecs", []) if all(_gpus(c) >= 1 for c in _containers(g))]
+    if not gpu_groups:
+        raise ValueError("no worker group with nvidia.com/gpu limits")
+    for group in gpu_groups:
+        if group.get("minReplicas") != 0 or group.get("maxReplicas", 0) < 1:
+            raise ValueError(f"worker group {group.get('groupName')}: minReplicas must be 0 and maxReplicas >= 1")
+    images = {c["image"] for g in [head, *gpu_groups] for c in _containers(g)}
+    if images != {IMAGE}:
+        raise ValueError(f"images must be {IMAGE}, got {images}")
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    if not set(TORCH_PINS) <= set(runtime_env.get("pip", [])):
+        raise ValueError(f"the runtime environment must pin {TORCH_PINS}")
+
+
+def test_rayjob_structure():
+    check_rayjob(load("kuberay.yaml"))
+
+
+def _worker_group(doc):
+    return doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+
+
+def _head_gpu(doc):
+    _containers(doc["spec"]["rayClusterSpec"]["headGroupSpec"])[0]["resources"]["limits"]["nvidia.com/gpu"] = 1
+
+
+def _worker_without_gpu(doc):
+    for part in ("limits", "requests"):
+        _containers(_worker_group(doc))[0]["resources"][part].pop("nvidia.com/gpu")
+
+
+BROKEN_RAYJOB = {
+    "wrong_api_version": (_set(("apiVersion",), "ray.io/v1alpha1"), "ray.io/v1 RayJob"),
+    "wrong_kind": (_set(("kind",), "RayCluster"), "ray.io/v1 RayJob"),
+    "entrypoint_not_flora": (_set(("spec", "entrypoint"), "python train.py"), "entrypoint"),
+    "autoscaling_off": (_set(("spec", "rayClusterSpec", "enableInTreeAutoscaling"), False), "enableInTreeAutoscaling"),
+    "kept_after_job": (_set(("spec", "shutdownAfterJobFinishes"), False), "shutdownAfterJobFinishes"),
+    "head_with_gpu": (_head_gpu, "head group"),
+    "worker_without_gpu": (_worker_without_gpu, "no worker group"),
+    "no_worker_group": (_set(("spec", "rayClusterSpec", "workerGroupSpecs"), []), "no worker group"),
+    "workers_start_nonzero": (lambda doc: _worker_group(doc).update(minReplicas=1), "minReplicas"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_RAYJOB))
+def test_broken_rayjob_fails(case):
+    mutate, match = BROKEN_RAYJOB[case]
+    doc = load("kuberay.yaml")
+    mutate(doc)
+    with pytest.raises(ValueError, match=match):
+        check_rayjob(doc)
