@@ -60,7 +60,8 @@ def _filter_task(config: dict[str, Any], teacher_state: dict[str, Any], block_in
     if cfg.run.threads_per_worker:
         torch.set_num_threads(cfg.run.threads_per_worker)
     torch.manual_seed(cfg.run.seed + block_index)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.scaling.use_gpu else "cpu")
+    on_gpu = cfg.scaling.use_gpu and cfg.scaling.accelerator == "GPU"  # a custom accelerator: CPU torch
+    device = torch.device("cuda" if on_gpu and torch.cuda.is_available() else "cpu")
     subset = None if cfg.filter.subset >= 1 else cfg.filter.subset
     splits = build_datasets(replace(cfg.data, train_subset=subset))
     supernet, teacher = _build(cfg, teacher_state, device)

@@ -48,7 +48,8 @@ def _build_evaluator(header: dict[str, Any], weights: dict[str, Any], config: di
     cfg: Config = build_dataclass(Config, config, "")
     if cfg.run.threads_per_worker:
         torch.set_num_threads(cfg.run.threads_per_worker)
-    device = torch.device("cuda" if cfg.search.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
+    on_gpu = cfg.scaling.accelerator == "GPU" and cfg.search.gpus_per_trial > 0  # a custom accelerator: CPU torch
+    device = torch.device("cuda" if on_gpu and torch.cuda.is_available() else "cpu")
     supernet = supernet_from_numpy(header, weights, device)
     images, labels = search_batch(build_datasets(cfg.data).search, cfg.search.eval_images)
     return Evaluator(supernet, images, labels, device, cfg.search.batch_size)
