@@ -195,7 +195,9 @@ def select(rows: list[dict[str, Any]], full: tuple[int, ...], keep_fraction: flo
     """Add ``score`` (lower is better) and ``kept`` to one block's rows.
 
     ``flops_aware``: accuracy lost per fraction of the network's MACs saved, relative to the full-rank tuple
-    (a tuple that saves nothing scores +inf); ties go to the cheaper tuple. ``accuracy``: minus the accuracy.
+    (a tuple that saves nothing scores +inf); ties go to the cheaper tuple. A tuple that loses nothing (or gains)
+    scores ``-gain * saved`` <= 0 instead: ahead of every lossy tuple, and the more it saves the better (the plain
+    ratio would rank a small saving above a large one at the same gain). ``accuracy``: minus the accuracy.
     ``ceil(keep_fraction * n)`` tuples are kept, the full-rank tuple always among them.
     """
     reference = next((r for r in rows if tuple(r["ranks"]) == full), None)
@@ -207,7 +209,12 @@ def select(rows: list[dict[str, Any]], full: tuple[int, ...], keep_fraction: flo
         else:
             saved = (reference["macs"] - row["macs"]) / reference["macs"]
             drop = reference["accuracy"] - row["accuracy"]
-            row["score"] = drop / saved if saved > 0 else (math.inf if row is not reference else -math.inf)
+            if row is reference:
+                row["score"] = -math.inf
+            elif saved <= 0:
+                row["score"] = math.inf
+            else:
+                row["score"] = drop / saved if drop > 0 else drop * saved
     n_keep = max(1, math.ceil(keep_fraction * len(rows)))
     order = sorted(rows, key=lambda r: (tuple(r["ranks"]) != full, r["score"], r["macs"], r["candidate"]))
     kept = {id(r) for r in order[:n_keep]}

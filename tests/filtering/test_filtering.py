@@ -84,8 +84,15 @@ def test_flops_aware_keep_rule_on_hand_made_rows():
     assert scores[0] == pytest.approx(10 / 0.8) and scores[1] == pytest.approx(1 / 0.6)
     assert scores[3] == pytest.approx(0.5 / 0.2) and scores[4] == -math.inf
     assert [r["kept"] for r in rows] == [False, True, False, True, True]  # ceil(0.6 * 5) = 3, full included
+    # Tuples that lose nothing come first, the larger saving first: (2,2) gains 0.5 pt saving 60%, (4,4) 1 pt saving 20%.
+    rows = _rows([80.0, 90.5, 85.0, 91.0, 90.0], [20, 40, 60, 80, 100])
+    select(rows, (5, 5), keep_fraction=0.6, score="flops_aware")
+    assert rows[1]["score"] == pytest.approx(-0.5 * 0.6) and rows[3]["score"] == pytest.approx(-1.0 * 0.2)
+    assert [r["kept"] for r in rows] == [False, True, False, True, True]
+    select(rows, (5, 5), keep_fraction=0.4, score="flops_aware")
+    assert [r["kept"] for r in rows] == [False, True, False, False, True]
     select(rows, (5, 5), keep_fraction=0.4, score="accuracy")
-    assert [r["kept"] for r in rows] == [False, False, False, True, True]
+    assert [r["kept"] for r in rows] == [False, False, False, True, True]  # 91.0 and the full rank
     with pytest.raises(ValueError, match="has no full-rank candidate"):
         select(rows, (9, 9), 0.5, "accuracy")
 
