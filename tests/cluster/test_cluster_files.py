@@ -8,7 +8,8 @@ Google API client and cloud credentials, so it is not run here. Then flora-ray's
 accelerator or CPUs for work, worker types that advertise the accelerator the code asks for and start from zero,
 spot / preemptible workers, the installed Ray and Python in the image, PyTorch pinned. The autoscaler's
 bin-packing (``get_nodes_for``) must place the demands the code builds on those worker types. The KubeRay
-``RayJob`` is checked for its structure. Each check must also reject a deliberately broken copy.
+``RayJob`` is checked for its structure, and the autoscaler config ``flora_ray.fake_cluster`` writes for the local
+autoscaling test against Ray's schema. Each check must also reject a deliberately broken copy.
 """
 
 import copy
@@ -28,6 +29,7 @@ from ray.autoscaler._private.resource_demand_scheduler import _default_utilizati
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from flora_ray.config import ScalingConfig, load_config
+from flora_ray.fake_cluster import WORKER_NODE_TYPE, autoscaler_config
 from flora_ray.ray_search import _trial_resources
 from flora_ray.ray_train import scaling_config
 
@@ -196,6 +198,22 @@ def test_broken_launcher_file_fails(name, case):
     mutate(doc)
     with pytest.raises(error, match=match):
         check_launcher(doc)
+
+
+def test_fake_cluster_config_passes_ray_validation():
+    """The autoscaler config flora_ray.fake_cluster writes for the local autoscaling tests."""
+    config = autoscaler_config({"CPU": 1, "accel": 1}, max_workers=2, idle_timeout_minutes=0.1)
+    jsonschema.validate(config, ray_schema())  # a fractional idle timeout is allowed ("number")
+    validate_config(config)
+    head = config["available_node_types"][config["head_node_type"]]
+    worker = config["available_node_types"][WORKER_NODE_TYPE]
+    assert head["resources"] == {"CPU": 0}
+    assert worker["min_workers"] == 0 and worker["resources"]["accel"] == 1
+    with pytest.raises(ValueError, match="max_workers"):
+        autoscaler_config(max_workers=0)
+    broken = {**config, "idle_timeout_minutes": "soon"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, ray_schema())
 
 
 # --- KubeRay RayJob ------------------------------------------------------------------------------------------------
