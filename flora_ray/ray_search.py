@@ -24,12 +24,12 @@ from flora_ray.fileio import atomic_path, read_checkpoint, write_json, write_par
 from flora_ray.results import PARETO_FILE, TRIALS_FILE, UNIFORM_FILE, hypervolume, pareto_mask
 from flora_ray.search import (
     Evaluator,
+    anchor_points,
     cached_evaluator,
     evaluator_builds,
     genes_to_config,
     search_batch,
     supernet_from_numpy,
-    uniform_points,
 )
 from flora_ray.space import RankSpace
 from flora_ray.training import SUPERNET_FILE, provenance
@@ -202,7 +202,7 @@ def run_search(cfg: Config, *, fault_injection: dict[str, Any] | None = None) ->
             sampler=sampler,
             study_name=name,
             storage=storage,
-            points_to_evaluate=list(uniform_points(space).values())[: cfg.search.trials],
+            points_to_evaluate=anchor_points(space)[: cfg.search.trials],
             max_macs=cfg.search.max_macs,
         )
         tuner = tune.Tuner(

@@ -53,6 +53,15 @@ def uniform_points(space: RankSpace) -> dict[float, dict[str, int]]:
     return {ratio: config_to_genes(space, config) for ratio, config in space.uniform_configs().items()}
 
 
+def anchor_points(space: RankSpace) -> list[dict[str, int]]:
+    """Genes the search evaluates first: every uniform configuration the space contains (the baseline, on the same
+    footing as the searched subnets), then the space's cheapest configuration, so that the first generation spans
+    the whole cost range (NSGA-II crossover and mutation then explore between the ends)."""
+    points = list(uniform_points(space).values())
+    cheapest = config_to_genes(space, space.smallest())
+    return points if cheapest in points else [*points, cheapest]
+
+
 def supernet_from_numpy(
     header: Mapping[str, Any], state: Mapping[str, np.ndarray], device: torch.device | str = "cpu"
 ) -> Supernet:

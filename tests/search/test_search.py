@@ -21,6 +21,7 @@ from flora_ray.config import config_to_dict
 from flora_ray.results import PARETO_FILE, TRIALS_FILE, UNIFORM_FILE
 from flora_ray.search import (
     Evaluator,
+    anchor_points,
     cached_evaluator,
     config_to_genes,
     evaluator_builds,
@@ -56,6 +57,13 @@ def test_genes_round_trip_and_uniform_points():
     assert set(uniform_points(space)) == {1 / 6, 0.5, 1.0}  # the filter kept only these uniform tuples of blocks.1
     with pytest.raises(ValueError, match="gene blocks.1=3 is out of range 0..2"):
         genes_to_config(space, {**genes, "blocks.1": 3})
+    assert anchor_points(space) == list(uniform_points(space).values())  # the cheapest is uniform 1/6 here
+    space = _space().restrict({"blocks.1": [(64, 64, 64), (11, 32, 11)]})
+    anchors = anchor_points(space)
+    assert anchors[:-1] == list(uniform_points(space).values()) and len(anchors) == 2  # 1.0, then the cheapest
+    cheapest = genes_to_config(space, anchors[-1])
+    assert cheapest == space.smallest() and cheapest["blocks.1.mlp.fc1"] == 32
+    assert {r for f, r in cheapest.items() if f != "blocks.1.mlp.fc1"} == {11}
 
 
 @pytest.mark.parametrize("family", ["vit", "swin_padded"])
