@@ -42,7 +42,6 @@ from search_efficiency import (
     CachedEvaluator,
     build_evaluator,
     config_at,
-    local_ray,
     nsga2_search,
     pareto_points,
     points_hypervolume,
@@ -259,10 +258,7 @@ def prepare_variants(args) -> dict[str, Path]:
     """The base run (given or prepared) and its ablation supernets, by variant name."""
     base = prepare_base_run(args.run_dir, args.smoke, args.output, args.set).resolve()
     runs_root = args.output / "runs" if args.smoke else ROOT / "runs"
-    if args.smoke:
-        return {"flora": base, **{v: prepare_ablation(base, v, runs_root, local=True) for v in ABLATIONS}}
-    with local_ray():
-        return {"flora": base, **{v: prepare_ablation(base, v, runs_root, local=False) for v in ABLATIONS}}
+    return {"flora": base, **{v: prepare_ablation(base, v, runs_root, local=args.smoke) for v in ABLATIONS}}
 
 
 def main() -> None:

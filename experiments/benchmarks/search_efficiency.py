@@ -135,23 +135,28 @@ def run_missing_stages(cfg: Config, local: bool, stages: Sequence[str] = ("pretr
     """Run ``stages`` of the run in order, from the first whose output is missing (all later ones are redone).
 
     ``local``: in this process (``LocalSession``, ``run_filter``'s task function called directly); otherwise on
-    local Ray (``run_stage``, ``run_filter``), which the caller has started with ``init_ray``.
+    local Ray (``run_stage``, ``run_filter``), started here only if a stage has to run.
     """
+    outputs = {"pretrain": TEACHER_FILE, "filter": SPACE_FILE, "train": SUPERNET_FILE}
+    missing = [i for i, stage in enumerate(stages) if not (cfg.run.run_dir / outputs[stage]).is_file()]
+    todo = list(stages[missing[0] :]) if missing else []
+    if not todo:
+        return
+    with contextlib.nullcontext() if local else local_ray():
+        for stage in todo:
+            started = time.perf_counter()
+            _run_stage(cfg, stage, local)
+            print(f"prepared {cfg.run.run_dir}: {stage} in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def _run_stage(cfg: Config, stage: str, local: bool) -> None:
     from flora_ray.ray_filter import run_filter
     from flora_ray.ray_train import run_stage
 
-    outputs = {"pretrain": TEACHER_FILE, "filter": SPACE_FILE, "train": SUPERNET_FILE}
-    redo = False
-    for stage in stages:
-        redo = redo or not (cfg.run.run_dir / outputs[stage]).is_file()
-        if not redo:
-            continue
-        started = time.perf_counter()
-        if stage == "filter":
-            _local_filter(cfg) if local else run_filter(cfg)
-        else:
-            _local_stage(cfg, stage) if local else run_stage(cfg, stage)
-        print(f"prepared {cfg.run.run_dir}: {stage} in {time.perf_counter() - started:.0f} s", flush=True)
+    if stage == "filter":
+        _local_filter(cfg) if local else run_filter(cfg)
+    else:
+        _local_stage(cfg, stage) if local else run_stage(cfg, stage)
 
 
 def prepare_base_run(run_dir: Path | None, smoke: bool, output: Path, overrides: Sequence[str] = ()) -> Path:
@@ -176,11 +181,7 @@ def prepare_base_run(run_dir: Path | None, smoke: bool, output: Path, overrides:
     ):
         print(f"{target} was prepared with another configuration: preparing it again", flush=True)
         shutil.rmtree(target)
-    if smoke:
-        run_missing_stages(cfg, local=True)
-    else:
-        with local_ray():
-            run_missing_stages(cfg, local=False)
+    run_missing_stages(cfg, local=smoke)
     return target
 
 
