@@ -7,8 +7,8 @@ one trained run (Fashion-MNIST quickstart by default), for each supernet variant
 - ``no_filter``: a supernet trained on the full (unfiltered) space, searched over it (the filtering ablation);
 - ``uniform_sampling``: the run's filtered space trained with ``train.sampler=uniform`` (the sampling ablation);
 
-the front of an NSGA-II search (flora-ray's sampler settings, uniform configurations of the space enqueued first,
-in-process ask/tell as in ``search_efficiency.py``) is compared with every uniform configuration evaluated on the
+the front of an NSGA-II search (flora-ray's sampler settings and anchor points: the uniform configurations the
+space contains and its cheapest one enqueued first; in-process ask/tell as in ``search_efficiency.py``) is compared with every uniform configuration evaluated on the
 same supernet with the same images. The target accuracy is the dense teacher's accuracy on those images minus 0.5
 or 1 point; reported: the cheapest front point and the cheapest uniform configuration reaching it, and the extra
 reduction ``1 - front MACs / uniform MACs`` (``results.gain_over_uniform``). Ablation supernets are trained with

@@ -1,8 +1,8 @@
 """Search efficiency: hypervolume versus evaluations on one trained supernet, for four ways of searching it.
 
 (a) flora-ray's NSGA-II: Optuna's ``NSGAIISampler`` with the settings ``flora-ray search`` gives it (the run's
-    ``search.population``, ``mutation_prob``, ``crossover_prob``; uniform configurations of the space enqueued
-    first), driven by an in-process ask/tell loop instead of Ray Tune (same sampler, same ``Evaluator``; Tune's
+    ``search.population``, ``mutation_prob``, ``crossover_prob``; ``search.anchor_points`` enqueued first: the
+    uniform configurations the space contains and its cheapest configuration), driven by an in-process ask/tell loop instead of Ray Tune (same sampler, same ``Evaluator``; Tune's
     overhead is what ``search_overhead.py`` measures);
 (b) random search over the same genes (one kept triple per block, uniformly);
 (c) the reference code's constrained evolutionary search, re-implemented from the design doc (section 5): per MAC
@@ -56,7 +56,7 @@ from flora_ray.filtering import as_numpy_state
 from flora_ray.ray_filter import _filter_task, _write_outputs
 from flora_ray.ray_search import _pyplot, _save_figure
 from flora_ray.results import hypervolume, pareto_mask
-from flora_ray.search import Evaluator, genes_to_config, search_batch, supernet_from_numpy, uniform_points
+from flora_ray.search import Evaluator, anchor_points, genes_to_config, search_batch, supernet_from_numpy
 from flora_ray.space import RankConfig, RankSpace
 from flora_ray.training import (
     SPACE_FILE,
@@ -159,11 +159,16 @@ def _run_stage(cfg: Config, stage: str, local: bool) -> None:
         _local_stage(cfg, stage) if local else run_stage(cfg, stage)
 
 
+def _preparation(cfg: Config) -> dict[str, Any]:
+    """What the prepared outputs depend on: every section but ``search`` (the benchmarks set their own budgets)."""
+    return {k: v for k, v in config_to_dict(cfg).items() if k != "search"}
+
+
 def prepare_base_run(run_dir: Path | None, smoke: bool, output: Path, overrides: Sequence[str] = ()) -> Path:
     """The run directory to benchmark: ``run_dir`` as given, else a prepared quickstart (or smoke digits) run.
 
-    A prepared run is redone from scratch when its configuration differs from the wanted one (the quickstart file
-    or ``overrides`` changed).
+    A prepared run is redone from scratch when its configuration (but for the ``search`` section) differs from the
+    wanted one (the quickstart file or ``overrides`` changed).
     """
     if run_dir is not None:
         if not (run_dir / SUPERNET_FILE).is_file():
@@ -175,7 +180,7 @@ def prepare_base_run(run_dir: Path | None, smoke: bool, output: Path, overrides:
         cfg = config_at(EXPERIMENTS / "quickstart.yaml", ROOT / "runs" / BENCH_RUN, overrides)
     target = cfg.run.run_dir
     if any(
-        config_to_dict(config_at(path, target)) != config_to_dict(cfg)
+        _preparation(config_at(path, target)) != _preparation(cfg)
         for path in (target / f"{stage}_config.yaml" for stage in ("pretrain", "filter", "train"))
         if path.is_file()
     ):
@@ -248,7 +253,7 @@ def build_evaluator(cfg: Config, run_dir: Path, eval_images: int) -> CachedEvalu
 
 
 def nsga2_search(space: RankSpace, evaluate: Evaluate, search: SearchConfig, trials: int, seed: int) -> list[Point]:
-    """flora-ray's NSGA-II (``ray_search.run_search``'s sampler settings and enqueued uniform points), ask/tell."""
+    """flora-ray's NSGA-II (``ray_search.run_search``'s sampler settings and enqueued anchor points), ask/tell."""
     sampler = optuna.samplers.NSGAIISampler(
         population_size=search.population,
         mutation_prob=search.mutation_prob,
@@ -256,7 +261,7 @@ def nsga2_search(space: RankSpace, evaluate: Evaluate, search: SearchConfig, tri
         seed=seed,
     )
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
-    for genes in list(uniform_points(space).values())[:trials]:
+    for genes in anchor_points(space)[:trials]:
         study.enqueue_trial(genes)
     distributions = {
         b.name: optuna.distributions.CategoricalDistribution(list(range(len(b.candidates)))) for b in space.blocks
