@@ -1,0 +1,237 @@
+"""Throughput: supernet training and subnet evaluation images/s, as achieved GMAC/s next to the dense matmul peak.
+
+Training runs flora-ray's own training loop (``training._Loop`` with a ``LocalSession``, one process): batches from
+its Fashion-MNIST loader, the teacher's forward pass, one sampled subnet's forward and backward pass with the
+distillation loss, gradient clipping and the AdamW step. Achieved GMAC/s counts the teacher forward (dense MACs)
+plus three times the sampled subnet's forward MACs (forward, and a backward pass of twice the forward's work).
+Evaluation runs the search's ``Evaluator`` (inherited supernet weights, fixed search images) on random
+configurations; GMAC/s is images x subnet MACs / seconds. The physical limit is the best GMAC/s of large square
+float32 ``torch.mm`` on the same thread count. The supernet-step / subnet-step ratio of the training issue is
+re-measured with ``supernet_step.py``'s own functions. Weights are random (the teacher is a random-init model).
+Prints a table, writes ``results/throughput.json``.
+
+    .venv/bin/python experiments/benchmarks/throughput.py            # full run (a few minutes on 2 CPU cores)
+    .venv/bin/python experiments/benchmarks/throughput.py --smoke    # quickstart model, a few steps, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import flora_ray as fr
+from flora_ray.config import Config, load_config
+from flora_ray.fileio import write_checkpoint, write_json
+from flora_ray.models import dense_checkpoint_metadata
+from flora_ray.search import Evaluator, search_batch
+from flora_ray.training import TEACHER_FILE, LocalSession, _Loop, resolve_model_spec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark next to this one:
+import supernet_step
+
+EXPERIMENTS = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# name: dotted overrides of experiments/quickstart.yaml
+WORKLOADS = {
+    "quickstart-vit": ["search.eval_images=2000"],
+    "deit-tiny-224": [
+        "model.name=deit_tiny_patch16_224",
+        "model.kwargs={}",
+        "model.ratios=null",
+        "data.img_size=224",
+        "data.in_chans=3",
+        "train.batch_size=16",
+        "search.eval_images=128",
+        "search.batch_size=64",
+    ],
+}
+
+
+def environment(threads: int) -> dict:
+    """Date, machine, versions, threads and load average, recorded with every result."""
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{cpu or platform.machine()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__,
+        "threads": threads,
+        "loadavg": list(os.getloadavg()),
+    }
+
+
+def matmul_peak_gmacs_per_s(sizes: tuple[int, ...], repeats: int) -> dict:
+    """Best GMAC/s of ``torch.mm`` on square float32 matrices of each size (the machine's dense peak)."""
+    best = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - start)
+        best[n] = n**3 / min(times) / 1e9
+    return {"by_size": best, "peak_gmacs_per_s": max(best.values())}
+
+
+def build_loop(overrides: list[str], run_dir: Path) -> _Loop:
+    """flora-ray's training loop for a supernet run of the quickstart config (random-init teacher written first)."""
+    cfg: Config = load_config(
+        EXPERIMENTS / "quickstart.yaml", [*overrides, f"run.output_dir={run_dir}", "run.name=throughput"]
+    )
+    spec = resolve_model_spec(cfg)
+    cfg.run.run_dir.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(cfg.run.run_dir / TEACHER_FILE, spec.create().state_dict(), dense_checkpoint_metadata(spec))
+    session = LocalSession(run_dir / "session")
+    return _Loop(cfg, "train", cfg.run.run_dir, session, {"config": None})
+
+
+def training_throughput(loop: _Loop, steps: int, warmup: int) -> dict:
+    """Images/s and achieved GMAC/s of supernet training steps, data loading included."""
+    cost = loop.supernet.cost
+    loop.model.train()
+    times, macs = [], []
+    batches = iter(loop.loader)
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        x, y = next(batches)
+        loop._train_step(step, x, y)
+        loop._optimizer_step()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+            macs.append(cost.dense_macs + 3 * cost.macs(loop.supernet.active_ranks()))
+    batch = loop.opt.batch_size
+    return {
+        "batch": batch,
+        "steps": steps,
+        "step_ms": 1e3 * statistics.median(times),
+        "images_per_s": batch * steps / sum(times),
+        "gmacs_per_s": batch * sum(macs) / sum(times) / 1e9,
+        "mean_subnet_gmacs_per_image": (statistics.mean(macs) - cost.dense_macs) / 3 / 1e9,
+    }
+
+
+def evaluation_throughput(loop: _Loop, n_configs: int) -> dict:
+    """Images/s and achieved GMAC/s of the search's ``Evaluator`` on random configurations."""
+    cfg = loop.cfg
+    images, labels = search_batch(loop.splits.search, cfg.search.eval_images)
+    evaluator = Evaluator(loop.supernet, images, labels, "cpu", cfg.search.batch_size)
+    space, rng = loop.supernet.space, random.Random(0)
+    evaluator.evaluate(space.largest())  # warm-up
+    seconds, macs = 0.0, 0.0
+    for _ in range(n_configs):
+        metrics = evaluator.evaluate(space.from_block_tuples([rng.choice(b.candidates) for b in space.blocks]))
+        seconds += metrics["eval_seconds"]
+        macs += metrics["macs"] * len(labels)
+    return {
+        "images": len(labels),
+        "configs": n_configs,
+        "batch": cfg.search.batch_size,
+        "images_per_s": n_configs * len(labels) / seconds,
+        "gmacs_per_s": macs / seconds / 1e9,
+        "mean_subnet_gmacs_per_image": macs / n_configs / len(labels) / 1e9,
+    }
+
+
+def step_ratios(smoke: bool, steps: int) -> list[dict]:
+    """Supernet-step / extracted-subnet-step ratios from ``supernet_step.py`` (its workloads and configurations)."""
+    names = ["quickstart-vit"] if smoke else list(supernet_step.WORKLOADS)
+    rows = []
+    for workload in names:
+        name, kwargs, batch = supernet_step.WORKLOADS[workload]
+        supernet = fr.build_supernet(name, model_kwargs=kwargs)
+        model = supernet.model
+        x = torch.randn(batch, model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+        y = torch.randint(0, model.num_classes, (batch,))
+        configs = list(supernet_step.configs_for(supernet.space, random.Random(0)).items())
+        for label, config in configs[:2] if smoke else configs:
+            supernet.set_ranks(config)
+            subnet = fr.extract_subnet(supernet, config)
+            t_super, t_sub = supernet_step.interleaved_step_times([supernet, subnet], x, y, steps, 1 if smoke else 3)
+            rows.append(
+                {
+                    "workload": workload,
+                    "config": label,
+                    "supernet_step_ms": 1e3 * t_super,
+                    "subnet_step_ms": 1e3 * t_sub,
+                    "ratio": t_super / t_sub,
+                }
+            )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="quickstart model, a few steps, seconds")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for everything, the peak included")
+    parser.add_argument("--steps", type=int, default=12, help="timed training steps per workload")
+    parser.add_argument("--configs", type=int, default=4, help="evaluated configurations per workload")
+    parser.add_argument("--ratio-steps", type=int, default=10, help="steps per configuration of the step ratio")
+    parser.add_argument(
+        "--output", type=Path, help="directory for throughput.json (default: results/; --smoke writes only with it)"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    loadavg_before = list(os.getloadavg())
+    started = time.perf_counter()
+    peak = matmul_peak_gmacs_per_s((512, 1024) if args.smoke else (1024, 2048, 3072), 2 if args.smoke else 5)
+    print(
+        f"dense matmul peak ({args.threads} threads): {peak['peak_gmacs_per_s']:.1f} GMAC/s "
+        f"({', '.join(f'n={n}: {g:.1f}' for n, g in peak['by_size'].items())})",
+        flush=True,
+    )
+    workloads = {"quickstart-vit": WORKLOADS["quickstart-vit"]} if args.smoke else WORKLOADS
+    rows = []
+    for workload, overrides in workloads.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            loop = build_loop(overrides + (["search.eval_images=128"] if args.smoke else []), Path(tmp))
+            train = training_throughput(loop, 3 if args.smoke else args.steps, 1 if args.smoke else 2)
+            evaluation = evaluation_throughput(loop, 2 if args.smoke else args.configs)
+        for kind, r in (("supernet training", train), ("subnet evaluation", evaluation)):
+            r.update(workload=workload, kind=kind, share_of_peak=r["gmacs_per_s"] / peak["peak_gmacs_per_s"])
+            rows.append(r)
+            print(
+                f"{workload:<15} {kind:<18} batch {r['batch']:>3}  {r['images_per_s']:8.1f} images/s  "
+                f"{r['gmacs_per_s']:7.2f} GMAC/s  ({100 * r['share_of_peak']:4.1f}% of peak)",
+                flush=True,
+            )
+    ratios = step_ratios(args.smoke, 2 if args.smoke else args.ratio_steps)
+    for r in ratios:
+        print(
+            f"{r['workload']:<15} {r['config']:<14} supernet step {r['supernet_step_ms']:8.1f} ms  "
+            f"subnet step {r['subnet_step_ms']:8.1f} ms  ratio {r['ratio']:.3f}",
+            flush=True,
+        )
+    worst = max(r["ratio"] for r in ratios)
+    print(f"worst supernet/subnet step ratio: {worst:.3f} (target <= 1.15)")
+    output = args.output or (None if args.smoke else RESULTS)
+    if output is not None:
+        write_json(
+            output / "throughput.json",
+            {
+                "smoke": args.smoke,
+                "matmul_peak": peak,
+                "rows": rows,
+                "step_ratios": ratios,
+                "worst_step_ratio": worst,
+                "seconds": time.perf_counter() - started,
+                **environment(args.threads),
+                "loadavg_before": loadavg_before,
+            },
+        )
+
+
+if __name__ == "__main__":
+    main()
