@@ -19,12 +19,12 @@ import os
 os.environ["TIMM_FUSED_ATTN"] = "0"  # FlopCounterMode does not see fused CPU attention; must precede timm's import
 
 import argparse
-import platform
 import random
 import time
 from pathlib import Path
 
 import torch
+from bench_env import environment
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -52,19 +52,6 @@ SMOKE_MODELS = {
         None,
     ),
 }
-
-
-def environment() -> dict:
-    """Date, machine, versions and load average, recorded with every result."""
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
-    return {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{cpu or platform.machine()}, {os.cpu_count()} CPUs",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "loadavg": list(os.getloadavg()),
-    }
 
 
 def counted_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]:

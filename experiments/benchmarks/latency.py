@@ -16,8 +16,6 @@ table, writes ``results/latency.json``.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import statistics
 import tempfile
@@ -25,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_env import environment
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -45,19 +44,6 @@ MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::mk
 
 def is_matmul(op: str) -> bool:
     return op in MATMUL_OPS or "scaled_dot_product" in op
-
-
-def environment(threads: int) -> dict:
-    """Date, machine, versions, threads and load average, recorded with every result."""
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
-    return {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{cpu or platform.machine()}, {os.cpu_count()} CPUs",
-        "torch": torch.__version__,
-        "threads": threads,
-        "loadavg": list(os.getloadavg()),
-    }
 
 
 def workloads(smoke: bool) -> dict[str, tuple[str, dict, tuple[float, ...] | None]]:

@@ -25,7 +25,6 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # local Ray on 127.0.0.1 
 import argparse
 import dataclasses
 import logging
-import platform
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from bench_env import environment
 
 from flora_ray.config import load_config
 from flora_ray.fileio import write_checkpoint, write_json
@@ -48,18 +48,6 @@ import search_overhead
 EXPERIMENTS = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 WORKER_COUNTS = (1, 2)
-
-
-def environment() -> dict:
-    """Date, machine, versions and load average, recorded with every result."""
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
-    return {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{cpu or platform.machine()}, {os.cpu_count()} CPUs",
-        "torch": torch.__version__,
-        "loadavg": list(os.getloadavg()),
-    }
 
 
 def cpu_times() -> tuple[int, int]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import statistics
 import sys
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_env import environment
 
 import flora_ray as fr
 from flora_ray.config import Config, load_config
@@ -55,19 +55,6 @@ WORKLOADS = {
         "search.batch_size=64",
     ],
 }
-
-
-def environment(threads: int) -> dict:
-    """Date, machine, versions, threads and load average, recorded with every result."""
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
-    return {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{cpu or platform.machine()}, {os.cpu_count()} CPUs",
-        "torch": torch.__version__,
-        "threads": threads,
-        "loadavg": list(os.getloadavg()),
-    }
 
 
 def matmul_peak_gmacs_per_s(sizes: tuple[int, ...], repeats: int) -> dict:
