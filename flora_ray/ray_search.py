@@ -308,6 +308,7 @@ def _baselines_task(header: dict[str, Any], weights: dict[str, Any], dense_state
     import torch
 
     from flora_ray.models import ModelSpec
+    from flora_ray.training import accuracy
 
     evaluator = _build_evaluator(header, weights, config)
     rows = []
@@ -315,18 +316,9 @@ def _baselines_task(header: dict[str, Any], weights: dict[str, Any], dense_state
         rows.append({"ratio": ratio, "ranks": ranks, **evaluator.evaluate(ranks)})
     dense = ModelSpec.from_dict(header["model"]).create(device="meta")
     dense.load_state_dict({k: torch.from_numpy(v) for k, v in dense_state.items()}, strict=True, assign=True)
-    dense = dense.to(evaluator.device).eval()
-    with torch.no_grad():
-        correct = sum(
-            (
-                dense(evaluator.images[i : i + evaluator.batch_size].to(evaluator.device)).argmax(-1).cpu()
-                == evaluator.labels[i : i + evaluator.batch_size]
-            )
-            .sum()
-            .item()
-            for i in range(0, len(evaluator.labels), evaluator.batch_size)
-        )
-    return rows, 100.0 * correct / len(evaluator.labels)
+    images = torch.utils.data.TensorDataset(evaluator.images, evaluator.labels)
+    # The same images and batch size as every trial.
+    return rows, accuracy(dense.to(evaluator.device), images, evaluator.device, batch_size=evaluator.batch_size)
 
 
 def evaluate_baselines(
