@@ -7,12 +7,12 @@ per-block rank candidates), ``build_cost_model`` (exact MACs and parameters), ``
 
 __version__ = "0.1.0"
 
-from flora_ray.cost import CostModel, build_cost_model
-from flora_ray.export import extract_subnet, load_subnet, save_subnet
-from flora_ray.lowrank import ElasticLowRankLinear, factorize
-from flora_ray.models import ModelSpec, create_model
-from flora_ray.space import RankSpace, load_rank_file, load_reference_yaml
-from flora_ray.supernet import Supernet, build_supernet, load_supernet, save_supernet
+from flora_ray.core.cost import CostModel, build_cost_model
+from flora_ray.core.lowrank import ElasticLowRankLinear, factorize
+from flora_ray.core.models import ModelSpec, create_model
+from flora_ray.core.space import RankSpace, load_rank_file, load_reference_yaml
+from flora_ray.core.subnet import extract_subnet, load_subnet, save_subnet
+from flora_ray.core.supernet import Supernet, build_supernet, load_supernet, save_supernet
 
 __all__ = [
     "CostModel",

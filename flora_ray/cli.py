@@ -137,11 +137,11 @@ def inspect_report(
     include_proj: bool = False,
 ) -> dict[str, Any]:
     """The data ``flora-ray inspect`` prints (built on the meta device: no weights, no SVD)."""
-    from flora_ray.cost import build_cost_model
-    from flora_ray.lowrank import low_rank_is_cheaper
-    from flora_ray.models import create_model
-    from flora_ray.space import default_ratios, load_rank_file
-    from flora_ray.supernet import build_space
+    from flora_ray.core.cost import build_cost_model
+    from flora_ray.core.lowrank import low_rank_is_cheaper
+    from flora_ray.core.models import create_model
+    from flora_ray.core.space import default_ratios, load_rank_file
+    from flora_ray.core.supernet import build_space
 
     kwargs = dict(model_kwargs or {})
     dense = create_model(model, device="meta", **kwargs)
@@ -225,7 +225,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flora_ray.pipeline import PIPELINE_STAGES, claim_run_dir, run_pipeline, stage_marker
     from flora_ray.ray_train import init_ray
     from flora_ray.report import REPORT_FILE
-    from flora_ray.training import PREFLIGHT_STAGES, preflight
+    from flora_ray.training.trainer import PREFLIGHT_STAGES, preflight
 
     cfg = _load_run_config(args)
     claim_run_dir(cfg, record=False)
@@ -249,7 +249,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     from flora_ray.pipeline import claim_run_dir
     from flora_ray.ray_train import init_ray, run_stage
-    from flora_ray.training import preflight
+    from flora_ray.training.trainer import preflight
 
     cfg = _load_run_config(args)
     claim_run_dir(cfg, record=False)  # a different config's directory: refuse before anything else

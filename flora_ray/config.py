@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from flora_ray.data import DataConfig
+from flora_ray.data.datasets import DataConfig
 
 SAMPLERS = ("lowrank", "uniform", "sandwich")
 AMP_MODES = ("auto", "off", "bf16", "fp16")

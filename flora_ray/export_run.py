@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from flora_ray.config import load_config
-from flora_ray.data import build_datasets
-from flora_ray.export import load_subnet, package_versions, save_subnet
-from flora_ray.fileio import write_json
+from flora_ray.core.subnet import load_subnet, package_versions, save_subnet
+from flora_ray.core.supernet import load_supernet
+from flora_ray.data.datasets import build_datasets
 from flora_ray.results import best_under, load_front, load_trials
-from flora_ray.supernet import load_supernet
-from flora_ray.training import SUPERNET_FILE, accuracy, resolve_model_spec, teacher_source
+from flora_ray.storage.files import write_json
+from flora_ray.training.trainer import SUPERNET_FILE, accuracy, resolve_model_spec, teacher_source
 
 
 @torch.no_grad()

@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 
 from flora_ray.config import Config, config_to_dict, dump_config
-from flora_ray.fileio import read_json, write_json, write_text
 from flora_ray.report import STAGES_DIR, write_report
+from flora_ray.storage.files import read_json, write_json, write_text
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import pyarrow as pa
 import torch
 
 from flora_ray.config import Config, config_to_dict, dump_config
-from flora_ray.fileio import read_json, write_json, write_parquet, write_text
-from flora_ray.filtering import as_numpy_state, filter_block, kept_space, select
-from flora_ray.training import SPACE_FILE, full_space, provenance, resolve_model_spec, teacher_source
+from flora_ray.search.filtering import as_numpy_state, filter_block, kept_space, select
+from flora_ray.storage.files import read_json, write_json, write_parquet, write_text
+from flora_ray.training.trainer import SPACE_FILE, full_space, provenance, resolve_model_spec, teacher_source
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ BLOCKS_DIR = "filter"
 
 
 def _build(cfg: Config, teacher_state: dict[str, Any], device: torch.device):
-    from flora_ray.supernet import build_supernet
+    from flora_ray.core.supernet import build_supernet
 
     spec = resolve_model_spec(cfg)
     state = {k: torch.from_numpy(v.copy()) for k, v in teacher_state.items()}
@@ -54,7 +54,7 @@ def _filter_task(config: dict[str, Any], teacher_state: dict[str, Any], block_in
     from dataclasses import replace
 
     from flora_ray.config import build_dataclass
-    from flora_ray.data import build_datasets
+    from flora_ray.data.datasets import build_datasets
 
     cfg: Config = build_dataclass(Config, config, "")
     if cfg.run.threads_per_worker:

@@ -20,9 +20,9 @@ import pandas as pd
 import pyarrow as pa
 
 from flora_ray.config import Config, build_dataclass, config_to_dict, dump_config
-from flora_ray.fileio import atomic_path, read_checkpoint, write_json, write_parquet, write_text
+from flora_ray.core.space import RankSpace
 from flora_ray.results import PARETO_FILE, TRIALS_FILE, UNIFORM_FILE, hypervolume, pareto_mask
-from flora_ray.search import (
+from flora_ray.search.evaluator import (
     Evaluator,
     anchor_points,
     cached_evaluator,
@@ -31,8 +31,8 @@ from flora_ray.search import (
     search_batch,
     supernet_from_numpy,
 )
-from flora_ray.space import RankSpace
-from flora_ray.training import SUPERNET_FILE, provenance
+from flora_ray.storage.files import atomic_path, read_checkpoint, write_json, write_parquet, write_text
+from flora_ray.training.trainer import SUPERNET_FILE, provenance
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ SUMMARY_FILE = "search_summary.json"
 def _build_evaluator(header: dict[str, Any], weights: dict[str, Any], config: dict[str, Any]) -> Evaluator:
     import torch
 
-    from flora_ray.data import build_datasets
+    from flora_ray.data.datasets import build_datasets
 
     cfg: Config = build_dataclass(Config, config, "")
     if cfg.run.threads_per_worker:
@@ -307,8 +307,8 @@ def _baselines_task(header: dict[str, Any], weights: dict[str, Any], dense_state
     """Evaluate every uniform configuration and the dense model on the search images (one evaluator build)."""
     import torch
 
-    from flora_ray.models import ModelSpec
-    from flora_ray.training import accuracy
+    from flora_ray.core.models import ModelSpec
+    from flora_ray.training.trainer import accuracy
 
     evaluator = _build_evaluator(header, weights, config)
     rows = []
@@ -328,7 +328,7 @@ def evaluate_baselines(
     teacher's accuracy, evaluated like a trial (same images, same code) in one Ray task with a trial's resources."""
     import ray
 
-    from flora_ray.training import resolve_model_spec, teacher_source
+    from flora_ray.training.trainer import resolve_model_spec, teacher_source
 
     dense = resolve_model_spec(cfg).create(pretrained=teacher_source(cfg, cfg.run.run_dir))
     dense_state = {k: v.detach().cpu().numpy() for k, v in dense.state_dict().items()}

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from flora_ray.config import Config, config_to_dict, dump_config
-from flora_ray.fileio import write_text
-from flora_ray.training import STAGES, preflight, run_worker, save_stage_outputs
+from flora_ray.storage.files import write_text
+from flora_ray.training.trainer import STAGES, preflight, run_worker, save_stage_outputs
 
 logger = logging.getLogger(__name__)
 

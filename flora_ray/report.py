@@ -14,8 +14,8 @@ from typing import Any
 
 import pandas as pd
 
-from flora_ray.fileio import read_json, write_text
 from flora_ray.results import cheapest_within, gain_over_uniform, load_front, load_uniform
+from flora_ray.storage.files import read_json, write_text
 
 REPORT_FILE = "report.md"
 STAGES_DIR = "stages"  # one <stage>.json completion record per finished stage (written by the pipeline)

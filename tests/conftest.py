@@ -12,9 +12,9 @@ import torch
 from helpers import TINY_MODELS
 
 from flora_ray.config import load_config
-from flora_ray.fileio import write_checkpoint
-from flora_ray.models import dense_checkpoint_metadata
-from flora_ray.training import TEACHER_FILE, resolve_model_spec
+from flora_ray.core.models import dense_checkpoint_metadata
+from flora_ray.storage.files import write_checkpoint
+from flora_ray.training.trainer import TEACHER_FILE, resolve_model_spec
 
 
 @pytest.fixture(autouse=True)

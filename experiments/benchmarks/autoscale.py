@@ -1,6 +1,6 @@
 """Autoscaling on one machine: worker nodes over time, and time from demand to first evaluation.
 
-A local autoscaling cluster on Ray's ``fake_multinode`` provider (``flora_ray.fake_cluster``): a head with no CPUs,
+A local autoscaling cluster on Ray's ``fake_multinode`` provider (``flora_ray.testing.fake_cluster``): a head with no CPUs,
 one worker type ``{"CPU": 1, "accel": 1}`` from 0 to 2 nodes, idle nodes removed after 6 s. The digits-tiny run
 (random teacher) goes through its stages as ``flora-ray STAGE --address 127.0.0.1:6379`` subprocesses with
 ``scaling.accelerator=accel``: filter tasks and training workers ask for 1 ``accel`` each, search evaluators for
@@ -30,11 +30,11 @@ from typing import Any
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 from flora_ray.config import dump_config, load_config
-from flora_ray.fake_cluster import HEAD_PORT, autoscaler_config, port_in_use, start_fake_cluster
-from flora_ray.fileio import write_checkpoint, write_json
-from flora_ray.models import dense_checkpoint_metadata
+from flora_ray.core.models import dense_checkpoint_metadata
 from flora_ray.ray_search import JOURNAL_FILE
-from flora_ray.training import TEACHER_FILE, resolve_model_spec
+from flora_ray.storage.files import write_checkpoint, write_json
+from flora_ray.testing.fake_cluster import HEAD_PORT, autoscaler_config, port_in_use, start_fake_cluster
+from flora_ray.training.trainer import TEACHER_FILE, resolve_model_spec
 
 EXPERIMENTS = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"

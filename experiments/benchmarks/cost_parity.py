@@ -29,8 +29,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import flora_ray as fr
-from flora_ray.cost import CostModel, build_cost_model
-from flora_ray.fileio import write_json
+from flora_ray.core.cost import CostModel, build_cost_model
+from flora_ray.storage.files import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -52,11 +52,11 @@ from search_efficiency import (
 )
 
 from flora_ray.config import Config, config_to_dict
-from flora_ray.fileio import read_checkpoint_header, read_json, sha256_file, write_json
+from flora_ray.core.space import RankSpace
 from flora_ray.ray_search import _pyplot, _save_figure
 from flora_ray.results import cheapest_within, gain_over_uniform
-from flora_ray.space import RankSpace
-from flora_ray.training import SPACE_FILE, SUPERNET_FILE, TEACHER_FILE, resolve_model_spec
+from flora_ray.storage.files import read_checkpoint_header, read_json, sha256_file, write_json
+from flora_ray.training.trainer import SPACE_FILE, SUPERNET_FILE, TEACHER_FILE, resolve_model_spec
 
 DROPS = (0.5, 1.0)
 SOURCE_FILE = "bench_source.json"

@@ -30,8 +30,8 @@ from torch.profiler import ProfilerActivity, profile
 import flora_ray as fr
 from flora_ray.config import load_config
 from flora_ray.export_run import cpu_latency_ms
-from flora_ray.fileio import write_json
-from flora_ray.training import resolve_model_spec
+from flora_ray.storage.files import write_json
+from flora_ray.training.trainer import resolve_model_spec
 
 EXPERIMENTS = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -35,12 +35,12 @@ import torch
 from bench_env import environment
 
 from flora_ray.config import load_config
-from flora_ray.fileio import write_checkpoint, write_json
-from flora_ray.models import dense_checkpoint_metadata
+from flora_ray.core.models import dense_checkpoint_metadata
 from flora_ray.ray_search import JOURNAL_FILE, run_search
 from flora_ray.ray_train import init_ray, run_stage
 from flora_ray.results import TRIALS_FILE
-from flora_ray.training import TEACHER_FILE, resolve_model_spec
+from flora_ray.storage.files import write_checkpoint, write_json
+from flora_ray.training.trainer import TEACHER_FILE, resolve_model_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark next to this one:
 import search_overhead

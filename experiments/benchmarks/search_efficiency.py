@@ -50,15 +50,15 @@ import pandas as pd
 import torch
 
 from flora_ray.config import Config, SearchConfig, config_to_dict, dump_config, load_config
-from flora_ray.data import build_datasets
-from flora_ray.fileio import read_checkpoint, write_json, write_text
-from flora_ray.filtering import as_numpy_state
+from flora_ray.core.space import RankConfig, RankSpace
+from flora_ray.data.datasets import build_datasets
 from flora_ray.ray_filter import _filter_task, _write_outputs
 from flora_ray.ray_search import _pyplot, _save_figure
 from flora_ray.results import hypervolume, pareto_mask
-from flora_ray.search import Evaluator, anchor_points, genes_to_config, search_batch, supernet_from_numpy
-from flora_ray.space import RankConfig, RankSpace
-from flora_ray.training import (
+from flora_ray.search.evaluator import Evaluator, anchor_points, genes_to_config, search_batch, supernet_from_numpy
+from flora_ray.search.filtering import as_numpy_state
+from flora_ray.storage.files import read_checkpoint, write_json, write_text
+from flora_ray.training.trainer import (
     SPACE_FILE,
     SUPERNET_FILE,
     TEACHER_FILE,

@@ -25,11 +25,11 @@ import torch
 
 import flora_ray as fr
 from flora_ray.config import config_to_dict, load_config
-from flora_ray.fileio import write_checkpoint, write_json
-from flora_ray.models import dense_checkpoint_metadata
+from flora_ray.core.models import dense_checkpoint_metadata
 from flora_ray.ray_search import _build_evaluator, run_search
-from flora_ray.search import genes_to_config
-from flora_ray.training import SUPERNET_FILE, TEACHER_FILE, build_run_supernet, resolve_model_spec
+from flora_ray.search.evaluator import genes_to_config
+from flora_ray.storage.files import write_checkpoint, write_json
+from flora_ray.training.trainer import SUPERNET_FILE, TEACHER_FILE, build_run_supernet, resolve_model_spec
 
 EXPERIMENTS = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,7 +58,7 @@ def prepare_run(trials: int, eval_images: int, out: Path):
 
 def plain_optuna(cfg, supernet) -> tuple[float, float]:
     """Wall seconds and seconds inside evaluate() of an ask/tell NSGA-II loop in this process."""
-    from flora_ray.fileio import read_checkpoint
+    from flora_ray.storage.files import read_checkpoint
 
     tensors, header = read_checkpoint(cfg.run.run_dir / SUPERNET_FILE)
     evaluator = _build_evaluator(header, {k: v.numpy() for k, v in tensors.items()}, config_to_dict(cfg))

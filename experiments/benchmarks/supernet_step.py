@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import flora_ray as fr
-from flora_ray.fileio import write_json
-from flora_ray.optim import build_optimizer
+from flora_ray.storage.files import write_json
+from flora_ray.training.optim import build_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -30,10 +30,10 @@ from bench_env import environment
 
 import flora_ray as fr
 from flora_ray.config import Config, load_config
-from flora_ray.fileio import write_checkpoint, write_json
-from flora_ray.models import dense_checkpoint_metadata
-from flora_ray.search import Evaluator, search_batch
-from flora_ray.training import TEACHER_FILE, LocalSession, _Loop, resolve_model_spec
+from flora_ray.core.models import dense_checkpoint_metadata
+from flora_ray.search.evaluator import Evaluator, search_batch
+from flora_ray.storage.files import write_checkpoint, write_json
+from flora_ray.training.trainer import TEACHER_FILE, LocalSession, _Loop, resolve_model_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark next to this one:
 import supernet_step

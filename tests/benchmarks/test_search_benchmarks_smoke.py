@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from flora_ray.fileio import read_checkpoint_header
 from flora_ray.results import cheapest_within, hypervolume, pareto_mask
+from flora_ray.storage.files import read_checkpoint_header
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks"
 

@@ -13,9 +13,9 @@ from conftest import DIGITS_OVERRIDES
 
 from flora_ray.cli import main
 from flora_ray.config import config_to_dict, load_config
-from flora_ray.fileio import write_json
 from flora_ray.pipeline import RUN_CONFIG_FILE
-from flora_ray.training import SPACE_FILE, SUPERNET_FILE, TEACHER_FILE, full_space
+from flora_ray.storage.files import write_json
+from flora_ray.training.trainer import SPACE_FILE, SUPERNET_FILE, TEACHER_FILE, full_space
 
 
 def _free_port() -> int:

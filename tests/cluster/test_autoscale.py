@@ -1,4 +1,4 @@
-"""Autoscaling with Ray's real autoscaler: a local ``fake_multinode`` cluster (``flora_ray.fake_cluster``).
+"""Autoscaling with Ray's real autoscaler: a local ``fake_multinode`` cluster (``flora_ray.testing.fake_cluster``).
 
 The head has no CPUs and no accelerator; the only worker type has ``{"CPU": 1, "accel": 1}`` and starts at zero
 nodes. Supernet training (two workers asking for ``scaling.accelerator=accel``) and then the search (evaluators
@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 
 from flora_ray.config import dump_config
-from flora_ray.fake_cluster import HEAD_PORT, port_in_use, start_fake_cluster
 from flora_ray.results import TRIALS_FILE
-from flora_ray.training import SUPERNET_FILE
+from flora_ray.testing.fake_cluster import HEAD_PORT, port_in_use, start_fake_cluster
+from flora_ray.training.trainer import SUPERNET_FILE
 
 pytestmark = pytest.mark.slow
 

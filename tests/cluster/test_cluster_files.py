@@ -8,7 +8,7 @@ Google API client and cloud credentials, so it is not run here. Then flora-ray's
 accelerator or CPUs for work, worker types that advertise the accelerator the code asks for and start from zero,
 spot / preemptible workers, the installed Ray and Python in the image, PyTorch pinned. The autoscaler's
 bin-packing (``get_nodes_for``) must place the demands the code builds on those worker types. The KubeRay
-``RayJob`` is checked for its structure, and the autoscaler config ``flora_ray.fake_cluster`` writes for the local
+``RayJob`` is checked for its structure, and the autoscaler config ``flora_ray.testing.fake_cluster`` writes for the local
 autoscaling test against Ray's schema. Each check must also reject a deliberately broken copy.
 """
 
@@ -29,9 +29,9 @@ from ray.autoscaler._private.resource_demand_scheduler import _default_utilizati
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from flora_ray.config import ScalingConfig, load_config
-from flora_ray.fake_cluster import WORKER_NODE_TYPE, autoscaler_config
 from flora_ray.ray_search import _trial_resources
 from flora_ray.ray_train import scaling_config
+from flora_ray.testing.fake_cluster import WORKER_NODE_TYPE, autoscaler_config
 
 CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
 EXPERIMENTS = CLUSTER.parent / "experiments"
@@ -201,7 +201,7 @@ def test_broken_launcher_file_fails(name, case):
 
 
 def test_fake_cluster_config_passes_ray_validation():
-    """The autoscaler config flora_ray.fake_cluster writes for the local autoscaling tests."""
+    """The autoscaler config flora_ray.testing.fake_cluster writes for the local autoscaling tests."""
     config = autoscaler_config({"CPU": 1, "accel": 1}, max_workers=2, idle_timeout_minutes=0.1)
     jsonschema.validate(config, ray_schema())  # a fractional idle timeout is allowed ("number")
     validate_config(config)

@@ -16,9 +16,9 @@ from helpers import (
 from torch.utils.flop_counter import FlopCounterMode
 
 import flora_ray as fr
-from flora_ray.cost import build_cost_model
-from flora_ray.space import load_reference_yaml
-from flora_ray.supernet import build_space
+from flora_ray.core.cost import build_cost_model
+from flora_ray.core.space import load_reference_yaml
+from flora_ray.core.supernet import build_space
 
 
 def counted_macs(model, x):

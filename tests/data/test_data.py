@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flora_ray.data import (
+from flora_ray.data.datasets import (
     DataConfig,
     InMemoryImageDataset,
     build_datasets,
@@ -17,7 +17,7 @@ from flora_ray.data import (
     load_digits,
     make_loader,
 )
-from flora_ray.fashion_mnist import FASHION_MNIST_DIRS, find_fashion_mnist, load_fashion_mnist
+from flora_ray.data.fashion_mnist import FASHION_MNIST_DIRS, find_fashion_mnist, load_fashion_mnist
 
 # --- DataConfig -------------------------------------------------------------------------------------------------
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flora_ray.data import DataConfig, build_datasets
-from flora_ray.fashion_mnist import FASHION_MNIST_DIRS, find_fashion_mnist, load_fashion_mnist, read_idx
+from flora_ray.data.datasets import DataConfig, build_datasets
+from flora_ray.data.fashion_mnist import FASHION_MNIST_DIRS, find_fashion_mnist, load_fashion_mnist, read_idx
 
 DTYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D}
 

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import flora_ray as fr
-from flora_ray.export import SPEC_FILE, WEIGHTS_FILE
-from flora_ray.lowrank import ElasticLowRankLinear
+from flora_ray.core.lowrank import ElasticLowRankLinear
+from flora_ray.core.subnet import SPEC_FILE, WEIGHTS_FILE
 
 
 def test_extracted_subnet_equals_supernet_and_leaves_it_intact(tiny_model):
@@ -52,13 +52,13 @@ def test_extract_uses_the_cheaper_form_per_layer():
 LOAD_IN_FRESH_PROCESS = """
 import sys, torch
 from safetensors.torch import load_file, save_file
-from flora_ray.export import load_subnet
+from flora_ray.core.subnet import load_subnet
 model = load_subnet(sys.argv[1])
 assert not any(type(m).__module__.startswith("flora_ray") for m in model.modules()), "flora_ray module in export"
 x = load_file(sys.argv[2])["x"]
 with torch.no_grad():
     save_file({"y": model(x)}, sys.argv[3])
-print("supernet built:", "flora_ray.supernet" in sys.modules and "build_supernet" in dir(sys.modules["flora_ray.supernet"]))
+print("supernet built:", "flora_ray.core.supernet" in sys.modules and "build_supernet" in dir(sys.modules["flora_ray.core.supernet"]))
 """
 
 

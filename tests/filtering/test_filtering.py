@@ -14,11 +14,11 @@ from helpers import TINY_MODELS, input_for
 
 import flora_ray as fr
 from flora_ray.config import FilterConfig
-from flora_ray.data import build_datasets
-from flora_ray.filtering import filter_block, local_space, score_candidates, select, split_forward
-from flora_ray.sampling import BlockwiseSampler
-from flora_ray.space import RankSpace
-from flora_ray.training import SPACE_FILE, build_run_supernet
+from flora_ray.core.space import RankSpace
+from flora_ray.data.datasets import build_datasets
+from flora_ray.search.filtering import filter_block, local_space, score_candidates, select, split_forward
+from flora_ray.training.sampling import BlockwiseSampler
+from flora_ray.training.trainer import SPACE_FILE, build_run_supernet
 
 
 @pytest.mark.parametrize("family", ["vit", "swin_padded", "deit_distilled"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from flora_ray.lowrank import ElasticLowRankLinear, build_static_layer, factorize, low_rank_is_cheaper
+from flora_ray.core.lowrank import ElasticLowRankLinear, build_static_layer, factorize, low_rank_is_cheaper
 
 
 def _linear(d_in, d_out, bias=True):

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from flora_ray import build_supernet, create_model
-from flora_ray.fileio import write_checkpoint
-from flora_ray.models import ModelSpec, dense_checkpoint_metadata
+from flora_ray.core.models import ModelSpec, dense_checkpoint_metadata
+from flora_ray.storage.files import write_checkpoint
 
 NAME = "test_vit"
 HUB_REPO_DIR = "models--timm--test_vit.r160_in1k"

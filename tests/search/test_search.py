@@ -19,7 +19,7 @@ from helpers import TINY_MODELS, input_for
 import flora_ray as fr
 from flora_ray.config import config_to_dict
 from flora_ray.results import PARETO_FILE, TRIALS_FILE, UNIFORM_FILE
-from flora_ray.search import (
+from flora_ray.search.evaluator import (
     Evaluator,
     anchor_points,
     cached_evaluator,
@@ -29,7 +29,7 @@ from flora_ray.search import (
     supernet_from_numpy,
     uniform_points,
 )
-from flora_ray.training import SUPERNET_FILE, LocalSession, run_worker
+from flora_ray.training.trainer import SUPERNET_FILE, LocalSession, run_worker
 
 DOCUMENTED_COLUMNS = {
     "trial",
@@ -115,10 +115,10 @@ def searched_run(digits_config, tmp_path):
     session = LocalSession(tmp_path / "ckpt")
     payload = {"config": config_to_dict(cfg), "stage": "pretrain", "run_dir": str(cfg.run.run_dir)}
     run_worker(payload, session)
-    from flora_ray.training import save_stage_outputs
+    from flora_ray.training.trainer import save_stage_outputs
 
     save_stage_outputs(tmp_path / "ckpt" / "latest", cfg.run.run_dir, "pretrain")
-    from flora_ray.training import build_run_supernet
+    from flora_ray.training.trainer import build_run_supernet
 
     supernet, _ = build_run_supernet(cfg, cfg.run.run_dir)
     fr.save_supernet(supernet, cfg.run.run_dir / SUPERNET_FILE)

@@ -6,8 +6,8 @@ import pytest
 from helpers import DEIT_B_SVD_CONFIG, DEIT_S_SVD_CONFIG, TINY_MODELS, write_reference_yaml
 
 import flora_ray as fr
-from flora_ray.space import EIGHTHS, SIXTHS, RankSpace, load_rank_file, load_reference_yaml, rank_for_ratio
-from flora_ray.supernet import build_space
+from flora_ray.core.space import EIGHTHS, SIXTHS, RankSpace, load_rank_file, load_reference_yaml, rank_for_ratio
+from flora_ray.core.supernet import build_space
 
 
 def _space(name, kwargs=None):

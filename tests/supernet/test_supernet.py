@@ -9,8 +9,8 @@ from helpers import TINY_MODELS, input_for, random_config
 from torch import nn
 
 import flora_ray as fr
-from flora_ray.lowrank import ElasticLowRankLinear
-from flora_ray.supernet import load_supernet, save_supernet
+from flora_ray.core.lowrank import ElasticLowRankLinear
+from flora_ray.core.supernet import load_supernet, save_supernet
 
 
 def _assert_close_rel(actual, expected, rel=1e-5):

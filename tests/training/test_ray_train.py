@@ -13,7 +13,7 @@ import yaml
 
 import flora_ray as fr
 from flora_ray.config import config_to_dict
-from flora_ray.supernet import load_supernet
+from flora_ray.core.supernet import load_supernet
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def test_two_workers_train_the_same_subnet_every_step(local_ray, digits_config, 
 
 def test_pretrain_on_ray_writes_a_teacher_build_supernet_loads(local_ray, digits_config):
     from flora_ray.ray_train import run_stage
-    from flora_ray.training import resolve_model_spec
+    from flora_ray.training.trainer import resolve_model_spec
 
     cfg = digits_config("pretrain.epochs=1", "scaling.num_workers=2")
     outcome = run_stage(cfg, "pretrain")

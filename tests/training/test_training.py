@@ -10,9 +10,9 @@ from scipy.stats import chisquare
 
 import flora_ray as fr
 from flora_ray.config import config_to_dict
-from flora_ray.optim import distillation_loss, param_groups, soft_cross_entropy
-from flora_ray.sampling import BlockwiseSampler, SandwichSampler, build_sampler, config_digest, step_generator
-from flora_ray.training import LocalSession, probe_configs, resolve_space, run_worker
+from flora_ray.training.optim import distillation_loss, param_groups, soft_cross_entropy
+from flora_ray.training.sampling import BlockwiseSampler, SandwichSampler, build_sampler, config_digest, step_generator
+from flora_ray.training.trainer import LocalSession, probe_configs, resolve_space, run_worker
 
 
 def _space():
@@ -158,7 +158,7 @@ def test_space_file_for_another_model_is_rejected(digits_config, with_teacher, t
     full = _space()  # a different model (embed 48, 32 px)
     full.save(tmp_path / "other.json")
     cfg2 = digits_config(f"train.space_file={tmp_path / 'other.json'}")
-    from flora_ray.training import build_run_supernet
+    from flora_ray.training.trainer import build_run_supernet
 
     with_teacher(cfg2)
     with pytest.raises(ValueError, match="was made for another model"):

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from flora_ray.cost import CostModel, build_cost_model
-from flora_ray.fileio import read_checkpoint, read_checkpoint_header, write_checkpoint
-from flora_ray.lowrank import SV_PLACEMENTS, ElasticLowRankLinear
-from flora_ray.models import ModelSpec, load_state_dict_strict
-from flora_ray.space import RankConfig, RankSpace
-from flora_ray.surgery import find_targets, swap_modules
+from flora_ray.core.cost import CostModel, build_cost_model
+from flora_ray.core.lowrank import SV_PLACEMENTS, ElasticLowRankLinear
+from flora_ray.core.models import ModelSpec, load_state_dict_strict
+from flora_ray.core.space import RankConfig, RankSpace
+from flora_ray.core.surgery import find_targets, swap_modules
+from flora_ray.storage.files import read_checkpoint, read_checkpoint_header, write_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from flora_ray.config import FilterConfig
-from flora_ray.optim import build_optimizer, build_scheduler, soft_cross_entropy
-from flora_ray.sampling import BlockwiseSampler, step_generator
-from flora_ray.space import RankSpace
-from flora_ray.supernet import Supernet
+from flora_ray.core.space import RankSpace
+from flora_ray.core.supernet import Supernet
+from flora_ray.training.optim import build_optimizer, build_scheduler, soft_cross_entropy
+from flora_ray.training.sampling import BlockwiseSampler, step_generator
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ this module writes the autoscaler config itself and owns exactly the processes i
   their own but stay in the session);
 * if the process that started the head dies, the kernel sends the head SIGTERM (``PR_SET_PDEATHSIG``), and it
   stops its own processes;
-* ``watch`` (``python -m flora_ray.fake_cluster watch``) samples the alive nodes and the autoscaler's pending
+* ``watch`` (``python -m flora_ray.testing.fake_cluster watch``) samples the alive nodes and the autoscaler's pending
   demand from the GCS into a JSON-lines file, one line per sample.
 
 The provider dials the GCS on the default port, so the head always listens on 127.0.0.1:6379: one such cluster
@@ -177,7 +177,7 @@ class FakeCluster:
         if self._watcher is not None:
             return
         self.watch_path.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "flora_ray.fake_cluster", "watch", "--address", self.address]
+        command = [sys.executable, "-m", "flora_ray.testing.fake_cluster", "watch", "--address", self.address]
         command += ["--out", str(self.watch_path), "--interval", str(interval_s)]
         log = open(self.workdir / "watch.log", "ab")  # noqa: SIM115 - the child holds it open
         self._watcher = subprocess.Popen(
@@ -463,8 +463,8 @@ def watch(address: str, out: Path, interval_s: float, max_failures: int = 20) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m flora_ray.fake_cluster watch --address A --out FILE``."""
-    parser = argparse.ArgumentParser(prog="python -m flora_ray.fake_cluster")
+    """``python -m flora_ray.testing.fake_cluster watch --address A --out FILE``."""
+    parser = argparse.ArgumentParser(prog="python -m flora_ray.testing.fake_cluster")
     sub = parser.add_subparsers(dest="command", required=True)
     watch_parser = sub.add_parser("watch", help="sample alive nodes and demand into a JSON-lines file")
     watch_parser.add_argument("--address", default=ADDRESS)

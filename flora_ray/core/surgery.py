@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from flora_ray.lowrank import ElasticLowRankLinear
-from flora_ray.models import detect_family
+from flora_ray.core.lowrank import ElasticLowRankLinear
+from flora_ray.core.models import detect_family
 
 FilterFn = Callable[[nn.Module, str], bool]
 ReplaceFn = Callable[[nn.Module, str], nn.Module]

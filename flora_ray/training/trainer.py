@@ -27,13 +27,13 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from flora_ray.config import Config, build_dataclass
-from flora_ray.data import build_datasets
-from flora_ray.fileio import read_checkpoint, read_checkpoint_header, write_checkpoint, write_json
-from flora_ray.models import ModelSpec, dense_checkpoint_metadata, load_state_dict_strict
-from flora_ray.optim import build_optimizer, build_scheduler, distillation_loss
-from flora_ray.sampling import build_sampler, config_digest, step_generator
-from flora_ray.space import RankSpace
-from flora_ray.supernet import Supernet, build_supernet
+from flora_ray.core.models import ModelSpec, dense_checkpoint_metadata, load_state_dict_strict
+from flora_ray.core.space import RankSpace
+from flora_ray.core.supernet import Supernet, build_supernet
+from flora_ray.data.datasets import build_datasets
+from flora_ray.storage.files import read_checkpoint, read_checkpoint_header, write_checkpoint, write_json
+from flora_ray.training.optim import build_optimizer, build_scheduler, distillation_loss
+from flora_ray.training.sampling import build_sampler, config_digest, step_generator
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +153,8 @@ def build_run_supernet(cfg: Config, run_dir: Path, device: torch.device | str = 
 
 def full_space(cfg: Config) -> RankSpace:
     """The run's unfiltered rank space, from the model built on the meta device (no weights, no SVD)."""
-    from flora_ray.models import create_model
-    from flora_ray.supernet import build_space
+    from flora_ray.core.models import create_model
+    from flora_ray.core.supernet import build_space
 
     spec = resolve_model_spec(cfg)
     return build_space(
@@ -169,7 +169,7 @@ def full_space(cfg: Config) -> RankSpace:
 def provenance(cfg: Config, seed: int | None = None, **extra: str) -> dict[str, str]:
     """Parquet key-value metadata of a run's results: config, seed, model, data set and package versions."""
     from flora_ray.config import config_to_dict
-    from flora_ray.export import package_versions
+    from flora_ray.core.subnet import package_versions
 
     return {
         "flora_ray.config": json.dumps(config_to_dict(cfg)),
@@ -186,7 +186,7 @@ def preflight(cfg: Config, stage: str) -> None:
     if stage not in PREFLIGHT_STAGES:
         raise ValueError(f"stage {stage!r} is not one of {PREFLIGHT_STAGES}")
     spec = resolve_model_spec(cfg)
-    from flora_ray.models import create_model
+    from flora_ray.core.models import create_model
 
     create_model(spec.name, device="meta", **spec.kwargs)  # unknown model or kwargs: fail here, not in a worker
     pretrained = cfg.model.pretrained

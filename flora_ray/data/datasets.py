@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from flora_ray.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+from flora_ray.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 
 logger = logging.getLogger(__name__)
 

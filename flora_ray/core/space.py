@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from flora_ray.fileio import read_json, write_json
-from flora_ray.surgery import TargetLayer
+from flora_ray.core.surgery import TargetLayer
+from flora_ray.storage.files import read_json, write_json
 
 SPACE_FORMAT = "flora-ray/space"
 SPACE_VERSION = 1

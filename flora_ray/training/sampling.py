@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from flora_ray.space import RankConfig, RankSpace
+from flora_ray.core.space import RankConfig, RankSpace
 
 
 def step_generator(seed: int, epoch: int, step: int) -> np.random.Generator:

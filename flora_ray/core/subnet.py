@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from flora_ray import __version__
-from flora_ray.fileio import read_checkpoint, read_json, sha256_file, write_checkpoint, write_json
-from flora_ray.lowrank import build_static_layer, low_rank_is_cheaper
-from flora_ray.models import ModelSpec, load_state_dict_strict
-from flora_ray.supernet import Supernet
-from flora_ray.surgery import swap_modules
+from flora_ray.core.lowrank import build_static_layer, low_rank_is_cheaper
+from flora_ray.core.models import ModelSpec, load_state_dict_strict
+from flora_ray.core.supernet import Supernet
+from flora_ray.core.surgery import swap_modules
+from flora_ray.storage.files import read_checkpoint, read_json, sha256_file, write_checkpoint, write_json
 
 SUBNET_FORMAT = "flora-ray/subnet"
 WEIGHTS_FILE = "model.safetensors"

@@ -23,7 +23,7 @@ import timm
 import torch
 from torch import nn
 
-from flora_ray.fileio import read_checkpoint
+from flora_ray.storage.files import read_checkpoint
 
 logger = logging.getLogger(__name__)
 

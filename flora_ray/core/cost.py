@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from flora_ray.lowrank import ElasticLowRankLinear, low_rank_is_cheaper
+from flora_ray.core.lowrank import ElasticLowRankLinear, low_rank_is_cheaper
 
 
 @dataclass(frozen=True)

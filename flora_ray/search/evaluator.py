@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from flora_ray.models import ModelSpec
-from flora_ray.space import RankConfig, RankSpace
-from flora_ray.supernet import Supernet, elastic_skeleton
+from flora_ray.core.models import ModelSpec
+from flora_ray.core.space import RankConfig, RankSpace
+from flora_ray.core.supernet import Supernet, elastic_skeleton
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Test and benchmark harnesses (never imported by the library): a local autoscaling cluster, fault injection."""
