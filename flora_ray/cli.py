@@ -7,15 +7,17 @@ one line on stderr, ``flora-ray: error: ...``, and exit code 2, with no tracebac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+STAGE_COMMANDS = ("pretrain", "filter", "train", "search")  # export and report have commands of their own
 
 # Local Ray binds every component to 127.0.0.1 only when this is set before Ray starts.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -82,12 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_arguments(run)
     run.set_defaults(func=cmd_run)
-    for name, text in (
-        ("pretrain", "train the dense teacher on the configured data (Ray Train)"),
-        ("filter", "filter each block's rank candidates with local supernets (Ray tasks)"),
-        ("search", "NSGA-II search of the (filtered) space with Ray Tune; Pareto front to Parquet"),
-        ("train", "train the FLORA supernet by distillation from the teacher (Ray Train)"),
-    ):
+    from flora_ray.stages import STAGES
+
+    for name in STAGE_COMMANDS:
+        text = STAGES[name].help
         stage = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         _add_run_arguments(stage)
         stage.set_defaults(func=cmd_stage, stage=name)
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from flora_ray.export_run import export_from_run
+    from flora_ray.stages.export import export_from_run
 
     report = export_from_run(args.run_dir, args.trial, args.max_macs, args.output, args.threads)
     lat = report["latency"]
@@ -127,57 +127,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--address", help="Ray cluster to join (auto, ray://host:10001, host:6379); default: local Ray on 127.0.0.1"
     )
     parser.add_argument("--output", help="parent directory of the run directory (overrides run.output_dir)")
-
-
-def inspect_report(
-    model: str,
-    ranks_file: str | None = None,
-    ratio: float | None = None,
-    model_kwargs: dict[str, Any] | None = None,
-    include_proj: bool = False,
-) -> dict[str, Any]:
-    """The data ``flora-ray inspect`` prints (built on the meta device: no weights, no SVD)."""
-    from flora_ray.core.cost import build_cost_model
-    from flora_ray.core.lowrank import low_rank_is_cheaper
-    from flora_ray.core.models import create_model
-    from flora_ray.core.space import default_ratios, load_rank_file
-    from flora_ray.core.supernet import build_space
-
-    kwargs = dict(model_kwargs or {})
-    dense = create_model(model, device="meta", **kwargs)
-    ratios = sorted(set(default_ratios(model)) | ({ratio} if ratio else set()))
-    space = build_space(dense, ratios=ratios, include_proj=include_proj, model_name=model)
-    cost = build_cost_model(dense)
-    if ranks_file:
-        ranks = load_rank_file(ranks_file, space)
-    elif ratio:
-        ranks = space.uniform(ratio)
-    else:
-        ranks = space.largest()
-    layers = []
-    for layer in space.layers:
-        rank = ranks[layer.fqn]
-        layers.append(
-            {
-                "fqn": layer.fqn,
-                "in_features": layer.in_features,
-                "out_features": layer.out_features,
-                "rank": rank,
-                "max_rank": layer.max_rank,
-                "form": "low_rank" if low_rank_is_cheaper(layer.in_features, layer.out_features, rank) else "dense",
-                "macs": cost.layer_macs(layer.fqn, rank),
-            }
-        )
-    img_size = dense.patch_embed.img_size
-    return {
-        "model": model,
-        "img_size": list(img_size),
-        "macs": cost.macs(ranks),
-        "params": cost.params(ranks),
-        "dense_macs": cost.dense_macs,
-        "dense_params": cost.dense_params,
-        "layers": layers,
-    }
+    parser.add_argument(
+        "--backend",
+        choices=("ray", "local"),
+        default="ray",
+        help="ray (default: Ray Train, tasks and Tune) or local (everything in this process, no Ray)",
+    )
 
 
 def format_inspect(report: dict[str, Any]) -> str:
@@ -205,7 +160,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for key, value in (("img_size", args.img_size), ("num_classes", args.num_classes), ("in_chans", args.in_chans))
         if value is not None
     }
-    report = inspect_report(args.model, args.ranks, args.ratio, kwargs, args.include_proj)
+    from flora_ray.core.inspection import inspect_model
+
+    report = inspect_model(args.model, args.ranks, args.ratio, kwargs, args.include_proj)
     print(json.dumps(report) if args.json else format_inspect(report))
     return 0
 
@@ -219,73 +176,88 @@ def _load_run_config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _backend(args: argparse.Namespace) -> Iterator[Any]:
+    """The backend the command asked for: Ray (local on 127.0.0.1, or ``--address``) or in-process."""
+    if args.backend == "local":
+        if args.address:
+            raise ValueError("--address joins a Ray cluster; it cannot be combined with --backend local")
+        from flora_ray.backends.local import LocalBackend
+
+        yield LocalBackend()
+        return
     import ray
 
-    from flora_ray.pipeline import PIPELINE_STAGES, claim_run_dir, run_pipeline, stage_marker
-    from flora_ray.ray_train import init_ray
-    from flora_ray.report import REPORT_FILE
-    from flora_ray.training.trainer import PREFLIGHT_STAGES, preflight
+    from flora_ray.backends.ray import RayBackend, init_ray
 
-    cfg = _load_run_config(args)
-    claim_run_dir(cfg, record=False)
-    # Check the inputs of the first unfinished stage (model, data, checkpoints) before Ray starts.
-    todo = [s for s in PIPELINE_STAGES if stage_marker(cfg.run.run_dir, s) is None and s in PREFLIGHT_STAGES]
-    preflight(cfg, todo[0] if todo else "pretrain")
-    claim_run_dir(cfg)
     started_here = not ray.is_initialized() and args.address is None
     init_ray(args.address)
     try:
-        run_pipeline(cfg)
+        yield RayBackend()
     finally:
         if started_here:
             ray.shutdown()
-    print((cfg.run.run_dir / REPORT_FILE).read_text())
+
+
+def _prepare(args: argparse.Namespace, stages: Sequence[str]):
+    """Load the configuration, refuse another configuration's run and check the inputs of the first unfinished
+    stage, then record the configuration: all before any backend starts."""
+    from flora_ray.pipeline import stage_marker
+    from flora_ray.stages import STAGES
+    from flora_ray.stages.inputs import claim_run
+    from flora_ray.stages.preflight import preflight
+
+    cfg = _load_run_config(args)
+    store = claim_run(cfg, record=False)
+    checked = [s for s in stages if STAGES[s].preflight]
+    unfinished = [s for s in checked if stage_marker(store, s) is None]
+    if checked:
+        preflight(cfg, (unfinished or checked)[0], store)
+    return cfg, claim_run(cfg)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flora_ray.pipeline import run_pipeline
+    from flora_ray.stages import STAGES
+    from flora_ray.storage.run_store import ARTEFACTS
+
+    cfg, store = _prepare(args, list(STAGES))
+    with _backend(args) as backend:
+        run_pipeline(cfg, backend)
+    print(store.read_text(ARTEFACTS.report))
     return 0
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    import ray
+    from flora_ray.pipeline import run_stage
 
-    from flora_ray.pipeline import claim_run_dir
-    from flora_ray.ray_train import init_ray, run_stage
-    from flora_ray.training.trainer import preflight
-
-    cfg = _load_run_config(args)
-    claim_run_dir(cfg, record=False)  # a different config's directory: refuse before anything else
-    preflight(cfg, args.stage)
-    claim_run_dir(cfg)
-    started_here = not ray.is_initialized() and args.address is None
-    init_ray(args.address)
-    try:
-        if args.stage == "filter":
-            from flora_ray.ray_filter import run_filter
-
-            summary = run_filter(cfg)
-            print(
-                f"filter ({cfg.filter.mode}): done in {summary['seconds']:.0f} s; kept {summary['kept_per_block']} of "
-                f"{summary['candidates_per_block'][0]} candidates per block; space {summary['configs_before']:.3g} -> "
-                f"{summary['configs_after']:.3g} configurations\n  {summary['space']}\n  {summary['scores']}"
-            )
-            return 0
-        if args.stage == "search":
-            from flora_ray.ray_search import run_search
-
-            summary = run_search(cfg)
-            print(
-                f"search: {summary['complete']}/{summary['trials']} trials complete ({summary['failed']} failed) in "
-                f"{summary['seconds']:.0f} s ({summary['trials_per_second']:.2f} trials/s); front of "
-                f"{summary['front_size']}, hypervolume {summary['hypervolume']:.4g}\n  {cfg.run.run_dir}/pareto.parquet"
-            )
-            return 0
-        outcome = run_stage(cfg, args.stage)
-    finally:
-        if started_here:
-            ray.shutdown()
-    metrics = {k: v for k, v in outcome["metrics"].items() if isinstance(v, int | float)}
-    print(f"{args.stage}: done in {outcome['seconds']:.0f} s -> {outcome['output']}")
-    print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    cfg, _ = _prepare(args, [args.stage])
+    with _backend(args) as backend:
+        marker = run_stage(cfg, args.stage, backend)
+    print(format_summary(args.stage, marker["summary"], marker["seconds"]))
     return 0
+
+
+def format_summary(stage: str, summary: dict[str, Any], seconds: float) -> str:
+    """What a stage command prints when it finishes."""
+    if "skipped" in summary:
+        return f"{stage}: skipped ({summary['skipped']})"
+    if stage == "filter":
+        return (
+            f"filter: done in {seconds:.0f} s; kept {summary['kept_per_block']} of "
+            f"{summary['candidates_per_block'][0]} candidates per block; space {summary['configs_before']:.3g} -> "
+            f"{summary['configs_after']:.3g} configurations\n  {summary['space']}\n  {summary['scores']}"
+        )
+    if stage == "search":
+        return (
+            f"search: {summary['complete']}/{summary['trials']} trials complete ({summary['failed']} failed) in "
+            f"{summary['seconds']:.0f} s ({summary['trials_per_second']:.2f} trials/s); front of "
+            f"{summary['front_size']}, hypervolume {summary['hypervolume']:.4g}"
+        )
+    metrics = ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.get("metrics", {}).items()
+    )
+    return f"{stage}: done in {seconds:.0f} s -> {summary.get('output', '')}\n  {metrics}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,12 +4,17 @@
 overrides (values parsed as YAML), checks every key against the schema (an unknown key is an error naming the
 closest valid one) and every value against its type and range. ``config_to_dict`` gives the plain dict that is
 dumped next to every result.
+
+Whether a key changes the results is metadata on its field: ``SPEED_ONLY`` marks the keys (or whole sections) that
+only change speed or placement, and ``changed_result_keys`` compares two configurations by it. Parsing a config
+imports neither torch nor the data layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
 import os
 import types
 import typing
@@ -20,15 +25,32 @@ from typing import Any
 
 import yaml
 
-from flora_ray.data.datasets import DataConfig
-
 SAMPLERS = ("lowrank", "uniform", "sandwich")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+DATASET_NAMES = ("fashion_mnist", "digits", "imagefolder")
+# Field metadata: ``field(default=..., metadata=SPEED_ONLY)`` marks a key that changes speed or placement but not
+# the results (it may differ between commands on one run directory); on a section it covers every key in it. A field
+# without the metadata affects the results.
+AFFECTS_RESULTS = "affects_results"
+SPEED_ONLY = types.MappingProxyType({AFFECTS_RESULTS: False})
 
 
 def _check(condition: bool, name: str, value: Any, allowed: str) -> None:
     if not condition:
         raise ValueError(f"{name}={value!r} is invalid: {allowed}")
+
+
+def _section(config: Any) -> str:
+    """The YAML section of an optimisation recipe: ``PretrainConfig`` -> ``pretrain``."""
+    return type(config).__name__.removesuffix("Config").lower()
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy integers included
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy floats included
 
 
 @dataclass(frozen=True)
@@ -66,8 +88,74 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Which data to load and how to split and transform it.
+
+    Attributes:
+        name: ``fashion_mnist``, ``digits`` or ``imagefolder``.
+        root: Data directory. Fashion-MNIST: the idx files (or a torchvision download directory); defaults to the
+            first of ``flora_ray.data.fashion_mnist.FASHION_MNIST_DIRS`` that exists. Image folders: ``root/train/<class>/*``,
+            ``root/val/<class>/*`` (required). Ignored for digits.
+        img_size: Side of the square images the model sees.
+        in_chans: 1 or 3; grey images are replicated to 3 channels. Image folders need 3.
+        search_fraction: Fraction of each class of the training data carved out as the search split, in (0, 1).
+        search_per_class: Images per class in the search split; overrides ``search_fraction`` when set.
+        seed: Seed of the search split and the train subset.
+        train_subset: Fraction in (0, 1] of the remaining training data kept (seeded, class-balanced).
+        augment: Augment the train split (never search or test).
+        mean: Per-channel normalisation mean (1 or ``in_chans`` values); ``None`` for the dataset's default.
+        std: Per-channel normalisation std, as ``mean``.
+    """
+
+    name: str = "fashion_mnist"
+    root: str | None = None
+    img_size: int = 224
+    in_chans: int = 3
+    search_fraction: float = 0.1
+    search_per_class: int | None = None
+    seed: int = 0
+    train_subset: float | None = None
+    augment: bool = True
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # Built directly by library users too (not only from YAML), so the types are checked here as well.
+        if isinstance(self.root, os.PathLike):
+            object.__setattr__(self, "root", os.fspath(self.root))
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if isinstance(value, list | tuple) and all(map(_is_real, value)):
+                object.__setattr__(self, key, tuple(float(v) for v in value))
+        folder = self.name == "imagefolder"
+        _check(self.name in DATASET_NAMES, "data.name", self.name, f"must be one of {list(DATASET_NAMES)}")
+        _check(self.root is None or isinstance(self.root, str), "data.root", self.root, "must be a path or None")
+        _check(not folder or self.root is not None, "data.root", self.root, "must be a path for imagefolder")
+        _check(
+            _is_int(self.img_size) and self.img_size >= 1, "data.img_size", self.img_size, "must be a positive integer"
+        )
+        _check(_is_int(self.in_chans) and self.in_chans in (1, 3), "data.in_chans", self.in_chans, "must be 1 or 3")
+        _check(not folder or self.in_chans == 3, "data.in_chans", self.in_chans, "must be 3 for imagefolder")
+        fraction, per_class, subset = self.search_fraction, self.search_per_class, self.train_subset
+        _check(_is_real(fraction) and 0 < fraction < 1, "data.search_fraction", fraction, "must be a number in (0, 1)")
+        per_class_ok = per_class is None or (_is_int(per_class) and per_class >= 1)
+        _check(per_class_ok, "data.search_per_class", per_class, "must be a positive integer or null")
+        _check(_is_int(self.seed) and self.seed >= 0, "data.seed", self.seed, "must be an integer >= 0")
+        subset_ok = subset is None or (_is_real(subset) and 0 < subset <= 1)
+        _check(subset_ok, "data.train_subset", subset, "must be a number in (0, 1] or null")
+        _check(isinstance(self.augment, bool), "data.augment", self.augment, "must be true or false")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            numbers_ok = isinstance(value, tuple) and all(isinstance(v, float) for v in value)
+            ok = value is None or (numbers_ok and len(value) in (1, self.in_chans))
+            _check(ok, f"data.{key}", value, f"must be null or 1 or in_chans={self.in_chans} numbers")
+        std_ok = not isinstance(self.std, tuple) or all(v > 0 for v in self.std if isinstance(v, float))
+        _check(std_ok, "data.std", self.std, "must be positive numbers")
+
+
+@dataclass(frozen=True)
 class OptimConfig:
-    """Optimisation recipe shared by dense pretraining and supernet training (AdamW, cosine with warm-up).
+    """Optimisation recipe shared by dense pretraining, filtering and supernet training (AdamW, cosine with warm-up).
 
     Attributes:
         epochs: Training epochs.
@@ -77,10 +165,8 @@ class OptimConfig:
         weight_decay: AdamW weight decay (never on norms, biases, tokens, position embeddings).
         warmup_epochs: Linear warm-up length (fractions allowed).
         clip_grad: Gradient-norm clip (``None``: off).
-        label_smoothing: Label smoothing of the cross-entropy terms.
         amp: Mixed precision on CUDA: ``auto`` (bf16 where supported, else fp16), ``bf16``, ``fp16`` or ``off``.
             CPU runs in float32.
-        checkpoint_every: Epochs between checkpoints.
         log_every: Steps between progress lines.
     """
 
@@ -91,13 +177,11 @@ class OptimConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     clip_grad: float | None = 5.0
-    label_smoothing: float = 0.0
     amp: str = "auto"
-    checkpoint_every: int = 1
-    log_every: int = 50
+    log_every: int = field(default=50, metadata=SPEED_ONLY)
 
     def __post_init__(self) -> None:
-        section = type(self).__name__.removesuffix("Config").lower()
+        section = _section(self)
         _check(self.epochs >= 1, f"{section}.epochs", self.epochs, "must be at least 1")
         _check(self.batch_size >= 1, f"{section}.batch_size", self.batch_size, "must be at least 1")
         _check(self.lr > 0, f"{section}.lr", self.lr, "must be positive")
@@ -105,19 +189,36 @@ class OptimConfig:
         _check(self.weight_decay >= 0, f"{section}.weight_decay", self.weight_decay, "must be >= 0")
         _check(0 <= self.warmup_epochs < self.epochs, f"{section}.warmup_epochs", self.warmup_epochs, "in [0, epochs)")
         _check(self.clip_grad is None or self.clip_grad > 0, f"{section}.clip_grad", self.clip_grad, "positive or null")
-        _check(0 <= self.label_smoothing < 1, f"{section}.label_smoothing", self.label_smoothing, "must be in [0, 1)")
         _check(self.amp in AMP_MODES, f"{section}.amp", self.amp, f"one of {AMP_MODES}")
-        _check(self.checkpoint_every >= 1, f"{section}.checkpoint_every", self.checkpoint_every, "must be at least 1")
         _check(self.log_every >= 1, f"{section}.log_every", self.log_every, "must be at least 1")
 
 
 @dataclass(frozen=True)
-class PretrainConfig(OptimConfig):
+class TrainStageConfig(OptimConfig):
+    """The recipe of a Ray Train stage (pretrain, train): the shared keys plus a label loss and checkpoints.
+
+    Attributes:
+        label_smoothing: Label smoothing of the cross-entropy terms.
+        checkpoint_every: Epochs between checkpoints.
+    """
+
+    label_smoothing: float = 0.0
+    checkpoint_every: int = field(default=1, metadata=SPEED_ONLY)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        section = _section(self)
+        _check(0 <= self.label_smoothing < 1, f"{section}.label_smoothing", self.label_smoothing, "must be in [0, 1)")
+        _check(self.checkpoint_every >= 1, f"{section}.checkpoint_every", self.checkpoint_every, "must be at least 1")
+
+
+@dataclass(frozen=True)
+class PretrainConfig(TrainStageConfig):
     """Dense teacher training (cross-entropy on labels)."""
 
 
 @dataclass(frozen=True)
-class TrainConfig(OptimConfig):
+class TrainConfig(TrainStageConfig):
     """Supernet training: one sampled subnet per step, distilled from the dense teacher.
 
     Attributes:
@@ -156,7 +257,11 @@ FILTER_SCORES = ("flops_aware", "accuracy")
 class FilterConfig(OptimConfig):
     """Low-rank aware candidate filtering (design doc section 3).
 
+    The local supernets train with the shared ``OptimConfig`` keys (no label loss: they distil the teacher's soft
+    targets; no ``checkpoint_every``: a finished block is the unit of resume).
+
     Attributes:
+        temperature: Distillation temperature of the local supernets.
         mode: ``local_supernet`` (per block, train a supernet in which only that block's tuple varies, then
             score) or ``zero_training`` (score on the inherited weights directly: fast, labelled in the output).
         subset: Seeded, class-balanced fraction of the training data the local supernets train on.
@@ -177,8 +282,8 @@ class FilterConfig(OptimConfig):
     keep_fraction: float = 0.3
     score: str = "flops_aware"
     eval_images: int = 2000
-    concurrency: int = 2
-    cpus_per_task: float = 1.0
+    concurrency: int = field(default=2, metadata=SPEED_ONLY)
+    cpus_per_task: float = field(default=1.0, metadata=SPEED_ONLY)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -217,10 +322,10 @@ class SearchConfig:
     seed: int | None = None
     max_macs: float | None = None
     eval_images: int = 2000
-    batch_size: int = 500
-    concurrency: int = 2
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    batch_size: int = field(default=500, metadata=SPEED_ONLY)
+    concurrency: int = field(default=2, metadata=SPEED_ONLY)
+    cpus_per_trial: float = field(default=1.0, metadata=SPEED_ONLY)
+    gpus_per_trial: float = field(default=0.0, metadata=SPEED_ONLY)
 
     def __post_init__(self) -> None:
         _check(self.trials >= 1, "search.trials", self.trials, "must be at least 1")
@@ -279,11 +384,11 @@ class RunConfig:
     """
 
     name: str = "flora"
-    output_dir: str = "runs"
-    storage: str | None = None
+    output_dir: str = field(default="runs", metadata=SPEED_ONLY)
+    storage: str | None = field(default=None, metadata=SPEED_ONLY)
     seed: int = 0
-    max_failures: int = 0
-    threads_per_worker: int = 1
+    max_failures: int = field(default=0, metadata=SPEED_ONLY)
+    threads_per_worker: int = field(default=1, metadata=SPEED_ONLY)
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "run.name", self.name, "a non-empty name without '/'")
@@ -293,10 +398,6 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
-
-    @property
-    def storage_path(self) -> str:
-        return self.storage or str((self.run_dir / "ray").resolve())
 
 
 @dataclass(frozen=True)
@@ -310,7 +411,7 @@ class Config:
     filter: FilterConfig = field(default_factory=FilterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig, metadata=SPEED_ONLY)
 
 
 # --- loading ------------------------------------------------------------------------------------------------------
@@ -439,3 +540,68 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+# --- comparing ----------------------------------------------------------------------------------------------------
+
+
+def speed_only_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Dotted keys (or whole sections) of ``cls`` marked ``SPEED_ONLY``: they never change the results."""
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get(AFFECTS_RESULTS, True):
+            keys.append(prefix + f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(speed_only_keys(hints[f.name], f"{prefix}{f.name}."))
+    return keys
+
+
+def changed_result_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Sorted dotted keys whose values differ between two configurations (``config_to_dict`` form) and that can
+    change the results.
+
+    Sections are compared key by key, any other value of the schema as a whole (``model.kwargs`` is one value); a
+    mapping under a key the schema does not know is opened too. A key marked ``SPEED_ONLY`` (or inside a section so
+    marked) never counts; a key the schema does not know always does.
+    """
+    before, after = _leaves(Config, old, ""), _leaves(Config, new, "")
+    keys = sorted(set(before) | set(after))
+    return [k for k in keys if before.get(k) != after.get(k) and _affects_results(k)]
+
+
+def _leaves(cls: type | None, data: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``dotted key -> value`` of a nested config dict, opening sections and unknown non-empty mappings."""
+    fields = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
+    hints = typing.get_type_hints(cls) if cls is not None else {}
+    leaves: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        section = hints.get(key) if dataclasses.is_dataclass(hints.get(key)) else None
+        if isinstance(value, Mapping) and value and (section is not None or key not in fields):
+            leaves.update(_leaves(section, value, dotted + "."))
+        else:
+            leaves[dotted] = value
+    return leaves
+
+
+def _affects_results(key: str) -> bool:
+    cls: Any = Config
+    for part in key.split("."):
+        known = {f.name: f for f in dataclasses.fields(cls)}.get(part)
+        if known is None:
+            return True
+        if not known.metadata.get(AFFECTS_RESULTS, True):
+            return False
+        cls = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(cls):
+            return True
+    return True
+
+
+def dotted_value(data: Mapping[str, Any], key: str) -> Any:
+    """The value at a dotted key (``train.lr``) of a nested mapping, ``None`` where it is absent."""
+    value: Any = data
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value

@@ -7,14 +7,11 @@ Objectives throughout: ``macs`` is minimised, ``accuracy`` is maximised. Frames 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-TRIALS_FILE = "trials.parquet"
-PARETO_FILE = "pareto.parquet"
-UNIFORM_FILE = "uniform.parquet"
+from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 
 def _check_columns(df: pd.DataFrame) -> None:
@@ -129,23 +126,23 @@ def gain_over_uniform(
     return 1.0 - float(ours["macs"]) / float(theirs["macs"])
 
 
-def _read(run_dir: str | os.PathLike, name: str) -> pd.DataFrame:
-    path = Path(run_dir) / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist; run `flora-ray search` for this run first")
-    return pd.read_parquet(path)
+def _read(run: str | os.PathLike | RunStore, name: str) -> pd.DataFrame:
+    store = run if isinstance(run, RunStore) else RunStore(run)
+    if not store.is_file(name):
+        raise FileNotFoundError(f"{store.location(name)!r} does not exist; run `flora-ray search` for this run first")
+    return store.read_parquet(name)
 
 
-def load_trials(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Every search trial of a run (``trials.parquet``)."""
-    return _read(run_dir, TRIALS_FILE)
+def load_trials(run: str | os.PathLike | RunStore) -> pd.DataFrame:
+    """Every search trial of a run (``trials.parquet``); ``run`` is the run directory or its ``RunStore``."""
+    return _read(run, ARTEFACTS.trials)
 
 
-def load_front(run_dir: str | os.PathLike) -> pd.DataFrame:
+def load_front(run: str | os.PathLike | RunStore) -> pd.DataFrame:
     """The Pareto front of a run (``pareto.parquet``), sorted by MACs."""
-    return _read(run_dir, PARETO_FILE)
+    return _read(run, ARTEFACTS.pareto)
 
 
-def load_uniform(run_dir: str | os.PathLike) -> pd.DataFrame:
+def load_uniform(run: str | os.PathLike | RunStore) -> pd.DataFrame:
     """The uniform-rank baseline of a run (``uniform.parquet``)."""
-    return _read(run_dir, UNIFORM_FILE)
+    return _read(run, ARTEFACTS.uniform)

@@ -13,8 +13,9 @@ from helpers import TINY_MODELS
 
 from flora_ray.config import load_config
 from flora_ray.core.models import dense_checkpoint_metadata
+from flora_ray.stages.inputs import resolve_model_spec
 from flora_ray.storage.files import write_checkpoint
-from flora_ray.training.trainer import TEACHER_FILE, resolve_model_spec
+from flora_ray.storage.run_store import ARTEFACTS
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +65,7 @@ def with_teacher():
         spec = resolve_model_spec(cfg)
         model = spec.create()
         cfg.run.run_dir.mkdir(parents=True, exist_ok=True)
-        write_checkpoint(cfg.run.run_dir / TEACHER_FILE, model.state_dict(), dense_checkpoint_metadata(spec))
+        write_checkpoint(cfg.run.run_dir / ARTEFACTS.teacher, model.state_dict(), dense_checkpoint_metadata(spec))
         return model
 
     return write

@@ -4,25 +4,28 @@ Unit: ``macs`` are multiply-accumulates per image (one image at the model's inpu
 product the model executes: Linear layers, the patch-embedding convolution and the attention products
 ``q k^T`` and ``attn v``. This is what ViT papers call "FLOPs" and what ``torch.utils.flop_counter`` reports
 divided by two. Element-wise work (norms, softmax, GELU, residual adds) is not counted; it is well under 1% of
-the total for the supported models.
+the total for the built-in families.
 
 A factorised layer of rank ``r`` is charged exactly what the exported subnet runs (``lowrank.to_static``): two
 matmuls, ``r (d_in + d_out)`` MACs per token, below the break-even rank, and the merged dense layer,
 ``d_in d_out`` per token, at or above it.
 
-The geometry (how many tokens each Linear sees) is read off the model's modules, which may be on the ``meta``
-device, at the model's configured ``img_size`` (also for models built with ``dynamic_img_size=True``); supported: timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT) and ``SwinTransformer``.
+The geometry (how many tokens each Linear sees, and the MACs outside Linear layers) comes from the model's
+family (``families.family_of(model).token_geometry``), read off the model's modules, which may be on the ``meta``
+device, at the model's configured ``img_size`` (also for models built with ``dynamic_img_size=True``). Built-in
+families: timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT) and ``SwinTransformer``; others register with
+``families.register_family``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
 
-from flora_ray.core.lowrank import ElasticLowRankLinear, low_rank_is_cheaper
+from flora_ray.core.lowrank import low_rank_is_cheaper
+from flora_ray.families import describe_families, family_of, is_linear
 
 
 @dataclass(frozen=True)
@@ -102,23 +105,22 @@ class CostModel:
 
 
 def build_cost_model(model: nn.Module) -> CostModel:
-    """The cost model of a timm ViT/DeiT/Swin (dense or supernet, any device including ``meta``)."""
-    from timm.models.swin_transformer import SwinTransformer
-    from timm.models.vision_transformer import VisionTransformer
+    """The cost model of a model of a registered family (dense or supernet, any device including ``meta``).
 
-    if isinstance(model, SwinTransformer):
-        tokens, other_macs = _swin_geometry(model)
-    elif isinstance(model, VisionTransformer):
-        tokens, other_macs = _vit_geometry(model)
-    else:
+    Raises:
+        ValueError: No registered family matches the model, or its geometry misses a Linear layer.
+    """
+    family = family_of(model)
+    if family is None:
         raise ValueError(
-            f"no analytic cost model for {type(model).__name__}: supported are timm VisionTransformer "
-            "(ViT, DeiT) and SwinTransformer"
+            f"no analytic cost model for {type(model).__name__}: no registered model family matches it "
+            f"(registered: {describe_families()})"
         )
+    tokens, other_macs = family.token_geometry(model)
     sites = {}
     linear_param_ids = set()
     for fqn, module in model.named_modules():
-        if not isinstance(module, nn.Linear | ElasticLowRankLinear):
+        if not is_linear(module):
             continue
         if fqn not in tokens:
             raise ValueError(f"cost model cannot place Linear layer {fqn!r} of {type(model).__name__}")
@@ -126,55 +128,3 @@ def build_cost_model(model: nn.Module) -> CostModel:
         linear_param_ids.update(id(p) for p in module.parameters())
     other_params = sum(p.numel() for p in model.parameters() if id(p) not in linear_param_ids)
     return CostModel(sites, other_macs, other_params)
-
-
-def _conv_macs(conv: nn.Conv2d, out_h: int, out_w: int) -> int:
-    kh, kw = conv.kernel_size
-    return out_h * out_w * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
-
-
-def _head_tokens(model: nn.Module, seq_len: int) -> int:
-    return 1 if getattr(model, "global_pool", "") else seq_len
-
-
-def _vit_geometry(model: nn.Module) -> tuple[dict[str, int], int]:
-    if getattr(model, "attn_pool", None) is not None:
-        raise ValueError("no analytic cost model for ViTs with attention pooling (global_pool='map')")
-    grid_h, grid_w = model.patch_embed.grid_size
-    seq_len = grid_h * grid_w + model.num_prefix_tokens
-    other = _conv_macs(model.patch_embed.proj, grid_h, grid_w)
-    tokens: dict[str, int] = {}
-    for i, block in enumerate(model.blocks):
-        for fqn, module in block.named_modules():
-            if isinstance(module, nn.Linear | ElasticLowRankLinear):
-                tokens[f"blocks.{i}.{fqn}"] = seq_len
-        attn_dim = block.attn.qkv.out_features // 3
-        other += 2 * seq_len * seq_len * attn_dim  # q k^T and attn v over all heads
-    head_tokens = _head_tokens(model, seq_len)
-    for name in ("head", "head_dist"):
-        if isinstance(getattr(model, name, None), nn.Linear):
-            tokens[name] = head_tokens
-    return tokens, other
-
-
-def _swin_geometry(model: nn.Module) -> tuple[dict[str, int], int]:
-    grid_h, grid_w = model.patch_embed.grid_size
-    other = _conv_macs(model.patch_embed.proj, grid_h, grid_w)
-    tokens: dict[str, int] = {}
-    height, width = grid_h, grid_w
-    for s, stage in enumerate(model.layers):
-        if isinstance(stage.downsample, nn.Module) and hasattr(stage.downsample, "reduction"):
-            height, width = math.ceil(height / 2), math.ceil(width / 2)
-            tokens[f"layers.{s}.downsample.reduction"] = height * width
-        for b, block in enumerate(stage.blocks):
-            win_h, win_w = block.window_size
-            padded = math.ceil(height / win_h) * win_h * math.ceil(width / win_w) * win_w
-            prefix = f"layers.{s}.blocks.{b}"
-            for fqn, module in block.named_modules():
-                if isinstance(module, nn.Linear | ElasticLowRankLinear):
-                    tokens[f"{prefix}.{fqn}"] = padded if fqn.startswith("attn.") else height * width
-            attn_dim = block.attn.qkv.out_features // 3
-            other += 2 * padded * (win_h * win_w) * attn_dim  # per window: 2 N^2 d; padded / N windows
-    if isinstance(getattr(model.head, "fc", None), nn.Linear):
-        tokens["head.fc"] = 1 if model.head.global_pool.pool_type else height * width
-    return tokens, other

@@ -1,4 +1,4 @@
-"""timm models: creation from a name plus kwargs, architecture families, and loading of dense weights.
+"""timm models: creation from a name plus kwargs, and loading of dense weights.
 
 A ``ModelSpec`` (timm name + JSON-able kwargs) is what every flora-ray artefact records, so that a model can be
 rebuilt in a fresh process. Dense weights come from timm's pretrained mechanism (a local file through the
@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import pickle
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,42 +178,3 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
 def dense_checkpoint_metadata(spec: ModelSpec, **extra: Any) -> dict[str, Any]:
     """Header of a flora-ray dense checkpoint (see ``fileio.write_checkpoint``)."""
     return {"format": DENSE_FORMAT, "version": 1, "model": spec.to_dict(), **extra}
-
-
-# --- architecture families -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Family:
-    """Where the factorisable layers of one timm architecture family live.
-
-    ``block_pattern`` matches the FQN prefix of one transformer block; the target layers are children of a
-    block named in ``layers`` (``attn.qkv``, ``mlp.fc1``, ...).
-    """
-
-    name: str
-    block_pattern: str
-    layers: tuple[str, ...] = ("attn.qkv", "mlp.fc1", "mlp.fc2")
-
-    def target_regex(self, include_proj: bool = False) -> str:
-        layers = list(self.layers)
-        if include_proj and "attn.proj" not in layers:
-            layers.insert(1, "attn.proj")
-        alternatives = "|".join(re.escape(name) for name in layers)
-        return rf"^(?P<block>{self.block_pattern})\.(?:{alternatives})$"
-
-
-VIT = Family("vit", r"blocks\.\d+")
-SWIN = Family("swin", r"layers\.\d+\.blocks\.\d+")
-
-
-def detect_family(model: nn.Module) -> Family | None:
-    """The preset family of a timm model: ViT/DeiT (distilled too) or Swin; ``None`` for anything else."""
-    from timm.models.swin_transformer import SwinTransformer
-    from timm.models.vision_transformer import VisionTransformer
-
-    if isinstance(model, SwinTransformer):
-        return SWIN
-    if isinstance(model, VisionTransformer):
-        return VIT
-    return None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from flora_ray.core.lowrank import ElasticLowRankLinear
-from flora_ray.core.models import detect_family
+from flora_ray.families import describe_families, family_of
 
 FilterFn = Callable[[nn.Module, str], bool]
 ReplaceFn = Callable[[nn.Module, str], nn.Module]
@@ -56,16 +56,17 @@ def find_targets(
         model: A timm model (dense, or already a supernet).
         targets: A regex on FQNs for other timm transformers. If it has a named group ``block``, that group names
             the block; otherwise ``block_pattern`` (or the FQN's grandparent) does. ``None`` uses the preset of
-            the model's family (ViT/DeiT or Swin): ``qkv``, ``fc1``, ``fc2`` of every block.
-        include_proj: Also factorise ``attn.proj`` (preset families only).
+            the model's registered family (``families.family_of``; ViT/DeiT and Swin are built in): its
+            ``layers`` (``qkv``, ``fc1``, ``fc2``) of every block.
+        include_proj: Also factorise ``attn.proj`` (family presets only).
         block_pattern: A regex matching a block's FQN prefix, used with ``targets``.
     """
     if targets is None:
-        family = detect_family(model)
+        family = family_of(model)
         if family is None:
             raise ValueError(
-                f"model {type(model).__name__} has no flora-ray preset (ViT/DeiT and Swin do); "
-                "pass targets=REGEX naming its Linear layers"
+                f"model {type(model).__name__} has no flora-ray preset (no registered model family matches it; "
+                f"registered: {describe_families()}); pass targets=REGEX naming its Linear layers"
             )
         regex = family.target_regex(include_proj)
     else:

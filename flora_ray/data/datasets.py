@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,83 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from flora_ray.config import DataConfig
 from flora_ray.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 
 logger = logging.getLogger(__name__)
 
-DATASET_NAMES = ("fashion_mnist", "digits", "imagefolder")
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_TEST_SEED = 0  # the digits test split is fixed, whatever DataConfig.seed is
 # Per-dataset (mean, std) of the grey values in [0, 1]; image folders use timm's ImageNet defaults.
 GREY_STATS = {"fashion_mnist": (0.2860, 0.3530), "digits": (0.3053, 0.3760)}
 AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
 RE_PROB = 0.25
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Which data to load and how to split and transform it.
-
-    Attributes:
-        name: ``fashion_mnist``, ``digits`` or ``imagefolder``.
-        root: Data directory. Fashion-MNIST: the idx files (or a torchvision download directory); defaults to the
-            first of ``FASHION_MNIST_DIRS`` that exists. Image folders: ``root/train/<class>/*``,
-            ``root/val/<class>/*`` (required). Ignored for digits.
-        img_size: Side of the square images the model sees.
-        in_chans: 1 or 3; grey images are replicated to 3 channels. Image folders need 3.
-        search_fraction: Fraction of each class of the training data carved out as the search split, in (0, 1).
-        search_per_class: Images per class in the search split; overrides ``search_fraction`` when set.
-        seed: Seed of the search split and the train subset.
-        train_subset: Fraction in (0, 1] of the remaining training data kept (seeded, class-balanced).
-        augment: Augment the train split (never search or test).
-        mean: Per-channel normalisation mean (1 or ``in_chans`` values); ``None`` for the dataset's default.
-        std: Per-channel normalisation std, as ``mean``.
-    """
-
-    name: str = "fashion_mnist"
-    root: str | None = None
-    img_size: int = 224
-    in_chans: int = 3
-    search_fraction: float = 0.1
-    search_per_class: int | None = None
-    seed: int = 0
-    train_subset: float | None = None
-    augment: bool = True
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.root, os.PathLike):
-            object.__setattr__(self, "root", os.fspath(self.root))
-        for field in ("mean", "std"):
-            value = getattr(self, field)
-            if isinstance(value, list | tuple) and all(map(_is_real, value)):
-                object.__setattr__(self, field, tuple(float(v) for v in value))
-        folder = self.name == "imagefolder"
-        fraction, per_class, subset = self.search_fraction, self.search_per_class, self.train_subset
-        checks = [
-            ("name", self.name in DATASET_NAMES, f"one of {list(DATASET_NAMES)}"),
-            ("root", self.root is None or isinstance(self.root, str), "a path or None"),
-            ("root", not folder or self.root is not None, "a path for imagefolder"),
-            ("img_size", _is_int(self.img_size) and self.img_size >= 1, "a positive integer"),
-            ("in_chans", _is_int(self.in_chans) and self.in_chans in (1, 3), "1 or 3"),
-            ("in_chans", not folder or self.in_chans == 3, "3 for imagefolder"),
-            ("search_fraction", _is_real(fraction) and 0 < fraction < 1, "a number in (0, 1)"),
-            ("search_per_class", per_class is None or (_is_int(per_class) and per_class >= 1), "None or >= 1"),
-            ("seed", _is_int(self.seed) and self.seed >= 0, "a non-negative integer"),
-            ("train_subset", subset is None or (_is_real(subset) and 0 < subset <= 1), "None or in (0, 1]"),
-            ("augment", isinstance(self.augment, bool), "True or False"),
-        ]
-        for field in ("mean", "std"):
-            value = getattr(self, field)
-            numbers = isinstance(value, tuple) and all(isinstance(v, float) for v in value)
-            ok = value is None or (numbers and len(value) in (1, self.in_chans))
-            checks.append((field, ok, f"None or 1 or in_chans={self.in_chans} numbers"))
-        std_ok = not isinstance(self.std, tuple) or all(v > 0 for v in self.std if isinstance(v, float))
-        checks.append(("std", std_ok, "positive numbers"))
-        for field, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"DataConfig.{field}={getattr(self, field)!r} is invalid: it must be {allowed}")
 
 
 @dataclass(frozen=True)

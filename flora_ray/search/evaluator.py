@@ -124,6 +124,23 @@ class Evaluator:
         }
 
 
+def build_evaluator(
+    header: Mapping[str, Any], weights: Mapping[str, np.ndarray], config: Mapping[str, Any]
+) -> Evaluator:
+    """An evaluator from a supernet checkpoint (header and numpy weights) and a run configuration (a plain dict)."""
+    from flora_ray.config import Config, build_dataclass
+    from flora_ray.data.datasets import build_datasets
+    from flora_ray.training.worker import device_for
+
+    cfg: Config = build_dataclass(Config, config, "")
+    if cfg.run.threads_per_worker:
+        torch.set_num_threads(cfg.run.threads_per_worker)
+    device = device_for(cfg.scaling.accelerator, cfg.search.gpus_per_trial > 0)
+    supernet = supernet_from_numpy(header, weights, device)
+    images, labels = search_batch(build_datasets(cfg.data).search, cfg.search.eval_images)
+    return Evaluator(supernet, images, labels, device, cfg.search.batch_size)
+
+
 def search_batch(dataset, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n_images`` of a dataset as two tensors (the same images for every trial)."""
     n = min(n_images, len(dataset))

@@ -5,8 +5,8 @@ at full rank; it is trained from the inherited (SVD) weights by distillation on 
 data. Every candidate tuple of block i is then scored on the search split. Candidates share everything before
 block i, so that prefix runs once and its output is cached; each candidate only runs blocks i.. onwards.
 
-``filter_block`` does one block and returns plain rows; ``select`` applies the keep rule. The Ray fan-out and the
-output files live in ``ray_filter``.
+``filter_block`` does one block and returns plain rows; ``select`` applies the keep rule. The fan-out over blocks
+and the output files live in ``stages.filter``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ from torch.utils.data import DataLoader, Subset
 from flora_ray.config import FilterConfig
 from flora_ray.core.space import RankSpace
 from flora_ray.core.supernet import Supernet
-from flora_ray.training.optim import build_optimizer, build_scheduler, soft_cross_entropy
-from flora_ray.training.sampling import BlockwiseSampler, step_generator
+from flora_ray.families import family_of
+from flora_ray.training.callbacks import Progress
+from flora_ray.training.sampling import BlockwiseSampler
+from flora_ray.training.tasks import SupernetTask
+from flora_ray.training.trainer import LocalSession, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -46,48 +49,15 @@ def local_space(space: RankSpace, block_index: int) -> RankSpace:
 def split_forward(model: nn.Module, block_name: str) -> tuple[Forward, Forward]:
     """``(prefix, suffix)`` with ``suffix(prefix(x)) == model(x)``; ``prefix`` stops just before ``block_name``.
 
-    Supported: timm ViT/DeiT (``blocks.i``) and Swin (``layers.s.blocks.j``); other models get an identity
-    prefix and the full forward as suffix (correct, without the caching).
+    The split comes from the model's registered family (``families.family_of``; built in: timm ViT/DeiT,
+    ``blocks.i``, and Swin, ``layers.s.blocks.j``). Other models, and block names the family cannot split at,
+    get an identity prefix and the full forward as suffix (correct, without the caching).
     """
-    from timm.models.swin_transformer import SwinTransformer
-    from timm.models.vision_transformer import VisionTransformer
-
-    parts = block_name.split(".")
-    if isinstance(model, VisionTransformer) and len(parts) == 2 and parts[0] == "blocks":
-        i = int(parts[1])
-
-        def vit_prefix(x: torch.Tensor) -> torch.Tensor:
-            x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-            for block in model.blocks[:i]:
-                x = block(x)
-            return x
-
-        def vit_suffix(x: torch.Tensor) -> torch.Tensor:
-            for block in model.blocks[i:]:
-                x = block(x)
-            return model.forward_head(model.norm(x))
-
-        return vit_prefix, vit_suffix
-    if isinstance(model, SwinTransformer) and len(parts) == 4 and parts[0] == "layers":
-        s, j = int(parts[1]), int(parts[3])
-
-        def swin_prefix(x: torch.Tensor) -> torch.Tensor:
-            x = model.patch_embed(x)
-            for stage in model.layers[:s]:
-                x = stage(x)
-            x = model.layers[s].downsample(x)
-            for block in model.layers[s].blocks[:j]:
-                x = block(x)
-            return x
-
-        def swin_suffix(x: torch.Tensor) -> torch.Tensor:
-            for block in model.layers[s].blocks[j:]:
-                x = block(x)
-            for stage in model.layers[s + 1 :]:
-                x = stage(x)
-            return model.forward_head(model.norm(x))
-
-        return swin_prefix, swin_suffix
+    family = family_of(model)
+    if family is not None and family.split_forward is not None:
+        split = family.split_forward(model, block_name)
+        if split is not None:
+            return split
     return (lambda x: x), model
 
 
@@ -100,36 +70,22 @@ def train_local_supernet(
     seed: int,
     device: torch.device,
 ) -> list[float]:
-    """Distil local supernet ``block_index`` for ``cfg.epochs`` epochs; returns the mean loss of each epoch."""
-    space = supernet.space
-    sampler = BlockwiseSampler(local_space(space, block_index), "uniform")
+    """Distil local supernet ``block_index`` for ``cfg.epochs`` epochs with the one ``Trainer``; returns the mean
+    loss of each epoch. Batches are shuffled by a generator seeded with ``seed``; subnets drawn per step as in
+    supernet training."""
+    sampler = BlockwiseSampler(local_space(supernet.space, block_index), "uniform")
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=generator)
     if len(loader) == 0:
         raise ValueError(f"filter.batch_size={cfg.batch_size} is larger than the filter subset ({len(dataset)} images)")
-    optimizer = build_optimizer(supernet, cfg.lr, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.epochs * len(loader), int(cfg.warmup_epochs * len(loader)), cfg.min_lr)
-    supernet.train()
-    losses, step = [], 0
-    for epoch in range(cfg.epochs):
-        total = 0.0
-        for batch, (x, _) in enumerate(loader):
-            x = x.to(device)
-            supernet.set_ranks(sampler.sample(step_generator(seed, epoch, batch))[0])
-            with torch.no_grad():
-                target = teacher(x)
-            loss = soft_cross_entropy(supernet(x), target, cfg.temperature)
-            loss.backward()
-            if cfg.clip_grad:
-                nn.utils.clip_grad_norm_(supernet.parameters(), cfg.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            scheduler.step_update(step)
-            total += loss.item()
-        losses.append(total / len(loader))
+    task = SupernetTask(supernet, teacher, sampler, seed, temperature=cfg.temperature)
+    name = f"filter {supernet.space.blocks[block_index].name}"
+    trainer = Trainer(
+        task, cfg, LocalSession(device=str(device)), loader, name, [Progress(cfg.log_every)], evaluate=False
+    )
+    history = trainer.fit()
     supernet.eval()
-    return losses
+    return [epoch["loss"] for epoch in history]
 
 
 @torch.no_grad()

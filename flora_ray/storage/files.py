@@ -103,12 +103,26 @@ def read_checkpoint(
     return tensors, header
 
 
+def parse_checkpoint_header(stream: Any, source: str) -> dict[str, Any]:
+    """The flora-ray JSON header of safetensors data read from a binary ``stream`` (the format's length-prefixed
+    JSON header; the tensors are not read)."""
+    head = stream.read(8)
+    size = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 < size <= 100 * 2**20:
+        raise ValueError(f"cannot read checkpoint {source!r} (corrupt or not safetensors)")
+    try:
+        metadata = json.loads(stream.read(size)).get("__metadata__") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise ValueError(f"cannot read checkpoint {source!r} (corrupt or not safetensors): {exc}") from exc
+    return _parse_header(metadata, source)
+
+
 def _check_exists(p: Path) -> None:
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist; check the path")
 
 
-def _parse_header(metadata: Mapping[str, str], p: Path) -> dict[str, Any]:
+def _parse_header(metadata: Mapping[str, str], p: Path | str) -> dict[str, Any]:
     raw = metadata.get(METADATA_KEY)
     if raw is None:
         return {}

@@ -13,9 +13,12 @@ from conftest import DIGITS_OVERRIDES
 
 from flora_ray.cli import main
 from flora_ray.config import config_to_dict, load_config
-from flora_ray.pipeline import RUN_CONFIG_FILE
+from flora_ray.stages.inputs import full_space
 from flora_ray.storage.files import write_json
-from flora_ray.training.trainer import SPACE_FILE, SUPERNET_FILE, TEACHER_FILE, full_space
+from flora_ray.storage.run_store import ARTEFACTS
+
+SPACE_FILE, SUPERNET_FILE, TEACHER_FILE = ARTEFACTS.space, ARTEFACTS.supernet, ARTEFACTS.teacher
+RUN_CONFIG_FILE = ARTEFACTS.run_config
 
 
 def _free_port() -> int:
@@ -93,7 +96,7 @@ CASES = [
     ("claimed", ["run", "{c}", "train.epochs=4"], "was made with a different configuration (train.epochs: 3 -> 4)"),
     ("claimed", ["train", "{c}", "model.ratios=[0.5, 1.0]"], "was made with a different configuration (model.ratios"),
     ("broken_claim", ["run", "{c}"], "run_config.yaml' is not valid YAML"),
-    (None, ["export", "{d}/no-run", "--trial", "3"], "search_config.yaml' does not exist"),
+    (None, ["export", "{d}/no-run", "--trial", "3"], "trials.parquet' does not exist"),
     (None, ["export", "{d}", "--trial", "3", "--max-macs", "5"], "not allowed with argument"),
 ]
 

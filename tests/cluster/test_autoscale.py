@@ -13,9 +13,8 @@ import pandas as pd
 import pytest
 
 from flora_ray.config import dump_config
-from flora_ray.results import TRIALS_FILE
+from flora_ray.storage.run_store import ARTEFACTS
 from flora_ray.testing.fake_cluster import HEAD_PORT, port_in_use, start_fake_cluster
-from flora_ray.training.trainer import SUPERNET_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -71,13 +70,13 @@ def test_training_and_search_scale_out_from_zero_and_back(cluster, digits_config
 
     train = cluster.run_cli(["train", str(config_file)], tmp_path / "train.log", timeout_s=300)
     assert train["returncode"] == 0, _log(tmp_path / "train.log")
-    assert (cfg.run.run_dir / SUPERNET_FILE).is_file()
+    assert (cfg.run.run_dir / ARTEFACTS.supernet).is_file()
     down_after_train = cluster.wait_for_workers(0, timeout_s=90)
     assert down_after_train is not None, "idle nodes were not removed after training"
 
     search = cluster.run_cli(["search", str(config_file)], tmp_path / "search.log", timeout_s=300)
     assert search["returncode"] == 0, _log(tmp_path / "search.log")
-    trials = pd.read_parquet(cfg.run.run_dir / TRIALS_FILE)
+    trials = pd.read_parquet(cfg.run.run_dir / ARTEFACTS.trials)
     assert (trials["state"] == "COMPLETE").sum() == 4
     down_after_search = cluster.wait_for_workers(0, timeout_s=90)
     assert down_after_search is not None, "idle nodes were not removed after the search"

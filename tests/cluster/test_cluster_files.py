@@ -28,9 +28,9 @@ from ray.autoscaler._private.node_provider_availability_tracker import NodeAvail
 from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from flora_ray.backends.ray import scaling_config
 from flora_ray.config import ScalingConfig, load_config
-from flora_ray.ray_search import _trial_resources
-from flora_ray.ray_train import scaling_config
+from flora_ray.stages.search import trial_resources
 from flora_ray.testing.fake_cluster import WORKER_NODE_TYPE, autoscaler_config
 
 CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
@@ -108,10 +108,10 @@ def test_launcher_file_passes_ray_and_flora_checks(name):
 def _demands(config_file: Path | None = None, **overrides: str) -> dict[str, list[dict]]:
     """What the code asks Ray for: per training worker (Ray Train) and per evaluator (Ray Tune), unchanged."""
     cfg = load_config(config_file, [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()])
-    train = scaling_config(cfg)
+    train = scaling_config(cfg.scaling)
     return {
         "training": [dict(train._resources_per_worker_not_none)] * train.num_workers,
-        "search": [_trial_resources(cfg)] * cfg.search.concurrency,
+        "search": [trial_resources(cfg)] * cfg.search.concurrency,
     }
 
 

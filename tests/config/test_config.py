@@ -81,6 +81,8 @@ def test_bad_files(tmp_path):
     [
         (["train", "{cfg}", "train.epoch=3"], "unknown config key 'train.epoch'; did you mean 'train.epochs'?"),
         (["pretrain", "{cfg}", "pretrain.epochs=-2"], "pretrain.epochs=-2 is invalid"),
+        (["filter", "{cfg}", "filter.label_smoothing=0.1"], "unknown config key 'filter.label_smoothing'"),
+        (["pretrain", "{cfg}", "data.img_size=0"], "data.img_size=0 is invalid: must be a positive integer"),
         (["pretrain", "{cfg}", "data.name=fashion_mnist", "data.root={tmp}/nowhere"], "make data"),
         (["train", "{cfg}", "--output", "{tmp}/empty"], "no dense teacher at"),
         (["train", "{tmp}/missing.yaml"], "config file"),

@@ -6,7 +6,7 @@ import pytest
 
 from flora_ray.config import load_config
 from flora_ray.core.space import EIGHTHS, SIXTHS
-from flora_ray.training.trainer import full_space
+from flora_ray.stages.inputs import full_space
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 IMAGENET = {

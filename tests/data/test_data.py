@@ -50,7 +50,7 @@ def test_bad_config_names_the_field_and_value(field, value, extra):
     with pytest.raises(ValueError) as info:
         DataConfig(**{**extra, field: value})
     message = str(info.value)
-    assert f"DataConfig.{field}={value!r}" in message and "must be" in message
+    assert f"data.{field}={value!r}" in message and "must be" in message
 
 
 def test_config_is_frozen_and_normalises_sequences():

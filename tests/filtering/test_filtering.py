@@ -13,12 +13,13 @@ import torch
 from helpers import TINY_MODELS, input_for
 
 import flora_ray as fr
-from flora_ray.config import FilterConfig
+from flora_ray.config import DataConfig, FilterConfig
 from flora_ray.core.space import RankSpace
 from flora_ray.data.datasets import build_datasets
 from flora_ray.search.filtering import filter_block, local_space, score_candidates, select, split_forward
+from flora_ray.stages.inputs import build_run_supernet
+from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.training.sampling import BlockwiseSampler
-from flora_ray.training.trainer import SPACE_FILE, build_run_supernet
 
 
 @pytest.mark.parametrize("family", ["vit", "swin_padded", "deit_distilled"])
@@ -54,7 +55,7 @@ def test_cached_scores_equal_full_forward_accuracy():
         for p in dense.parameters():  # large random weights: predictions differ between candidates
             p.normal_(0, 0.5)
     supernet = fr.build_supernet(dense)
-    search = build_datasets(fr.data.DataConfig(name="digits", img_size=8, in_chans=1)).search
+    search = build_datasets(DataConfig(name="digits", img_size=8, in_chans=1)).search
     scores = score_candidates(supernet, 1, search, 100, torch.device("cpu"), batch_size=32)
     block = supernet.space.blocks[1]
     x = torch.stack([search[i][0] for i in range(100)])
@@ -102,7 +103,7 @@ def test_zero_training_scores_every_triple_once_and_deterministically():
         "test_vit",
         model_kwargs={"img_size": 8, "patch_size": 2, "in_chans": 1, "num_classes": 10, "depth": 2, "embed_dim": 32},
     )
-    splits = build_datasets(fr.data.DataConfig(name="digits", img_size=8, in_chans=1))
+    splits = build_datasets(DataConfig(name="digits", img_size=8, in_chans=1))
     cfg = FilterConfig(mode="zero_training", eval_images=64)
     first = filter_block(supernet, None, 0, splits.train, splits.search, cfg, 0, torch.device("cpu"))
     second = filter_block(supernet, None, 0, splits.train, splits.search, cfg, 0, torch.device("cpu"))
@@ -115,8 +116,13 @@ def test_zero_training_scores_every_triple_once_and_deterministically():
 def test_filter_on_ray_outputs_resume_and_feed_training(digits_config, with_teacher, tmp_path):
     import ray
 
-    from flora_ray.ray_filter import BLOCKS_DIR, SCORES_FILE, run_filter
-    from flora_ray.ray_train import init_ray
+    from flora_ray.backends.ray import RayBackend, init_ray
+    from flora_ray.stages.filter import filter_stage
+
+    BLOCKS_DIR, SCORES_FILE = ARTEFACTS.filter_blocks, ARTEFACTS.filter_scores
+
+    def run_filter(cfg):
+        return filter_stage(cfg, RayBackend())
 
     cfg = digits_config(
         "filter.epochs=1",
@@ -141,11 +147,11 @@ def test_filter_on_ray_outputs_resume_and_feed_training(digits_config, with_teac
         assert len(full) == 3 and full.kept.all()
         metadata = pq.read_schema(run_dir / SCORES_FILE).metadata
         assert json.loads(metadata[b"flora_ray.config"])["filter"]["epochs"] == 1
-        space = RankSpace.load(run_dir / SPACE_FILE)
+        space = RankSpace.load(run_dir / ARTEFACTS.space)
         assert [len(b.candidates) for b in space.blocks] == [3, 3, 3] == summary["kept_per_block"]
         assert summary["configs_before"] == 8**3 and summary["configs_after"] == 27
         # Training reads the filtered space.
-        supernet, _ = build_run_supernet(cfg, run_dir)
+        supernet, _ = build_run_supernet(cfg, RunStore(run_dir))
         assert supernet.space == space
         # Resume: only the missing block is recomputed; the result is deterministic for the seed.
         kept_files = {p.name: p.stat().st_mtime_ns for p in (run_dir / BLOCKS_DIR).glob("block_*.json")}

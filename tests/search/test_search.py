@@ -1,4 +1,4 @@
-"""Search: genes, the evaluator and its cache, and the Ray Tune + NSGA-II search end to end (slow)."""
+"""Search: genes, the evaluator and its cache, the Ray Tune + NSGA-II search end to end, the in-process search."""
 
 import contextlib
 import json
@@ -18,7 +18,6 @@ from helpers import TINY_MODELS, input_for
 
 import flora_ray as fr
 from flora_ray.config import config_to_dict
-from flora_ray.results import PARETO_FILE, TRIALS_FILE, UNIFORM_FILE
 from flora_ray.search.evaluator import (
     Evaluator,
     anchor_points,
@@ -29,7 +28,12 @@ from flora_ray.search.evaluator import (
     supernet_from_numpy,
     uniform_points,
 )
-from flora_ray.training.trainer import SUPERNET_FILE, LocalSession, run_worker
+from flora_ray.stages.inputs import build_run_supernet
+from flora_ray.stages.training import save_stage_outputs, train_worker
+from flora_ray.storage.run_store import ARTEFACTS, RunStore
+from flora_ray.training.trainer import LocalSession
+
+TRIALS_FILE, PARETO_FILE, UNIFORM_FILE = ARTEFACTS.trials, ARTEFACTS.pareto, ARTEFACTS.uniform
 
 DOCUMENTED_COLUMNS = {
     "trial",
@@ -113,15 +117,12 @@ def searched_run(digits_config, tmp_path):
         "search.concurrency=2",
     )
     session = LocalSession(tmp_path / "ckpt")
-    payload = {"config": config_to_dict(cfg), "stage": "pretrain", "run_dir": str(cfg.run.run_dir)}
-    run_worker(payload, session)
-    from flora_ray.training.trainer import save_stage_outputs
-
-    save_stage_outputs(tmp_path / "ckpt" / "latest", cfg.run.run_dir, "pretrain")
-    from flora_ray.training.trainer import build_run_supernet
-
-    supernet, _ = build_run_supernet(cfg, cfg.run.run_dir)
-    fr.save_supernet(supernet, cfg.run.run_dir / SUPERNET_FILE)
+    payload = {"config": config_to_dict(cfg), "stage": "pretrain", "run": str(cfg.run.run_dir)}
+    train_worker(payload, session)
+    store = RunStore(cfg.run.run_dir)
+    save_stage_outputs(tmp_path / "ckpt" / "latest", store, "pretrain")
+    supernet, _ = build_run_supernet(cfg, store)
+    fr.save_supernet(supernet, cfg.run.run_dir / ARTEFACTS.supernet)
     return cfg, supernet
 
 
@@ -142,9 +143,9 @@ def _brute_force_front(df):
 def test_search_end_to_end_with_budget_and_export(searched_run):
     import ray
 
-    from flora_ray.export_run import export_from_run
-    from flora_ray.ray_search import run_search
-    from flora_ray.ray_train import init_ray
+    from flora_ray.backends.ray import RayBackend, init_ray
+    from flora_ray.stages.export import export_from_run
+    from flora_ray.stages.search import search_stage
 
     cfg, supernet = searched_run
     from dataclasses import replace
@@ -153,7 +154,7 @@ def test_search_end_to_end_with_budget_and_export(searched_run):
     cfg = replace(cfg, search=replace(cfg.search, max_macs=budget))
     init_ray(num_cpus=2)
     try:
-        summary = run_search(cfg)
+        summary = search_stage(cfg, RayBackend())
     finally:
         ray.shutdown()
     run_dir = cfg.run.run_dir
@@ -228,8 +229,9 @@ def test_interrupted_search_continues_without_duplicates(searched_run, tmp_path)
 def test_failing_and_nan_trials_are_marked_failed_and_the_search_goes_on(searched_run):
     import ray
 
-    from flora_ray.ray_search import run_search
-    from flora_ray.ray_train import init_ray
+    from flora_ray.backends.ray import init_ray
+    from flora_ray.stages.search import search_stage
+    from flora_ray.testing.faults import FaultyRayBackend
 
     cfg, supernet = searched_run
     from dataclasses import replace
@@ -242,7 +244,7 @@ def test_failing_and_nan_trials_are_marked_failed_and_the_search_goes_on(searche
     nan = config_to_genes(space, space.uniform(0.25))[first_block]
     init_ray(num_cpus=2)
     try:
-        summary = run_search(cfg, fault_injection={"raise_if_first_gene": raising, "nan_if_first_gene": nan})
+        summary = search_stage(cfg, FaultyRayBackend(raise_if_first_gene=raising, nan_if_first_gene=nan))
     finally:
         ray.shutdown()
     trials = pd.read_parquet(cfg.run.run_dir / TRIALS_FILE)
@@ -263,3 +265,69 @@ def test_uniform_baselines_outside_a_filtered_space_are_evaluated():
     evaluator = Evaluator(supernet, torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
     metrics = evaluator.evaluate(outside)
     assert supernet.active_ranks() == outside and metrics["macs"] == supernet.cost.macs(outside)
+
+
+@pytest.mark.slow
+def test_in_process_search_equals_ray_tune_at_concurrency_one(searched_run, tmp_path):
+    """Both backends ask and tell the same study in the same order: same trials, same accuracies."""
+    import ray
+
+    from flora_ray.backends.local import LocalBackend
+    from flora_ray.backends.ray import RayBackend, init_ray
+    from flora_ray.stages.search import search_stage
+
+    cfg, _ = searched_run
+    from dataclasses import replace
+
+    cfg = replace(cfg, search=replace(cfg.search, trials=14, population=4, concurrency=1))
+    summary = search_stage(cfg, LocalBackend())
+    local = pd.read_parquet(cfg.run.run_dir / TRIALS_FILE)
+    assert summary["complete"] == 14 and summary["evaluator_builds"] == {str(os.getpid()): 1}
+    for name in (TRIALS_FILE, PARETO_FILE, UNIFORM_FILE, ARTEFACTS.journal, ARTEFACTS.search_summary):
+        (cfg.run.run_dir / name).unlink()
+    init_ray(num_cpus=2)
+    try:
+        search_stage(cfg, RayBackend())
+    finally:
+        ray.shutdown()
+    tuned = pd.read_parquet(cfg.run.run_dir / TRIALS_FILE)
+    columns = ["trial", "generation", "state", "ranks", "accuracy", "macs", "params", "is_pareto"]
+    pd.testing.assert_frame_equal(local[columns], tuned[columns])
+
+
+@pytest.mark.slow
+def test_in_process_search_marks_failures_and_continues_an_interrupted_study(searched_run):
+    from flora_ray.backends.local import LocalBackend
+    from flora_ray.stages.search import search_stage
+    from flora_ray.testing.faults import FaultyLocalBackend
+
+    cfg, supernet = searched_run
+    from dataclasses import replace
+
+    cfg = replace(cfg, search=replace(cfg.search, trials=10, population=4))
+
+    class Interrupted(LocalBackend):
+        calls = 0
+
+        def evaluate(self, problem, genes):
+            self.calls += 1
+            if self.calls == 5:
+                raise KeyboardInterrupt  # Ctrl-C during the fifth evaluation
+            return problem.evaluate(genes)
+
+    with pytest.raises(KeyboardInterrupt):
+        search_stage(cfg, Interrupted())
+    space = supernet.space
+    first_block = sorted(b.name for b in space.blocks)[0]
+    raising = config_to_genes(space, space.uniform(1.0))[first_block]
+    summary = search_stage(cfg, FaultyLocalBackend(nan_if_first_gene=raising))
+    trials = pd.read_parquet(cfg.run.run_dir / TRIALS_FILE)
+    stale = trials[trials["trial"] == 4].iloc[0]
+    assert stale["state"] == "FAIL"  # left running by the interrupted session
+    again = trials[(trials["trial"] > 4) & (trials["ranks"] == stale["ranks"])] if stale["ranks"] else trials[:0]
+    assert stale["ranks"] is None or len(again) == 1  # its genes were evaluated again
+    assert summary["complete"] + summary["failed"] == 11  # 10 trials plus the stale one
+    genes = trials["ranks"].map(lambda r: config_to_genes(space, json.loads(r))[first_block] if r else None)
+    late = trials["trial"] > 4
+    assert (trials.loc[late & (genes == raising), "state"] == "FAIL").all()
+    assert not trials.loc[trials["state"] == "FAIL", "is_pareto"].any()

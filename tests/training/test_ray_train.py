@@ -12,8 +12,12 @@ import pytest
 import yaml
 
 import flora_ray as fr
+from flora_ray.backends.ray import RayBackend
 from flora_ray.config import config_to_dict
 from flora_ray.core.supernet import load_supernet
+from flora_ray.stages.inputs import resolve_model_spec
+from flora_ray.stages.training import pretrain, train
+from flora_ray.testing.faults import FaultyRayBackend
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +26,7 @@ pytestmark = pytest.mark.slow
 def local_ray():
     import ray
 
-    from flora_ray.ray_train import init_ray
+    from flora_ray.backends.ray import init_ray
 
     init_ray(num_cpus=2)
     yield
@@ -34,11 +38,9 @@ def _log(path):
 
 
 def test_two_workers_train_the_same_subnet_every_step(local_ray, digits_config, with_teacher, tmp_path):
-    from flora_ray.ray_train import run_stage
-
     cfg = digits_config("train.epochs=2", "scaling.num_workers=2")
     with_teacher(cfg)
-    outcome = run_stage(cfg, "train", sample_log_dir=str(tmp_path / "samples"))
+    outcome = train(cfg, FaultyRayBackend(sample_log=str(tmp_path / "samples")))
     rank0, rank1 = _log(tmp_path / "samples" / "rank0.jsonl"), _log(tmp_path / "samples" / "rank1.jsonl")
     assert rank0 == rank1 and len(rank0) > 4
     assert len({d["digest"] for d in rank0}) > 1  # a different subnet per step
@@ -53,24 +55,19 @@ def test_two_workers_train_the_same_subnet_every_step(local_ray, digits_config, 
 
 
 def test_pretrain_on_ray_writes_a_teacher_build_supernet_loads(local_ray, digits_config):
-    from flora_ray.ray_train import run_stage
-    from flora_ray.training.trainer import resolve_model_spec
-
     cfg = digits_config("pretrain.epochs=1", "scaling.num_workers=2")
-    outcome = run_stage(cfg, "pretrain")
+    outcome = pretrain(cfg, RayBackend())
     spec = resolve_model_spec(cfg)
     supernet = fr.build_supernet(spec.name, model_kwargs=spec.kwargs, pretrained=outcome["output"])
     assert supernet.space.fqns[0] == "blocks.0.attn.qkv"
 
 
 def test_a_failing_worker_restarts_from_the_checkpoint(local_ray, digits_config, with_teacher, tmp_path):
-    from flora_ray.ray_train import run_stage
-
     cfg = digits_config("train.epochs=3", "scaling.num_workers=2", "run.max_failures=1")
     with_teacher(cfg)
     marker = tmp_path / "failed-once"
     fault = {"epoch": 1, "rank": 1, "marker": str(marker)}
-    run_stage(cfg, "train", fault_injection=fault, sample_log_dir=str(tmp_path / "samples"))
+    train(cfg, FaultyRayBackend(fail=fault, sample_log=str(tmp_path / "samples")))
     assert marker.read_text() == "failed at epoch 1\n"
     history = json.loads((cfg.run.run_dir / "train_history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]

@@ -10,14 +10,20 @@ from scipy.stats import chisquare
 
 import flora_ray as fr
 from flora_ray.config import config_to_dict
+from flora_ray.core.supernet import build_space
+from flora_ray.stages.inputs import build_run_supernet, resolve_space
+from flora_ray.stages.training import train_worker
+from flora_ray.storage.run_store import RunStore
+from flora_ray.testing.faults import FaultSession
 from flora_ray.training.optim import distillation_loss, param_groups, soft_cross_entropy
 from flora_ray.training.sampling import BlockwiseSampler, SandwichSampler, build_sampler, config_digest, step_generator
-from flora_ray.training.trainer import LocalSession, probe_configs, resolve_space, run_worker
+from flora_ray.training.tasks import probe_configs
+from flora_ray.training.trainer import LocalSession
 
 
 def _space():
     model = fr.create_model("test_vit", img_size=32, depth=2, embed_dim=48, device="meta")
-    return fr.supernet.build_space(model, ratios=[0.25, 0.5, 1.0], model_name="test_vit")
+    return build_space(model, ratios=[0.25, 0.5, 1.0], model_name="test_vit")
 
 
 def test_lowrank_sampler_frequencies_match_inverse_ratio_product():
@@ -110,8 +116,8 @@ def test_probe_configs():
     assert probes["middle"] == space.uniform(0.5)
 
 
-def _payload(cfg, stage, **extra):
-    return {"config": config_to_dict(cfg), "stage": stage, "run_dir": str(cfg.run.run_dir), **extra}
+def _payload(cfg, stage):
+    return {"config": config_to_dict(cfg), "stage": stage, "run": str(cfg.run.run_dir)}
 
 
 def test_local_train_interrupted_then_resumed_matches_checkpoint(digits_config, with_teacher, tmp_path):
@@ -120,11 +126,11 @@ def test_local_train_interrupted_then_resumed_matches_checkpoint(digits_config, 
     session = LocalSession(tmp_path / "ckpt")
     fault = {"epoch": 1, "rank": 0, "marker": str(tmp_path / "failed")}
     with pytest.raises(RuntimeError, match="injected failure at epoch 1"):
-        run_worker(_payload(cfg, "train", fault_injection=fault, sample_log_dir=str(tmp_path / "s")), session)
+        train_worker(_payload(cfg, "train"), FaultSession(session, fault, str(tmp_path / "s")))
     assert [r["epoch"] for r in session.reports] == [1]
     state = torch.load(tmp_path / "ckpt" / "latest" / "state.pt", weights_only=True)
     assert state["epoch"] == 1
-    run_worker(_payload(cfg, "train", fault_injection=fault, sample_log_dir=str(tmp_path / "s")), session)
+    train_worker(_payload(cfg, "train"), FaultSession(session, fault, str(tmp_path / "s")))
     assert [r["epoch"] for r in session.reports] == [1, 2, 3]
     lines = [json.loads(line) for line in (tmp_path / "s" / "rank0.jsonl").read_text().splitlines()]
     steps = [(d["epoch"], d["step"]) for d in lines]
@@ -135,19 +141,19 @@ def test_local_train_interrupted_then_resumed_matches_checkpoint(digits_config, 
 def test_resumed_run_draws_what_an_uninterrupted_run_draws(digits_config, with_teacher, tmp_path):
     cfg = digits_config("train.epochs=2")
     with_teacher(cfg)
-    run_worker(_payload(cfg, "train", sample_log_dir=str(tmp_path / "a")), LocalSession(tmp_path / "c1"))
+    train_worker(_payload(cfg, "train"), FaultSession(LocalSession(tmp_path / "c1"), sample_log=str(tmp_path / "a")))
     session = LocalSession(tmp_path / "c2")
     fault = {"epoch": 1, "marker": str(tmp_path / "m")}
     with pytest.raises(RuntimeError):
-        run_worker(_payload(cfg, "train", fault_injection=fault, sample_log_dir=str(tmp_path / "b")), session)
-    run_worker(_payload(cfg, "train", fault_injection=fault, sample_log_dir=str(tmp_path / "b")), session)
+        train_worker(_payload(cfg, "train"), FaultSession(session, fault, str(tmp_path / "b")))
+    train_worker(_payload(cfg, "train"), FaultSession(session, fault, str(tmp_path / "b")))
     assert (tmp_path / "a" / "rank0.jsonl").read_text() == (tmp_path / "b" / "rank0.jsonl").read_text()
 
 
 def test_pretrain_learns_digits(digits_config, tmp_path):
     cfg = digits_config("pretrain.epochs=8", "pretrain.lr=0.003", "pretrain.batch_size=32")
     session = LocalSession(tmp_path / "ckpt")
-    run_worker(_payload(cfg, "pretrain"), session)
+    train_worker(_payload(cfg, "pretrain"), session)
     accuracies = [r["search_acc"] for r in session.reports]
     assert len(accuracies) == 8 and accuracies[-1] > 40  # chance is 10%
     assert session.reports[-1]["loss"] < session.reports[0]["loss"]
@@ -158,14 +164,12 @@ def test_space_file_for_another_model_is_rejected(digits_config, with_teacher, t
     full = _space()  # a different model (embed 48, 32 px)
     full.save(tmp_path / "other.json")
     cfg2 = digits_config(f"train.space_file={tmp_path / 'other.json'}")
-    from flora_ray.training.trainer import build_run_supernet
-
     with_teacher(cfg2)
     with pytest.raises(ValueError, match="was made for another model"):
-        build_run_supernet(cfg2, cfg2.run.run_dir)
+        build_run_supernet(cfg2, RunStore(cfg2.run.run_dir))
     (tmp_path / "corrupt.json").write_text("{")
     with pytest.raises(ValueError, match="is not valid JSON"):
-        resolve_space(digits_config(f"train.space_file={tmp_path / 'corrupt.json'}"), cfg.run.run_dir, full)
+        resolve_space(digits_config(f"train.space_file={tmp_path / 'corrupt.json'}"), RunStore(cfg.run.run_dir), full)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -174,7 +178,7 @@ def test_cuda_training_with_mixed_precision(digits_config, with_teacher, tmp_pat
     cfg = digits_config("train.epochs=1", f"train.amp={amp}")
     with_teacher(cfg)
     session = LocalSession(tmp_path / "ckpt", device="cuda")
-    run_worker(_payload(cfg, "train"), session)
+    train_worker(_payload(cfg, "train"), session)
     assert math.isfinite(session.reports[-1]["loss"])
-    supernet = fr.supernet.load_supernet(tmp_path / "ckpt" / "latest" / "model.safetensors", device="cuda")
+    supernet = fr.load_supernet(tmp_path / "ckpt" / "latest" / "model.safetensors", device="cuda")
     assert next(supernet.parameters()).device.type == "cuda"

@@ -3,7 +3,7 @@
 Dense accuracy and MACs, the Pareto front as a table, the uniform baseline, the gain of the front over uniform
 ranks at 0.5 and 1 accuracy point below dense, the exported subnet with its test accuracy and latency, each stage's
 wall time, and where the Parquet files and plots are. Everything is read back from the run directory, so the
-report can be rebuilt at any time (``write_report(run_dir)``).
+report can be rebuilt at any time (``write_report(run)``).
 """
 
 from __future__ import annotations
@@ -15,16 +15,14 @@ from typing import Any
 import pandas as pd
 
 from flora_ray.results import cheapest_within, gain_over_uniform, load_front, load_uniform
-from flora_ray.storage.files import read_json, write_text
+from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
-REPORT_FILE = "report.md"
-STAGES_DIR = "stages"  # one <stage>.json completion record per finished stage (written by the pipeline)
 DROPS = (0.5, 1.0)
 
 
-def stage_markers(run_dir: Path) -> dict[str, dict[str, Any]]:
+def stage_markers(store: RunStore) -> dict[str, dict[str, Any]]:
     """The completion records of a run's finished stages, in the order they finished."""
-    markers = [read_json(p) for p in (Path(run_dir) / STAGES_DIR).glob("*.json")]
+    markers = [store.read_json(name) for name in store.list(ARTEFACTS.stages, ".json")]
     return {m["stage"]: m for m in sorted(markers, key=lambda m: m["finished_at"])}
 
 
@@ -122,18 +120,19 @@ def _export_section(export: dict[str, Any]) -> list[str]:
     ]
 
 
-def build_report(run_dir: str | Path) -> tuple[str, dict[str, Any]]:
+def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
     """The markdown report of a searched run, and its key figures as a dict."""
-    run_dir = Path(run_dir)
-    summary_path = run_dir / "search_summary.json"
-    if not summary_path.is_file():
-        raise FileNotFoundError(f"{str(summary_path)!r} does not exist: run the search stage first")
-    search = read_json(summary_path)
-    front, uniform = load_front(run_dir), load_uniform(run_dir)
-    markers = stage_markers(run_dir)
+    store = run if isinstance(run, RunStore) else RunStore(run)
+    if not store.is_file(ARTEFACTS.search_summary):
+        raise FileNotFoundError(
+            f"{store.location(ARTEFACTS.search_summary)!r} does not exist: run the search stage first"
+        )
+    search = store.read_json(ARTEFACTS.search_summary)
+    front, uniform = load_front(store), load_uniform(store)
+    markers = stage_markers(store)
     export = markers.get("export", {}).get("summary")
     dense_acc, dense_macs = float(search["dense_accuracy"]), float(search["dense_macs"])
-    lines = [f"# flora-ray report: {run_dir.name}", ""]
+    lines = [f"# flora-ray report: {store.name}", ""]
     lines += [*_dense_section(markers, search, export), ""]
     lines += [*_front_section(front, dense_macs, dense_acc), ""]
     lines += [*_uniform_section(uniform, dense_macs, dense_acc), ""]
@@ -154,8 +153,14 @@ def build_report(run_dir: str | Path) -> tuple[str, dict[str, Any]]:
         "## Files",
         "",
         *[
-            f"- `{run_dir / name}`"
-            for name in ("trials.parquet", "pareto.parquet", "uniform.parquet", "pareto.png", "hypervolume.png")
+            f"- `{store.location(name)}`"
+            for name in (
+                ARTEFACTS.trials,
+                ARTEFACTS.pareto,
+                ARTEFACTS.uniform,
+                ARTEFACTS.pareto_plot,
+                ARTEFACTS.hypervolume_plot,
+            )
         ],
         "",
     ]
@@ -170,11 +175,18 @@ def build_report(run_dir: str | Path) -> tuple[str, dict[str, Any]]:
     return "\n".join(lines), figures
 
 
-def write_report(run_dir: str | Path) -> tuple[Path, str]:
-    """Write ``report.md`` (atomically) and ``report.json`` next to it; returns the path and the markdown."""
-    run_dir = Path(run_dir)
-    text, figures = build_report(run_dir)
-    path = run_dir / REPORT_FILE
-    write_text(path, text)
-    write_text(run_dir / "report.json", json.dumps(figures, indent=2, default=float))
-    return path, text
+def write_report(run: str | Path | RunStore) -> tuple[str, str]:
+    """Write ``report.md`` and ``report.json`` into the run; returns the report's location and the markdown."""
+    store = run if isinstance(run, RunStore) else RunStore(run)
+    text, figures = build_report(store)
+    store.write_text(ARTEFACTS.report, text)
+    store.write_text(ARTEFACTS.report_json, json.dumps(figures, indent=2, default=float))
+    return store.location(ARTEFACTS.report), text
+
+
+def report_stage(cfg: Any, backend: Any = None) -> dict[str, Any]:
+    """Write the run's report (in this process, whatever the backend)."""
+    from flora_ray.stages.inputs import open_run
+
+    location, _ = write_report(open_run(cfg))
+    return {"report": location}

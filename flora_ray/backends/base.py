@@ -1,0 +1,76 @@
+"""What a stage needs from the machinery that runs it: data-parallel training, a fan-out of tasks, a search.
+
+Stages are written once against ``Backend``; ``LocalBackend`` runs everything in this process (tests, benchmarks,
+a laptop without Ray), ``RayBackend`` on Ray (Train, tasks, Tune). The two hook methods, ``worker_session`` and
+``evaluate``, are where a test backend (``flora_ray.testing``) injects faults; production code never passes test
+switches through stage signatures.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from flora_ray.search.study import SearchProblem
+from flora_ray.training.trainer import Session
+
+T = TypeVar("T")
+Worker = Callable[[dict[str, Any], Session], None]
+
+
+class Backend(abc.ABC):
+    """Runs the work of the stages; see the module docstring."""
+
+    name = "backend"
+
+    @abc.abstractmethod
+    def fit(
+        self,
+        worker: Worker,
+        payload: dict[str, Any],
+        cfg: Any,
+        name: str,
+        storage_path: str,
+        collect: Callable[[Path], T],
+    ) -> tuple[dict[str, Any], T]:
+        """Run ``worker(payload, session)`` on every training worker (``cfg.scaling``); then
+        ``collect(latest checkpoint folder)``.
+
+        Returns the final metrics and what ``collect`` returned. Checkpoints live under ``storage_path/name``;
+        re-running the same ``name`` resumes from the latest one.
+        """
+
+    @abc.abstractmethod
+    def map(
+        self,
+        fn: Callable[[Any, Any], T],
+        shared: Any,
+        items: Iterable[Any],
+        resources: dict[str, float],
+        concurrency: int,
+    ) -> Iterator[tuple[Any, T]]:
+        """``fn(shared, item)`` for every item, at most ``concurrency`` at once; yields ``(item, result)`` in the
+        order they finish. ``shared`` is sent to the workers once."""
+
+    @abc.abstractmethod
+    def call(self, fn: Callable[..., T], *args: Any, resources: dict[str, float]) -> T:
+        """``fn(*args)`` as one task with ``resources``."""
+
+    @abc.abstractmethod
+    def search(
+        self, problem: SearchProblem, resources: dict[str, float], concurrency: int, storage_path: str
+    ) -> dict[int, int]:
+        """Evaluate trials until the study holds ``problem.trials`` finished ones (continuing an interrupted
+        search); returns the evaluator builds per process id."""
+
+    # -- hooks for test backends -------------------------------------------------------------------------------
+
+    def worker_session(self, session: Session) -> Session:
+        """The session a training worker runs with (a test backend wraps it to inject faults)."""
+        return session
+
+    def evaluate(self, problem: SearchProblem, genes: dict[str, Any]) -> dict[str, Any]:
+        """One trial's evaluation (a test backend makes chosen trials fail)."""
+        return problem.evaluate(genes)

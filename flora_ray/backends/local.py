@@ -1,0 +1,113 @@
+"""The in-process backend: every stage in this process, no Ray (tests, benchmarks, a laptop without a cluster).
+
+Training runs one worker with a ``LocalSession`` whose checkpoints live under the storage path (so a re-run
+resumes); the filter's blocks run one after another; the search asks and tells the Optuna study itself, with the
+same sampler, anchors, journal and result recording as the Ray Tune path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import optuna
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState
+
+from flora_ray.backends.base import Backend, Worker
+from flora_ray.search.study import DIRECTIONS, SearchProblem, log_progress, record_result
+from flora_ray.training.trainer import LocalSession
+from flora_ray.training.worker import device_for
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRY_OF = "flora_ray:retry_of"
+
+
+class LocalBackend(Backend):
+    """Stages in this process."""
+
+    name = "local"
+
+    def fit(
+        self,
+        worker: Worker,
+        payload: dict[str, Any],
+        cfg: Any,
+        name: str,
+        storage_path: str,
+        collect: Callable[[Path], T],
+    ) -> tuple[dict[str, Any], T]:
+        device = device_for(cfg.scaling.accelerator, cfg.scaling.use_gpu)
+        session = LocalSession(Path(storage_path) / name, device=str(device))
+        worker(payload, self.worker_session(session))
+        latest = session.directory / "latest"
+        if not latest.is_dir():
+            raise RuntimeError(f"{name} finished without a checkpoint")
+        return (session.reports[-1] if session.reports else {}), collect(latest)
+
+    def map(
+        self,
+        fn: Callable[[Any, Any], T],
+        shared: Any,
+        items: Iterable[Any],
+        resources: dict[str, float],
+        concurrency: int,
+    ) -> Iterator[tuple[Any, T]]:
+        for item in items:
+            yield item, fn(shared, item)
+
+    def call(self, fn: Callable[..., T], *args: Any, resources: dict[str, float]) -> T:
+        return fn(*args)
+
+    def search(
+        self, problem: SearchProblem, resources: dict[str, float], concurrency: int, storage_path: str
+    ) -> dict[int, int]:
+        storage = problem.storage()
+        is_new = problem.study_name not in [s.study_name for s in storage.get_all_studies()]
+        study = optuna.create_study(
+            study_name=problem.study_name,
+            storage=storage,
+            sampler=problem.sampler(),
+            directions=list(DIRECTIONS),
+            load_if_exists=True,
+        )
+        for point in problem.anchors[: problem.trials] if is_new else ():
+            study.enqueue_trial(point)
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            # An interrupted session left this trial running: fail it and evaluate its genes again.
+            study.tell(trial.number, state=TrialState.FAIL)
+            study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
+        distributions = {name: CategoricalDistribution(list(range(n))) for name, n in problem.genes.items()}
+        builds: dict[int, int] = {}
+        started, points = time.perf_counter(), []
+        while (done := finished_trials(study)) < problem.trials:
+            trial = study.ask(distributions)
+            result = self._evaluate_safely(problem, trial.params)
+            if record_result(trial, result, problem.max_macs) is None:
+                study.tell(trial, state=TrialState.FAIL)
+                continue
+            study.tell(trial, [result["accuracy"], result["macs"]])
+            builds[int(result["pid"])] = int(result["evaluator_builds"])
+            points.append((float(result["macs"]), float(result["accuracy"])))
+            if len(points) % 10 == 0 or done + 1 == problem.trials:
+                log_progress(points, problem.trials, started)
+        return builds
+
+    def _evaluate_safely(self, problem: SearchProblem, genes: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return self.evaluate(problem, genes)
+        except Exception as exc:  # a failing evaluation fails its trial, as a failing Tune trial does
+            logger.warning("search: trial with genes %s failed: %s", genes, exc)
+            return None
+
+
+def finished_trials(study: optuna.Study) -> int:
+    """Complete and failed trials, not counting failed ones that were evaluated again."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
+    ended = (TrialState.COMPLETE, TrialState.FAIL)
+    return sum(1 for t in trials if t.state in ended and t.number not in retried)

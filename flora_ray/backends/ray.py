@@ -1,0 +1,227 @@
+"""The Ray backend: Ray Train for the training stages, Ray tasks for the filter's blocks, Ray Tune for the search.
+
+``init_ray`` joins a cluster (``--address``) or starts a local Ray bound to 127.0.0.1. Training runs a
+``TorchTrainer`` (gloo on CPU, NCCL on CUDA) with ``FailureConfig(max_failures)``; re-running the same name resumes:
+Ray Train finds the run's checkpoints in its storage path and hands the latest to the workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from flora_ray.backends.base import Backend, Worker
+from flora_ray.search.study import SearchProblem
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join ``address`` (``auto``, ``ray://...``, ``host:port``) or start a local Ray bound to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every component on 127.0.0.1
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
+        return
+    check_reachable(address)
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"cannot reach the Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, with one line, when nothing listens at ``host:port`` (Ray itself retries for minutes)."""
+    if address == "auto":
+        return
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"Ray address {address!r} is not auto, host:port or ray://host:port")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ValueError(
+            f"cannot reach the Ray cluster at {address!r} ({exc.strerror or exc}): start it (`ray start --head`) "
+            "or fix --address"
+        ) from None
+
+
+class RaySession:
+    """``training.trainer.Session`` on Ray Train."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.world_rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, model):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    @contextlib.contextmanager
+    def checkpoint_dir(self) -> Iterator[Path | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _train_entry(config: dict[str, Any]) -> None:
+    package_logger = logging.getLogger("flora_ray")
+    if not package_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
+    package_logger.propagate = False
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report and checkpoint is noise here
+    backend: Backend = config["backend"]
+    config["worker"](config["payload"], backend.worker_session(RaySession()))
+
+
+def scaling_config(scaling: Any):
+    """Ray Train's ``ScalingConfig`` from the run's scaling section (GPU or a named custom accelerator)."""
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
+    use_gpu = scaling.use_gpu and scaling.accelerator == "GPU"
+    if use_gpu:
+        resources["GPU"] = resources.get("GPU", 1)
+    elif scaling.use_gpu:
+        resources[scaling.accelerator] = resources.get(scaling.accelerator, 1)
+    return ScalingConfig(num_workers=scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def task_options(resources: dict[str, float]) -> dict[str, Any]:
+    """``ray.remote(...).options`` for a resource dict (``CPU``, ``GPU`` and custom resources)."""
+    rest = dict(resources)
+    options: dict[str, Any] = {"num_cpus": rest.pop("CPU", 1)}
+    if "GPU" in rest:
+        options["num_gpus"] = rest.pop("GPU")
+    if rest:
+        options["resources"] = rest
+    return options
+
+
+class RayBackend(Backend):
+    """Stages on Ray: Train, tasks, Tune (Ray must be initialised: ``init_ray``)."""
+
+    name = "ray"
+
+    def fit(
+        self,
+        worker: Worker,
+        payload: dict[str, Any],
+        cfg: Any,
+        name: str,
+        storage_path: str,
+        collect: Callable[[Path], T],
+    ) -> tuple[dict[str, Any], T]:
+        from ray.train import FailureConfig, RunConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        use_cuda = cfg.scaling.use_gpu and cfg.scaling.accelerator == "GPU"
+        trainer = TorchTrainer(
+            _train_entry,
+            train_loop_config={"worker": worker, "payload": payload, "backend": self},
+            scaling_config=scaling_config(cfg.scaling),
+            torch_config=TorchConfig(backend="nccl" if use_cuda else "gloo"),
+            run_config=RunConfig(
+                name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=cfg.run.max_failures)
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as exc:  # Ray wraps worker errors; keep the first line, the workers' logs have the rest
+            raise RuntimeError(f"{name} failed: {' '.join(str(exc).split())[:500]}") from exc
+        if result.error is not None:
+            raise RuntimeError(f"{name} failed: {result.error}") from result.error
+        if result.checkpoint is None:
+            raise RuntimeError(f"{name} finished without a checkpoint")
+        with result.checkpoint.as_directory() as directory:
+            return dict(result.metrics or {}), collect(Path(directory))
+
+    def map(
+        self,
+        fn: Callable[[Any, Any], T],
+        shared: Any,
+        items: Iterable[Any],
+        resources: dict[str, float],
+        concurrency: int,
+    ) -> Iterator[tuple[Any, T]]:
+        import ray
+
+        task = ray.remote(fn).options(**task_options(resources))
+        shared_ref = ray.put(shared)
+        queue, pending = list(items), {}
+        while queue or pending:
+            while queue and len(pending) < concurrency:
+                item = queue.pop(0)
+                pending[task.remote(shared_ref, item)] = item
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            item = pending.pop(ready[0])
+            yield item, ray.get(ready[0])
+
+    def call(self, fn: Callable[..., T], *args: Any, resources: dict[str, float]) -> T:
+        import ray
+
+        return ray.get(ray.remote(fn).options(**task_options(resources)).remote(*args))
+
+    def search(
+        self, problem: SearchProblem, resources: dict[str, float], concurrency: int, storage_path: str
+    ) -> dict[int, int]:
+        # Tune's default per-trial CSV/JSON/TensorBoard loggers duplicate what the Parquet files hold and cost time,
+        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+        # so the result grid cannot read them back and would warn once per trial; the Optuna journal has them.
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+        from ray import tune
+        from ray.tune.search import ConcurrencyLimiter
+
+        from flora_ray.backends.ray_tune import builds_per_process, optuna_searcher, progress_callback, tune_trial
+
+        trainable = tune.with_resources(tune.with_parameters(tune_trial, problem=problem, backend=self), resources)
+        experiment = os.path.join(storage_path, problem.study_name)
+        if tune.Tuner.can_restore(experiment):
+            logger.info("search: continuing %s", experiment)
+            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=ConcurrencyLimiter(optuna_searcher(problem), max_concurrent=concurrency),
+                    num_samples=problem.trials,
+                    reuse_actors=True,
+                ),
+                run_config=tune.RunConfig(
+                    name=problem.study_name,
+                    storage_path=storage_path,
+                    verbose=0,
+                    callbacks=[progress_callback(problem.trials)],
+                ),
+            )
+        return builds_per_process(tuner.fit())

@@ -1,0 +1,80 @@
+"""Ray Tune adapter of the search: Tune's ``OptunaSearch`` on the problem's study, the trial function, progress.
+
+``FloraOptunaSearch`` reads ``OptunaSearch._ot_trials`` (the Optuna trial behind a Tune trial) to record user
+attributes and the budget constraint; that private attribute is why ``pyproject.toml`` pins Ray's minor version.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flora_ray.search.study import OBJECTIVES, SearchProblem, log_progress, record_result
+
+logger = logging.getLogger(__name__)
+
+
+def tune_trial(genes: dict[str, Any], problem: SearchProblem | None = None, backend: Any = None) -> None:
+    """The Tune trainable: evaluate one subnet on this actor's (cached) evaluator and report it."""
+    from ray import tune
+
+    tune.report(backend.evaluate(problem, genes))
+
+
+def optuna_searcher(problem: SearchProblem):
+    """Tune's ``OptunaSearch`` over the problem's genes, study, sampler and anchors, recording results."""
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    class FloraOptunaSearch(OptunaSearch):
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is not None:
+                recorded = record_result(ot_trial, result, problem.max_macs)
+                if recorded is None and result is not None:
+                    result, error = None, True
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+    return FloraOptunaSearch(
+        space={name: tune.choice(list(range(n))) for name, n in problem.genes.items()},
+        metric=list(OBJECTIVES),
+        mode=["max", "min"],
+        sampler=problem.sampler(),
+        study_name=problem.study_name,
+        storage=problem.storage(),
+        points_to_evaluate=problem.anchors[: problem.trials],
+    )
+
+
+def progress_callback(total: int):
+    """A Tune callback that logs trials done / total, the front size and hypervolume as results arrive."""
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def __init__(self, every_s: float = 5.0) -> None:
+            self.points: list[tuple[float, float]] = []
+            self.started = self.logged = time.perf_counter()
+            self.every_s = every_s
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            if "accuracy" not in result or "macs" not in result:
+                return
+            self.points.append((float(result["macs"]), float(result["accuracy"])))
+            now = time.perf_counter()
+            if len(self.points) < total and now - self.logged < self.every_s:
+                return
+            self.logged = now
+            log_progress(self.points, total, self.started)
+
+    return Progress()
+
+
+def builds_per_process(grid) -> dict[int, int]:
+    """Evaluator builds per evaluator process, from the trials' last results."""
+    builds: dict[int, int] = {}
+    for result in grid:
+        metrics = result.metrics or {}
+        if "pid" in metrics and "evaluator_builds" in metrics:  # failed trials report nothing
+            builds[int(metrics["pid"])] = max(builds.get(int(metrics["pid"]), 0), int(metrics["evaluator_builds"]))
+    return builds

@@ -1,0 +1,79 @@
+"""Search results as pandas frames: one row per trial (``trials.parquet``) and the uniform baseline rows."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pandas as pd
+
+from flora_ray.core.space import RankSpace
+from flora_ray.results import pareto_mask
+from flora_ray.search.evaluator import genes_to_config
+
+
+def trials_frame(study, space: RankSpace, max_macs: float | None) -> pd.DataFrame:
+    """One row per Optuna trial: number, generation, genes as triples, ranks, objectives, state, ``is_pareto``."""
+    rows = []
+    for trial in study.trials:
+        generation = next((v for k, v in trial.system_attrs.items() if k.endswith(":generation")), None)
+        row: dict[str, Any] = {
+            "trial": trial.number,
+            # Enqueued uniform configurations carry no generation: they belong to the first one.
+            "generation": 0 if generation is None else int(generation),
+            "enqueued": generation is None,
+            "state": trial.state.name,
+            "accuracy": math.nan,
+            "macs": math.nan,
+            "params": trial.user_attrs.get("params", math.nan),
+            "eval_seconds": trial.user_attrs.get("eval_seconds", math.nan),
+            "triples": None,
+            "ranks": None,
+            "feasible": True,
+        }
+        if len(trial.params) == len(space.blocks):
+            config = genes_to_config(space, trial.params)
+            row["triples"] = json.dumps([list(t) for t in space.block_tuples(config)])
+            row["ranks"] = json.dumps(config)
+        if trial.values is not None:
+            row["accuracy"], row["macs"] = float(trial.values[0]), float(trial.values[1])
+        if max_macs is not None and not math.isnan(row["macs"]):
+            row["feasible"] = row["macs"] <= max_macs
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df["is_pareto"] = feasible_front(df)
+    return df
+
+
+def uniform_frame(rows: list[dict[str, Any]], space: RankSpace, max_macs: float | None) -> pd.DataFrame:
+    """The uniform baseline in the trial columns, plus ``ratio`` and ``in_space`` (whether the filtered space
+    contains the configuration)."""
+    frame = pd.DataFrame(
+        {
+            "trial": pd.array([None] * len(rows), dtype="Int64"),  # not Optuna trials
+            "generation": pd.array([None] * len(rows), dtype="Int64"),
+            "enqueued": False,
+            "state": "COMPLETE",
+            "accuracy": [r["accuracy"] for r in rows],
+            "macs": [r["macs"] for r in rows],
+            "params": [r["params"] for r in rows],
+            "eval_seconds": [r["eval_seconds"] for r in rows],
+            "triples": [json.dumps([list(t) for t in space.block_tuples(r["ranks"])]) for r in rows],
+            "ranks": [json.dumps(r["ranks"]) for r in rows],
+            "feasible": [max_macs is None or r["macs"] <= max_macs for r in rows],
+            "ratio": [r["ratio"] for r in rows],
+            "in_space": [space.contains(r["ranks"]) for r in rows],
+        }
+    )
+    frame.insert(frame.columns.get_loc("feasible") + 1, "is_pareto", feasible_front(frame))
+    return frame
+
+
+def feasible_front(df: pd.DataFrame) -> pd.Series:
+    """``is_pareto``: non-dominated among the complete, feasible rows."""
+    mask = pd.Series(False, index=df.index)
+    candidates = df[(df["state"] == "COMPLETE") & df["feasible"]]
+    if len(candidates):
+        mask[candidates.index[pareto_mask(candidates)]] = True
+    return mask

@@ -1,0 +1,125 @@
+"""The search problem and its Optuna study, independent of who runs the trials (in-process or Ray Tune).
+
+A ``SearchProblem`` is everything an evaluator process needs (supernet header and numpy weights, the run's
+configuration) plus the study's settings; it pickles, so Ray ships it once to every evaluator actor, which keeps
+its evaluator across trials (``cached_evaluator``). ``record_result`` is the one place that turns an evaluation into
+what Optuna is told: NaN or missing objectives fail the trial, parameters and evaluation time become user
+attributes, the MAC budget a constraint (``Trial.set_constraint``, Optuna >= 5).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from flora_ray.results import hypervolume, pareto_mask
+from flora_ray.search.evaluator import (
+    Evaluator,
+    build_evaluator,
+    cached_evaluator,
+    evaluator_builds,
+    genes_to_config,
+)
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVES = ("accuracy", "macs")
+DIRECTIONS = ("maximize", "minimize")
+
+
+@dataclass
+class SearchProblem:
+    """One search: what to evaluate and how the study is set up.
+
+    Attributes:
+        header: The supernet checkpoint's header (model spec, space).
+        weights: The supernet's weights as numpy arrays.
+        config: The run configuration as a plain dict.
+        key: Identifies the supernet and images; evaluators are cached per process under it.
+        genes: Number of candidates of each block (the categorical genes).
+        anchors: Genes evaluated first (uniform configurations, the cheapest one).
+        trials: Trials the study must hold in the end.
+        study_name: Optuna study name (and Tune experiment name).
+        journal: Local path of the Optuna journal file.
+        max_macs: MAC budget (a constraint), or ``None``.
+    """
+
+    header: dict[str, Any]
+    weights: dict[str, Any]
+    config: dict[str, Any]
+    key: str
+    genes: dict[str, int]
+    anchors: list[dict[str, int]]
+    trials: int
+    study_name: str
+    journal: str
+    max_macs: float | None = None
+    sampler_args: dict[str, Any] = field(default_factory=dict)
+
+    def sampler(self):
+        """Optuna's NSGA-II sampler with the run's settings."""
+        import optuna
+
+        return optuna.samplers.NSGAIISampler(**self.sampler_args)
+
+    def storage(self):
+        """The study's journal storage (a local file, appended by every trial)."""
+        import optuna
+
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(self.journal))
+
+    def load_study(self):
+        import optuna
+
+        return optuna.load_study(study_name=self.study_name, storage=self.storage())
+
+    def evaluator(self) -> Evaluator:
+        """This process's evaluator (built on first use, then reused across trials)."""
+        return cached_evaluator(self.key, lambda: build_evaluator(self.header, self.weights, self.config))
+
+    def evaluate(self, genes: dict[str, Any]) -> dict[str, float]:
+        """Accuracy, MACs, parameters and evaluation time of the subnet ``genes``, plus who evaluated it."""
+        evaluator = self.evaluator()
+        metrics = evaluator.evaluate(genes_to_config(evaluator.supernet.space, genes))
+        return {**metrics, "pid": os.getpid(), "evaluator_builds": evaluator_builds()}
+
+
+def valid_result(result: dict[str, Any] | None) -> bool:
+    """Both objectives present and finite."""
+    return result is not None and all(
+        isinstance(result.get(k), int | float) and math.isfinite(result[k]) for k in OBJECTIVES
+    )
+
+
+def record_result(ot_trial, result: dict[str, Any] | None, max_macs: float | None) -> dict[str, Any] | None:
+    """Attach parameters, evaluation time and the budget constraint to an Optuna trial; ``None`` when the result
+    is missing or not finite (the trial then fails)."""
+    if not valid_result(result):
+        return None
+    for key in ("params", "eval_seconds"):
+        ot_trial.set_user_attr(key, float(result[key]))
+    if max_macs is not None:
+        ot_trial.set_constraint("max_macs", float(result["macs"]) - max_macs)
+    return result
+
+
+def log_progress(points: list[tuple[float, float]], total: int, started: float) -> None:
+    """One progress line: trials done, front size, hypervolume, rate and ETA."""
+    df = pd.DataFrame(points, columns=["macs", "accuracy"])
+    done = len(points)
+    rate = done / max(time.perf_counter() - started, 1e-9)
+    logger.info(
+        "search: %d/%d trials (this session), front %d, hypervolume %.4g, %.2f trials/s, ETA %.0f s",
+        done,
+        total,
+        int(pareto_mask(df).sum()),
+        hypervolume(df, (df["macs"].max() * 1.01, 0.0)),
+        rate,
+        max(total - done, 0) / rate,
+    )

@@ -1,0 +1,60 @@
+"""The pipeline's stages, each a public function ``stage(cfg, backend) -> summary`` on any backend.
+
+``pretrain`` (dense teacher) -> ``filter`` (per-block candidates) -> ``train`` (supernet) -> ``search`` (NSGA-II
+front) -> ``export`` (knee point) -> ``report``. ``STAGES`` is the one table the pipeline and the CLI share; each
+entry says whether the stage's inputs are checked in preflight and how to tell that a finished call left work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flora_ray.stages.export import export_stage
+from flora_ray.stages.filter import filter_stage
+from flora_ray.stages.report import report_stage
+from flora_ray.stages.search import search_stage
+from flora_ray.stages.training import pretrain, train
+
+
+def _search_left_work(cfg: Any, summary: dict[str, Any]) -> str | None:
+    done = summary["complete"] + summary["failed"]
+    if done < cfg.search.trials:
+        return f"search stopped after {done} of {cfg.search.trials} trials; re-run the same command to continue"
+    return None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline.
+
+    Attributes:
+        name: The stage's name (CLI subcommand, completion marker).
+        run: ``run(cfg, backend) -> summary``.
+        help: One line for ``--help``.
+        preflight: Whether ``stages.preflight`` checks its inputs before any work starts.
+        left_work: ``(cfg, summary) -> message`` when the call finished without completing the stage.
+    """
+
+    name: str
+    run: Callable[[Any, Any], dict[str, Any]]
+    help: str
+    preflight: bool = True
+    left_work: Callable[[Any, dict[str, Any]], str | None] = lambda cfg, summary: None
+
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage("pretrain", pretrain, "train the dense teacher on the configured data"),
+        Stage("filter", filter_stage, "filter each block's rank candidates with local supernets"),
+        Stage("train", train, "train the FLORA supernet by distillation from the teacher"),
+        Stage("search", search_stage, "NSGA-II search of the (filtered) space; Pareto front to Parquet", True,
+              _search_left_work),
+        Stage("export", export_stage, "export the knee point of the front", preflight=False),
+        Stage("report", report_stage, "write report.md", preflight=False),
+    )
+}  # fmt: skip
+
+__all__ = ["STAGES", "Stage"]

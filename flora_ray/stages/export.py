@@ -1,0 +1,140 @@
+"""``flora-ray export``: pick a searched subnet, export it, and measure its test accuracy and CPU latency.
+
+The subnet is chosen by trial number or as the most accurate front point within a MAC budget, extracted from the
+run's supernet with ``core.subnet.save_subnet``, reloaded from disk (as a user would), scored on the test split and
+timed on CPU against the dense model. The figures go into ``export.json`` next to the exported files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from flora_ray.config import Config, build_dataclass
+from flora_ray.core.subnet import load_subnet, package_versions, save_subnet
+from flora_ray.core.supernet import load_supernet
+from flora_ray.data.datasets import build_datasets
+from flora_ray.results import best_under, knee_point, load_front, load_trials
+from flora_ray.stages.inputs import open_run, resolve_model_spec, teacher_source
+from flora_ray.storage.files import write_json
+from flora_ray.storage.run_store import ARTEFACTS, RunStore
+from flora_ray.training.tasks import accuracy
+from flora_ray.training.worker import device_for
+
+
+@torch.no_grad()
+def cpu_latency_ms(model: nn.Module, x: torch.Tensor, runs: int = 30, warmup: int = 5) -> float:
+    """Median wall time (ms) of one forward pass of ``x`` on CPU."""
+    model = model.eval().cpu()
+    times = []
+    for i in range(warmup + runs):
+        start = time.perf_counter()
+        model(x)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def load_run_config(store: RunStore) -> Config:
+    """The configuration a run was made with (``run_config.yaml``)."""
+    if not store.is_file(ARTEFACTS.run_config):
+        raise FileNotFoundError(
+            f"{store.location(ARTEFACTS.run_config)!r} does not exist: this is not a flora-ray run directory"
+        )
+    try:
+        data = yaml.safe_load(store.read_text(ARTEFACTS.run_config))
+    except yaml.YAMLError as exc:
+        raise ValueError(
+            f"{store.location(ARTEFACTS.run_config)!r} is not valid YAML; remove the run directory"
+        ) from exc
+    return build_dataclass(Config, data, "")
+
+
+def choose_trial(store: RunStore, trial: int | None, max_macs: float | None):
+    """The trials.parquet row of ``trial``, or the best front point with ``macs <= max_macs``."""
+    if (trial is None) == (max_macs is None):
+        raise ValueError("give exactly one of --trial N or --max-macs M")
+    if trial is not None:
+        trials = load_trials(store)
+        rows = trials[(trials["trial"] == trial) & (trials["state"] == "COMPLETE")]
+        if rows.empty:
+            raise ValueError(f"trial {trial} is not a completed trial of {store.root!r} (0..{trials['trial'].max()})")
+        return rows.iloc[0]
+    front = load_front(store)
+    row = best_under(front, max_macs)
+    if row is None:
+        raise ValueError(f"no front point has macs <= {max_macs:.4g}; the cheapest needs {front['macs'].min():.4g}")
+    return row
+
+
+def latency(model: nn.Module, dense: nn.Module, x: torch.Tensor, threads: int) -> dict[str, float]:
+    """CPU latency of the subnet and the dense model at batch 1 and at the batch of ``x``, with ``threads``."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return {
+            "subnet_batch1_ms": cpu_latency_ms(model, x[:1]),
+            "dense_batch1_ms": cpu_latency_ms(dense, x[:1]),
+            "subnet_batch32_ms": cpu_latency_ms(model, x),
+            "dense_batch32_ms": cpu_latency_ms(dense, x),
+        }
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def export_from_run(
+    run: str | os.PathLike | RunStore,
+    trial: int | None = None,
+    max_macs: float | None = None,
+    output: str | os.PathLike | None = None,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Export one searched subnet of a run; returns (and writes to ``export.json``) its figures."""
+    store = run if isinstance(run, RunStore) else RunStore(run)
+    if not store.is_file(ARTEFACTS.trials):
+        raise FileNotFoundError(f"{store.location(ARTEFACTS.trials)!r} does not exist: run `flora-ray search` first")
+    cfg = load_run_config(store)
+    row = choose_trial(store, trial, max_macs)
+    ranks = json.loads(row["ranks"])
+    supernet = load_supernet(store.local_path(ARTEFACTS.supernet))
+    out = Path(output) if output else store.local_path(ARTEFACTS.export_dir(int(row["trial"])))
+    save_subnet(supernet, ranks, out, trial=int(row["trial"]), search_accuracy=float(row["accuracy"]))
+    model = load_subnet(out)
+    splits = build_datasets(cfg.data)
+    device = device_for("GPU", True)  # accuracy only; latency is on CPU
+    test_acc = accuracy(model.to(device), splits.test, device)
+    dense = resolve_model_spec(cfg).create(pretrained=teacher_source(cfg, store))
+    dense_test_acc = accuracy(dense.to(device), splits.test, device)
+    x = torch.stack([splits.test[i][0] for i in range(32)])
+    report = {
+        "trial": int(row["trial"]),
+        "directory": str(out),
+        "macs": supernet.cost.macs(ranks),
+        "dense_macs": supernet.cost.dense_macs,
+        "params": supernet.cost.params(ranks),
+        "search_accuracy": float(row["accuracy"]),
+        "test_accuracy": test_acc,
+        "dense_test_accuracy": dense_test_acc,
+        "latency": latency(model, dense, x, threads),
+        "threads": threads,
+        "versions": package_versions(),
+    }
+    write_json(out / "export.json", report)
+    return report
+
+
+def export_stage(cfg: Config, backend: Any = None) -> dict[str, Any]:
+    """Export the knee point of the run's front (runs in this process, whatever the backend)."""
+    store = open_run(cfg)
+    front = load_front(store)
+    if front.empty:
+        raise RuntimeError("the search produced no feasible subnet to export (every trial failed or broke the budget)")
+    return export_from_run(store, trial=int(knee_point(front)["trial"]))

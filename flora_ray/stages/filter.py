@@ -1,0 +1,162 @@
+"""The filter stage: one task per block on the backend, each block's result kept as soon as it finishes.
+
+The dense teacher's weights go to the workers once (numpy arrays, zero-copy in Ray's object store); each task
+builds the block's local supernet from them and runs ``search.filtering.filter_block`` (training through the one
+``Trainer``, then scoring). Finished blocks are stored under ``filter/`` so an interrupted run resumes there; at the
+end the kept tuples become the run's ``space.json`` and every candidate's score ``filter_scores.parquet``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from flora_ray.backends.base import Backend
+from flora_ray.config import Config, build_dataclass, config_to_dict
+from flora_ray.core.space import RankSpace
+from flora_ray.core.supernet import build_supernet
+from flora_ray.data.datasets import build_datasets
+from flora_ray.search.filtering import as_numpy_state, filter_block, kept_space, select
+from flora_ray.stages.inputs import full_space, open_run, provenance, resolve_model_spec, teacher_source
+from flora_ray.stages.preflight import preflight
+from flora_ray.storage.run_store import ARTEFACTS, RunStore
+from flora_ray.training.worker import device_for, setup_worker
+
+logger = logging.getLogger(__name__)
+
+SCORES_SCHEMA = pa.schema(
+    [
+        ("block", pa.string()),
+        ("block_index", pa.int32()),
+        ("candidate", pa.int32()),
+        ("ranks", pa.list_(pa.int32())),
+        ("ranks_by_fqn", pa.string()),
+        ("macs", pa.int64()),
+        ("accuracy", pa.float64()),
+        ("score", pa.float64()),
+        ("kept", pa.bool_()),
+        ("mode", pa.string()),
+    ]
+)
+
+
+def filter_task(shared: tuple[dict[str, Any], dict[str, Any]], block_index: int) -> dict[str, Any]:
+    """Filter one block: ``shared`` is ``(config dict, teacher state as numpy arrays)``."""
+    config, teacher_state = shared
+    cfg: Config = build_dataclass(Config, config, "")
+    setup_worker(cfg.run.threads_per_worker, cfg.run.seed + block_index)
+    device = device_for(cfg.scaling.accelerator, cfg.scaling.use_gpu)
+    subset = None if cfg.filter.subset >= 1 else cfg.filter.subset
+    splits = build_datasets(replace(cfg.data, train_subset=subset))
+    spec = resolve_model_spec(cfg)
+    state = {k: torch.from_numpy(v.copy()) for k, v in teacher_state.items()}
+    teacher, dense = spec.create(device="cpu"), spec.create(device="cpu")
+    teacher.load_state_dict(state)
+    dense.load_state_dict(state)
+    supernet = build_supernet(
+        dense,
+        model_name=spec.name,
+        model_kwargs=spec.kwargs,
+        ratios=cfg.model.ratios,
+        include_proj=cfg.model.include_proj,
+        targets=cfg.model.targets,
+        sv_placement=cfg.model.sv_placement,
+    )
+    teacher.requires_grad_(False)
+    return filter_block(
+        supernet.to(device), teacher.eval().to(device), block_index, splits.train, splits.search, cfg.filter,
+        cfg.run.seed, device,
+    )  # fmt: skip
+
+
+def task_resources(cfg: Config) -> dict[str, float]:
+    """What one block's task asks for: ``filter.cpus_per_task`` CPUs and, with ``scaling.use_gpu``, one
+    accelerator (``GPU`` or the custom resource)."""
+    resources = {"CPU": cfg.filter.cpus_per_task}
+    if cfg.scaling.use_gpu:
+        resources[cfg.scaling.accelerator] = 1
+    return resources
+
+
+def filter_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
+    """Filter every unfinished block on ``backend``; returns a summary (kept counts, seconds, output names)."""
+    store = open_run(cfg)
+    preflight(cfg, "filter", store)
+    space = full_space(cfg)
+    done = finished_blocks(store, space)
+    todo = [i for i in range(len(space.blocks)) if i not in done]
+    started = time.perf_counter()
+    if todo:
+        teacher = resolve_model_spec(cfg).create(pretrained=teacher_source(cfg, store))
+        shared = (config_to_dict(cfg), as_numpy_state(teacher.state_dict()))
+        del teacher
+        results = backend.map(filter_task, shared, todo, task_resources(cfg), cfg.filter.concurrency)
+        for finished, (index, result) in enumerate(results, start=1):
+            store.write_json(ARTEFACTS.filter_block(index), result)
+            done[index] = result
+            eta = (time.perf_counter() - started) / finished * (len(todo) - finished)
+            logger.info(
+                "filter: block %s done in %.1f s (%d/%d blocks, ETA %.0f s)",
+                result["block"], result["seconds"], len(done), len(space.blocks), eta,
+            )  # fmt: skip
+    return write_filter_outputs(cfg, store, space, done, time.perf_counter() - started)
+
+
+def finished_blocks(store: RunStore, space: RankSpace) -> dict[int, dict[str, Any]]:
+    """The blocks whose results are already in the store (checked against the space)."""
+    done = {}
+    for i, block in enumerate(space.blocks):
+        name = ARTEFACTS.filter_block(i)
+        if not store.is_file(name):
+            continue
+        result = store.read_json(name, "filter block result")
+        rows = result.get("rows", []) if isinstance(result, dict) else []
+        if result.get("block") != block.name or [tuple(r["ranks"]) for r in rows] != list(block.candidates):
+            raise ValueError(
+                f"{store.location(name)!r} does not belong to this model's space (block {block.name}); "
+                "delete the run's filter/ directory or use another run name"
+            )
+        done[i] = result
+    return done
+
+
+def write_filter_outputs(
+    cfg: Config, store: RunStore, space: RankSpace, done: dict[int, dict[str, Any]], seconds: float
+) -> dict[str, Any]:
+    """Apply the keep rule to every block; write ``space.json`` and ``filter_scores.parquet``; summarise."""
+    full = space.largest()
+    rows = []
+    for i, block in enumerate(space.blocks):
+        block_rows = select(
+            done[i]["rows"], tuple(full[f] for f in block.fqns), cfg.filter.keep_fraction, cfg.filter.score
+        )
+        for row in block_rows:
+            row["ranks_by_fqn"] = json.dumps(dict(zip(block.fqns, row["ranks"], strict=True)))
+            row["mode"] = cfg.filter.mode
+        rows.extend(block_rows)
+    filtered = kept_space(space, rows)
+    store.write_json(ARTEFACTS.space, filtered.to_dict())
+    table = pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
+    store.write_parquet(ARTEFACTS.filter_scores, table, provenance(cfg, mode=cfg.filter.mode))
+    before, after = space.num_configs, filtered.num_configs
+    kept_per_block = [len(b.candidates) for b in filtered.blocks]
+    logger.info(
+        "filter: kept %s of %d candidates per block; space %.3g -> %.3g configurations",
+        kept_per_block, len(space.blocks[0].candidates), before, after,
+    )  # fmt: skip
+    return {
+        "space": store.location(ARTEFACTS.space),
+        "scores": store.location(ARTEFACTS.filter_scores),
+        "kept_per_block": kept_per_block,
+        "candidates_per_block": [len(b.candidates) for b in space.blocks],
+        "configs_before": before,
+        "configs_after": after,
+        "seconds": seconds,
+        "block_seconds": [done[i]["seconds"] for i in sorted(done)],
+    }

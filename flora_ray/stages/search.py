@@ -1,0 +1,137 @@
+"""The search stage: NSGA-II over the (filtered) space on a backend, then the trials, front and baseline files.
+
+The Optuna study lives in a journal file in the run (``search_journal.log``), so re-running an interrupted search
+continues it. Evaluators keep their supernet across trials; its weights travel once to each evaluator process as
+numpy arrays. MACs and parameters come from the analytic cost model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from flora_ray.backends.base import Backend
+from flora_ray.config import Config, config_to_dict
+from flora_ray.core.models import ModelSpec
+from flora_ray.core.space import RankSpace
+from flora_ray.results import hypervolume
+from flora_ray.search.evaluator import anchor_points, build_evaluator
+from flora_ray.search.frames import trials_frame, uniform_frame
+from flora_ray.search.plots import front_figure, hypervolume_figure
+from flora_ray.search.study import SearchProblem
+from flora_ray.stages.inputs import open_run, provenance, ray_storage, resolve_model_spec, teacher_source
+from flora_ray.stages.preflight import preflight
+from flora_ray.storage.run_store import ARTEFACTS, RunStore
+from flora_ray.training.tasks import accuracy
+
+logger = logging.getLogger(__name__)
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What one evaluator asks for: CPUs, plus a share of the accelerator (``GPU`` or a custom resource)."""
+    resources = {"CPU": cfg.search.cpus_per_trial}
+    if cfg.search.gpus_per_trial:
+        resources[cfg.scaling.accelerator] = cfg.search.gpus_per_trial
+    return resources
+
+
+def search_seed(cfg: Config) -> int:
+    return cfg.search.seed if cfg.search.seed is not None else cfg.run.seed
+
+
+def search_problem(cfg: Config, store: RunStore) -> SearchProblem:
+    """The run's search: its supernet (read once), genes, anchors, study settings and journal."""
+    tensors, header = store.read_checkpoint(ARTEFACTS.supernet)
+    space = RankSpace.from_dict(header["space"], source=f"checkpoint {store.location(ARTEFACTS.supernet)!r}")
+    info = store.filesystem.get_file_info(store.location(ARTEFACTS.supernet))
+    return SearchProblem(
+        header=header,
+        weights={k: v.numpy() for k, v in tensors.items()},
+        config=config_to_dict(cfg),
+        key=f"{info.path}:{info.mtime_ns}:{cfg.data.name}:{cfg.search.eval_images}",
+        genes={b.name: len(b.candidates) for b in space.blocks},
+        anchors=anchor_points(space),
+        trials=cfg.search.trials,
+        study_name=f"{cfg.run.name}-search",
+        journal=str(store.local_path(ARTEFACTS.journal)),
+        max_macs=cfg.search.max_macs,
+        sampler_args={
+            "population_size": cfg.search.population,
+            "mutation_prob": cfg.search.mutation_prob,
+            "crossover_prob": cfg.search.crossover_prob,
+            "seed": search_seed(cfg),
+        },
+    )
+
+
+def baselines_task(problem: SearchProblem, dense_state: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
+    """Every uniform configuration and the dense model on the search images (one evaluator build, the same images
+    and batch size as every trial)."""
+    evaluator = build_evaluator(problem.header, problem.weights, problem.config)
+    rows = []
+    for ratio, ranks in evaluator.supernet.space.uniform_all().items():
+        rows.append({"ratio": ratio, "ranks": ranks, **evaluator.evaluate(ranks)})
+    dense = ModelSpec.from_dict(problem.header["model"]).create(device="meta")
+    dense.load_state_dict({k: torch.from_numpy(v) for k, v in dense_state.items()}, strict=True, assign=True)
+    images = torch.utils.data.TensorDataset(evaluator.images, evaluator.labels)
+    return rows, accuracy(dense.to(evaluator.device), images, evaluator.device, batch_size=evaluator.batch_size)
+
+
+def search_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
+    """Run (or continue) the search of a run on ``backend`` and write its files; returns a summary."""
+    store = open_run(cfg)
+    preflight(cfg, "search", store)
+    problem = search_problem(cfg, store)
+    space = RankSpace.from_dict(problem.header["space"])
+    started = time.perf_counter()
+    builds = backend.search(problem, trial_resources(cfg), cfg.search.concurrency, ray_storage(cfg, store))
+    seconds = time.perf_counter() - started
+    study = problem.load_study()
+    trials = trials_frame(study, space, cfg.search.max_macs)
+    dense = resolve_model_spec(cfg).create(pretrained=teacher_source(cfg, store))
+    dense_state = {k: v.detach().cpu().numpy() for k, v in dense.state_dict().items()}
+    rows, dense_accuracy = backend.call(baselines_task, problem, dense_state, resources=trial_resources(cfg))
+    uniform = uniform_frame(rows, space, cfg.search.max_macs)
+    summary = write_search_outputs(cfg, store, study, trials, uniform)
+    summary.update(
+        dense_accuracy=dense_accuracy, seconds=seconds, evaluator_builds={str(k): v for k, v in builds.items()}
+    )
+    store.write_json(ARTEFACTS.search_summary, summary)
+    logger.info("search: %s", summary)
+    if summary["complete"] + summary["failed"] < cfg.search.trials:
+        logger.warning(
+            "search stopped after %d of %d trials; the files hold those; re-run the same command to continue",
+            summary["complete"] + summary["failed"],
+            cfg.search.trials,
+        )
+    return summary
+
+
+def write_search_outputs(cfg: Config, store: RunStore, study, trials, uniform) -> dict[str, Any]:
+    """``trials``/``pareto``/``uniform.parquet`` and the plots; returns the summary's figures."""
+    metadata = provenance(cfg, seed=search_seed(cfg))
+    front = trials[trials["is_pareto"]].sort_values("macs").reset_index(drop=True)
+    for name, frame in ((ARTEFACTS.trials, trials), (ARTEFACTS.pareto, front), (ARTEFACTS.uniform, uniform)):
+        store.write_parquet(name, frame, metadata)
+    complete = trials[trials["state"] == "COMPLETE"]
+    ref = (float(uniform["macs"].max()) * 1.01, 0.0)
+    store.save_figure(ARTEFACTS.pareto_plot, front_figure(complete, front, uniform))
+    store.save_figure(ARTEFACTS.hypervolume_plot, hypervolume_figure(trials, ref))
+    finished = [t for t in study.trials if t.datetime_start and t.datetime_complete]
+    span = (
+        (max(t.datetime_complete for t in finished) - min(t.datetime_start for t in finished)).total_seconds()
+        if finished
+        else 0.0
+    )
+    return {
+        "trials": len(trials),
+        "complete": len(complete),
+        "failed": int((trials["state"] == "FAIL").sum()),
+        "front_size": len(front),
+        "hypervolume": hypervolume(complete, ref) if len(complete) else 0.0,
+        "dense_macs": float(uniform["macs"].max()),
+        "trials_per_second": len(finished) / span if span else 0.0,  # the whole study, all sessions
+    }

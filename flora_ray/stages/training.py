@@ -1,0 +1,110 @@
+"""The training stages: ``pretrain`` (the dense teacher) and ``train`` (the supernet), on any backend.
+
+``train_worker`` is what every data-parallel worker runs: it resolves the stage's task from the configuration and
+the run store, and hands it to the one ``Trainer`` with the checkpoint, progress and (supernet) cross-worker
+callbacks. The stage functions run it on a backend and copy the final model into the run store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flora_ray.backends.base import Backend
+from flora_ray.config import Config, build_dataclass, config_to_dict
+from flora_ray.core.models import dense_checkpoint_metadata, load_state_dict_strict
+from flora_ray.data.datasets import build_datasets
+from flora_ray.stages.inputs import build_run_supernet, open_run, ray_storage, resolve_model_spec
+from flora_ray.stages.preflight import preflight
+from flora_ray.storage.run_store import ARTEFACTS, RunStore
+from flora_ray.training.callbacks import Checkpoint, ConfigCheck, Progress, read_final_checkpoint
+from flora_ray.training.sampling import build_sampler
+from flora_ray.training.tasks import DenseTask, SupernetTask
+from flora_ray.training.trainer import Session, Trainer
+from flora_ray.training.worker import distributed_loader, setup_worker
+
+logger = logging.getLogger(__name__)
+
+TRAINING_STAGES = ("pretrain", "train")
+
+
+def train_worker(payload: dict[str, Any], session: Session) -> None:
+    """Train one stage (``payload["stage"]``: ``pretrain`` or ``train``) on this worker."""
+    cfg: Config = build_dataclass(Config, payload["config"], "")
+    stage, store = payload["stage"], RunStore(payload["run"])
+    if stage not in TRAINING_STAGES:
+        raise ValueError(f"stage {stage!r} is not one of {TRAINING_STAGES}")
+    setup_worker(cfg.run.threads_per_worker, cfg.run.seed)
+    splits = build_datasets(cfg.data)
+    spec = resolve_model_spec(cfg)
+    if spec.kwargs.get("num_classes") != splits.num_classes:
+        raise ValueError(
+            f"model.kwargs.num_classes={spec.kwargs.get('num_classes')} but the data has {splits.num_classes} classes"
+        )
+    opt = cfg.pretrain if stage == "pretrain" else cfg.train
+    callbacks: list[Any] = []
+    if stage == "pretrain":
+        net = spec.create(device=session.device)
+        task: Any = DenseTask(net, opt.label_smoothing, splits.search, splits.test)
+        state = (lambda: (net.state_dict(), dense_checkpoint_metadata(spec)), net)
+    else:
+        supernet, teacher = build_run_supernet(cfg, store, session.device)
+        sampler = build_sampler(cfg.train.sampler, supernet.space)
+        task = SupernetTask(
+            supernet, teacher, sampler, cfg.run.seed, opt.temperature, opt.label_weight, opt.label_smoothing,
+            splits.search, opt.eval_images,
+        )  # fmt: skip
+        state = (lambda: (supernet.model.state_dict(), supernet.header()), supernet.model)
+        callbacks.append(ConfigCheck())
+    loader, train_sampler = distributed_loader(
+        splits.train, opt.batch_size, session.world_size, session.world_rank, cfg.run.seed, stage
+    )
+    model_state, module = state
+    callbacks += [
+        Progress(opt.log_every),
+        Checkpoint(opt.checkpoint_every, model_state, lambda t, src: load_state_dict_strict(module, t, src)),
+    ]
+    Trainer(task, opt, session, loader, stage, callbacks, train_sampler=train_sampler).fit()
+
+
+def save_stage_outputs(directory: Path, store: RunStore, stage: str) -> str:
+    """Copy a stage's final model (with its metric history in the header) and the history into the run."""
+    tensors, header, history = read_final_checkpoint(directory)
+    name = ARTEFACTS.teacher if stage == "pretrain" else ARTEFACTS.supernet
+    store.write_checkpoint(name, tensors, {**header, "history": history})
+    store.write_json(ARTEFACTS.history(stage), history)
+    return store.location(name)
+
+
+def fit_stage(cfg: Config, backend: Backend, stage: str) -> dict[str, Any]:
+    """Run ``pretrain`` or ``train`` on ``backend``; returns the final metrics, the output and the wall time."""
+    store = open_run(cfg)
+    preflight(cfg, stage, store)  # fail fast, before any worker starts
+    payload = {"config": config_to_dict(cfg), "stage": stage, "run": store.root}
+    started = time.perf_counter()
+    metrics, output = backend.fit(
+        train_worker,
+        payload,
+        cfg,
+        f"{cfg.run.name}-{stage}",
+        ray_storage(cfg, store),
+        lambda directory: save_stage_outputs(directory, store, stage),
+    )
+    seconds = time.perf_counter() - started
+    logger.info("%s finished in %.1f s: %s", stage, seconds, output)
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    return {"output": output, "metrics": numbers, "seconds": seconds}
+
+
+def pretrain(cfg: Config, backend: Backend) -> dict[str, Any]:
+    """Train the dense teacher (skipped when ``model.pretrained`` names the dense weights)."""
+    if cfg.model.pretrained:
+        return {"skipped": f"dense weights from model.pretrained={cfg.model.pretrained!r}"}
+    return fit_stage(cfg, backend, "pretrain")
+
+
+def train(cfg: Config, backend: Backend) -> dict[str, Any]:
+    """Train the supernet by distillation from the teacher on the run's (filtered) space."""
+    return fit_stage(cfg, backend, "train")

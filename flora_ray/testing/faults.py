@@ -1,0 +1,97 @@
+"""Fault injection for tests: a session wrapper for training workers and backends that break chosen trials.
+
+Production code knows nothing of these: a training worker runs whatever session ``Backend.worker_session``
+returns, and a trial is evaluated by ``Backend.evaluate``; the backends here override those two hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flora_ray.backends.local import LocalBackend
+from flora_ray.backends.ray import RayBackend
+from flora_ray.search.study import SearchProblem
+from flora_ray.training.sampling import config_digest
+from flora_ray.training.trainer import Callback, Session, Trainer
+
+
+class _Faults(Callback):
+    def __init__(self, fail: dict[str, Any] | None, sample_log: str | None) -> None:
+        self.fail, self.sample_log = fail, Path(sample_log) if sample_log else None
+
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        """Raise once (a marker file remembers) at the start of epoch ``fail["epoch"]`` on rank ``fail["rank"]``."""
+        fail, rank = self.fail, trainer.session.world_rank
+        if not fail or rank != fail.get("rank", 0) or trainer.epoch != fail["epoch"]:
+            return
+        marker = Path(fail["marker"])
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"failed at epoch {trainer.epoch}\n")
+        raise RuntimeError(f"injected failure at epoch {trainer.epoch} on rank {rank}")
+
+    def on_configs(self, trainer: Trainer, step: int, configs: Sequence[dict[str, int]]) -> None:
+        """Append ``{epoch, step, digest}`` of each step's subnet to ``sample_log/rank<r>.jsonl``."""
+        if self.sample_log is None:
+            return
+        self.sample_log.mkdir(parents=True, exist_ok=True)
+        record = {"epoch": trainer.epoch, "step": step, "digest": config_digest(configs[-1])}
+        with open(self.sample_log / f"rank{trainer.session.world_rank}.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+class FaultSession:
+    """A training session that fails once at a chosen epoch and/or logs every step's sampled subnet.
+
+    Args:
+        inner: The real session (everything else is delegated to it).
+        fail: ``{"epoch": E, "rank": R, "marker": PATH}``: raise at the start of epoch E on rank R, once.
+        sample_log: Directory of the per-rank sample logs.
+    """
+
+    def __init__(self, inner: Session, fail: dict[str, Any] | None = None, sample_log: str | None = None) -> None:
+        self.inner = inner
+        self.callbacks = [_Faults(fail, sample_log)]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class FaultInjection:
+    """Backend mixin: training workers run a ``FaultSession``; trials whose first gene (in name order) equals
+    ``raise_if_first_gene`` raise, those with ``nan_if_first_gene`` return a NaN accuracy."""
+
+    def __init__(
+        self,
+        fail: dict[str, Any] | None = None,
+        sample_log: str | None = None,
+        raise_if_first_gene: int | None = None,
+        nan_if_first_gene: int | None = None,
+    ) -> None:
+        self.fail, self.sample_log = fail, sample_log
+        self.raise_if_first_gene, self.nan_if_first_gene = raise_if_first_gene, nan_if_first_gene
+
+    def worker_session(self, session: Session) -> Session:
+        return FaultSession(session, self.fail, self.sample_log)
+
+    def evaluate(self, problem: SearchProblem, genes: dict[str, Any]) -> dict[str, Any]:
+        first = genes[sorted(genes)[0]]
+        if first == self.raise_if_first_gene:
+            raise RuntimeError(f"injected evaluation failure (first gene {first})")
+        metrics = problem.evaluate(genes)
+        if first == self.nan_if_first_gene:
+            metrics["accuracy"] = math.nan
+        return metrics
+
+
+class FaultyRayBackend(FaultInjection, RayBackend):
+    """``RayBackend`` with ``FaultInjection``."""
+
+
+class FaultyLocalBackend(FaultInjection, LocalBackend):
+    """``LocalBackend`` with ``FaultInjection``."""

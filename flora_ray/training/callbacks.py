@@ -1,0 +1,168 @@
+"""The trainer's callbacks: checkpoint and report, progress lines, the cross-worker subnet check.
+
+A checkpoint holds the model (safetensors), the optimiser and scheduler state, the epoch and the metric history;
+the subnet sampler is stateless per step, so a resumed run draws what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from flora_ray.storage.files import read_checkpoint, write_checkpoint
+from flora_ray.training.sampling import config_digest
+from flora_ray.training.trainer import Callback, Trainer
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+
+
+class Checkpoint(Callback):
+    """Restores the session's latest checkpoint at the start; reports every epoch, with a checkpoint every
+    ``every`` epochs and after the last one.
+
+    Args:
+        every: Epochs between checkpoints.
+        model_state: ``() -> (tensors, header)`` of the model to save.
+        load_model: ``(tensors, source)`` loads saved tensors into the model.
+    """
+
+    def __init__(
+        self,
+        every: int,
+        model_state: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]],
+        load_model: Callable[[dict[str, torch.Tensor], Any], None],
+    ) -> None:
+        self.every, self.model_state, self.load_model = every, model_state, load_model
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        with trainer.session.checkpoint_dir() as directory:
+            if directory is None:
+                return
+            tensors, _ = read_checkpoint(Path(directory) / MODEL_FILE, device=trainer.device)
+            self.load_model(tensors, directory)
+            state = torch.load(Path(directory) / STATE_FILE, map_location=trainer.device, weights_only=True)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.epoch, trainer.global_step = int(state["epoch"]), int(state["global_step"])
+        trainer.history = json.loads(state["history"])
+        if trainer.is_main:
+            logger.info("%s: resumed from the checkpoint after epoch %d", trainer.name, trainer.epoch)
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        due = trainer.epoch % self.every == 0 or trainer.epoch == trainer.opt.epochs
+        if not due:
+            trainer.session.report(metrics, None)
+            return
+        directory = Path(tempfile.mkdtemp(prefix="flora-ckpt-")) if trainer.is_main else None
+        try:
+            if directory is not None:
+                self._write(trainer, directory)
+            trainer.session.report(metrics, directory)
+        finally:
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+
+    def _write(self, trainer: Trainer, directory: Path) -> None:
+        tensors, header = self.model_state()
+        write_checkpoint(directory / MODEL_FILE, tensors, header)
+        state = {
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "epoch": trainer.epoch,
+            "global_step": trainer.global_step,
+            "history": json.dumps(trainer.history),
+        }
+        torch.save(state, directory / STATE_FILE)
+
+
+def read_final_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[dict[str, Any]]]:
+    """``(tensors, header, history)`` of a checkpoint this callback wrote."""
+    tensors, header = read_checkpoint(directory / MODEL_FILE)
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    return tensors, header, json.loads(state["history"])
+
+
+class Progress(Callback):
+    """Rank 0 logs ``images/s`` and the ETA every ``every`` steps, and each epoch's metrics."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.start = self.t0 = 0.0
+        self.start_epoch = 0
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.start, self.start_epoch = time.perf_counter(), trainer.epoch
+
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, trainer: Trainer, step: int, images: int) -> None:
+        if not trainer.is_main or step % self.every:
+            return
+        now = time.perf_counter()
+        done = (trainer.epoch - self.start_epoch) * trainer.steps_per_epoch + step
+        left = (trainer.opt.epochs - trainer.epoch) * trainer.steps_per_epoch - step
+        rate = images * trainer.session.world_size / max(now - self.t0, 1e-9)
+        eta = (now - self.start) / max(done, 1) * left
+        logger.info(
+            "%s epoch %d/%d step %d/%d: %.0f img/s, ETA %s",
+            trainer.name,
+            trainer.epoch + 1,
+            trainer.opt.epochs,
+            step,
+            trainer.steps_per_epoch,
+            rate,
+            duration(eta),
+        )
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        if trainer.is_main:
+            logger.info("%s epoch %d/%d: %s", trainer.name, trainer.epoch, trainer.opt.epochs, format_metrics(metrics))
+
+
+class ConfigCheck(Callback):
+    """Workers agree on each step's subnet: an all-reduce (min and max) of the configuration's digest.
+
+    The tensors live on the training device, as NCCL requires (gloo takes CPU tensors too).
+    """
+
+    def __init__(self) -> None:
+        self.checks = 0
+
+    def on_configs(self, trainer: Trainer, step: int, configs: Sequence[dict[str, int]]) -> None:
+        if trainer.session.world_size <= 1:
+            return
+        low = torch.tensor([config_digest(configs[-1])], dtype=torch.int64, device=trainer.device)
+        high = low.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if low.item() != high.item():
+            raise RuntimeError(f"workers sampled different subnets at epoch {trainer.epoch} step {step}")
+        self.checks += 1
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        metrics["config_checks"] = self.checks
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+def duration(seconds: float) -> str:
+    """``1h02m`` or ``3m05s``."""
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"

@@ -1,0 +1,126 @@
+"""What the trainer trains: the dense teacher (cross-entropy) and a supernet distilled from the teacher.
+
+``SupernetTask`` trains ONE sampled subnet per step (or a few, accumulated, for the sandwich sampler), the same on
+every worker: each worker draws it from a generator seeded by ``(seed, epoch, step)``. The filter's local
+supernets are ``SupernetTask`` s too, over a space in which only one block varies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from flora_ray.core.space import RankSpace
+from flora_ray.core.supernet import Supernet
+from flora_ray.training.optim import distillation_loss
+from flora_ray.training.sampling import Sampler, step_generator
+from flora_ray.training.trainer import Trainer
+
+
+@torch.no_grad()
+def accuracy(
+    model: nn.Module, dataset, device: torch.device, max_images: int | None = None, batch_size: int = 256
+) -> float:
+    """Top-1 accuracy (%) on the first ``max_images`` images of ``dataset``."""
+    if max_images is not None and max_images < len(dataset):
+        dataset = Subset(dataset, range(max_images))
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        logits = model(x.to(device))
+        correct += (logits.argmax(-1).cpu() == y).sum().item()
+        total += len(y)
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1)
+
+
+def probe_configs(space: RankSpace) -> dict[str, dict[str, int]]:
+    """The largest, middle uniform and smallest configurations reported every epoch."""
+    uniform = list(space.uniform_configs().values())
+    probes = {"largest": space.largest()}
+    if len(uniform) > 2:
+        probes["middle"] = uniform[len(uniform) // 2]
+    probes["smallest"] = space.smallest()
+    return probes
+
+
+class DenseTask:
+    """Cross-entropy on the labels; evaluates on the search split, and on the test split after the last epoch."""
+
+    def __init__(self, net: nn.Module, label_smoothing: float, search=None, test=None, eval_images=None) -> None:
+        self.net, self.label_smoothing = net, label_smoothing
+        self.search, self.test, self.eval_images = search, test, eval_images
+
+    def train_step(self, trainer: Trainer, step: int, x: torch.Tensor, y: torch.Tensor) -> float:
+        with trainer.autocast():
+            logits = trainer.model(x).float()
+            loss = nn.functional.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        trainer.backward(loss)
+        return loss.item()
+
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        out = {"search_acc": accuracy(self.net, self.search, trainer.device, self.eval_images)}
+        if trainer.epoch + 1 == trainer.opt.epochs:  # the dense teacher's final test accuracy, for the report
+            out["test_acc"] = accuracy(self.net, self.test, trainer.device)
+        return out
+
+
+class SupernetTask:
+    """Distillation of the sampled subnet(s) of each step from the frozen dense teacher.
+
+    Args:
+        supernet: The supernet (``net``).
+        teacher: The frozen dense teacher.
+        sampler: Draws the step's configurations from a ``step_generator``.
+        seed: Seed of the per-step generators.
+        temperature, label_weight, label_smoothing: The distillation loss (``optim.distillation_loss``).
+        search: Search split for the per-epoch probe accuracies (``None``: no evaluation).
+        eval_images: Images of ``search`` each probe is scored on.
+    """
+
+    def __init__(
+        self,
+        supernet: Supernet,
+        teacher: nn.Module,
+        sampler: Sampler,
+        seed: int,
+        temperature: float = 1.0,
+        label_weight: float = 0.0,
+        label_smoothing: float = 0.0,
+        search: Any = None,
+        eval_images: int | None = None,
+    ) -> None:
+        self.net, self.supernet, self.teacher, self.sampler, self.seed = supernet, supernet, teacher, sampler, seed
+        self.loss_args = (temperature, label_weight, label_smoothing)
+        self.search, self.eval_images = search, eval_images
+
+    def train_step(self, trainer: Trainer, step: int, x: torch.Tensor, y: torch.Tensor) -> float:
+        configs = self.sampler.sample(step_generator(self.seed, trainer.epoch, step))
+        trainer.emit("on_configs", step, configs)
+        with torch.no_grad(), trainer.autocast():
+            teacher_logits = self.teacher(x)
+        total = 0.0
+        no_sync = getattr(trainer.model, "no_sync", None)
+        for i, config in enumerate(configs):
+            self.supernet.set_ranks(config)
+            last = i == len(configs) - 1
+            context = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+            with context:
+                with trainer.autocast():
+                    logits = trainer.model(x)
+                loss = distillation_loss(logits, teacher_logits, y, *self.loss_args)
+                trainer.backward(loss / len(configs))
+            total += loss.item() / len(configs)
+        return total
+
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        out = {}
+        for name, config in probe_configs(self.supernet.space).items():
+            self.supernet.set_ranks(config)
+            out[f"search_acc_{name}"] = accuracy(self.supernet, self.search, trainer.device, self.eval_images)
+        return out

@@ -1,0 +1,81 @@
+"""Import rules of the code base, checked on the source (AST) or in a fresh interpreter; no Ray, no models."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "flora_ray"
+TESTING = PACKAGE / "testing"
+
+
+def _sources(*folders: Path) -> list[Path]:
+    return sorted(p for folder in folders for p in folder.rglob("*.py") if ".venv" not in p.parts)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """``(line, absolute module, imported names)`` of every import in ``path`` (relative imports resolved)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = _module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            found.append((node.lineno, module, [alias.name for alias in node.names]))
+    return found
+
+
+def _where(path: Path, line: int) -> str:
+    return f"{path.relative_to(ROOT)}:{line}"
+
+
+def test_no_module_imports_a_private_name_of_another_flora_ray_module():
+    offences = []
+    for path in _sources(PACKAGE, ROOT / "experiments"):
+        own = _module_name(path)
+        for line, module, names in _imports(path):
+            if module.split(".")[0] != "flora_ray" or module == own:
+                continue
+            private = [n for n in names if n.startswith("_") and not (n.startswith("__") and n.endswith("__"))]
+            if private:
+                offences.append(f"{_where(path, line)}: from {module} import {', '.join(private)}")
+    assert not offences, "private names imported across modules (make them public or move the code):\n" + "\n".join(
+        offences
+    )
+
+
+def test_library_modules_do_not_import_the_testing_package():
+    offences = []
+    for path in _sources(PACKAGE):
+        if TESTING in path.parents:
+            continue
+        for line, module, names in _imports(path):
+            targets = [module] + [f"{module}.{n}" for n in names]
+            if any(t == "flora_ray.testing" or t.startswith("flora_ray.testing.") for t in targets):
+                offences.append(f"{_where(path, line)}: imports {module} {names or ''}".rstrip())
+    assert not offences, "flora_ray.testing is for tests and benchmarks only:\n" + "\n".join(offences)
+
+
+def test_parsing_a_config_imports_no_torch():
+    script = "\n".join(
+        [
+            "import sys, flora_ray.config",
+            "flora_ray.config.load_config('experiments/quickstart.yaml')",
+            "assert 'torch' not in sys.modules",
+            "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'ray', 'numpy')]",
+            "assert not heavy and 'flora_ray.data' not in sys.modules, sorted(heavy)[:10]",
+        ]
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
