@@ -9,7 +9,8 @@ switches through stage signatures.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,39 +21,51 @@ T = TypeVar("T")
 Worker = Callable[[dict[str, Any], Session], None]
 
 
+@dataclass(frozen=True)
+class TrainJob:
+    """Data-parallel training: ``worker(payload, session)`` on every worker of ``cfg.scaling``.
+
+    Attributes:
+        worker: What each worker runs.
+        payload: Its plain-data argument.
+        cfg: The run configuration (scaling, failure policy).
+        name: The job's name; checkpoints live under ``storage_path/name`` and a re-run of the name resumes.
+        storage_path: Where checkpoints go.
+        collect: Called with the latest checkpoint folder when training has finished.
+    """
+
+    worker: Worker
+    payload: dict[str, Any]
+    cfg: Any
+    name: str
+    storage_path: str
+    collect: Callable[[Path], Any]
+
+
+@dataclass(frozen=True)
+class TaskMap:
+    """``fn(shared, item)`` for every item, at most ``concurrency`` at once, each task with ``resources``;
+    ``shared`` is sent to the workers once."""
+
+    fn: Callable[[Any, Any], Any]
+    shared: Any
+    items: Sequence[Any]
+    resources: dict[str, float]
+    concurrency: int
+
+
 class Backend(abc.ABC):
     """Runs the work of the stages; see the module docstring."""
 
     name = "backend"
 
     @abc.abstractmethod
-    def fit(
-        self,
-        worker: Worker,
-        payload: dict[str, Any],
-        cfg: Any,
-        name: str,
-        storage_path: str,
-        collect: Callable[[Path], T],
-    ) -> tuple[dict[str, Any], T]:
-        """Run ``worker(payload, session)`` on every training worker (``cfg.scaling``); then
-        ``collect(latest checkpoint folder)``.
-
-        Returns the final metrics and what ``collect`` returned. Checkpoints live under ``storage_path/name``;
-        re-running the same ``name`` resumes from the latest one.
-        """
+    def fit(self, job: TrainJob) -> tuple[dict[str, Any], Any]:
+        """Run a training job; returns the final metrics and what ``job.collect`` returned."""
 
     @abc.abstractmethod
-    def map(
-        self,
-        fn: Callable[[Any, Any], T],
-        shared: Any,
-        items: Iterable[Any],
-        resources: dict[str, float],
-        concurrency: int,
-    ) -> Iterator[tuple[Any, T]]:
-        """``fn(shared, item)`` for every item, at most ``concurrency`` at once; yields ``(item, result)`` in the
-        order they finish. ``shared`` is sent to the workers once."""
+    def map(self, job: TaskMap) -> Iterator[tuple[Any, Any]]:
+        """Run a fan-out of tasks; yields ``(item, result)`` in the order they finish."""
 
     @abc.abstractmethod
     def call(self, fn: Callable[..., T], *args: Any, resources: dict[str, float]) -> T:

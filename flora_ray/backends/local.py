@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,7 +17,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
-from flora_ray.backends.base import Backend, Worker
+from flora_ray.backends.base import Backend, TaskMap, TrainJob
 from flora_ray.search.study import DIRECTIONS, SearchProblem, log_progress, record_result
 from flora_ray.training.trainer import LocalSession
 from flora_ray.training.worker import device_for
@@ -32,33 +32,18 @@ class LocalBackend(Backend):
 
     name = "local"
 
-    def fit(
-        self,
-        worker: Worker,
-        payload: dict[str, Any],
-        cfg: Any,
-        name: str,
-        storage_path: str,
-        collect: Callable[[Path], T],
-    ) -> tuple[dict[str, Any], T]:
-        device = device_for(cfg.scaling.accelerator, cfg.scaling.use_gpu)
-        session = LocalSession(Path(storage_path) / name, device=str(device))
-        worker(payload, self.worker_session(session))
+    def fit(self, job: TrainJob) -> tuple[dict[str, Any], Any]:
+        device = device_for(job.cfg.scaling.accelerator, job.cfg.scaling.use_gpu)
+        session = LocalSession(Path(job.storage_path) / job.name, device=str(device))
+        job.worker(job.payload, self.worker_session(session))
         latest = session.directory / "latest"
         if not latest.is_dir():
-            raise RuntimeError(f"{name} finished without a checkpoint")
-        return (session.reports[-1] if session.reports else {}), collect(latest)
+            raise RuntimeError(f"{job.name} finished without a checkpoint")
+        return (session.reports[-1] if session.reports else {}), job.collect(latest)
 
-    def map(
-        self,
-        fn: Callable[[Any, Any], T],
-        shared: Any,
-        items: Iterable[Any],
-        resources: dict[str, float],
-        concurrency: int,
-    ) -> Iterator[tuple[Any, T]]:
-        for item in items:
-            yield item, fn(shared, item)
+    def map(self, job: TaskMap) -> Iterator[tuple[Any, Any]]:
+        for item in job.items:
+            yield item, job.fn(job.shared, item)
 
     def call(self, fn: Callable[..., T], *args: Any, resources: dict[str, float]) -> T:
         return fn(*args)

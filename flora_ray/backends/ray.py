@@ -11,11 +11,11 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from flora_ray.backends.base import Backend, Worker
+from flora_ray.backends.base import Backend, TaskMap, TrainJob
 from flora_ray.search.study import SearchProblem
 
 logger = logging.getLogger(__name__)
@@ -133,54 +133,42 @@ class RayBackend(Backend):
 
     name = "ray"
 
-    def fit(
-        self,
-        worker: Worker,
-        payload: dict[str, Any],
-        cfg: Any,
-        name: str,
-        storage_path: str,
-        collect: Callable[[Path], T],
-    ) -> tuple[dict[str, Any], T]:
+    def fit(self, job: TrainJob) -> tuple[dict[str, Any], Any]:
         from ray.train import FailureConfig, RunConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
+        cfg = job.cfg
         use_cuda = cfg.scaling.use_gpu and cfg.scaling.accelerator == "GPU"
         trainer = TorchTrainer(
             _train_entry,
-            train_loop_config={"worker": worker, "payload": payload, "backend": self},
+            train_loop_config={"worker": job.worker, "payload": job.payload, "backend": self},
             scaling_config=scaling_config(cfg.scaling),
             torch_config=TorchConfig(backend="nccl" if use_cuda else "gloo"),
             run_config=RunConfig(
-                name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=cfg.run.max_failures)
+                name=job.name,
+                storage_path=job.storage_path,
+                failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             ),
         )
         try:
             result = trainer.fit()
         except Exception as exc:  # Ray wraps worker errors; keep the first line, the workers' logs have the rest
-            raise RuntimeError(f"{name} failed: {' '.join(str(exc).split())[:500]}") from exc
+            raise RuntimeError(f"{job.name} failed: {' '.join(str(exc).split())[:500]}") from exc
         if result.error is not None:
-            raise RuntimeError(f"{name} failed: {result.error}") from result.error
+            raise RuntimeError(f"{job.name} failed: {result.error}") from result.error
         if result.checkpoint is None:
-            raise RuntimeError(f"{name} finished without a checkpoint")
+            raise RuntimeError(f"{job.name} finished without a checkpoint")
         with result.checkpoint.as_directory() as directory:
-            return dict(result.metrics or {}), collect(Path(directory))
+            return dict(result.metrics or {}), job.collect(Path(directory))
 
-    def map(
-        self,
-        fn: Callable[[Any, Any], T],
-        shared: Any,
-        items: Iterable[Any],
-        resources: dict[str, float],
-        concurrency: int,
-    ) -> Iterator[tuple[Any, T]]:
+    def map(self, job: TaskMap) -> Iterator[tuple[Any, Any]]:
         import ray
 
-        task = ray.remote(fn).options(**task_options(resources))
-        shared_ref = ray.put(shared)
-        queue, pending = list(items), {}
+        task = ray.remote(job.fn).options(**task_options(job.resources))
+        shared_ref = ray.put(job.shared)
+        queue, pending = list(job.items), {}
         while queue or pending:
-            while queue and len(pending) < concurrency:
+            while queue and len(pending) < job.concurrency:
                 item = queue.pop(0)
                 pending[task.remote(shared_ref, item)] = item
             ready, _ = ray.wait(list(pending), num_returns=1)

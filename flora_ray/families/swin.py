@@ -15,6 +15,13 @@ from torch import nn
 
 from flora_ray.families import ModelFamily, Split, TokenGeometry, conv_macs, linear_fqns, register_family
 
+BLOCKS = r"layers\.\d+\.blocks\.\d+"  # the FQN of one transformer block
+
+
+def is_swin(model: nn.Module) -> bool:
+    """Whether ``model`` belongs to this family."""
+    return isinstance(model, SwinTransformer)
+
 
 def swin_token_geometry(model: nn.Module) -> TokenGeometry:
     """Tokens per Linear FQN and MACs outside Linear layers of a timm Swin at its configured ``img_size``."""
@@ -65,12 +72,5 @@ def swin_split_forward(model: nn.Module, block_name: str) -> Split | None:
 
 
 SWIN = register_family(
-    ModelFamily(
-        name="swin",
-        matches=lambda model: isinstance(model, SwinTransformer),
-        block_pattern=r"layers\.\d+\.blocks\.\d+",
-        token_geometry=swin_token_geometry,
-        split_forward=swin_split_forward,
-        description="timm SwinTransformer",
-    )
+    ModelFamily("swin", is_swin, BLOCKS, swin_token_geometry, swin_split_forward, description="timm SwinTransformer")
 )

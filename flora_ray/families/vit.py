@@ -12,6 +12,13 @@ from torch import nn
 
 from flora_ray.families import ModelFamily, Split, TokenGeometry, conv_macs, linear_fqns, register_family
 
+BLOCKS = r"blocks\.\d+"  # the FQN of one transformer block
+
+
+def is_vit(model: nn.Module) -> bool:
+    """Whether ``model`` belongs to this family."""
+    return isinstance(model, VisionTransformer)
+
 
 def _head_tokens(model: nn.Module, seq_len: int) -> int:
     return 1 if getattr(model, "global_pool", "") else seq_len
@@ -60,11 +67,6 @@ def vit_split_forward(model: nn.Module, block_name: str) -> Split | None:
 
 VIT = register_family(
     ModelFamily(
-        name="vit",
-        matches=lambda model: isinstance(model, VisionTransformer),
-        block_pattern=r"blocks\.\d+",
-        token_geometry=vit_token_geometry,
-        split_forward=vit_split_forward,
-        description="timm VisionTransformer: ViT, DeiT",
+        "vit", is_vit, BLOCKS, vit_token_geometry, vit_split_forward, description="timm VisionTransformer: ViT, DeiT"
     )
 )

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from flora_ray.backends.base import Backend
+from flora_ray.backends.base import Backend, TaskMap
 from flora_ray.config import Config, build_dataclass, config_to_dict
 from flora_ray.core.space import RankSpace
 from flora_ray.core.supernet import build_supernet
@@ -96,7 +96,7 @@ def filter_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
         teacher = resolve_model_spec(cfg).create(pretrained=teacher_source(cfg, store))
         shared = (config_to_dict(cfg), as_numpy_state(teacher.state_dict()))
         del teacher
-        results = backend.map(filter_task, shared, todo, task_resources(cfg), cfg.filter.concurrency)
+        results = backend.map(TaskMap(filter_task, shared, todo, task_resources(cfg), cfg.filter.concurrency))
         for finished, (index, result) in enumerate(results, start=1):
             store.write_json(ARTEFACTS.filter_block(index), result)
             done[index] = result

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flora_ray.backends.base import Backend
+from flora_ray.backends.base import Backend, TrainJob
 from flora_ray.config import Config, build_dataclass, config_to_dict
 from flora_ray.core.models import dense_checkpoint_metadata, load_state_dict_strict
 from flora_ray.data.datasets import build_datasets
@@ -85,12 +85,14 @@ def fit_stage(cfg: Config, backend: Backend, stage: str) -> dict[str, Any]:
     payload = {"config": config_to_dict(cfg), "stage": stage, "run": store.root}
     started = time.perf_counter()
     metrics, output = backend.fit(
-        train_worker,
-        payload,
-        cfg,
-        f"{cfg.run.name}-{stage}",
-        ray_storage(cfg, store),
-        lambda directory: save_stage_outputs(directory, store, stage),
+        TrainJob(
+            train_worker,
+            payload,
+            cfg,
+            name=f"{cfg.run.name}-{stage}",
+            storage_path=ray_storage(cfg, store),
+            collect=lambda directory: save_stage_outputs(directory, store, stage),
+        )
     )
     seconds = time.perf_counter() - started
     logger.info("%s finished in %.1f s: %s", stage, seconds, output)
