@@ -31,10 +31,11 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 from flora_ray.config import dump_config, load_config
 from flora_ray.core.models import dense_checkpoint_metadata
-from flora_ray.ray_search import JOURNAL_FILE
-from flora_ray.storage.files import write_checkpoint, write_json
+from flora_ray.stages.inputs import resolve_model_spec
+from flora_ray.stages.search import search_problem
+from flora_ray.storage.files import write_json
+from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.testing.fake_cluster import HEAD_PORT, autoscaler_config, port_in_use, start_fake_cluster
-from flora_ray.training.trainer import TEACHER_FILE, resolve_model_spec
 
 EXPERIMENTS = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -68,8 +69,8 @@ def prepare_run(smoke: bool, workdir: Path) -> tuple[Path, Any]:
     """Write the run's config file and a randomly initialised teacher; returns (config file, config)."""
     cfg = load_config(EXPERIMENTS / "digits_tiny.yaml", run_overrides(smoke, workdir / "runs"))
     spec = resolve_model_spec(cfg)
-    cfg.run.run_dir.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(cfg.run.run_dir / TEACHER_FILE, spec.create().state_dict(), dense_checkpoint_metadata(spec))
+    store = RunStore.for_config(cfg)
+    store.write_checkpoint(ARTEFACTS.teacher, spec.create().state_dict(), dense_checkpoint_metadata(spec))
     config_file = workdir / "autoscale.yaml"
     config_file.write_text(dump_config(cfg))
     return config_file, cfg
@@ -77,12 +78,7 @@ def prepare_run(smoke: bool, workdir: Path) -> tuple[Path, Any]:
 
 def first_evaluation(cfg) -> float | None:
     """Wall-clock time the first search trial finished, from the Optuna journal."""
-    import optuna
-
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(cfg.run.run_dir / JOURNAL_FILE))
-    )
-    study = optuna.load_study(study_name=f"{cfg.run.name}-search", storage=storage)
+    study = search_problem(cfg, RunStore.for_config(cfg)).load_study()
     done = [t.datetime_complete.timestamp() for t in study.trials if t.datetime_complete is not None]
     return min(done) if done else None
 

@@ -12,8 +12,9 @@ space contains and its cheapest one enqueued first; in-process ask/tell as in ``
 same supernet with the same images. The target accuracy is the dense teacher's accuracy on those images minus 0.5
 or 1 point; reported: the cheapest front point and the cheapest uniform configuration reaching it, and the extra
 reduction ``1 - front MACs / uniform MACs`` (``results.gain_over_uniform``). Ablation supernets are trained with
-the base run's configuration (``train_config.yaml``) into ``runs/bench-<run>-<variant>`` (about 90 s each for the
-quickstart schedule) and reused while the teacher, space and configuration are unchanged.
+the base run's configuration (``run_config.yaml``) by the ``train`` stage (``pipeline.run_stage``; ``LocalBackend``
+with ``--smoke``, else ``RayBackend``) into ``runs/bench-<run>-<variant>`` (about 90 s each for the quickstart
+schedule) and reused while the teacher, space and configuration are unchanged.
 
     .venv/bin/python experiments/benchmarks/flora_vs_uniform.py                           # prepares runs/bench-quickstart if needed
     .venv/bin/python experiments/benchmarks/flora_vs_uniform.py --run-dir runs/quickstart
@@ -42,6 +43,7 @@ from search_efficiency import (
     CachedEvaluator,
     build_evaluator,
     config_at,
+    config_file,
     nsga2_search,
     pareto_points,
     points_hypervolume,
@@ -53,10 +55,11 @@ from search_efficiency import (
 
 from flora_ray.config import Config, config_to_dict
 from flora_ray.core.space import RankSpace
-from flora_ray.ray_search import _pyplot, _save_figure
 from flora_ray.results import cheapest_within, gain_over_uniform
+from flora_ray.search.plots import pyplot, save_png
+from flora_ray.stages.inputs import resolve_model_spec, teacher_source
 from flora_ray.storage.files import read_checkpoint_header, read_json, sha256_file, write_json
-from flora_ray.training.trainer import SPACE_FILE, SUPERNET_FILE, TEACHER_FILE, resolve_model_spec
+from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 DROPS = (0.5, 1.0)
 SOURCE_FILE = "bench_source.json"
@@ -83,21 +86,22 @@ def prepare_ablation(base: Path, variant: str, runs_root: Path, local: bool) -> 
     """
     overrides, keep_space = ABLATIONS[variant]
     target = variant_dir(base, variant, runs_root)
-    cfg = config_at(base / "train_config.yaml", target, overrides)
-    space = read_checkpoint_header(base / SUPERNET_FILE)["space"] if keep_space else None
-    source = {"teacher_sha256": sha256_file(base / TEACHER_FILE), "space": space, "config": config_to_dict(cfg)}
+    cfg = config_at(config_file(base), target, overrides)
+    space = read_checkpoint_header(base / ARTEFACTS.supernet)["space"] if keep_space else None
+    teacher = base / ARTEFACTS.teacher
+    source = {"teacher_sha256": sha256_file(teacher), "space": space, "config": config_to_dict(cfg)}
     source = json.loads(json.dumps(source))  # as it reads back from the file (tuples become lists)
     marker = target / SOURCE_FILE
-    if (target / SUPERNET_FILE).is_file() and marker.is_file() and read_json(marker) == source:
+    if (target / ARTEFACTS.supernet).is_file() and marker.is_file() and read_json(marker) == source:
         print(f"reusing {target} ({variant})", flush=True)
         return target
     if target.exists():
         assert target.name.startswith("bench-"), target  # only ever delete this benchmark's own runs
         shutil.rmtree(target)
-    target.mkdir(parents=True)
-    shutil.copyfile(base / TEACHER_FILE, target / TEACHER_FILE)
+    store = RunStore(target)
+    store.write_bytes(ARTEFACTS.teacher, teacher.read_bytes())
     if space is not None:
-        RankSpace.from_dict(space).save(target / SPACE_FILE)
+        store.write_json(ARTEFACTS.space, RankSpace.from_dict(space).to_dict())
     run_missing_stages(cfg, local, stages=("train",))
     write_json(marker, source)
     return target
@@ -109,7 +113,7 @@ def prepare_ablation(base: Path, variant: str, runs_root: Path, local: bool) -> 
 @torch.no_grad()
 def dense_accuracy(cfg: Config, run_dir: Path, evaluate: CachedEvaluator) -> float:
     """Top-1 accuracy (%) of the run's dense teacher on the evaluator's images."""
-    teacher = resolve_model_spec(cfg).create(pretrained=str(run_dir / TEACHER_FILE)).eval()
+    teacher = resolve_model_spec(cfg).create(pretrained=teacher_source(cfg, RunStore(run_dir))).eval()
     ev = evaluate.evaluator
     correct = 0
     for start in range(0, len(ev.labels), ev.batch_size):
@@ -220,8 +224,7 @@ def print_table(variants: dict[str, dict[str, Any]], key: str = "versus_dense") 
 
 def plot(path: Path, variants: dict[str, dict[str, Any]]) -> None:
     """Each variant's front (steps) and uniform configurations (dashed), with the dense accuracy targets."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    fig, ax = pyplot().subplots(figsize=(6.8, 4.6))
     for i, (name, v) in enumerate(variants.items()):
         front, uniform = pd.DataFrame(v["front"]), pd.DataFrame(v["uniform"]).sort_values("macs")
         ax.step(front["macs"] / 1e6, front["accuracy"], where="post", color=f"C{i}", marker=".", label=f"{name} front")
@@ -234,7 +237,7 @@ def plot(path: Path, variants: dict[str, dict[str, Any]]) -> None:
     ax.set_ylim(bottom=max(0.0, dense - 8))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    _save_figure(fig, path)
+    save_png(fig, path)
 
 
 def parse_args() -> argparse.Namespace:

@@ -2,7 +2,7 @@
 
 For the quickstart model (Fashion-MNIST geometry), DeiT-Ti and DeiT-S at 224 px, subnets (every uniform ratio that
 saves MACs, and random configurations) are exported with ``save_subnet`` and reloaded with ``load_subnet``, as a
-user would, and timed against the dense timm model at batch 1 and 32 with ``export_run.cpu_latency_ms`` (threads
+user would, and timed against the dense timm model at batch 1 and 32 with ``stages.export.cpu_latency_ms`` (threads
 pinned, warm-up, median of many forward passes, one pass of each model in turn so that load drifts hit them
 alike). Target: latency ratio <= 1.25 x MAC ratio for subnets that save at least 30% of the MACs. Where it
 misses, a profile of one forward pass splits the time into matrix products and the rest (norms, softmax, GELU,
@@ -29,9 +29,9 @@ from torch.profiler import ProfilerActivity, profile
 
 import flora_ray as fr
 from flora_ray.config import load_config
-from flora_ray.export_run import cpu_latency_ms
+from flora_ray.stages.export import cpu_latency_ms
+from flora_ray.stages.inputs import resolve_model_spec
 from flora_ray.storage.files import write_json
-from flora_ray.training.trainer import resolve_model_spec
 
 EXPERIMENTS = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -1,16 +1,16 @@
 """Scaling: Ray Train data-parallel throughput with 1 and 2 workers, Ray Tune evaluation throughput with 1 and 2
 evaluator actors, and the efficiency (speedup / workers).
 
-Training runs ``ray_train.run_stage(cfg, "train")`` (the ``flora-ray train`` path: supernet distillation from a
-random-init teacher) on the quickstart config with a share of Fashion-MNIST, one CPU and one torch thread per
+Training runs ``stages.training.train(cfg, RayBackend())`` (the ``flora-ray train`` path: supernet distillation
+from a random-init teacher) on the quickstart config with a share of Fashion-MNIST, one CPU and one torch thread per
 worker; throughput is the last epoch's ``images_per_s`` that the workers report (images of all workers / epoch
-seconds, evaluation and Ray start-up excluded). The search runs ``ray_search.run_search`` (Ray Tune + Optuna
-NSGA-II, reused evaluator actors, one CPU and thread each) with ``search.concurrency`` 1 and 2; throughput is the
-steady-state trials/s (from each actor's first completed trial to the last one, so that actor start-up and the
-supernet build are excluded) and, for reference, trials / the Tuner's whole wall time. The machine has 2 cores,
-so 2 workers can at best be 2x (efficiency 1.0) and share them with anything else running; every measurement is
-repeated (worker counts in ABBA order) and averaged, and the machine's CPU busy share over each run is recorded.
-Prints a table, writes ``results/scaling.json``.
+seconds, evaluation and Ray start-up excluded). The search runs ``stages.search.search_stage(cfg, RayBackend())``
+(Ray Tune + Optuna NSGA-II, reused evaluator actors, one CPU and thread each) with ``search.concurrency`` 1 and 2;
+throughput is the steady-state trials/s (from each actor's first completed trial to the last one, so that actor
+start-up and the supernet build are excluded) and, for reference, trials / the Tuner's whole wall time. The machine
+has 2 cores, so 2 workers can at best be 2x (efficiency 1.0) and share them with anything else running; every
+measurement is repeated (worker counts in ABBA order) and averaged, and the machine's CPU busy share over each run
+is recorded. Prints a table, writes ``results/scaling.json``.
 
     .venv/bin/python experiments/benchmarks/scaling.py            # full run (about 6 minutes on 2 CPU cores)
     .venv/bin/python experiments/benchmarks/scaling.py --smoke    # tiny data and few trials (about 1.5 minutes)
@@ -30,17 +30,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 from bench_env import environment
 
+from flora_ray.backends.ray import RayBackend, init_ray
 from flora_ray.config import load_config
 from flora_ray.core.models import dense_checkpoint_metadata
-from flora_ray.ray_search import JOURNAL_FILE, run_search
-from flora_ray.ray_train import init_ray, run_stage
-from flora_ray.results import TRIALS_FILE
-from flora_ray.storage.files import write_checkpoint, write_json
-from flora_ray.training.trainer import TEACHER_FILE, resolve_model_spec
+from flora_ray.results import load_trials
+from flora_ray.stages.inputs import resolve_model_spec
+from flora_ray.stages.search import search_problem, search_stage
+from flora_ray.stages.training import train
+from flora_ray.storage.files import write_json
+from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark next to this one:
 import search_overhead
@@ -84,9 +85,9 @@ def train_throughput(workers: int, out: Path, train_subset: float, epochs: int) 
         ],
     )
     spec = resolve_model_spec(cfg)
-    cfg.run.run_dir.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(cfg.run.run_dir / TEACHER_FILE, spec.create().state_dict(), dense_checkpoint_metadata(spec))
-    result = run_stage(cfg, "train")
+    store = RunStore.for_config(cfg)
+    store.write_checkpoint(ARTEFACTS.teacher, spec.create().state_dict(), dense_checkpoint_metadata(spec))
+    result = train(cfg, RayBackend())
     images_per_s = float(result["metrics"]["images_per_s"])
     return {
         "kind": "Ray Train supernet training",
@@ -103,12 +104,7 @@ def train_throughput(workers: int, out: Path, train_subset: float, epochs: int) 
 def steady_trials_per_s(cfg, actors: int) -> float:
     """Trials/s between the first completion of each actor and the last completion (actor start-up excluded), from
     the completion times in the search's Optuna journal."""
-    import optuna
-
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(cfg.run.run_dir.resolve() / JOURNAL_FILE))
-    )
-    study = optuna.load_study(study_name=f"{cfg.run.name}-search", storage=storage)
+    study = search_problem(cfg, RunStore.for_config(cfg)).load_study()
     done = sorted(t.datetime_complete for t in study.trials if t.datetime_complete is not None)
     span = (done[-1] - done[actors - 1]).total_seconds()
     return (len(done) - actors) / max(span, 1e-6)
@@ -118,7 +114,7 @@ def search_throughput(actors: int, out: Path, trials: int, eval_images: int) -> 
     """The search with ``actors`` evaluator actors (``search.concurrency``): steady-state trials/s and images/s."""
     cfg, _ = search_overhead.prepare_run(trials, eval_images, out)
     cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, concurrency=actors))
-    summary = run_search(cfg)
+    summary = search_stage(cfg, RayBackend())
     steady = steady_trials_per_s(cfg, actors)
     return {
         "kind": "Ray Tune subnet evaluation",
@@ -132,7 +128,7 @@ def search_throughput(actors: int, out: Path, trials: int, eval_images: int) -> 
         "eval_images": eval_images,
         "evaluator_builds": sum(summary["evaluator_builds"].values()),
         # Seconds inside Evaluator.evaluate per trial: grows when the actors compete for the cores.
-        "eval_s_per_trial": float(pd.read_parquet(cfg.run.run_dir / TRIALS_FILE)["eval_seconds"].mean()),
+        "eval_s_per_trial": float(load_trials(RunStore.for_config(cfg))["eval_seconds"].mean()),
     }
 
 

@@ -24,8 +24,9 @@ hypervolume in at most half the evaluations. Prints a table, writes ``results/se
     .venv/bin/python experiments/benchmarks/search_efficiency.py --smoke --output /tmp/x   # digits, seconds
 
 Without ``--run-dir`` the script prepares ``runs/bench-quickstart`` from ``experiments/quickstart.yaml`` (pretrain,
-filter, train on local Ray; about 5 minutes on a 2-core CPU) unless it already exists. ``--smoke`` prepares a tiny
-digits run in-process instead (``LocalSession``, zero-training filter) under ``OUTPUT/runs``.
+filter, train with ``pipeline.run_stage`` on ``RayBackend``, local Ray; about 5 minutes on a 2-core CPU) unless it
+already exists. ``--smoke`` prepares a tiny digits run in-process instead (``LocalBackend``, zero-training filter)
+under ``OUTPUT/runs``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import functools
 import itertools
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -49,26 +49,17 @@ import optuna
 import pandas as pd
 import torch
 
-from flora_ray.config import Config, SearchConfig, config_to_dict, dump_config, load_config
+from flora_ray.backends.local import LocalBackend
+from flora_ray.backends.ray import RayBackend, init_ray
+from flora_ray.config import Config, SearchConfig, config_to_dict, load_config
 from flora_ray.core.space import RankConfig, RankSpace
 from flora_ray.data.datasets import build_datasets
-from flora_ray.ray_filter import _filter_task, _write_outputs
-from flora_ray.ray_search import _pyplot, _save_figure
+from flora_ray.pipeline import run_stage
 from flora_ray.results import hypervolume, pareto_mask
 from flora_ray.search.evaluator import Evaluator, anchor_points, genes_to_config, search_batch, supernet_from_numpy
-from flora_ray.search.filtering import as_numpy_state
-from flora_ray.storage.files import read_checkpoint, write_json, write_text
-from flora_ray.training.trainer import (
-    SPACE_FILE,
-    SUPERNET_FILE,
-    TEACHER_FILE,
-    LocalSession,
-    full_space,
-    resolve_model_spec,
-    run_worker,
-    save_stage_outputs,
-    teacher_source,
-)
+from flora_ray.search.plots import pyplot, save_png
+from flora_ray.storage.files import write_json
+from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = ROOT / "experiments"
@@ -92,6 +83,8 @@ SMOKE_OVERRIDES = (
     "search.population=8",
     "search.eval_images=200",
 )
+PREPARED_STAGES = ("pretrain", "filter", "train")
+STAGE_OUTPUTS = {"pretrain": ARTEFACTS.teacher, "filter": ARTEFACTS.space, "train": ARTEFACTS.supernet}
 Point = tuple[float, float]  # (macs, accuracy)
 Evaluate = Callable[[RankConfig], Point]
 
@@ -104,59 +97,46 @@ def config_at(path: Path, run_dir: Path, overrides: Sequence[str] = ()) -> Confi
     return load_config(path, [*overrides, f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"])
 
 
+def recorded_configs(run_dir: Path) -> list[Path]:
+    """The configuration files of a run: its ``run_config.yaml`` and, in a run made before the run store, the
+    ``<stage>_config.yaml`` each stage wrote."""
+    names = (ARTEFACTS.run_config, *(f"{stage}_config.yaml" for stage in PREPARED_STAGES))
+    return [run_dir / name for name in names if (run_dir / name).is_file()]
+
+
+def config_file(run_dir: Path) -> Path:
+    """The configuration file a run's supernet was trained with: ``run_config.yaml`` (``train_config.yaml`` in a run
+    made before the run store)."""
+    for path in (run_dir / ARTEFACTS.run_config, run_dir / "train_config.yaml"):
+        if path.is_file():
+            return path
+    raise SystemExit(
+        f"error: {run_dir / ARTEFACTS.run_config} does not exist; is {run_dir} a run trained with `flora-ray train`?"
+    )
+
+
 def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
-    """The configuration a run's supernet was trained with (its ``train_config.yaml``), pointed at ``run_dir``."""
-    path = run_dir / "train_config.yaml"
-    if not path.is_file():
-        raise SystemExit(f"error: {path} does not exist; is {run_dir} a run trained with `flora-ray train`?")
-    return config_at(path, run_dir, overrides)
+    """The configuration a run's supernet was trained with, pointed at ``run_dir``."""
+    return config_at(config_file(run_dir), run_dir, overrides)
 
 
-def _local_stage(cfg: Config, stage: str) -> None:
-    run_dir = cfg.run.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / f"{stage}_config.yaml", dump_config(cfg))  # as run_stage does
-    with tempfile.TemporaryDirectory() as tmp:
-        run_worker({"config": config_to_dict(cfg), "stage": stage, "run_dir": str(run_dir)}, LocalSession(tmp))
-        save_stage_outputs(Path(tmp) / "latest", run_dir, stage)
-
-
-def _local_filter(cfg: Config) -> None:
-    run_dir = cfg.run.run_dir.resolve()
-    space = full_space(cfg)
-    teacher = resolve_model_spec(cfg).create(pretrained=teacher_source(cfg, run_dir))
-    state = as_numpy_state(teacher.state_dict())
-    started = time.perf_counter()
-    done = {i: _filter_task(config_to_dict(cfg), state, i) for i in range(len(space.blocks))}
-    _write_outputs(cfg, run_dir, space, done, time.perf_counter() - started)
-
-
-def run_missing_stages(cfg: Config, local: bool, stages: Sequence[str] = ("pretrain", "filter", "train")) -> None:
+def run_missing_stages(cfg: Config, local: bool, stages: Sequence[str] = PREPARED_STAGES) -> None:
     """Run ``stages`` of the run in order, from the first whose output is missing (all later ones are redone).
 
-    ``local``: in this process (``LocalSession``, ``run_filter``'s task function called directly); otherwise on
-    local Ray (``run_stage``, ``run_filter``), started here only if a stage has to run.
+    Each stage runs with ``pipeline.run_stage`` (as ``flora-ray run`` does); ``local``: on ``LocalBackend``, in this
+    process; otherwise on ``RayBackend`` with local Ray, started here only if a stage has to run.
     """
-    outputs = {"pretrain": TEACHER_FILE, "filter": SPACE_FILE, "train": SUPERNET_FILE}
-    missing = [i for i, stage in enumerate(stages) if not (cfg.run.run_dir / outputs[stage]).is_file()]
+    store = RunStore.for_config(cfg)
+    missing = [i for i, stage in enumerate(stages) if not store.is_file(STAGE_OUTPUTS[stage])]
     todo = list(stages[missing[0] :]) if missing else []
     if not todo:
         return
     with contextlib.nullcontext() if local else local_ray():
+        backend = LocalBackend() if local else RayBackend()
         for stage in todo:
             started = time.perf_counter()
-            _run_stage(cfg, stage, local)
-            print(f"prepared {cfg.run.run_dir}: {stage} in {time.perf_counter() - started:.0f} s", flush=True)
-
-
-def _run_stage(cfg: Config, stage: str, local: bool) -> None:
-    from flora_ray.ray_filter import run_filter
-    from flora_ray.ray_train import run_stage
-
-    if stage == "filter":
-        _local_filter(cfg) if local else run_filter(cfg)
-    else:
-        _local_stage(cfg, stage) if local else run_stage(cfg, stage)
+            run_stage(cfg, stage, backend)
+            print(f"prepared {store.root}: {stage} in {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def _preparation(cfg: Config) -> dict[str, Any]:
@@ -171,19 +151,15 @@ def prepare_base_run(run_dir: Path | None, smoke: bool, output: Path, overrides:
     wanted one (the quickstart file or ``overrides`` changed).
     """
     if run_dir is not None:
-        if not (run_dir / SUPERNET_FILE).is_file():
-            raise SystemExit(f"error: {run_dir} has no {SUPERNET_FILE}; train it first or omit --run-dir")
+        if not (run_dir / ARTEFACTS.supernet).is_file():
+            raise SystemExit(f"error: {run_dir} has no {ARTEFACTS.supernet}; train it first or omit --run-dir")
         return run_dir
     if smoke:
         cfg = config_at(EXPERIMENTS / "digits_tiny.yaml", output / "runs" / SMOKE_RUN, [*SMOKE_OVERRIDES, *overrides])
     else:
         cfg = config_at(EXPERIMENTS / "quickstart.yaml", ROOT / "runs" / BENCH_RUN, overrides)
     target = cfg.run.run_dir
-    if any(
-        _preparation(config_at(path, target)) != _preparation(cfg)
-        for path in (target / f"{stage}_config.yaml" for stage in ("pretrain", "filter", "train"))
-        if path.is_file()
-    ):
+    if any(_preparation(config_at(path, target)) != _preparation(cfg) for path in recorded_configs(target)):
         print(f"{target} was prepared with another configuration: preparing it again", flush=True)
         shutil.rmtree(target)
     run_missing_stages(cfg, local=smoke)
@@ -194,8 +170,6 @@ def prepare_base_run(run_dir: Path | None, smoke: bool, output: Path, overrides:
 def local_ray() -> Iterator[None]:
     """Local Ray on 127.0.0.1 for the block; shuts down only a Ray it started (never ``ray stop``)."""
     import ray
-
-    from flora_ray.ray_train import init_ray
 
     started = not ray.is_initialized()
     init_ray(None)
@@ -243,7 +217,7 @@ class CachedEvaluator:
 def build_evaluator(cfg: Config, run_dir: Path, eval_images: int) -> CachedEvaluator:
     """The cached evaluator of a run's supernet on the first ``eval_images`` search-split images (one thread)."""
     torch.set_num_threads(max(cfg.run.threads_per_worker, 1))
-    tensors, header = read_checkpoint(run_dir / SUPERNET_FILE)
+    tensors, header = RunStore(run_dir).read_checkpoint(ARTEFACTS.supernet)
     supernet = supernet_from_numpy(header, {k: v.numpy() for k, v in tensors.items()})
     images, labels = search_batch(build_datasets(cfg.data).search, eval_images)
     return CachedEvaluator(Evaluator(supernet, images, labels, "cpu", cfg.search.batch_size))
@@ -253,7 +227,8 @@ def build_evaluator(cfg: Config, run_dir: Path, eval_images: int) -> CachedEvalu
 
 
 def nsga2_search(space: RankSpace, evaluate: Evaluate, search: SearchConfig, trials: int, seed: int) -> list[Point]:
-    """flora-ray's NSGA-II (``ray_search.run_search``'s sampler settings and enqueued anchor points), ask/tell."""
+    """flora-ray's NSGA-II (the sampler settings and enqueued anchor points of ``stages.search.search_problem``),
+    asked and told in this process on an in-memory study."""
     sampler = optuna.samplers.NSGAIISampler(
         population_size=search.population,
         mutation_prob=search.mutation_prob,
@@ -545,8 +520,7 @@ def print_table(summary: dict[str, Any], trials: int, goal: dict[str, Any]) -> N
 
 def plot(path: Path, summary: dict[str, Any], trials: int) -> None:
     """Mean normalised hypervolume versus evaluations with a band of one standard deviation over seeds."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.2))
     labels = {"nsga2": "NSGA-II (flora-ray)", "random": "random", "evolution": "reference evolution (winners)"}
     for i, (method, label) in enumerate(labels.items()):
         mean, std = np.array(summary[method]["curve_mean"]), np.array(summary[method]["curve_std"])
@@ -560,7 +534,7 @@ def plot(path: Path, summary: dict[str, Any], trials: int) -> None:
     ax.set_ylabel("hypervolume (fraction of box)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    _save_figure(fig, path)
+    save_png(fig, path)
 
 
 def parse_args() -> argparse.Namespace:

@@ -2,8 +2,11 @@
 
 Both run NSGA-II over the same space with the same ``Evaluator`` (quickstart model and data, the same search
 images), one evaluation at a time. Overhead share = (wall time - time inside ``Evaluator.evaluate``) / wall time.
-The Ray Tune wall time is that of building and fitting the ``Tuner`` (local Ray already started), so it includes
-the evaluator actor's start and its one supernet build. Target: under 10%. Prints a table, writes ``results/search_overhead.json``.
+The plain loop asks and tells an in-memory Optuna study in this process and evaluates through the run's
+``stages.search.search_problem`` (``SearchProblem.evaluate``; the evaluator is built before the clock starts). The
+Ray Tune wall time is that of ``stages.search.search_stage`` on ``RayBackend`` building and fitting the ``Tuner``
+(local Ray already started), so it includes the evaluator actor's start and its one supernet build. Target: under
+10%. Prints a table, writes ``results/search_overhead.json``.
 
     .venv/bin/python experiments/benchmarks/search_overhead.py            # 60 trials each (about 4 minutes)
     .venv/bin/python experiments/benchmarks/search_overhead.py --smoke    # 6 trials each
@@ -20,16 +23,17 @@ from pathlib import Path
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import optuna
-import pandas as pd
 import torch
 
 import flora_ray as fr
-from flora_ray.config import config_to_dict, load_config
+from flora_ray.backends.ray import RayBackend, init_ray
+from flora_ray.config import load_config
 from flora_ray.core.models import dense_checkpoint_metadata
-from flora_ray.ray_search import _build_evaluator, run_search
-from flora_ray.search.evaluator import genes_to_config
-from flora_ray.storage.files import write_checkpoint, write_json
-from flora_ray.training.trainer import SUPERNET_FILE, TEACHER_FILE, build_run_supernet, resolve_model_spec
+from flora_ray.results import load_trials
+from flora_ray.stages.inputs import build_run_supernet, resolve_model_spec
+from flora_ray.stages.search import search_problem, search_stage
+from flora_ray.storage.files import write_json
+from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 EXPERIMENTS = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -49,30 +53,30 @@ def prepare_run(trials: int, eval_images: int, out: Path):
         ],
     )
     spec = resolve_model_spec(cfg)
-    cfg.run.run_dir.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(cfg.run.run_dir / TEACHER_FILE, spec.create().state_dict(), dense_checkpoint_metadata(spec))
-    supernet, _ = build_run_supernet(cfg, cfg.run.run_dir)
-    fr.save_supernet(supernet, cfg.run.run_dir / SUPERNET_FILE)
+    store = RunStore.for_config(cfg)
+    store.write_checkpoint(ARTEFACTS.teacher, spec.create().state_dict(), dense_checkpoint_metadata(spec))
+    supernet, _ = build_run_supernet(cfg, store)
+    fr.save_supernet(supernet, store.local_path(ARTEFACTS.supernet))
     return cfg, supernet
 
 
-def plain_optuna(cfg, supernet) -> tuple[float, float]:
-    """Wall seconds and seconds inside evaluate() of an ask/tell NSGA-II loop in this process."""
-    from flora_ray.storage.files import read_checkpoint
+def plain_optuna(cfg) -> tuple[float, float]:
+    """Wall seconds and seconds inside evaluate() of an ask/tell NSGA-II loop in this process.
 
-    tensors, header = read_checkpoint(cfg.run.run_dir / SUPERNET_FILE)
-    evaluator = _build_evaluator(header, {k: v.numpy() for k, v in tensors.items()}, config_to_dict(cfg))
-    space = supernet.space
+    The loop evaluates through the run's ``SearchProblem`` (the search's evaluator, built before the clock starts)
+    with an in-memory study: no journal, no Ray."""
+    problem = search_problem(cfg, RunStore.for_config(cfg))
+    problem.evaluator()  # built (and cached in this process) outside the timed loop
     sampler = optuna.samplers.NSGAIISampler(population_size=cfg.search.population, seed=cfg.run.seed)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
     distributions = {
-        b.name: optuna.distributions.CategoricalDistribution(list(range(len(b.candidates)))) for b in space.blocks
+        name: optuna.distributions.CategoricalDistribution(list(range(n))) for name, n in problem.genes.items()
     }
     inside = 0.0
     started = time.perf_counter()
     for _ in range(cfg.search.trials):
         trial = study.ask(distributions)
-        metrics = evaluator.evaluate(genes_to_config(space, trial.params))
+        metrics = problem.evaluate(trial.params)
         inside += metrics["eval_seconds"]
         study.tell(trial, [metrics["accuracy"], metrics["macs"]])
     return time.perf_counter() - started, inside
@@ -93,17 +97,16 @@ def main() -> None:
     torch.set_num_threads(1)
     import ray
 
-    from flora_ray.ray_train import init_ray
-
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, supernet = prepare_run(trials, 200 if args.smoke else args.eval_images, Path(tmp))
-        plain_wall, plain_inside = plain_optuna(cfg, supernet)
+        cfg, _ = prepare_run(trials, 200 if args.smoke else args.eval_images, Path(tmp))
+        plain_wall, plain_inside = plain_optuna(cfg)
         init_ray(num_cpus=2)
         try:
-            tune_wall = run_search(cfg)["seconds"]  # Tuner construction and fit, not the Parquet writing
+            # Tuner construction and fit (RayBackend.search), not the baselines and the Parquet writing
+            tune_wall = search_stage(cfg, RayBackend())["seconds"]
         finally:
             ray.shutdown()
-        trials_df = pd.read_parquet(cfg.run.run_dir / "trials.parquet")
+        trials_df = load_trials(RunStore.for_config(cfg))
         tune_inside = float(trials_df["eval_seconds"].sum())
     rows = [
         {"loop": "plain Optuna ask/tell", "wall_s": plain_wall, "eval_s": plain_inside},

@@ -1,8 +1,9 @@
 """Throughput: supernet training and subnet evaluation images/s, as achieved GMAC/s next to the dense matmul peak.
 
-Training runs flora-ray's own training loop (``training._Loop`` with a ``LocalSession``, one process): batches from
-its Fashion-MNIST loader, the teacher's forward pass, one sampled subnet's forward and backward pass with the
-distillation loss, gradient clipping and the AdamW step. Achieved GMAC/s counts the teacher forward (dense MACs)
+Training runs flora-ray's own training loop (``training.trainer.Trainer`` on a ``training.tasks.SupernetTask`` with a
+``LocalSession``, one process): batches from its Fashion-MNIST loader, the teacher's forward pass, one sampled
+subnet's forward and backward pass with the distillation loss, gradient clipping and the AdamW step; a callback
+times each step (from the end of the previous one, so data loading is included) after the warm-up steps. Achieved GMAC/s counts the teacher forward (dense MACs)
 plus three times the sampled subnet's forward MACs (forward, and a backward pass of twice the forward's work).
 Evaluation runs the search's ``Evaluator`` (inherited supernet weights, fixed search images) on random
 configurations; GMAC/s is images x subnet MACs / seconds. The physical limit is the best GMAC/s of large square
@@ -17,6 +18,8 @@ Prints a table, writes ``results/throughput.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import os
 import random
 import statistics
@@ -31,9 +34,15 @@ from bench_env import environment
 import flora_ray as fr
 from flora_ray.config import Config, load_config
 from flora_ray.core.models import dense_checkpoint_metadata
+from flora_ray.data.datasets import DataSplits, build_datasets
 from flora_ray.search.evaluator import Evaluator, search_batch
-from flora_ray.storage.files import write_checkpoint, write_json
-from flora_ray.training.trainer import TEACHER_FILE, LocalSession, _Loop, resolve_model_spec
+from flora_ray.stages.inputs import build_run_supernet, resolve_model_spec
+from flora_ray.storage.files import write_json
+from flora_ray.storage.run_store import ARTEFACTS, RunStore
+from flora_ray.training.sampling import build_sampler
+from flora_ray.training.tasks import SupernetTask
+from flora_ray.training.trainer import Callback, LocalSession, Trainer
+from flora_ray.training.worker import distributed_loader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark next to this one:
 import supernet_step
@@ -72,49 +81,110 @@ def matmul_peak_gmacs_per_s(sizes: tuple[int, ...], repeats: int) -> dict:
     return {"by_size": best, "peak_gmacs_per_s": max(best.values())}
 
 
-def build_loop(overrides: list[str], run_dir: Path) -> _Loop:
-    """flora-ray's training loop for a supernet run of the quickstart config (random-init teacher written first)."""
+@dataclasses.dataclass
+class Workload:
+    """A supernet training run of the quickstart config, ready to train (``task``) and evaluate (``splits``)."""
+
+    cfg: Config
+    splits: DataSplits
+    task: SupernetTask
+    session: LocalSession
+
+
+def build_workload(overrides: list[str], run_dir: Path) -> Workload:
+    """flora-ray's supernet task for a run of the quickstart config (random-init teacher written first), as the
+    ``train`` stage's worker builds it."""
     cfg: Config = load_config(
         EXPERIMENTS / "quickstart.yaml", [*overrides, f"run.output_dir={run_dir}", "run.name=throughput"]
     )
     spec = resolve_model_spec(cfg)
-    cfg.run.run_dir.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(cfg.run.run_dir / TEACHER_FILE, spec.create().state_dict(), dense_checkpoint_metadata(spec))
-    session = LocalSession(run_dir / "session")
-    return _Loop(cfg, "train", cfg.run.run_dir, session, {"config": None})
+    store = RunStore.for_config(cfg)
+    store.write_checkpoint(ARTEFACTS.teacher, spec.create().state_dict(), dense_checkpoint_metadata(spec))
+    session = LocalSession()  # one process, no checkpoints
+    supernet, teacher = build_run_supernet(cfg, store, session.device)
+    opt = cfg.train
+    task = SupernetTask(
+        supernet,
+        teacher,
+        build_sampler(opt.sampler, supernet.space),
+        cfg.run.seed,
+        opt.temperature,
+        opt.label_weight,
+        opt.label_smoothing,
+    )
+    return Workload(cfg, build_datasets(cfg.data), task, session)
 
 
-def training_throughput(loop: _Loop, steps: int, warmup: int) -> dict:
+class FirstBatches:
+    """The first ``n`` batches of a loader, loaded as the trainer iterates (data loading stays in the step time)."""
+
+    def __init__(self, loader, n: int) -> None:
+        self.loader, self.n = loader, min(n, len(loader))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.n)
+
+
+class StepTimer(Callback):
+    """Wall time of each training step after ``warmup`` ones, and the MACs of its work (teacher + 3 x subnet)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.times: list[float] = []
+        self.macs: list[float] = []
+        self.last = 0.0
+
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        self.last = time.perf_counter()
+
+    def on_step_end(self, trainer: Trainer, step: int, images: int) -> None:
+        now = time.perf_counter()
+        if step > self.warmup:
+            cost = trainer.task.supernet.cost
+            self.times.append(now - self.last)
+            self.macs.append(cost.dense_macs + 3 * cost.macs(trainer.task.supernet.active_ranks()))
+        self.last = time.perf_counter()  # the bookkeeping above is not part of the next step
+
+
+def training_throughput(workload: Workload, steps: int, warmup: int) -> dict:
     """Images/s and achieved GMAC/s of supernet training steps, data loading included."""
-    cost = loop.supernet.cost
-    loop.model.train()
-    times, macs = [], []
-    batches = iter(loop.loader)
-    for step in range(warmup + steps):
-        start = time.perf_counter()
-        x, y = next(batches)
-        loop._train_step(step, x, y)
-        loop._optimizer_step()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-            macs.append(cost.dense_macs + 3 * cost.macs(loop.supernet.active_ranks()))
-    batch = loop.opt.batch_size
+    cfg = workload.cfg
+    # One epoch of warmup + steps batches (no LR warm-up: the schedule does not change the work of a step).
+    opt = dataclasses.replace(cfg.train, epochs=1, warmup_epochs=0)
+    loader, sampler = distributed_loader(workload.splits.train, opt.batch_size, 1, 0, cfg.run.seed, "train")
+    timer = StepTimer(warmup)
+    trainer = Trainer(
+        workload.task,
+        opt,
+        workload.session,
+        FirstBatches(loader, warmup + steps),
+        "train",
+        [timer],
+        train_sampler=sampler,
+        evaluate=False,
+    )
+    trainer.fit()
+    cost, times, macs = workload.task.supernet.cost, timer.times, timer.macs
+    batch = opt.batch_size
     return {
         "batch": batch,
-        "steps": steps,
+        "steps": len(times),
         "step_ms": 1e3 * statistics.median(times),
-        "images_per_s": batch * steps / sum(times),
+        "images_per_s": batch * len(times) / sum(times),
         "gmacs_per_s": batch * sum(macs) / sum(times) / 1e9,
         "mean_subnet_gmacs_per_image": (statistics.mean(macs) - cost.dense_macs) / 3 / 1e9,
     }
 
 
-def evaluation_throughput(loop: _Loop, n_configs: int) -> dict:
+def evaluation_throughput(workload: Workload, n_configs: int) -> dict:
     """Images/s and achieved GMAC/s of the search's ``Evaluator`` on random configurations."""
-    cfg = loop.cfg
-    images, labels = search_batch(loop.splits.search, cfg.search.eval_images)
-    evaluator = Evaluator(loop.supernet, images, labels, "cpu", cfg.search.batch_size)
-    space, rng = loop.supernet.space, random.Random(0)
+    cfg, supernet = workload.cfg, workload.task.supernet
+    images, labels = search_batch(workload.splits.search, cfg.search.eval_images)
+    evaluator = Evaluator(supernet, images, labels, "cpu", cfg.search.batch_size)
+    space, rng = supernet.space, random.Random(0)
     evaluator.evaluate(space.largest())  # warm-up
     seconds, macs = 0.0, 0.0
     for _ in range(n_configs):
@@ -183,9 +253,9 @@ def main() -> None:
     rows = []
     for workload, overrides in workloads.items():
         with tempfile.TemporaryDirectory() as tmp:
-            loop = build_loop(overrides + (["search.eval_images=128"] if args.smoke else []), Path(tmp))
-            train = training_throughput(loop, 3 if args.smoke else args.steps, 1 if args.smoke else 2)
-            evaluation = evaluation_throughput(loop, 2 if args.smoke else args.configs)
+            run = build_workload(overrides + (["search.eval_images=128"] if args.smoke else []), Path(tmp))
+            train = training_throughput(run, 3 if args.smoke else args.steps, 1 if args.smoke else 2)
+            evaluation = evaluation_throughput(run, 2 if args.smoke else args.configs)
         for kind, r in (("supernet training", train), ("subnet evaluation", evaluation)):
             r.update(workload=workload, kind=kind, share_of_peak=r["gmacs_per_s"] / peak["peak_gmacs_per_s"])
             rows.append(r)

@@ -14,7 +14,7 @@ import pytest
 
 import flora_ray as fr
 from flora_ray.config import load_config
-from flora_ray.training.trainer import resolve_model_spec
+from flora_ray.stages.inputs import resolve_model_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "experiments" / "benchmarks"

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from flora_ray.config import config_to_dict
+from flora_ray import pipeline
 from flora_ray.pipeline import run_pipeline
-from flora_ray.pipeline import stage_marker as _stage_marker
 from flora_ray.stages import STAGES
 from flora_ray.stages.inputs import claim_run as claim_run_dir
 from flora_ray.stages.report import build_report
@@ -20,7 +20,7 @@ PIPELINE_STAGES, RUN_CONFIG_FILE = list(STAGES), ARTEFACTS.run_config
 
 
 def stage_marker(run_dir, stage):
-    return _stage_marker(RunStore(run_dir), stage)
+    return pipeline.stage_marker(RunStore(run_dir), stage)
 
 
 def test_a_run_directory_keeps_its_configuration(digits_config):
