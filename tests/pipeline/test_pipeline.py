@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from flora_ray.config import config_to_dict
 from flora_ray import pipeline
+from flora_ray.config import config_to_dict
 from flora_ray.pipeline import run_pipeline
 from flora_ray.stages import STAGES
 from flora_ray.stages.inputs import claim_run as claim_run_dir
