@@ -11,7 +11,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -205,9 +207,10 @@ def _prepare(args: argparse.Namespace, stages: Sequence[str]):
     from flora_ray.pipeline import stage_marker
     from flora_ray.stages import STAGES
     from flora_ray.stages.inputs import claim_run
-    from flora_ray.stages.preflight import preflight
+    from flora_ray.stages.preflight import check_run_storage, preflight
 
     cfg = _load_run_config(args)
+    check_run_storage(cfg, cluster=args.address is not None, local_backend=args.backend == "local")
     store = claim_run(cfg, record=False)
     checked = [s for s in stages if STAGES[s].preflight]
     unfinished = [s for s in checked if stage_marker(store, s) is None]
@@ -260,6 +263,10 @@ def format_summary(stage: str, summary: dict[str, Any], seconds: float) -> str:
     return f"{stage}: done in {seconds:.0f} s -> {summary.get('output', '')}\n  {metrics}"
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -273,6 +280,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
     )
     logger.setLevel(logging.INFO)  # flora-ray's own progress lines (epochs, blocks, ETA) are always shown
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None  # SIGTERM stops like Ctrl-C
+    try:
+        return _dispatch(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the command; a library error becomes one line and an exit code."""
     try:
         return args.func(args)
     except RuntimeError as exc:

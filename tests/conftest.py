@@ -69,3 +69,13 @@ def with_teacher():
         return model
 
     return write
+
+
+@pytest.fixture(scope="session")
+def imagenet_skeleton(tmp_path_factory):
+    """An ImageNet-shaped class-folder tree (1000 empty class folders in train/ and val/): what preflight reads."""
+    root = tmp_path_factory.mktemp("imagenet")
+    for split in ("train", "val"):
+        for i in range(1000):
+            (root / split / f"n{i:08d}").mkdir(parents=True)
+    return root

@@ -79,3 +79,15 @@ def test_parsing_a_config_imports_no_torch():
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_collectives_are_only_issued_by_the_cross_worker_check():
+    """The one collective flora-ray issues itself (others are Ray Train's and DDP's) is in training/callbacks.py,
+    where the device rule is tested; a new one elsewhere must get the same care."""
+    calls = []
+    for path in Path("flora_ray").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            collective = isinstance(node, ast.Attribute) and node.attr in {"all_reduce", "broadcast", "all_gather"}
+            if collective and isinstance(node.value, ast.Name) and node.value.id in {"dist", "distributed"}:
+                calls.append(str(path))
+    assert set(calls) == {str(Path("flora_ray/training/callbacks.py"))}

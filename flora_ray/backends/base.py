@@ -30,8 +30,9 @@ class TrainJob:
         payload: Its plain-data argument.
         cfg: The run configuration (scaling, failure policy).
         name: The job's name; checkpoints live under ``storage_path/name`` and a re-run of the name resumes.
-        storage_path: Where checkpoints go.
+        storage_path: Where checkpoints go (a path on ``storage_filesystem``).
         collect: Called with the latest checkpoint folder when training has finished.
+        storage_filesystem: The ``pyarrow.fs`` filesystem of ``storage_path`` (``None``: local).
     """
 
     worker: Worker
@@ -40,6 +41,7 @@ class TrainJob:
     name: str
     storage_path: str
     collect: Callable[[Path], Any]
+    storage_filesystem: Any = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,27 @@ class TaskMap:
     items: Sequence[Any]
     resources: dict[str, float]
     concurrency: int
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """A search: trials until the study holds ``problem.trials`` finished ones.
+
+    Attributes:
+        problem: What to evaluate and the study's settings.
+        resources: What one evaluator asks for.
+        concurrency: Evaluators at once.
+        storage_path: Where a backend keeps its experiment state (a path on ``storage_filesystem``).
+        storage_filesystem: The ``pyarrow.fs`` filesystem of ``storage_path`` (``None``: local).
+        after_trial: Called in the driver after each finished trial (the journal's sync to the run's storage).
+    """
+
+    problem: SearchProblem
+    resources: dict[str, float]
+    concurrency: int
+    storage_path: str
+    storage_filesystem: Any = None
+    after_trial: Callable[[], None] = lambda: None
 
 
 class Backend(abc.ABC):
@@ -72,10 +95,8 @@ class Backend(abc.ABC):
         """``fn(*args)`` as one task with ``resources``."""
 
     @abc.abstractmethod
-    def search(
-        self, problem: SearchProblem, resources: dict[str, float], concurrency: int, storage_path: str
-    ) -> dict[int, int]:
-        """Evaluate trials until the study holds ``problem.trials`` finished ones (continuing an interrupted
+    def search(self, job: SearchJob) -> dict[int, int]:
+        """Evaluate trials until the study holds ``job.problem.trials`` finished ones (continuing an interrupted
         search); returns the evaluator builds per process id."""
 
     # -- hooks for test backends -------------------------------------------------------------------------------

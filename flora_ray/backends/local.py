@@ -17,7 +17,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
-from flora_ray.backends.base import Backend, TaskMap, TrainJob
+from flora_ray.backends.base import Backend, SearchJob, TaskMap, TrainJob
 from flora_ray.search.study import DIRECTIONS, SearchProblem, log_progress, record_result
 from flora_ray.training.trainer import LocalSession
 from flora_ray.training.worker import device_for
@@ -33,6 +33,10 @@ class LocalBackend(Backend):
     name = "local"
 
     def fit(self, job: TrainJob) -> tuple[dict[str, Any], Any]:
+        if job.storage_filesystem is not None:
+            raise ValueError(
+                "--backend local keeps training checkpoints on this machine: use a local run.storage, or the Ray backend"
+            )
         device = device_for(job.cfg.scaling.accelerator, job.cfg.scaling.use_gpu)
         session = LocalSession(Path(job.storage_path) / job.name, device=str(device))
         job.worker(job.payload, self.worker_session(session))
@@ -48,9 +52,8 @@ class LocalBackend(Backend):
     def call(self, fn: Callable[..., T], *args: Any, resources: dict[str, float]) -> T:
         return fn(*args)
 
-    def search(
-        self, problem: SearchProblem, resources: dict[str, float], concurrency: int, storage_path: str
-    ) -> dict[int, int]:
+    def search(self, job: SearchJob) -> dict[int, int]:
+        problem = job.problem
         storage = problem.storage()
         is_new = problem.study_name not in [s.study_name for s in storage.get_all_studies()]
         study = optuna.create_study(
@@ -74,8 +77,10 @@ class LocalBackend(Backend):
             result = self._evaluate_safely(problem, trial.params)
             if record_result(trial, result, problem.max_macs) is None:
                 study.tell(trial, state=TrialState.FAIL)
+                job.after_trial()
                 continue
             study.tell(trial, [result["accuracy"], result["macs"]])
+            job.after_trial()
             builds[int(result["pid"])] = int(result["evaluator_builds"])
             points.append((float(result["macs"]), float(result["accuracy"])))
             if len(points) % 10 == 0 or done + 1 == problem.trials:

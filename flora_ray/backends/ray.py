@@ -15,22 +15,23 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from flora_ray.backends.base import Backend, TaskMap, TrainJob
-from flora_ray.search.study import SearchProblem
+from flora_ray.backends.base import Backend, SearchJob, TaskMap, TrainJob
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join ``address`` (``auto``, ``ray://...``, ``host:port``) or start a local Ray bound to 127.0.0.1."""
+    """Join ``address`` (``auto``, ``ray://...``, ``host:port``), or start a new local Ray bound to 127.0.0.1."""
     import ray
 
     if ray.is_initialized():
         return
     if address is None:
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every component on 127.0.0.1
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
+        # A new local instance on 127.0.0.1, whatever /tmp/ray/ray_current_cluster names (a stale head there would
+        # otherwise be joined, and Ray retries a dead one for minutes).
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
         return
     check_reachable(address)
     try:
@@ -147,6 +148,7 @@ class RayBackend(Backend):
             run_config=RunConfig(
                 name=job.name,
                 storage_path=job.storage_path,
+                storage_filesystem=job.storage_filesystem,
                 failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             ),
         )
@@ -180,9 +182,7 @@ class RayBackend(Backend):
 
         return ray.get(ray.remote(fn).options(**task_options(resources)).remote(*args))
 
-    def search(
-        self, problem: SearchProblem, resources: dict[str, float], concurrency: int, storage_path: str
-    ) -> dict[int, int]:
+    def search(self, job: SearchJob) -> dict[int, int]:
         # Tune's default per-trial CSV/JSON/TensorBoard loggers duplicate what the Parquet files hold and cost time,
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
         # so the result grid cannot read them back and would warn once per trial; the Optuna journal has them.
@@ -192,24 +192,28 @@ class RayBackend(Backend):
 
         from flora_ray.backends.ray_tune import builds_per_process, optuna_searcher, progress_callback, tune_trial
 
-        trainable = tune.with_resources(tune.with_parameters(tune_trial, problem=problem, backend=self), resources)
-        experiment = os.path.join(storage_path, problem.study_name)
-        if tune.Tuner.can_restore(experiment):
+        problem, fs = job.problem, job.storage_filesystem
+        trainable = tune.with_parameters(tune_trial, problem=problem, backend=self)
+        trainable = tune.with_resources(trainable, job.resources)
+        experiment = f"{job.storage_path.rstrip('/')}/{problem.study_name}"
+        callbacks = [progress_callback(problem.trials, job.after_trial)]
+        if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
             logger.info("search: continuing %s", experiment)
-            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True, storage_filesystem=fs)
         else:
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    search_alg=ConcurrencyLimiter(optuna_searcher(problem), max_concurrent=concurrency),
+                    search_alg=ConcurrencyLimiter(optuna_searcher(problem), max_concurrent=job.concurrency),
                     num_samples=problem.trials,
                     reuse_actors=True,
                 ),
                 run_config=tune.RunConfig(
                     name=problem.study_name,
-                    storage_path=storage_path,
+                    storage_path=job.storage_path,
+                    storage_filesystem=fs,
                     verbose=0,
-                    callbacks=[progress_callback(problem.trials)],
+                    callbacks=callbacks,
                 ),
             )
         return builds_per_process(tuner.fit())

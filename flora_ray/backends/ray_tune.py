@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flora_ray.search.study import OBJECTIVES, SearchProblem, log_progress, record_result
@@ -47,11 +48,18 @@ def optuna_searcher(problem: SearchProblem):
     )
 
 
-def progress_callback(total: int):
-    """A Tune callback that logs trials done / total, the front size and hypervolume as results arrive."""
+def progress_callback(total: int, after_trial: Callable[[], None]):
+    """A Tune callback that logs trials done / total, the front size and hypervolume as results arrive, and calls
+    ``after_trial`` once a trial has ended (after the searcher has told Optuna)."""
     from ray.tune import Callback
 
     class Progress(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            after_trial()
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            after_trial()
+
         def __init__(self, every_s: float = 5.0) -> None:
             self.points: list[tuple[float, float]] = []
             self.started = self.logged = time.perf_counter()

@@ -22,7 +22,7 @@ import timm
 import torch
 from torch import nn
 
-from flora_ray.storage.files import read_checkpoint
+from flora_ray.storage.files import read_checkpoint, read_checkpoint_header
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +99,61 @@ def create_model(
         tensors, meta = read_checkpoint(path) if path.suffix == ".safetensors" else (None, {})
         if meta.get("format") == DENSE_FORMAT:
             return _load_dense_checkpoint(name, kwargs, tensors, meta, path, device)
-        return _timm_create(name, kwargs, device, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+        overlay: dict[str, Any] = {"file": str(path)}
+        classes = weight_file_num_classes(name, path)
+        if classes is not None:  # timm keeps the file's classifier only when the model has the same class count
+            overlay["num_classes"] = classes
+        return _timm_create(name, kwargs, device, pretrained=True, pretrained_cfg_overlay=overlay)
     return _timm_create(name, kwargs, device, pretrained=bool(pretrained))
+
+
+def pretrained_num_classes(name: str, pretrained: bool | str | os.PathLike) -> int | None:
+    """Classes of the classifier in a model's pretrained weights: timm's pretrained config for ``True``, the
+    classifier's shape (or the flora-ray header) for a weight file; ``None`` when unknown or without weights."""
+    if pretrained is True:
+        check_model_name(name)
+        return getattr(timm.models.get_pretrained_cfg(name), "num_classes", None)
+    if not pretrained:
+        return None
+    return weight_file_num_classes(name, Path(pretrained))
+
+
+def weight_file_num_classes(name: str, path: Path) -> int | None:
+    """Rows of the classifier weight in a weight file (read from the header where the format allows)."""
+    if path.suffix == ".safetensors":
+        meta = read_checkpoint_header(path)
+        if meta.get("format") == DENSE_FORMAT:
+            return ModelSpec.from_dict(meta.get("model", {})).kwargs.get("num_classes")
+    classifier = getattr(timm.models.get_pretrained_cfg(name), "classifier", None) or "head"
+    names = [classifier] if isinstance(classifier, str) else list(classifier)
+    shapes = _tensor_shapes(name, path)
+    for key in (f"{n}.weight" for n in names):
+        if key in shapes and len(shapes[key]) == 2:
+            return int(shapes[key][0])
+    return None
+
+
+def _tensor_shapes(name: str, path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a weight file without loading it where possible (safetensors), else via a safe load."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch's safe unpickler raises several types for foreign files
+        raise ValueError(
+            f"cannot load pretrained weights for {name!r} from {str(path)!r}: {_first_line(exc)}; "
+            "give a weight file of this architecture (safetensors, or a plain state dict)"
+        ) from exc
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    return (
+        {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    )
 
 
 def _timm_create(name: str, kwargs: Mapping[str, Any], device: str | torch.device, **extra: Any) -> nn.Module:

@@ -188,12 +188,7 @@ def _build_imagefolder(cfg: DataConfig) -> DataSplits:
     from torchvision.datasets import ImageFolder
 
     root = Path(cfg.root)
-    classes = {split: _class_dirs(root, split) for split in ("train", "val")}
-    if classes["train"] != classes["val"]:
-        raise ValueError(
-            f"image folder {str(root)!r}: train/ and val/ have different class folders "
-            f"({sorted(set(classes['train']) ^ set(classes['val']))[:5]} ...); give both the same classes"
-        )
+    image_folder_classes(root)
     mean, std = _norm_stats(cfg, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     common = {"input_size": cfg.img_size, "interpolation": "bicubic", "mean": mean, "std": std}
     eval_tf = create_transform(**common, is_training=False)
@@ -209,6 +204,26 @@ def _build_imagefolder(cfg: DataConfig) -> DataSplits:
         num_classes=len(train_all.classes),
         class_names=tuple(train_all.classes),
     )
+
+
+def num_classes(cfg: DataConfig) -> int:
+    """The data set's class count, without loading it (image folders: the class folders of ``train/``)."""
+    if cfg.name == "imagefolder":
+        if cfg.root is None or not Path(cfg.root).is_dir():
+            raise FileNotFoundError(f"data.root {cfg.root!r} is not a directory with train/ and val/ class folders")
+        return len(image_folder_classes(Path(cfg.root)))
+    return 10  # Fashion-MNIST and digits
+
+
+def image_folder_classes(root: Path) -> list[str]:
+    """The sorted class folder names of an image folder; ``train/`` and ``val/`` must hold the same ones."""
+    classes = {split: _class_dirs(root, split) for split in ("train", "val")}
+    if classes["train"] != classes["val"]:
+        raise ValueError(
+            f"image folder {str(root)!r}: train/ and val/ have different class folders "
+            f"({sorted(set(classes['train']) ^ set(classes['val']))[:5]} ...); give both the same classes"
+        )
+    return classes["train"]
 
 
 def _class_dirs(root: Path, split: str) -> list[str]:

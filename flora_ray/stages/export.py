@@ -20,10 +20,10 @@ from torch import nn
 
 from flora_ray.config import Config, build_dataclass
 from flora_ray.core.subnet import load_subnet, package_versions, save_subnet
-from flora_ray.core.supernet import load_supernet
 from flora_ray.data.datasets import build_datasets
 from flora_ray.results import best_under, knee_point, load_front, load_trials
-from flora_ray.stages.inputs import open_run, resolve_model_spec, teacher_source
+from flora_ray.search.evaluator import supernet_from_numpy
+from flora_ray.stages.inputs import load_teacher, open_run
 from flora_ray.storage.files import write_json
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.training.tasks import accuracy
@@ -104,19 +104,24 @@ def export_from_run(
     cfg = load_run_config(store)
     row = choose_trial(store, trial, max_macs)
     ranks = json.loads(row["ranks"])
-    supernet = load_supernet(store.local_path(ARTEFACTS.supernet))
-    out = Path(output) if output else store.local_path(ARTEFACTS.export_dir(int(row["trial"])))
+    tensors, header = store.read_checkpoint(ARTEFACTS.supernet)
+    supernet = supernet_from_numpy(header, {k: v.numpy() for k, v in tensors.items()})
+    name = ARTEFACTS.export_dir(int(row["trial"]))
+    if output:
+        out = Path(output)
+    else:  # into the run; a run on object storage gets the files through a local working copy
+        out = store.local_path(name) if store.is_local else Path(cfg.run.output_dir) / cfg.run.name / name
     save_subnet(supernet, ranks, out, trial=int(row["trial"]), search_accuracy=float(row["accuracy"]))
     model = load_subnet(out)
     splits = build_datasets(cfg.data)
     device = device_for("GPU", True)  # accuracy only; latency is on CPU
     test_acc = accuracy(model.to(device), splits.test, device)
-    dense = resolve_model_spec(cfg).create(pretrained=teacher_source(cfg, store))
+    (dense,) = load_teacher(cfg, store)
     dense_test_acc = accuracy(dense.to(device), splits.test, device)
     x = torch.stack([splits.test[i][0] for i in range(32)])
     report = {
         "trial": int(row["trial"]),
-        "directory": str(out),
+        "directory": str(out) if output or store.is_local else store.location(name),
         "macs": supernet.cost.macs(ranks),
         "dense_macs": supernet.cost.dense_macs,
         "params": supernet.cost.params(ranks),
@@ -128,6 +133,9 @@ def export_from_run(
         "versions": package_versions(),
     }
     write_json(out / "export.json", report)
+    if not output and not store.is_local:
+        for path in sorted(p for p in out.iterdir() if p.is_file()):
+            store.write_bytes(f"{name}/{path.name}", path.read_bytes())
     return report
 
 

@@ -23,7 +23,7 @@ from flora_ray.core.space import RankSpace
 from flora_ray.core.supernet import build_supernet
 from flora_ray.data.datasets import build_datasets
 from flora_ray.search.filtering import as_numpy_state, filter_block, kept_space, select
-from flora_ray.stages.inputs import full_space, open_run, provenance, resolve_model_spec, teacher_source
+from flora_ray.stages.inputs import full_space, load_teacher, open_run, provenance, resolve_model_spec
 from flora_ray.stages.preflight import preflight
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.training.worker import device_for, setup_worker
@@ -93,7 +93,7 @@ def filter_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
     todo = [i for i in range(len(space.blocks)) if i not in done]
     started = time.perf_counter()
     if todo:
-        teacher = resolve_model_spec(cfg).create(pretrained=teacher_source(cfg, store))
+        (teacher,) = load_teacher(cfg, store)
         shared = (config_to_dict(cfg), as_numpy_state(teacher.state_dict()))
         del teacher
         results = backend.map(TaskMap(filter_task, shared, todo, task_resources(cfg), cfg.filter.concurrency))

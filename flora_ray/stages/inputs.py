@@ -16,10 +16,11 @@ import yaml
 from torch import nn
 
 from flora_ray.config import Config, changed_result_keys, config_to_dict, dotted_value, dump_config
-from flora_ray.core.models import ModelSpec, create_model
+from flora_ray.core.models import ModelSpec, create_model, load_state_dict_strict, pretrained_num_classes
 from flora_ray.core.space import RankSpace
 from flora_ray.core.subnet import package_versions
 from flora_ray.core.supernet import Supernet, build_space, build_supernet
+from flora_ray.data.datasets import num_classes
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 logger = logging.getLogger(__name__)
@@ -28,31 +29,74 @@ SMALL_DATASETS = ("fashion_mnist", "digits")
 
 
 def resolve_model_spec(cfg: Config) -> ModelSpec:
-    """The timm spec of the run: data geometry (``img_size``, ``in_chans``, ``num_classes``) plus model kwargs."""
-    kwargs: dict[str, Any] = {"img_size": cfg.data.img_size, "in_chans": cfg.data.in_chans}
-    if cfg.data.name in SMALL_DATASETS:
-        kwargs["num_classes"] = 10
+    """The timm spec of the run: data geometry (``img_size``, ``in_chans``) and the data's class count, plus the
+    model kwargs (which may not contradict the data)."""
+    classes = num_classes(cfg.data)
+    kwargs: dict[str, Any] = {"img_size": cfg.data.img_size, "in_chans": cfg.data.in_chans, "num_classes": classes}
     kwargs.update(cfg.model.kwargs)
     for key in ("img_size", "in_chans"):
         if kwargs[key] != getattr(cfg.data, key):
             raise ValueError(f"model.kwargs.{key}={kwargs[key]} contradicts data.{key}={getattr(cfg.data, key)}")
+    if kwargs["num_classes"] != classes:
+        raise ValueError(
+            f"model.kwargs.num_classes={kwargs['num_classes']} but the data ({cfg.data.name}) has {classes} classes; "
+            "remove model.kwargs.num_classes: it comes from the data"
+        )
     return ModelSpec(cfg.model.name, kwargs)
 
 
+def pretrained_classes(cfg: Config) -> int | None:
+    """The class count of ``model.pretrained``'s classifier (``None``: no pretrained weights, or unknown)."""
+    return pretrained_num_classes(cfg.model.name, cfg.model.pretrained) if cfg.model.pretrained else None
+
+
+def teacher_is_pretrained(cfg: Config) -> bool:
+    """Whether ``model.pretrained`` is the teacher as it is: weights given and their classifier fits the data.
+    Weights for another class count are fine-tuned into the run's teacher by the pretrain stage instead."""
+    if not cfg.model.pretrained:
+        return False
+    classes = pretrained_classes(cfg)
+    return classes is None or classes == resolve_model_spec(cfg).kwargs["num_classes"]
+
+
 def teacher_source(cfg: Config, store: RunStore) -> bool | str:
-    """Where the dense weights come from: the configured pretrained weights, else the run's own teacher."""
-    if cfg.model.pretrained:
+    """Where the dense weights come from: ``model.pretrained`` when it is the teacher as it is, else the run's own
+    teacher (trained or fine-tuned by the pretrain stage) in the store."""
+    if teacher_is_pretrained(cfg):
         return cfg.model.pretrained
     if not store.is_file(ARTEFACTS.teacher):
         raise FileNotFoundError(
             f"no dense teacher at {store.location(ARTEFACTS.teacher)!r}: run `flora-ray pretrain CONFIG` first "
             "or set model.pretrained to a weight file"
         )
-    return str(store.local_path(ARTEFACTS.teacher))
+    return store.location(ARTEFACTS.teacher)
+
+
+def load_teacher(cfg: Config, store: RunStore, device: torch.device | str = "cpu", copies: int = 1) -> list[nn.Module]:
+    """``copies`` freshly built dense models with the run's teacher weights (from ``model.pretrained`` or from the
+    run store, never from a path only the driver can see); the store's checkpoint is read once."""
+    spec = resolve_model_spec(cfg)
+    if teacher_is_pretrained(cfg):
+        return [spec.create(pretrained=cfg.model.pretrained, device=device) for _ in range(copies)]
+    teacher_source(cfg, store)  # a missing teacher: the one-line error
+    tensors, header = store.read_checkpoint(ARTEFACTS.teacher)
+    if "model" in header and ModelSpec.from_dict(header["model"]) != spec:
+        raise ValueError(
+            f"checkpoint {store.location(ARTEFACTS.teacher)!r} holds {json.dumps(header['model'])}, not "
+            f"{json.dumps(spec.to_dict())}; use the checkpoint made for this model or change the model config"
+        )
+    models = []
+    for _ in range(copies):
+        model = spec.create(device=device)
+        load_state_dict_strict(model, tensors, store.location(ARTEFACTS.teacher))
+        models.append(model)
+    return models
 
 
 def resolve_space(cfg: Config, store: RunStore, full: RankSpace) -> RankSpace:
-    """The space to train on: ``train.space_file``, else the run's filtered space, else ``full``."""
+    """The space to train on: ``train.space_file``, else the run's filtered space, else (when the filter stage has
+    not run) ``full``. A filtered space that the finished filter stage should have left but that cannot be read is
+    an error, never a silent fallback to the full space."""
     if cfg.train.space_file:
         path = cfg.train.space_file
         if not Path(path).is_file():
@@ -61,30 +105,38 @@ def resolve_space(cfg: Config, store: RunStore, full: RankSpace) -> RankSpace:
     elif store.is_file(ARTEFACTS.space):
         path = store.location(ARTEFACTS.space)
         space = RankSpace.from_dict(store.read_json(ARTEFACTS.space, "space file"), source=f"space file {path!r}")
+    elif store.is_file(ARTEFACTS.stage_marker("filter")):
+        raise FileNotFoundError(
+            f"the filter stage finished but its space {store.location(ARTEFACTS.space)!r} cannot be read; check "
+            "run.storage, or remove stages/filter.json to filter again"
+        )
     else:
+        logger.warning("no filtered space in %s: training on the full space (run the filter stage first)", store.uri)
         return full
     full.check_compatible(space, source=f"space file {path!r}")
     logger.info("sampling from %s: %.3g of %.3g configurations", path, space.num_configs, full.num_configs)
     return space
 
 
-def build_run_supernet(cfg: Config, store: RunStore, device: torch.device | str = "cpu") -> tuple[Supernet, nn.Module]:
-    """The supernet (SVD of the teacher, on the run's space) and the frozen dense teacher of a run."""
+def build_run_supernet(
+    cfg: Config, store: RunStore, device: torch.device | str = "cpu", space: RankSpace | None = None
+) -> tuple[Supernet, nn.Module]:
+    """The supernet (SVD of the teacher) on ``space`` (default: ``resolve_space``) and the frozen dense teacher."""
     spec = resolve_model_spec(cfg)
-    source = teacher_source(cfg, store)
+    dense, teacher = load_teacher(cfg, store, device, copies=2)
     supernet = build_supernet(
-        spec.name,
+        dense,
+        model_name=spec.name,
         model_kwargs=spec.kwargs,
-        pretrained=source,
         ratios=cfg.model.ratios,
         include_proj=cfg.model.include_proj,
         targets=cfg.model.targets,
         sv_placement=cfg.model.sv_placement,
-        device=device,
     )
-    supernet.space = resolve_space(cfg, store, supernet.space)
-    teacher = spec.create(pretrained=source, device=device).eval()
-    teacher.requires_grad_(False)
+    if space is not None:
+        supernet.space.check_compatible(space, source="the run's rank space")
+    supernet.space = space if space is not None else resolve_space(cfg, store, supernet.space)
+    teacher.eval().requires_grad_(False)
     return supernet, teacher
 
 
@@ -143,6 +195,13 @@ def open_run(cfg: Config) -> RunStore:
     return claim_run(cfg)
 
 
-def ray_storage(cfg: Config, store: RunStore) -> str:
-    """Where Ray Train and Tune keep checkpoints and experiment state: ``run.storage``, else inside the run."""
-    return cfg.run.storage or str(store.local_path(ARTEFACTS.ray))
+def ray_storage(store: RunStore) -> tuple[str, Any]:
+    """Where Ray Train and Tune keep checkpoints and experiment state: ``ray/`` inside the run, as a path on the
+    store's filesystem plus that filesystem (``None`` for a local store: Ray then uses the path as it is)."""
+    return store.location(ARTEFACTS.ray), (None if store.is_local else store.filesystem)
+
+
+def working_dir(cfg: Config) -> Path:
+    """This machine's working directory for the run (``run.output_dir/run.name``): local copies of what must be a
+    local file (the search journal, exported subnets) when the run lives elsewhere."""
+    return Path(cfg.run.output_dir) / cfg.run.name

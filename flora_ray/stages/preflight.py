@@ -8,7 +8,14 @@ from pathlib import Path
 from flora_ray.config import Config
 from flora_ray.core.models import ModelSpec, create_model
 from flora_ray.data.datasets import build_datasets
-from flora_ray.stages.inputs import SMALL_DATASETS, full_space, resolve_model_spec, resolve_space, teacher_source
+from flora_ray.stages.inputs import (
+    SMALL_DATASETS,
+    full_space,
+    resolve_model_spec,
+    resolve_space,
+    teacher_is_pretrained,
+    teacher_source,
+)
 from flora_ray.storage.files import read_checkpoint_header
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
@@ -30,24 +37,52 @@ def preflight(cfg: Config, stage: str, store: RunStore | None = None) -> None:
     elif cfg.data.root is None or not Path(cfg.data.root).is_dir():
         raise FileNotFoundError(f"data.root {cfg.data.root!r} is not a directory with train/ and val/ class folders")
     if stage in ("filter", "train"):
-        check_checkpoint(teacher_source(cfg, store), spec)
+        if teacher_is_pretrained(cfg):
+            check_checkpoint(
+                read_checkpoint_header(pretrained) if _is_safetensors(pretrained) else {}, spec, pretrained
+            )
+        else:
+            teacher_source(cfg, store)  # the run's teacher must exist
+            check_checkpoint(store.read_checkpoint_header(ARTEFACTS.teacher), spec, store.location(ARTEFACTS.teacher))
     if stage == "search":
         if not store.is_file(ARTEFACTS.supernet):
             raise FileNotFoundError(
                 f"no supernet at {store.location(ARTEFACTS.supernet)!r}: run `flora-ray train CONFIG` first"
             )
-        check_checkpoint(str(store.local_path(ARTEFACTS.supernet)), spec)
+        check_checkpoint(store.read_checkpoint_header(ARTEFACTS.supernet), spec, store.location(ARTEFACTS.supernet))
     if stage == "train" and (cfg.train.space_file or store.is_file(ARTEFACTS.space)):
         resolve_space(cfg, store, full_space(cfg))
 
 
-def check_checkpoint(source: bool | str, spec: ModelSpec) -> None:
-    """A safetensors checkpoint must be readable and, if flora-ray wrote it, be of this model (header only)."""
-    if not isinstance(source, str) or not source.endswith(".safetensors"):
-        return
-    header = read_checkpoint_header(source)
+def _is_safetensors(source: bool | str) -> bool:
+    return isinstance(source, str) and source.endswith(".safetensors")
+
+
+def check_checkpoint(header: dict, spec: ModelSpec, source: str) -> None:
+    """A checkpoint flora-ray wrote must be of this model (its header names the model spec)."""
     if "model" in header and ModelSpec.from_dict(header["model"]) != spec:
         raise ValueError(
             f"checkpoint {source!r} holds {json.dumps(header['model'])}, not {json.dumps(spec.to_dict())}; "
             "use the checkpoint made for this model or change the model config"
         )
+
+
+def check_run_storage(cfg: Config, cluster: bool, local_backend: bool = False) -> None:
+    """Before any work: the run's storage must be reachable and writable, and on a cluster (``--address``)
+    visible to every node; the in-process backend keeps training checkpoints locally, so it needs a local store."""
+    from flora_ray.storage.filesystems import check_storage, is_shared_location
+
+    location = cfg.run.storage or cfg.run.output_dir
+    if cluster and not is_shared_location(location):
+        raise ValueError(
+            f"with --address every node reads and writes the run, but it would live in {location!r} (relative, on "
+            "this machine only): set run.storage to an absolute path on a filesystem every node mounts, or to "
+            "s3://BUCKET/PREFIX or gs://BUCKET/PREFIX"
+        )
+    if cfg.run.storage:
+        check_storage(cfg.run.storage)
+        if local_backend and "://" in cfg.run.storage and not cfg.run.storage.startswith("file://"):
+            raise ValueError(
+                f"--backend local keeps training checkpoints on this machine; run.storage={cfg.run.storage!r} is "
+                "remote: use the Ray backend or a local run.storage"
+            )

@@ -44,7 +44,13 @@ def _dense_section(
     test_acc = pretrain.get("metrics", {}).get("test_acc")
     if test_acc is None and export is not None:
         test_acc = export.get("dense_test_accuracy")
-    source = pretrain.get("skipped") or "trained by `flora-ray pretrain` (teacher.safetensors)"
+    tuned = pretrain.get("fine_tuned")
+    source = pretrain.get("skipped") or (
+        f"model.pretrained {tuned['from']!r} ({tuned['pretrained_classes']} classes) fine-tuned by `flora-ray "
+        f"pretrain` to the data's {tuned['classes']} classes (teacher.safetensors)"
+        if tuned
+        else "trained by `flora-ray pretrain` (teacher.safetensors)"
+    )
     lines = ["## Dense model", "", f"- weights: {source}", f"- cost: {_macs(search['dense_macs'])}MACs per image"]
     lines.append(
         f"- accuracy: {search['dense_accuracy']:.2f}% on the search images"

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from flora_ray.backends.base import Backend
+from flora_ray.backends.base import Backend, SearchJob
 from flora_ray.config import Config, config_to_dict
 from flora_ray.core.models import ModelSpec
 from flora_ray.core.space import RankSpace
@@ -22,8 +22,9 @@ from flora_ray.search.evaluator import anchor_points, build_evaluator
 from flora_ray.search.frames import trials_frame, uniform_frame
 from flora_ray.search.plots import front_figure, hypervolume_figure
 from flora_ray.search.study import SearchProblem
-from flora_ray.stages.inputs import open_run, provenance, ray_storage, resolve_model_spec, teacher_source
+from flora_ray.stages.inputs import load_teacher, open_run, provenance, ray_storage, working_dir
 from flora_ray.stages.preflight import preflight
+from flora_ray.storage.files import write_bytes
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.training.tasks import accuracy
 
@@ -56,7 +57,7 @@ def search_problem(cfg: Config, store: RunStore) -> SearchProblem:
         anchors=anchor_points(space),
         trials=cfg.search.trials,
         study_name=f"{cfg.run.name}-search",
-        journal=str(store.local_path(ARTEFACTS.journal)),
+        journal=str(JournalSync(cfg, store).local),
         max_macs=cfg.search.max_macs,
         sampler_args={
             "population_size": cfg.search.population,
@@ -65,6 +66,29 @@ def search_problem(cfg: Config, store: RunStore) -> SearchProblem:
             "seed": search_seed(cfg),
         },
     )
+
+
+class JournalSync:
+    """The Optuna journal of a run whose storage is not local: a working copy on this machine, copied to the run's
+    storage after every trial and fetched from it when the copy here is missing or behind (a new head)."""
+
+    def __init__(self, cfg: Config, store: RunStore) -> None:
+        self.store = store
+        self.local = store.local_path(ARTEFACTS.journal) if store.is_local else working_dir(cfg) / ARTEFACTS.journal
+
+    def fetch(self) -> None:
+        """Bring the stored journal here unless the copy here already holds it (the log only grows)."""
+        if self.store.is_local or not self.store.is_file(ARTEFACTS.journal):
+            return
+        stored = self.store.read_bytes(ARTEFACTS.journal)
+        if not self.local.is_file() or self.local.stat().st_size < len(stored):
+            self.local.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes(self.local, stored)
+
+    def __call__(self) -> None:
+        """Copy the journal to the run's storage (atomically there)."""
+        if not self.store.is_local and self.local.is_file():
+            self.store.write_bytes(ARTEFACTS.journal, self.local.read_bytes())
 
 
 def baselines_task(problem: SearchProblem, dense_state: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
@@ -87,11 +111,16 @@ def search_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
     problem = search_problem(cfg, store)
     space = RankSpace.from_dict(problem.header["space"])
     started = time.perf_counter()
-    builds = backend.search(problem, trial_resources(cfg), cfg.search.concurrency, ray_storage(cfg, store))
+    journal = JournalSync(cfg, store)
+    journal.fetch()
+    path, filesystem = ray_storage(store)
+    job = SearchJob(problem, trial_resources(cfg), cfg.search.concurrency, path, filesystem, journal)
+    builds = backend.search(job)
+    journal()
     seconds = time.perf_counter() - started
     study = problem.load_study()
     trials = trials_frame(study, space, cfg.search.max_macs)
-    dense = resolve_model_spec(cfg).create(pretrained=teacher_source(cfg, store))
+    (dense,) = load_teacher(cfg, store)
     dense_state = {k: v.detach().cpu().numpy() for k, v in dense.state_dict().items()}
     rows, dense_accuracy = backend.call(baselines_task, problem, dense_state, resources=trial_resources(cfg))
     uniform = uniform_frame(rows, space, cfg.search.max_macs)

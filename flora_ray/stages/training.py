@@ -15,8 +15,18 @@ from typing import Any
 from flora_ray.backends.base import Backend, TrainJob
 from flora_ray.config import Config, build_dataclass, config_to_dict
 from flora_ray.core.models import dense_checkpoint_metadata, load_state_dict_strict
+from flora_ray.core.space import RankSpace
 from flora_ray.data.datasets import build_datasets
-from flora_ray.stages.inputs import build_run_supernet, open_run, ray_storage, resolve_model_spec
+from flora_ray.stages.inputs import (
+    build_run_supernet,
+    full_space,
+    open_run,
+    pretrained_classes,
+    ray_storage,
+    resolve_model_spec,
+    resolve_space,
+    teacher_is_pretrained,
+)
 from flora_ray.stages.preflight import preflight
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.training.callbacks import Checkpoint, ConfigCheck, Progress, read_final_checkpoint
@@ -45,12 +55,15 @@ def train_worker(payload: dict[str, Any], session: Session) -> None:
         )
     opt = cfg.pretrain if stage == "pretrain" else cfg.train
     callbacks: list[Any] = []
-    if stage == "pretrain":
-        net = spec.create(device=session.device)
+    if stage == "pretrain":  # from model.pretrained when fine-tuning it to the data's classes, else from scratch
+        net = spec.create(pretrained=cfg.model.pretrained or False, device=session.device)
         task: Any = DenseTask(net, opt.label_smoothing, splits.search, splits.test)
         state = (lambda: (net.state_dict(), dense_checkpoint_metadata(spec)), net)
     else:
-        supernet, teacher = build_run_supernet(cfg, store, session.device)
+        if "space" not in payload:
+            raise ValueError("a supernet worker needs the run's rank space in its payload (resolved by the driver)")
+        space = RankSpace.from_dict(payload["space"], source="the driver's rank space")
+        supernet, teacher = build_run_supernet(cfg, store, session.device, space)
         sampler = build_sampler(cfg.train.sampler, supernet.space)
         task = SupernetTask(
             supernet, teacher, sampler, cfg.run.seed, opt.temperature, opt.label_weight, opt.label_smoothing,
@@ -82,16 +95,20 @@ def fit_stage(cfg: Config, backend: Backend, stage: str) -> dict[str, Any]:
     """Run ``pretrain`` or ``train`` on ``backend``; returns the final metrics, the output and the wall time."""
     store = open_run(cfg)
     preflight(cfg, stage, store)  # fail fast, before any worker starts
-    payload = {"config": config_to_dict(cfg), "stage": stage, "run": store.root}
+    payload: dict[str, Any] = {"config": config_to_dict(cfg), "stage": stage, "run": store.uri}
+    if stage == "train":  # the driver decides the space once; workers never look for it themselves
+        payload["space"] = resolve_space(cfg, store, full_space(cfg)).to_dict()
     started = time.perf_counter()
+    path, filesystem = ray_storage(store)
     metrics, output = backend.fit(
         TrainJob(
             train_worker,
             payload,
             cfg,
             name=f"{cfg.run.name}-{stage}",
-            storage_path=ray_storage(cfg, store),
+            storage_path=path,
             collect=lambda directory: save_stage_outputs(directory, store, stage),
+            storage_filesystem=filesystem,
         )
     )
     seconds = time.perf_counter() - started
@@ -101,10 +118,18 @@ def fit_stage(cfg: Config, backend: Backend, stage: str) -> dict[str, Any]:
 
 
 def pretrain(cfg: Config, backend: Backend) -> dict[str, Any]:
-    """Train the dense teacher (skipped when ``model.pretrained`` names the dense weights)."""
-    if cfg.model.pretrained:
+    """Train the dense teacher: skipped when ``model.pretrained`` is the teacher as it is; weights whose classifier
+    has another class count than the data are fine-tuned into the run's teacher."""
+    if teacher_is_pretrained(cfg):
         return {"skipped": f"dense weights from model.pretrained={cfg.model.pretrained!r}"}
-    return fit_stage(cfg, backend, "pretrain")
+    summary = fit_stage(cfg, backend, "pretrain")
+    if cfg.model.pretrained:
+        summary["fine_tuned"] = {
+            "from": cfg.model.pretrained,
+            "pretrained_classes": pretrained_classes(cfg),
+            "classes": resolve_model_spec(cfg).kwargs["num_classes"],
+        }
+    return summary
 
 
 def train(cfg: Config, backend: Backend) -> dict[str, Any]:

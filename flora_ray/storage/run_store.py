@@ -1,6 +1,7 @@
 """The run store: the one place that knows every artefact of a run and turns its name into a location.
 
-A run is a directory (``run.output_dir/run.name``) on a filesystem (``pyarrow.fs``; a local directory today).
+A run is a directory (``run.storage/run.name``, else ``run.output_dir/run.name``) on a filesystem (``pyarrow.fs``:
+a local directory, a shared mount, or object storage such as ``s3://bucket/prefix``).
 Stages ask the store for an artefact by name (``store.read_json(ARTEFACTS.space)``, ``store.write_parquet(...)``)
 and never build paths themselves; every write goes to a temporary name first and is then moved into place, so a
 crash never leaves a half-written artefact and never destroys the previous version. Readers that need a real local
@@ -65,6 +66,11 @@ class Artefacts:
 ARTEFACTS = Artefacts()
 
 
+def join(location: str, name: str) -> str:
+    """``location/name`` for a path or a URI."""
+    return f"{location.rstrip('/')}/{name}" if "://" in location else os.path.join(location, name)
+
+
 class RunStore:
     """A run directory on a ``pyarrow.fs`` filesystem.
 
@@ -76,19 +82,28 @@ class RunStore:
     def __init__(self, root: str | os.PathLike, filesystem: Any | None = None) -> None:
         import pyarrow.fs as pafs
 
-        text = os.fspath(root)
-        if filesystem is None and "://" in text:
-            filesystem, text = pafs.FileSystem.from_uri(text)
-        elif filesystem is None:
-            filesystem, text = pafs.LocalFileSystem(), str(Path(text).resolve())
+        from flora_ray.storage.filesystems import resolve_filesystem
+
+        if filesystem is None:
+            filesystem, text = resolve_filesystem(os.fspath(root))
+        else:
+            text = os.fspath(root)
         self.filesystem = filesystem
         self.root = text.rstrip("/")
         self.is_local = isinstance(filesystem, pafs.LocalFileSystem)
 
     @classmethod
     def for_config(cls, cfg: Any) -> RunStore:
-        """The store of a configuration's run (``run.output_dir/run.name``)."""
-        return cls(Path(cfg.run.output_dir) / cfg.run.name)
+        """The store of a configuration's run: ``run.storage/run.name``, or ``run.output_dir/run.name`` when no
+        storage is configured."""
+        return cls(join(cfg.run.storage or os.fspath(cfg.run.output_dir), cfg.run.name))
+
+    @property
+    def uri(self) -> str:
+        """The run's location as a URI (or an absolute local path) that any process can open again."""
+        from flora_ray.storage.filesystems import location_uri
+
+        return location_uri(self.filesystem, self.root)
 
     @property
     def name(self) -> str:
@@ -96,10 +111,10 @@ class RunStore:
         return self.root.rsplit("/", 1)[-1]
 
     def __repr__(self) -> str:
-        return f"RunStore({self.root!r})"
+        return f"RunStore({self.uri!r})"
 
-    def __reduce__(self):  # pyarrow filesystems pickle; keep the object small and explicit for Ray
-        return (RunStore, (self.root, self.filesystem))
+    def __reduce__(self):  # another process (a Ray worker) rebuilds the filesystem from its own environment
+        return (RunStore, (self.uri,))
 
     # -- locations ---------------------------------------------------------------------------------------------
 
@@ -215,6 +230,13 @@ class RunStore:
         except Exception as exc:  # safetensors raises its own error types for corrupt data
             raise ValueError(f"cannot read checkpoint {self.location(name)!r} (corrupt or truncated): {exc}") from exc
         return {k: v.to(device) for k, v in tensors.items()}, header
+
+    def read_checkpoint_header(self, name: str) -> dict[str, Any]:
+        """The flora-ray header of a safetensors artefact, reading only the file's head."""
+        if not self.is_file(name):
+            raise FileNotFoundError(f"checkpoint {self.location(name)!r} does not exist")
+        with self.filesystem.open_input_file(self.location(name)) as stream:
+            return parse_checkpoint_header(stream, self.location(name))
 
     def save_figure(self, name: str, fig: Any) -> None:
         """A matplotlib figure as PNG (the figure is closed afterwards)."""

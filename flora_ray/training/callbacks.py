@@ -135,7 +135,8 @@ class Progress(Callback):
 class ConfigCheck(Callback):
     """Workers agree on each step's subnet: an all-reduce (min and max) of the configuration's digest.
 
-    The tensors live on the training device, as NCCL requires (gloo takes CPU tensors too).
+    The tensors live on the model's device, as NCCL requires (gloo takes CPU tensors too); this is the library's
+    only collective outside Ray Train and DDP.
     """
 
     def __init__(self) -> None:
@@ -144,7 +145,8 @@ class ConfigCheck(Callback):
     def on_configs(self, trainer: Trainer, step: int, configs: Sequence[dict[str, int]]) -> None:
         if trainer.session.world_size <= 1:
             return
-        low = torch.tensor([config_digest(configs[-1])], dtype=torch.int64, device=trainer.device)
+        device = next(trainer.model.parameters()).device  # NCCL takes tensors on the model's GPU only
+        low = torch.tensor([config_digest(configs[-1])], dtype=torch.int64, device=device)
         high = low.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         dist.all_reduce(high, op=dist.ReduceOp.MAX)

@@ -17,17 +17,23 @@ IMAGENET = {
 }
 
 
+def _load(name, root, *overrides):
+    """An experiment, with ImageNet's class folders standing in for the cluster's data."""
+    cfg = load_config(EXPERIMENTS / name, list(overrides))
+    return load_config(EXPERIMENTS / name, [f"data.root={root}", *overrides]) if cfg.data.name == "imagefolder" else cfg
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in EXPERIMENTS.glob("*.yaml")))
-def test_experiment_loads_and_builds_its_space(name):
-    cfg = load_config(EXPERIMENTS / name)
+def test_experiment_loads_and_builds_its_space(name, imagenet_skeleton):
+    cfg = _load(name, imagenet_skeleton)
     space = full_space(cfg)  # the timm model exists with these kwargs (built on the meta device)
     assert space.num_configs > 1 and cfg.run.name
 
 
 @pytest.mark.parametrize("name", sorted(IMAGENET))
-def test_imagenet_recipes_follow_the_paper(name):
+def test_imagenet_recipes_follow_the_paper(name, imagenet_skeleton):
     model, ratios, triples, epochs, lr = IMAGENET[name]
-    cfg = load_config(EXPERIMENTS / name)
+    cfg = _load(name, imagenet_skeleton)
     assert cfg.model.name == model and cfg.model.pretrained is True
     assert cfg.model.ratios == pytest.approx(ratios)
     assert {len(b.candidates) for b in full_space(cfg).blocks} == {triples}
@@ -37,3 +43,26 @@ def test_imagenet_recipes_follow_the_paper(name):
     assert cfg.filter.epochs == 20 and cfg.filter.subset == 0.35 and cfg.filter.keep_fraction == 0.3
     assert cfg.data.name == "imagefolder" and cfg.data.augment
     assert cfg.search.population == 50 and cfg.search.trials == 1000  # 20 generations of 50
+
+
+@pytest.mark.parametrize("name", sorted(IMAGENET))
+def test_imagenet_recipes_pass_preflight_on_the_meta_device(name, imagenet_skeleton, tmp_path):
+    """1000 classes from the class folders, the pretrained head fits them (no pretrain stage), the model builds on
+    the meta device, and on a cluster the run must live where every node sees it."""
+    from flora_ray.core.models import create_model
+    from flora_ray.stages.inputs import resolve_model_spec, teacher_is_pretrained
+    from flora_ray.stages.preflight import check_run_storage, preflight
+    from flora_ray.storage.run_store import RunStore
+
+    cfg = _load(name, imagenet_skeleton)
+    spec = resolve_model_spec(cfg)
+    assert spec.kwargs["num_classes"] == 1000 and teacher_is_pretrained(cfg)
+    model = create_model(spec.name, device="meta", **spec.kwargs)
+    assert model.get_classifier().out_features == 1000 and model.patch_embed.img_size == (224, 224)
+    for stage in ("pretrain", "filter"):
+        preflight(cfg, stage, RunStore.for_config(cfg))
+    with pytest.raises(ValueError, match="with --address every node reads and writes the run"):
+        check_run_storage(cfg, cluster=True)
+    shared = _load(name, imagenet_skeleton, f"run.storage={tmp_path / 'nfs'}")
+    check_run_storage(shared, cluster=True)
+    assert RunStore.for_config(shared).root == str(tmp_path / "nfs" / cfg.run.name)

@@ -11,7 +11,7 @@ from scipy.stats import chisquare
 import flora_ray as fr
 from flora_ray.config import config_to_dict
 from flora_ray.core.supernet import build_space
-from flora_ray.stages.inputs import build_run_supernet, resolve_space
+from flora_ray.stages.inputs import build_run_supernet, full_space, resolve_space
 from flora_ray.stages.training import train_worker
 from flora_ray.storage.run_store import RunStore
 from flora_ray.testing.faults import FaultSession
@@ -117,7 +117,10 @@ def test_probe_configs():
 
 
 def _payload(cfg, stage):
-    return {"config": config_to_dict(cfg), "stage": stage, "run": str(cfg.run.run_dir)}
+    payload = {"config": config_to_dict(cfg), "stage": stage, "run": str(cfg.run.run_dir)}
+    if stage == "train":  # what the train stage's driver resolves and sends
+        payload["space"] = resolve_space(cfg, RunStore(cfg.run.run_dir), full_space(cfg)).to_dict()
+    return payload
 
 
 def test_local_train_interrupted_then_resumed_matches_checkpoint(digits_config, with_teacher, tmp_path):
@@ -182,3 +185,42 @@ def test_cuda_training_with_mixed_precision(digits_config, with_teacher, tmp_pat
     assert math.isfinite(session.reports[-1]["loss"])
     supernet = fr.load_supernet(tmp_path / "ckpt" / "latest" / "model.safetensors", device="cuda")
     assert next(supernet.parameters()).device.type == "cuda"
+
+
+def test_the_cross_worker_check_puts_its_collectives_on_the_models_device(monkeypatch):
+    """NCCL accepts only tensors on the GPU: every tensor a collective receives lives where the model lives."""
+    from types import SimpleNamespace
+
+    from flora_ray.training.callbacks import ConfigCheck
+
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def all_reduce(tensor, op=None):
+        seen.append(tensor.device)
+        raise Seen  # a meta tensor cannot be reduced; the device is what this test is about
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    model = torch.nn.Linear(2, 2, device="meta")  # stands in for a model on cuda:N
+    trainer = SimpleNamespace(session=SimpleNamespace(world_size=2), model=model, device=torch.device("cpu"), epoch=0)
+    with pytest.raises(Seen):
+        ConfigCheck().on_configs(trainer, 0, [{"blocks.0.attn.qkv": 4}])
+    assert seen == [torch.device("meta")]
+
+
+def test_a_supernet_worker_never_guesses_its_space(digits_config, with_teacher, tmp_path):
+    """The driver resolves the space; a worker without it fails, and a finished filter whose space cannot be read
+    is an error on the driver, not a silent fallback to the full space."""
+    cfg = digits_config()
+    with_teacher(cfg)
+    payload = _payload(cfg, "train")
+    del payload["space"]
+    with pytest.raises(ValueError, match="needs the run's rank space"):
+        train_worker(payload, LocalSession(tmp_path / "ckpt"))
+    store = RunStore(cfg.run.run_dir)
+    assert resolve_space(cfg, store, full_space(cfg)) == full_space(cfg)  # no filter run: the full space, said so
+    store.write_json("stages/filter.json", {"stage": "filter"})
+    with pytest.raises(FileNotFoundError, match="the filter stage finished but its space .* cannot be read"):
+        resolve_space(cfg, store, full_space(cfg))

@@ -1,0 +1,617 @@
+"""A real two-node Ray cluster on one machine whose nodes do not share a disk, around one command.
+
+``unshare --net --fork -- python -m flora_ray.testing.multinode [options] -- COMMAND ...`` runs, inside a network
+namespace of its own (only loopback, so every node is 127.0.0.1 and no port clashes with other Ray instances on the
+machine):
+
+* a head node, ``ray start --head --num-cpus 0 --num-gpus 0 --block``, in a session of its own;
+* one worker node, ``ray start --address 127.0.0.1:PORT --num-cpus N --block``, in a session and a *mount namespace*
+  of its own where an empty tmpfs covers every ``--hide DIR`` (and the head's Ray temp directory): files the head
+  side writes there are invisible on the worker, and what the worker writes there stays on the worker, as on two
+  machines; every other path (a ``--storage`` directory, the virtual environment) stays shared, as NFS would be;
+* then COMMAND, in the head's mount namespace, with ``RAY_ADDRESS`` and the token authentication variables set; its
+  output streams through and the harness exits with its exit code (124 when ``--timeout`` ran out).
+
+The cluster is always torn down at the end, also on errors and on SIGTERM/SIGINT/SIGHUP to the harness: SIGTERM to
+each node's ``ray start`` (which stops its processes in order), SIGKILL to its process group after a grace period,
+then SIGKILL to anything left whose command line names this run's temp directory. Every child also gets SIGTERM from
+the kernel if the harness dies (``PR_SET_PDEATHSIG``). Each node has its own ``--temp-dir`` (under one short
+directory in ``/tmp``), so ``/tmp/ray/ray_current_cluster`` is never written; it is removed anyway if it names this
+cluster.
+
+Token authentication: the harness makes a fresh token per run and hands it to the nodes and to COMMAND as
+``RAY_AUTH_MODE=token`` plus ``RAY_AUTH_TOKEN`` (an environment variable, not a file, because the worker must not
+depend on the head's files; ``~/.ray/auth_token`` is neither read nor written: ``RAY_AUTH_TOKEN`` takes precedence).
+
+For pytest: ``can_make_namespaces()`` (skip where ``unshare`` is not permitted) and ``run_on_two_nodes(...)``, which
+builds the ``unshare`` command line and returns a ``subprocess.CompletedProcess``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib.util
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+HOST = "127.0.0.1"
+PREFIX = "[multinode]"
+TIMEOUT_EXIT = 124  # like timeout(1): COMMAND ran past --timeout
+HARNESS_ERROR_EXIT = 3  # the cluster could not be set up (the message says why)
+# Exported to COMMAND besides RAY_ADDRESS and the token variables.
+ENV_DIR = "FLORA_MULTINODE_DIR"  # this run's temp directory (node logs, Ray temp dirs)
+ENV_HEAD_NODE = "FLORA_MULTINODE_HEAD_NODE_ID"
+ENV_WORKER_NODE = "FLORA_MULTINODE_WORKER_NODE_ID"
+# Removed from the environment of the nodes and of COMMAND: a loopback-only setting (it makes `ray start` refuse a
+# second node here), an outer cluster's address, a token source that would take precedence over ours.
+_SCRUBBED = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")
+_MAX_ROOT_CHARS = 48  # Ray's unix socket paths (AF_UNIX: 107 bytes) are ROOT/h/session_<40 chars>/sockets/...
+_HIDE_SCRIPT = r"""
+n=$1; shift
+while [ "$n" -gt 0 ]; do
+  mount -t tmpfs -o size=1g,mode=0755 flora-hidden "$1" || { echo "$0: cannot mount a tmpfs over $1" >&2; exit 97; }
+  shift; n=$((n - 1))
+done
+cd "$1" || exit 97
+shift
+exec "$@"
+"""
+# Waits for the two nodes through the GCS (no driver is started) and prints their ids as one JSON line.
+_PROBE = r"""
+import json, sys, time
+from ray._raylet import GcsClient
+address, want_cpus, timeout_s = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+deadline = time.monotonic() + timeout_s
+seen, error = [], None
+while time.monotonic() < deadline:
+    try:
+        infos = GcsClient(address=address).get_all_node_info(timeout=5).values()
+        alive = [i for i in infos if i.state == 0]  # GcsNodeState.ALIVE
+        seen = [(i.is_head_node, dict(i.resources_total)) for i in alive]
+        heads = [i for i in alive if i.is_head_node]
+        workers = [i for i in alive if not i.is_head_node and i.resources_total.get("CPU", 0) == want_cpus]
+        if len(alive) == 2 and heads and workers:
+            print(json.dumps({"head": heads[0].node_id.hex(), "worker": workers[0].node_id.hex()}), flush=True)
+            sys.exit(0)
+    except Exception as exc:  # the GCS is still starting
+        error = repr(exc)
+    time.sleep(0.5)
+print(f"alive nodes (is_head, resources): {seen}; last error: {error}", file=sys.stderr, flush=True)
+sys.exit(1)
+"""
+
+
+class HarnessError(RuntimeError):
+    """The two-node cluster could not be set up; the message says why (with the node logs' tail)."""
+
+
+class _Interrupted(BaseException):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _log(message: str) -> None:
+    print(f"{PREFIX} {message}", file=sys.stderr, flush=True)
+
+
+def _die_with_parent() -> None:
+    """``preexec_fn``: SIGTERM this child when the harness dies (Linux ``PR_SET_PDEATHSIG``)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def _ray_executable() -> str:
+    beside = Path(sys.executable).parent / "ray"
+    found = str(beside) if beside.is_file() else shutil.which("ray")
+    if not found:
+        raise HarnessError("the `ray` command is not installed next to this Python or on PATH")
+    return found
+
+
+# --- the pytest side -------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def can_make_namespaces() -> bool:
+    """Whether this process may run the harness: ``unshare --net`` with loopback up, and in it ``unshare --mount``
+    with a tmpfs mounted over a directory (root, or a user namespace setup that allows both)."""
+    if not (shutil.which("unshare") and shutil.which("ip") and shutil.which("mount")):
+        return False
+    probe_dir = tempfile.mkdtemp(prefix="frmn-probe-")
+    script = 'ip link set lo up && unshare --mount --propagation private -- mount -t tmpfs flora-probe "$1"'
+    try:
+        result = subprocess.run(
+            ["unshare", "--net", "--fork", "--kill-child=SIGKILL", "--", "sh", "-c", script, "sh", probe_dir],
+            capture_output=True,
+            timeout=20,
+            check=False,
+        )
+        return result.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(probe_dir)
+
+
+def harness_command(
+    command: Sequence[str],
+    hide: Sequence[str | os.PathLike] = (),
+    *,
+    timeout_s: float | None = None,
+    worker_cpus: int = 2,
+    worker_gpus: int = 0,
+    resources: Mapping[str, float] | None = None,
+    port: int | None = None,
+    temp_root: str | os.PathLike | None = None,
+    start_timeout_s: float = 60.0,
+    object_store_mb: int = 200,
+    attempts: int = 2,
+    keep_temp: bool = False,
+    python: str | None = None,
+) -> list[str]:
+    """The ``unshare --net --fork ... python -m flora_ray.testing.multinode OPTIONS -- COMMAND`` command line."""
+    args = ["unshare", "--net", "--fork", "--kill-child=SIGTERM", "--", python or sys.executable]
+    args += ["-m", "flora_ray.testing.multinode", "--worker-cpus", str(worker_cpus), "--worker-gpus", str(worker_gpus)]
+    for directory in hide:
+        args += ["--hide", str(directory)]
+    if resources:
+        args += ["--resources", json.dumps(dict(resources))]
+    if port is not None:
+        args += ["--port", str(port)]
+    if timeout_s is not None:
+        args += ["--timeout", str(timeout_s)]
+    if temp_root is not None:
+        args += ["--temp-root", str(temp_root)]
+    args += ["--start-timeout", str(start_timeout_s), "--object-store-mb", str(object_store_mb)]
+    args += ["--attempts", str(attempts)]
+    if keep_temp:
+        args.append("--keep-temp")
+    return [*args, "--", *command]
+
+
+def run_on_two_nodes(
+    command: Sequence[str],
+    hide: Sequence[str | os.PathLike],
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = 300.0,
+    worker_cpus: int = 2,
+    *,
+    cwd: str | os.PathLike | None = None,
+    capture: bool = True,
+    teardown_margin_s: float = 60.0,
+    **options,
+) -> subprocess.CompletedProcess:
+    """Run ``command`` as the driver of a fresh two-node cluster (see the module docstring) and wait for it.
+
+    Args:
+        command: The driver command (e.g. ``[sys.executable, "driver.py"]``); it gets ``RAY_ADDRESS``,
+            ``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN`` and ``FLORA_MULTINODE_*`` in its environment.
+        hide: Directories the worker node must not see (an empty tmpfs covers each there); they must exist.
+        env: Extra environment for the harness and the command (on top of ``os.environ``).
+        timeout_s: Bound on the whole run, cluster start included; the harness then stops the command and exits 124.
+        worker_cpus: ``--num-cpus`` of the worker node (the head has none).
+        cwd: Working directory of the harness and the command.
+        capture: Capture stdout/stderr as text (else they go to this process's).
+        teardown_margin_s: Extra time for the harness's own teardown before it is killed from here.
+        **options: Further keywords of ``harness_command`` (``resources``, ``port``, ``temp_root``, ...).
+
+    Returns:
+        The harness's ``CompletedProcess``: COMMAND's exit code, 124 on timeout, 3 when the cluster did not start.
+
+    Raises:
+        subprocess.TimeoutExpired: The harness itself did not exit within ``timeout_s + teardown_margin_s`` (it has
+            then been sent SIGTERM, and SIGKILL 20 s later; its nodes get SIGTERM from the kernel).
+    """
+    args = harness_command(command, hide, timeout_s=timeout_s, worker_cpus=worker_cpus, **options)
+    full_env = {**os.environ, **(env or {})}
+    for key in _SCRUBBED:
+        full_env.pop(key, None)
+    pipe = subprocess.PIPE if capture else None
+    with subprocess.Popen(
+        args, cwd=cwd, env=full_env, stdout=pipe, stderr=pipe, text=True, start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout_s + teardown_margin_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                stdout, stderr = process.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                stdout, stderr = process.communicate()
+            raise subprocess.TimeoutExpired(args, timeout_s + teardown_margin_s, stdout, stderr) from None
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+# --- inside the namespace ------------------------------------------------------------------------------------------
+
+
+def _check_network_namespace() -> None:
+    names = sorted(name for _index, name in socket.if_nameindex())
+    if names != ["lo"]:
+        raise HarnessError(
+            f"this is not a fresh network namespace (interfaces: {', '.join(names)}): launch the harness as "
+            "`unshare --net --fork -- python -m flora_ray.testing.multinode ...`, where Ray can only use 127.0.0.1"
+        )
+    result = subprocess.run(["ip", "link", "set", "lo", "up"], capture_output=True, text=True, timeout=10, check=False)
+    if result.returncode != 0:
+        raise HarnessError(f"cannot bring the loopback interface up (`ip link set lo up`): {result.stderr.strip()}")
+
+
+def _is_within(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def _check_hidden(hidden: Sequence[Path], temp_root: Path) -> None:
+    """The worker must still reach Python, Ray and its own temp directory (made in ``temp_root``)."""
+    needed = {"this run's temp directory": temp_root, "the Python installation": Path(sys.prefix).resolve()}
+    for module in ("ray", "flora_ray"):
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.origin:
+            needed[f"the {module} package"] = Path(spec.origin).resolve().parent
+    for directory in hidden:
+        if not directory.is_dir():
+            raise HarnessError(f"--hide {str(directory)!r} is not an existing directory")
+        for what, path in needed.items():
+            if _is_within(path, directory):
+                raise HarnessError(f"--hide {str(directory)!r} would hide {what} ({path}) from the worker node")
+
+
+class TwoNodeCluster:
+    """A head (no CPUs) and one worker node in this network namespace; ``start``, ``run``, ``stop``."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        port: int,
+        hide: Sequence[Path],
+        worker_cpus: int,
+        worker_gpus: int,
+        resources: Mapping[str, float] | None,
+        object_store_mb: int,
+    ) -> None:
+        self.root = root
+        self.port = port
+        self.address = f"{HOST}:{port}"
+        self.head_temp = root / "h"
+        self.worker_temp = root / "w"
+        self.hide = [*hide, self.head_temp]  # the worker does not see the head's Ray session either
+        self.worker_cpus = worker_cpus
+        self.worker_gpus = worker_gpus
+        self.resources = dict(resources or {})
+        self.object_store_bytes = object_store_mb * 1024**2
+        self.token = secrets.token_hex(32)
+        self.head: subprocess.Popen | None = None
+        self.worker: subprocess.Popen | None = None
+        self.node_ids: dict[str, str] = {}
+        self.env = self._env()
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
+        env.update(
+            {
+                "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN": self.token,
+                "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # on SIGTERM stop at once, no 30 s drain
+            }
+        )
+        return env
+
+    def _node_args(self, temp_dir: Path, cpus: int, gpus: int) -> list[str]:
+        return [
+            "--block",
+            f"--node-ip-address={HOST}",
+            f"--num-cpus={cpus}",
+            f"--num-gpus={gpus}",
+            f"--temp-dir={temp_dir}",
+            f"--object-store-memory={self.object_store_bytes}",
+            "--dashboard-agent-listen-port=0",  # both nodes share 127.0.0.1: no fixed ports
+            "--disable-usage-stats",
+        ]
+
+    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
+        with open(self.root / log_name, "wb") as log:
+            return subprocess.Popen(
+                args,
+                cwd=self.root,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+
+    def start(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        ray = _ray_executable()
+        self.head_temp.mkdir(parents=True)
+        self.worker_temp.mkdir(parents=True)
+        head_args = [ray, "start", "--head", f"--port={self.port}", "--include-dashboard=false"]
+        self.head = self._spawn([*head_args, *self._node_args(self.head_temp, 0, 0)], "head.log")
+        self._wait_for_port(deadline)
+        worker_node = self._node_args(self.worker_temp, self.worker_cpus, self.worker_gpus)
+        worker_args = [ray, "start", f"--address={self.address}", *worker_node]
+        if self.resources:
+            worker_args.append(f"--resources={json.dumps(self.resources)}")
+        shim = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _HIDE_SCRIPT, "flora-hide"]
+        shim += [str(len(self.hide)), *map(str, self.hide), str(self.worker_temp)]
+        self.worker = self._spawn([*shim, *worker_args], "worker.log")
+        self._wait_for_nodes(deadline)
+
+    def _check_alive(self) -> None:
+        for name, process in (("head", self.head), ("worker", self.worker)):
+            if process is not None and process.poll() is not None:
+                raise HarnessError(f"the {name} node exited with {process.returncode}\n{self.logs_tail()}")
+
+    def _wait_for_port(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            self._check_alive()
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.settimeout(1.0)
+                if sock.connect_ex((HOST, self.port)) == 0:
+                    return
+            time.sleep(0.3)
+        raise HarnessError(f"the head's GCS did not listen on {self.address} in time\n{self.logs_tail()}")
+
+    def _wait_for_nodes(self, deadline: float) -> None:
+        left = max(deadline - time.monotonic(), 1.0)
+        probe = subprocess.Popen(
+            [sys.executable, "-c", _PROBE, self.address, str(float(self.worker_cpus)), str(left)],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        try:
+            while probe.poll() is None:
+                self._check_alive()
+                if time.monotonic() > deadline + 15:
+                    raise HarnessError(f"the node probe hung\n{self.logs_tail()}")
+                time.sleep(0.3)
+            stdout, stderr = probe.communicate(timeout=5)
+        finally:
+            if probe.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(probe.pid, signal.SIGKILL)
+                probe.wait(timeout=5)
+        self._check_alive()
+        if probe.returncode != 0:
+            raise HarnessError(
+                f"the two nodes were not both alive within the start timeout: {stderr.strip()[-2000:]}\n"
+                f"{self.logs_tail()}"
+            )
+        self.node_ids = json.loads(stdout.strip().splitlines()[-1])
+
+    def command_env(self) -> dict[str, str]:
+        env = dict(self.env)
+        env.pop("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", None)
+        env.update({"RAY_ADDRESS": self.address, ENV_DIR: str(self.root)})
+        if self.node_ids:
+            env.update({ENV_HEAD_NODE: self.node_ids["head"], ENV_WORKER_NODE: self.node_ids["worker"]})
+        return env
+
+    def run(self, command: Sequence[str], timeout_s: float | None) -> int:
+        """Run ``command`` to its end (its output goes to this process's); its exit code, 124 after ``timeout_s``."""
+        process = subprocess.Popen(
+            list(command), env=self.command_env(), start_new_session=True, preexec_fn=_die_with_parent
+        )
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _log(f"the command ran past the run's --timeout (it had {timeout_s:.0f} s of it): stopping it")
+            _stop_group(process, grace_s=10.0, leader_first=False)
+            return TIMEOUT_EXIT
+        except BaseException:
+            _stop_group(process, grace_s=10.0, leader_first=False)
+            raise
+        finally:
+            # Whatever the command left in its process group (a backgrounded child).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+        return process.returncode if process.returncode >= 0 else 128 - process.returncode
+
+    def stop(self) -> None:
+        """Stop the worker, then the head, then anything left that names this run's directory."""
+        for process in (self.worker, self.head):
+            if process is not None:
+                _stop_group(process, grace_s=15.0, leader_first=True)
+        self.worker = self.head = None  # stop() again: no signal to a group id that may have been reused
+        deadline = time.monotonic() + 15.0
+        while (leftovers := live_processes(str(self.root))) and time.monotonic() < deadline:
+            for pid in leftovers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+        if leftovers:
+            _log(f"processes still alive after teardown: {leftovers}")
+        _forget_current_cluster(self.address)
+
+    def logs_tail(self, lines: int = 15) -> str:
+        parts = []
+        candidates = [self.root / "head.log", self.root / "worker.log"]
+        for temp in (self.head_temp, self.worker_temp):
+            logs = temp / "session_latest" / "logs"
+            candidates += [logs / name for name in ("gcs_server.err", "raylet.err", "raylet.out")]
+        for path in candidates:
+            with contextlib.suppress(OSError):
+                text = path.read_text(errors="replace").strip().splitlines()
+                if text:
+                    parts.append(f"--- {path} (last {min(lines, len(text))} lines)\n" + "\n".join(text[-lines:]))
+        return "\n".join(parts) or "(no node logs)"
+
+
+def _stop_group(process: subprocess.Popen, grace_s: float, leader_first: bool) -> None:
+    """SIGTERM the leader (``ray start`` then stops its processes in order) or the whole group, wait ``grace_s``,
+    then SIGKILL the group. A SIGTERM to a node's whole group hits Ray's reaper and GCS at once, and the leader's
+    shutdown then hangs until the SIGKILL."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            if leader_first:
+                os.kill(process.pid, signal.SIGTERM)
+            else:
+                os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=grace_s)
+    # The leader if it hung, and children that outlived it (a pid still used as a group id is not reused).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
+
+
+def live_processes(marker: str) -> list[int]:
+    """Live (non-zombie) processes, other than this one, whose command line contains ``marker`` (from ``/proc``)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and marker in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _forget_current_cluster(address: str) -> None:
+    """Remove ``/tmp/ray/ray_current_cluster`` if it names this cluster (each node has its own temp dir, so Ray
+    should not have written it; this guards against a Ray version that does)."""
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    with contextlib.suppress(OSError):
+        if current.read_text().strip() == address:
+            current.unlink()
+
+
+def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m flora_ray.testing.multinode",
+        description="Run COMMAND against a two-node Ray cluster whose worker does not see the --hide directories. "
+        "Launch as: unshare --net --fork -- python -m flora_ray.testing.multinode [options] -- COMMAND ...",
+    )
+    parser.add_argument("--hide", action="append", default=[], type=Path, metavar="DIR", help="hidden from the worker")
+    parser.add_argument("--worker-cpus", type=int, default=2, help="CPUs of the worker node (default 2)")
+    parser.add_argument("--worker-gpus", type=int, default=0, help="GPUs of the worker node (default 0)")
+    parser.add_argument("--resources", type=json.loads, default=None, help="custom resources of the worker (JSON)")
+    parser.add_argument("--port", type=int, default=None, help="GCS port (default: random in 20000-39999)")
+    parser.add_argument("--timeout", type=float, default=None, help="bound on the whole run in seconds (exit 124)")
+    parser.add_argument("--start-timeout", type=float, default=60.0, help="bound on the cluster start (default 60)")
+    parser.add_argument(
+        "--attempts",
+        type=int,
+        default=2,
+        help="cluster starts to try (default 2; a busy machine can miss Ray's 30 s raylet registration)",
+    )
+    parser.add_argument("--object-store-mb", type=int, default=200, help="object store of each node (default 200)")
+    parser.add_argument("--temp-root", type=Path, default=None, help="parent of this run's temp dir (default /tmp)")
+    parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir (node logs) after a success")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ...")
+    args = parser.parse_args(argv)
+    if args.command and args.command[0] == "--":
+        args.command = args.command[1:]
+    if not args.command:
+        parser.error("give the command after --")
+    if args.attempts < 1:
+        parser.error("--attempts must be at least 1")
+    if args.worker_cpus < 1:
+        parser.error("--worker-cpus must be at least 1")
+    if args.resources is not None and not isinstance(args.resources, dict):
+        parser.error("--resources must be a JSON object")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    started = time.monotonic()
+    cluster: TwoNodeCluster | None = None
+    root: Path | None = None
+    failed = True
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise _Interrupted(signum)
+
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for signum in handled:
+        signal.signal(signum, interrupt)
+    try:
+        _check_network_namespace()
+        temp_root = Path(args.temp_root or "/tmp").resolve()
+        if len(str(temp_root)) > _MAX_ROOT_CHARS - 14:
+            raise HarnessError(f"--temp-root {temp_root} is too long for Ray's unix socket paths; use a short one")
+        hidden = [Path(d).resolve() for d in args.hide]
+        _check_hidden(hidden, temp_root)
+        root = Path(tempfile.mkdtemp(prefix="frmn-", dir=temp_root))
+        start_timeout = args.start_timeout if args.timeout is None else min(args.start_timeout, args.timeout)
+        for attempt in range(1, args.attempts + 1):
+            # Attempt n > 1 in a subdirectory: the failed attempt's logs stay for the post-mortem.
+            cluster = TwoNodeCluster(
+                root if attempt == 1 else root / str(attempt),
+                port=args.port or random.randint(20000, 39999),
+                hide=hidden,
+                worker_cpus=args.worker_cpus,
+                worker_gpus=args.worker_gpus,
+                resources=args.resources,
+                object_store_mb=args.object_store_mb,
+            )
+            _log(
+                f"starting head and worker on {cluster.address} (temp dir {cluster.root}; hidden from the worker: {hidden})"
+            )
+            try:
+                cluster.start(start_timeout)
+                break
+            except HarnessError as exc:
+                cluster.stop()
+                time_left = None if args.timeout is None else args.timeout - (time.monotonic() - started)
+                if attempt == args.attempts or (time_left is not None and time_left < start_timeout / 2):
+                    raise
+                _log(f"start attempt {attempt} failed, retrying: {exc}")
+        _log(f"cluster up in {time.monotonic() - started:.1f} s: nodes {cluster.node_ids}")
+        left = None if args.timeout is None else max(args.timeout - (time.monotonic() - started), 1.0)
+        code = cluster.run(args.command, left)
+        failed = code != 0
+        return code
+    except HarnessError as exc:
+        _log(f"error: {exc}")
+        return HARNESS_ERROR_EXIT
+    except _Interrupted as exc:
+        _log(f"got {exc}: tearing the cluster down")
+        return 128 + exc.signum
+    finally:
+        for signum in handled:  # finish the teardown; every wait in it is bounded
+            signal.signal(signum, signal.SIG_IGN)
+        if cluster is not None:
+            cluster.stop()
+        if root is not None:
+            if cluster is not None and (failed or args.keep_temp):
+                _log(f"node logs kept in {root}")
+            else:
+                shutil.rmtree(root, ignore_errors=True)
+        _log(f"done in {time.monotonic() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
