@@ -118,7 +118,7 @@ def export_from_run(
     test_acc = accuracy(model.to(device), splits.test, device)
     (dense,) = load_teacher(cfg, store)
     dense_test_acc = accuracy(dense.to(device), splits.test, device)
-    x = torch.stack([splits.test[i][0] for i in range(32)])
+    x = torch.stack([splits.test[i][0] for i in range(min(32, len(splits.test)))])  # batch 32, or the whole split
     report = {
         "trial": int(row["trial"]),
         "directory": str(out) if output or store.is_local else store.location(name),

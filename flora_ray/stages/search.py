@@ -75,6 +75,7 @@ class JournalSync:
     def __init__(self, cfg: Config, store: RunStore) -> None:
         self.store = store
         self.local = store.local_path(ARTEFACTS.journal) if store.is_local else working_dir(cfg) / ARTEFACTS.journal
+        self.local.parent.mkdir(parents=True, exist_ok=True)
 
     def fetch(self) -> None:
         """Bring the stored journal here unless the copy here already holds it (the log only grows)."""
@@ -82,7 +83,6 @@ class JournalSync:
             return
         stored = self.store.read_bytes(ARTEFACTS.journal)
         if not self.local.is_file() or self.local.stat().st_size < len(stored):
-            self.local.parent.mkdir(parents=True, exist_ok=True)
             write_bytes(self.local, stored)
 
     def __call__(self) -> None:
