@@ -194,6 +194,8 @@ def _backend(args: argparse.Namespace) -> Iterator[Any]:
 
     started_here = not ray.is_initialized() and args.address is None
     init_ray(args.address)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # ray.init installs its own handlers (sys.exit, Abseil's dump)
     try:
         yield RayBackend()
     finally:
