@@ -371,13 +371,15 @@ class ScalingConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Where results go and how the run is seeded.
+    """Where the run lives and how it is seeded.
 
     Attributes:
         name: Run name; re-running with the same name resumes.
-        output_dir: Parent of the run directory ``output_dir/name``.
-        storage: Ray storage path for checkpoints (local directory or ``s3://`` / ``gs://`` URI); default
-            ``<run dir>/ray``.
+        output_dir: This machine's directory for runs: the run is ``output_dir/name`` when ``storage`` is unset,
+            else only working copies (the search journal, exports before upload) live there.
+        storage: Where the whole run lives, ``storage/name``: an absolute path on a filesystem every node mounts, or
+            ``s3://bucket/prefix`` / ``gs://bucket/prefix``; checkpoints, Tune state and every result go there.
+            Required with ``--address`` (unless ``output_dir`` is itself an absolute shared path).
         seed: Global seed.
         max_failures: Worker-group restarts from the latest checkpoint after a failure.
         threads_per_worker: torch intra-op threads per worker (0: leave torch's default).
@@ -397,6 +399,7 @@ class RunConfig:
 
     @property
     def run_dir(self) -> Path:
+        """This machine's directory of the run (the run itself when ``storage`` is unset)."""
         return Path(self.output_dir) / self.name
 
 

@@ -23,7 +23,7 @@ from flora_ray.core.subnet import load_subnet, package_versions, save_subnet
 from flora_ray.data.datasets import build_datasets
 from flora_ray.results import best_under, knee_point, load_front, load_trials
 from flora_ray.search.evaluator import supernet_from_numpy
-from flora_ray.stages.inputs import load_teacher, open_run
+from flora_ray.stages.inputs import load_teacher, open_run, working_dir
 from flora_ray.storage.files import write_json
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.training.tasks import accuracy
@@ -107,10 +107,9 @@ def export_from_run(
     tensors, header = store.read_checkpoint(ARTEFACTS.supernet)
     supernet = supernet_from_numpy(header, {k: v.numpy() for k, v in tensors.items()})
     name = ARTEFACTS.export_dir(int(row["trial"]))
-    if output:
-        out = Path(output)
-    else:  # into the run; a run on object storage gets the files through a local working copy
-        out = store.local_path(name) if store.is_local else Path(cfg.run.output_dir) / cfg.run.name / name
+    # Into the run; a run on object storage gets the files through a local working copy.
+    local = store.local_path(name) if store.is_local else working_dir(cfg) / name
+    out = Path(output) if output else local
     save_subnet(supernet, ranks, out, trial=int(row["trial"]), search_accuracy=float(row["accuracy"]))
     model = load_subnet(out)
     splits = build_datasets(cfg.data)

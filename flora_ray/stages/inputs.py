@@ -204,4 +204,4 @@ def ray_storage(store: RunStore) -> tuple[str, Any]:
 def working_dir(cfg: Config) -> Path:
     """This machine's working directory for the run (``run.output_dir/run.name``): local copies of what must be a
     local file (the search journal, exported subnets) when the run lives elsewhere."""
-    return Path(cfg.run.output_dir) / cfg.run.name
+    return cfg.run.run_dir

@@ -96,7 +96,7 @@ class RunStore:
     def for_config(cls, cfg: Any) -> RunStore:
         """The store of a configuration's run: ``run.storage/run.name``, or ``run.output_dir/run.name`` when no
         storage is configured."""
-        return cls(join(cfg.run.storage or os.fspath(cfg.run.output_dir), cfg.run.name))
+        return cls(join(cfg.run.storage, cfg.run.name) if cfg.run.storage else cfg.run.run_dir)
 
     @property
     def uri(self) -> str:
