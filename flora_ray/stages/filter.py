@@ -20,10 +20,16 @@ import torch
 from flora_ray.backends.base import Backend, TaskMap
 from flora_ray.config import Config, build_dataclass, config_to_dict
 from flora_ray.core.space import RankSpace
-from flora_ray.core.supernet import build_supernet
 from flora_ray.data.datasets import build_datasets
 from flora_ray.search.filtering import as_numpy_state, filter_block, kept_space, select
-from flora_ray.stages.inputs import full_space, load_teacher, open_run, provenance, resolve_model_spec
+from flora_ray.stages.inputs import (
+    factorize_model,
+    full_space,
+    load_teacher,
+    open_run,
+    provenance,
+    resolve_model_spec,
+)
 from flora_ray.stages.preflight import preflight
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.training.worker import device_for, setup_worker
@@ -59,15 +65,7 @@ def filter_task(shared: tuple[dict[str, Any], dict[str, Any]], block_index: int)
     teacher, dense = spec.create(device="cpu"), spec.create(device="cpu")
     teacher.load_state_dict(state)
     dense.load_state_dict(state)
-    supernet = build_supernet(
-        dense,
-        model_name=spec.name,
-        model_kwargs=spec.kwargs,
-        ratios=cfg.model.ratios,
-        include_proj=cfg.model.include_proj,
-        targets=cfg.model.targets,
-        sv_placement=cfg.model.sv_placement,
-    )
+    supernet = factorize_model(cfg, dense)
     teacher.requires_grad_(False)
     return filter_block(
         supernet.to(device), teacher.eval().to(device), block_index, splits.train, splits.search, cfg.filter,

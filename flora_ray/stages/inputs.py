@@ -118,13 +118,10 @@ def resolve_space(cfg: Config, store: RunStore, full: RankSpace) -> RankSpace:
     return space
 
 
-def build_run_supernet(
-    cfg: Config, store: RunStore, device: torch.device | str = "cpu", space: RankSpace | None = None
-) -> tuple[Supernet, nn.Module]:
-    """The supernet (SVD of the teacher) on ``space`` (default: ``resolve_space``) and the frozen dense teacher."""
+def factorize_model(cfg: Config, dense: nn.Module) -> Supernet:
+    """The supernet of a dense model (changed in place) with the run's factorisation settings (``model``)."""
     spec = resolve_model_spec(cfg)
-    dense, teacher = load_teacher(cfg, store, device, copies=2)
-    supernet = build_supernet(
+    return build_supernet(
         dense,
         model_name=spec.name,
         model_kwargs=spec.kwargs,
@@ -133,6 +130,14 @@ def build_run_supernet(
         targets=cfg.model.targets,
         sv_placement=cfg.model.sv_placement,
     )
+
+
+def build_run_supernet(
+    cfg: Config, store: RunStore, device: torch.device | str = "cpu", space: RankSpace | None = None
+) -> tuple[Supernet, nn.Module]:
+    """The supernet (SVD of the teacher) on ``space`` (default: ``resolve_space``) and the frozen dense teacher."""
+    dense, teacher = load_teacher(cfg, store, device, copies=2)
+    supernet = factorize_model(cfg, dense)
     if space is not None:
         supernet.space.check_compatible(space, source="the run's rank space")
     supernet.space = space if space is not None else resolve_space(cfg, store, supernet.space)

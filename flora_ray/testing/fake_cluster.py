@@ -123,7 +123,7 @@ def port_in_use(port: int = HEAD_PORT, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """``preexec_fn``: SIGTERM this child when the process that started it dies (Linux ``PR_SET_PDEATHSIG``), so a
     killed test run or benchmark leaves no head holding port 6379 (``ray start --block`` stops its processes on
     SIGTERM; a SIGKILL would orphan the raylet's agents)."""
@@ -132,7 +132,7 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def _ray_executable() -> str:
+def ray_executable() -> str:
     beside = Path(sys.executable).parent / "ray"
     found = str(beside) if beside.is_file() else shutil.which("ray")
     if not found:
@@ -186,7 +186,7 @@ class FakeCluster:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         log.close()
 
@@ -364,7 +364,7 @@ def _launch_head(workdir: Path, config_path: Path, env: dict[str, str], object_s
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # on SIGTERM stop at once, no 30 s node drain
     }
     command = [
-        _ray_executable(),
+        ray_executable(),
         "start",
         "--head",
         "--block",
@@ -384,7 +384,7 @@ def _launch_head(workdir: Path, config_path: Path, env: dict[str, str], object_s
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
     return FakeCluster(workdir, process, temp_dir, env)
 

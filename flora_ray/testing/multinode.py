@@ -47,6 +47,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from flora_ray.testing.fake_cluster import die_with_parent, ray_executable
+from flora_ray.testing.fake_cluster import live_processes as fake_cluster_processes
+
 HOST = "127.0.0.1"
 PREFIX = "[multinode]"
 TIMEOUT_EXIT = 124  # like timeout(1): COMMAND ran past --timeout
@@ -108,19 +111,11 @@ def _log(message: str) -> None:
     print(f"{PREFIX} {message}", file=sys.stderr, flush=True)
 
 
-def _die_with_parent() -> None:
-    """``preexec_fn``: SIGTERM this child when the harness dies (Linux ``PR_SET_PDEATHSIG``)."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
 def _ray_executable() -> str:
-    beside = Path(sys.executable).parent / "ray"
-    found = str(beside) if beside.is_file() else shutil.which("ray")
-    if not found:
-        raise HarnessError("the `ray` command is not installed next to this Python or on PATH")
-    return found
+    try:
+        return ray_executable()
+    except FileNotFoundError as exc:
+        raise HarnessError(str(exc)) from None
 
 
 # --- the pytest side -------------------------------------------------------------------------------------------------
@@ -339,7 +334,7 @@ class TwoNodeCluster:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
 
     def start(self, timeout_s: float) -> None:
@@ -383,7 +378,7 @@ class TwoNodeCluster:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         try:
             while probe.poll() is None:
@@ -416,7 +411,7 @@ class TwoNodeCluster:
     def run(self, command: Sequence[str], timeout_s: float | None) -> int:
         """Run ``command`` to its end (its output goes to this process's); its exit code, 124 after ``timeout_s``."""
         process = subprocess.Popen(
-            list(command), env=self.command_env(), start_new_session=True, preexec_fn=_die_with_parent
+            list(command), env=self.command_env(), start_new_session=True, preexec_fn=die_with_parent
         )
         try:
             process.wait(timeout=timeout_s)
@@ -483,19 +478,8 @@ def _stop_group(process: subprocess.Popen, grace_s: float, leader_first: bool) -
 
 
 def live_processes(marker: str) -> list[int]:
-    """Live (non-zombie) processes, other than this one, whose command line contains ``marker`` (from ``/proc``)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and marker in cmdline:
-            pids.append(int(entry.name))
-    return pids
+    """Live (non-zombie) processes, other than this one, whose command line contains ``marker``."""
+    return fake_cluster_processes(marker=marker)
 
 
 def _forget_current_cluster(address: str) -> None:
@@ -544,6 +528,35 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def _start(args: argparse.Namespace, root: Path, hidden: list[Path], started: float) -> TwoNodeCluster:
+    """Start the cluster, retrying a failed start (attempt n > 1 in a subdirectory: the failed attempt's logs stay
+    for the post-mortem)."""
+    start_timeout = args.start_timeout if args.timeout is None else min(args.start_timeout, args.timeout)
+    for attempt in range(1, args.attempts + 1):
+        cluster = TwoNodeCluster(
+            root if attempt == 1 else root / str(attempt),
+            port=args.port or random.randint(20000, 39999),
+            hide=hidden,
+            worker_cpus=args.worker_cpus,
+            worker_gpus=args.worker_gpus,
+            resources=args.resources,
+            object_store_mb=args.object_store_mb,
+        )
+        _log(
+            f"starting head and worker on {cluster.address} (temp dir {cluster.root}; hidden from the worker: {hidden})"
+        )
+        try:
+            cluster.start(start_timeout)
+            return cluster
+        except HarnessError as exc:
+            cluster.stop()
+            time_left = None if args.timeout is None else args.timeout - (time.monotonic() - started)
+            if attempt == args.attempts or (time_left is not None and time_left < start_timeout / 2):
+                raise
+            _log(f"start attempt {attempt} failed, retrying: {exc}")
+    raise HarnessError("no start attempt")  # unreachable: attempts >= 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     started = time.monotonic()
@@ -565,30 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hidden = [Path(d).resolve() for d in args.hide]
         _check_hidden(hidden, temp_root)
         root = Path(tempfile.mkdtemp(prefix="frmn-", dir=temp_root))
-        start_timeout = args.start_timeout if args.timeout is None else min(args.start_timeout, args.timeout)
-        for attempt in range(1, args.attempts + 1):
-            # Attempt n > 1 in a subdirectory: the failed attempt's logs stay for the post-mortem.
-            cluster = TwoNodeCluster(
-                root if attempt == 1 else root / str(attempt),
-                port=args.port or random.randint(20000, 39999),
-                hide=hidden,
-                worker_cpus=args.worker_cpus,
-                worker_gpus=args.worker_gpus,
-                resources=args.resources,
-                object_store_mb=args.object_store_mb,
-            )
-            _log(
-                f"starting head and worker on {cluster.address} (temp dir {cluster.root}; hidden from the worker: {hidden})"
-            )
-            try:
-                cluster.start(start_timeout)
-                break
-            except HarnessError as exc:
-                cluster.stop()
-                time_left = None if args.timeout is None else args.timeout - (time.monotonic() - started)
-                if attempt == args.attempts or (time_left is not None and time_left < start_timeout / 2):
-                    raise
-                _log(f"start attempt {attempt} failed, retrying: {exc}")
+        cluster = _start(args, root, hidden, started)
         _log(f"cluster up in {time.monotonic() - started:.1f} s: nodes {cluster.node_ids}")
         left = None if args.timeout is None else max(args.timeout - (time.monotonic() - started), 1.0)
         code = cluster.run(args.command, left)
