@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.flora-ray-installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install data test test-fast quickstart lint
+.PHONY: install data tools test test-fast quickstart lint
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,14 @@ install: $(STAMP)
 data:
 	bash experiments/get_fashion_mnist.sh
 
-test: install data
+# The cluster tests run Ray nodes in network and mount namespaces: unshare, mount (util-linux) and ip (iproute2).
+tools:
+	@command -v unshare >/dev/null && command -v ip >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && (apt-get install -y -q iproute2 util-linux >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q iproute2 util-linux >/dev/null; }); } || \
+	  echo "unshare/ip missing and no root: the two-node tests will be skipped"
+
+test: install data tools
 	$(BIN)/python -m pytest -q
 
 # The small default on Fashion-MNIST, local Ray, 2 CPU workers: teacher, filter, supernet, search, export, report.
