@@ -130,11 +130,10 @@ def build_evaluator(
     """An evaluator from a supernet checkpoint (header and numpy weights) and a run configuration (a plain dict)."""
     from flora_ray.config import Config, build_dataclass
     from flora_ray.data.datasets import build_datasets
-    from flora_ray.training.worker import device_for
+    from flora_ray.training.worker import device_for, setup_worker
 
     cfg: Config = build_dataclass(Config, config, "")
-    if cfg.run.threads_per_worker:
-        torch.set_num_threads(cfg.run.threads_per_worker)
+    setup_worker(cfg.run.threads_per_worker)
     device = device_for(cfg.scaling.accelerator, cfg.search.gpus_per_trial > 0)
     supernet = supernet_from_numpy(header, weights, device)
     images, labels = search_batch(build_datasets(cfg.data).search, cfg.search.eval_images)

@@ -14,11 +14,13 @@ def device_for(accelerator: str, requested: bool) -> torch.device:
     return torch.device("cuda" if requested and accelerator == "GPU" and torch.cuda.is_available() else "cpu")
 
 
-def setup_worker(threads: int, seed: int) -> None:
-    """torch intra-op threads (0: leave torch's default) and the global seed of a worker process."""
+def setup_worker(threads: int, seed: int | None = None) -> None:
+    """torch intra-op threads (0: leave torch's default) and the global seed (``None``: left as it is) of a worker
+    process."""
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
 
 
 def distributed_loader(
