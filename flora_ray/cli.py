@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="export a searched subnet; report its test accuracy and CPU latency versus dense",
         description="Extract a subnet of a searched run into safetensors + subnet.json, then score and time it.",
     )
-    export.add_argument("run_dir", help="the run directory (runs/<name>)")
+    export.add_argument(
+        "run_dir", help="the run: its directory (runs/<name>) or storage URI (s3://bucket/prefix/<name>)"
+    )
     pick = export.add_mutually_exclusive_group(required=True)
     pick.add_argument("--trial", type=int, help="trial number (trials.parquet)")
     pick.add_argument("--max-macs", type=float, help="the most accurate front point within this many MACs per image")
