@@ -57,7 +57,7 @@ from flora_ray.config import Config, config_to_dict
 from flora_ray.core.space import RankSpace
 from flora_ray.results import cheapest_within, gain_over_uniform
 from flora_ray.search.plots import pyplot, save_png
-from flora_ray.stages.inputs import resolve_model_spec, teacher_source
+from flora_ray.stages.inputs import load_teacher
 from flora_ray.storage.files import read_checkpoint_header, read_json, sha256_file, write_json
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
@@ -113,7 +113,8 @@ def prepare_ablation(base: Path, variant: str, runs_root: Path, local: bool) -> 
 @torch.no_grad()
 def dense_accuracy(cfg: Config, run_dir: Path, evaluate: CachedEvaluator) -> float:
     """Top-1 accuracy (%) of the run's dense teacher on the evaluator's images."""
-    teacher = resolve_model_spec(cfg).create(pretrained=teacher_source(cfg, RunStore(run_dir))).eval()
+    (teacher,) = load_teacher(cfg, RunStore(run_dir))
+    teacher.eval()
     ev = evaluate.evaluator
     correct = 0
     for start in range(0, len(ev.labels), ev.batch_size):
