@@ -73,15 +73,6 @@ def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
         save_file(data, str(tmp), metadata={METADATA_KEY: json.dumps(header)})
 
 
-def write_parquet(path: str | os.PathLike, table: Any, metadata: Mapping[str, str]) -> None:
-    """Write a pyarrow ``Table`` to Parquet atomically, with ``metadata`` added to its schema's key-value metadata."""
-    import pyarrow.parquet as pq
-
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-
-
 def read_checkpoint_header(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON header of a safetensors checkpoint ({} when it has none), without reading the tensors."""
     from safetensors import safe_open
