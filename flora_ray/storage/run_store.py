@@ -10,6 +10,7 @@ file (Optuna's journal, timm's weight loading) ask for ``local_path``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -162,9 +163,10 @@ class RunStore:
             with self.filesystem.open_output_stream(tmp) as stream:
                 stream.write(data)
             self.filesystem.move(tmp, target)
-        finally:
-            if self.exists(tmp[len(self.root) + 1 :]):
+        except BaseException:  # no half-written temporary left behind; the previous version stays intact
+            with contextlib.suppress(OSError):
                 self.filesystem.delete_file(tmp)
+            raise
 
     def read_bytes(self, name: str, what: str = "file") -> bytes:
         if not self.is_file(name):

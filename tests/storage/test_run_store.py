@@ -71,3 +71,18 @@ def test_a_non_local_store_has_no_local_paths():
     memory = PyFileSystem(FSSpecHandler(fsspec.filesystem("memory")))
     with pytest.raises(ValueError, match="is not on a local filesystem"):
         RunStore("/runs/x", memory).local_path(ARTEFACTS.journal)
+
+
+def test_a_failed_write_keeps_the_previous_version_and_leaves_no_temporary():
+    class FailingMove(FSSpecHandler):
+        def move(self, src, dest):
+            raise OSError("the store went away")
+
+    memory = fsspec.filesystem("memory")
+    memory.store.clear()
+    store = RunStore("/runs/failing", PyFileSystem(FailingMove(memory)))
+    memory.pipe("/runs/failing/report.md", b"previous")
+    with pytest.raises(OSError, match="went away"):
+        store.write_text(ARTEFACTS.report, "new")
+    assert store.read_text(ARTEFACTS.report) == "previous"
+    assert memory.ls("/runs/failing", detail=False) == ["/runs/failing/report.md"]
