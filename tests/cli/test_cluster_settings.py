@@ -100,16 +100,9 @@ def ray_tmpdir():
 
 
 @pytest.mark.slow
-def test_a_stale_cluster_file_does_not_capture_a_local_run(ray_tmpdir, config_file):
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmpdir), "TIMM_FUSED_ATTN": "0"}
-    command = [sys.executable, "-m", "flora_ray.cli", "pretrain", str(config_file), "pretrain.epochs=1"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Failed to connect to GCS" not in result.stderr and "pretrain: done" in result.stdout
-
-
-@pytest.mark.slow
-def test_sigterm_stops_a_run_within_seconds_with_one_line(ray_tmpdir, config_file, tmp_path):
+def test_a_local_run_ignores_a_stale_cluster_file_and_stops_on_sigterm(ray_tmpdir, config_file, tmp_path):
+    """Ray's temp root names a dead head in ``ray_current_cluster``: the CLI still starts its own local Ray and
+    trains (joining the stale address would retry for minutes), and SIGTERM stops it within seconds."""
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmpdir), "TIMM_FUSED_ATTN": "0"}
     command = [sys.executable, "-m", "flora_ray.cli", "run", str(config_file), "pretrain.epochs=50"]
     out, err = tmp_path / "out.log", tmp_path / "err.log"
@@ -119,6 +112,7 @@ def test_sigterm_stops_a_run_within_seconds_with_one_line(ray_tmpdir, config_fil
         while time.time() < deadline and "pretrain epoch 1/50:" not in err.read_text():
             time.sleep(0.5)  # training is under way on Ray Train workers
         assert process.poll() is None, err.read_text()[-3000:]
+        assert "Failed to connect to GCS" not in err.read_text()
         process.send_signal(signal.SIGTERM)
         sent = time.perf_counter()
         process.wait(timeout=60)
