@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
@@ -52,3 +53,10 @@ def write_reference_yaml(tmp_path, rows, depth=12, dim=768):
     doc = {"MODEL": {"DEIT": {"DEPTH": depth, "EMBED_DIM": dim, "SVD_CONFIG": rows}, "NAME": "x"}}
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+def counted_macs(model, x):
+    """Multiply-accumulates as counted by PyTorch's FlopCounterMode (flops / 2)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() // 2

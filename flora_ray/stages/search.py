@@ -43,8 +43,9 @@ def search_seed(cfg: Config) -> int:
     return cfg.search.seed if cfg.search.seed is not None else cfg.run.seed
 
 
-def search_problem(cfg: Config, store: RunStore) -> SearchProblem:
+def search_problem(cfg: Config, store: RunStore, journal: JournalSync | None = None) -> SearchProblem:
     """The run's search: its supernet (read once), genes, anchors, study settings and journal."""
+    journal = journal or JournalSync(cfg, store)
     tensors, header = store.read_checkpoint(ARTEFACTS.supernet)
     space = RankSpace.from_dict(header["space"], source=f"checkpoint {store.location(ARTEFACTS.supernet)!r}")
     info = store.filesystem.get_file_info(store.location(ARTEFACTS.supernet))
@@ -57,7 +58,7 @@ def search_problem(cfg: Config, store: RunStore) -> SearchProblem:
         anchors=anchor_points(space),
         trials=cfg.search.trials,
         study_name=f"{cfg.run.name}-search",
-        journal=str(JournalSync(cfg, store).local),
+        journal=str(journal.local),
         max_macs=cfg.search.max_macs,
         sampler_args={
             "population_size": cfg.search.population,
@@ -108,11 +109,11 @@ def search_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
     """Run (or continue) the search of a run on ``backend`` and write its files; returns a summary."""
     store = open_run(cfg)
     preflight(cfg, "search", store)
-    problem = search_problem(cfg, store)
-    space = RankSpace.from_dict(problem.header["space"])
-    started = time.perf_counter()
     journal = JournalSync(cfg, store)
     journal.fetch()
+    problem = search_problem(cfg, store, journal)
+    space = RankSpace.from_dict(problem.header["space"])
+    started = time.perf_counter()
     path, filesystem = ray_storage(store)
     job = SearchJob(problem, trial_resources(cfg), cfg.search.concurrency, path, filesystem, journal)
     builds = backend.search(job)

@@ -3,29 +3,21 @@
 import random
 
 import pytest
-import torch
 from helpers import (
     DEIT_B_SVD_CONFIG,
     DEIT_S_SVD_CONFIG,
     REFERENCE_DIR,
     TINY_MODELS,
+    counted_macs,
     input_for,
     random_config,
     write_reference_yaml,
 )
-from torch.utils.flop_counter import FlopCounterMode
 
 import flora_ray as fr
 from flora_ray.core.cost import build_cost_model
 from flora_ray.core.space import load_reference_yaml
 from flora_ray.core.supernet import build_space
-
-
-def counted_macs(model, x):
-    """Multiply-accumulates as counted by PyTorch's FlopCounterMode (flops / 2)."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops() // 2
 
 
 def test_timm_attention_is_unfused_in_tests():

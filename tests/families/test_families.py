@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from helpers import TINY_MODELS
+from helpers import TINY_MODELS, counted_macs
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import flora_ray as fr
 from flora_ray.core.cost import build_cost_model
@@ -18,13 +17,6 @@ from flora_ray.families import (
     unregister_family,
 )
 from flora_ray.search.filtering import split_forward
-
-
-def counted_macs(model, x):
-    """Multiply-accumulates as counted by PyTorch's FlopCounterMode (flops / 2)."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops() // 2
 
 
 @pytest.mark.parametrize(
