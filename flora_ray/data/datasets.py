@@ -6,14 +6,20 @@ seeded, class-balanced split carved out of the official training data; filtering
 together are the official training set (before the optional ``train_subset``).
 
 Fashion-MNIST and digits live in memory as uint8 images and are resized, augmented (random crop with padding and
-horizontal flip, train split only) and normalised per item. Image folders use timm's transforms: the FLORA reference
-recipe (RandAugment m9, random erasing 0.25, no mixup/cutmix) for training and timm's eval transform otherwise.
+horizontal flip, train split only) and normalised per item. Image folders use timm's transforms
+(``data.transforms``): the FLORA reference recipe (RandAugment m9, random erasing 0.25, no mixup/cutmix) for training
+and timm's eval transform otherwise.
+
+``pixels`` names the splits whose items stay uint8 ``(C, H, W)`` (the lean path of training loaders and evaluators);
+``DataSplits.preprocess`` turns a batch of them into what the model sees, on the batch's device.
+``stratified_indices`` picks evaluation subsets with every class in proportion.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from flora_ray.config import DataConfig
 from flora_ray.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+from flora_ray.data.transforms import RE_PROB, Preprocess, folder_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +38,6 @@ DIGITS_TEST_FRACTION = 0.2
 DIGITS_TEST_SEED = 0  # the digits test split is fixed, whatever DataConfig.seed is
 # Per-dataset (mean, std) of the grey values in [0, 1]; image folders use timm's ImageNet defaults.
 GREY_STATS = {"fashion_mnist": (0.2860, 0.3530), "digits": (0.3053, 0.3760)}
-AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
-RE_PROB = 0.25
 
 
 @dataclass(frozen=True)
@@ -44,12 +49,23 @@ class DataSplits:
     test: Dataset
     num_classes: int
     class_names: tuple[str, ...]
+    preprocess: Preprocess
 
 
-def build_datasets(cfg: DataConfig) -> DataSplits:
-    """Load the data ``cfg`` names and split it into train / search / test."""
+SPLIT_NAMES = ("train", "search", "test")
+
+
+def build_datasets(cfg: DataConfig, pixels: tuple[str, ...] = ()) -> DataSplits:
+    """Load the data ``cfg`` names and split it into train / search / test.
+
+    ``pixels``: the splits whose items are uint8 ``(C, H, W)`` tensors (``preprocess`` makes them model inputs);
+    the other splits yield normalised float tensors.
+    """
+    unknown = set(pixels) - set(SPLIT_NAMES)
+    if unknown:
+        raise ValueError(f"pixels={pixels!r} names unknown splits {sorted(unknown)}; use {SPLIT_NAMES}")
     if cfg.name == "imagefolder":
-        return _build_imagefolder(cfg)
+        return _build_imagefolder(cfg, pixels)
     if cfg.name == "fashion_mnist":
         train_x, train_y, test_x, test_y = load_fashion_mnist(cfg.root)
         class_names = FASHION_MNIST_CLASSES
@@ -57,18 +73,77 @@ def build_datasets(cfg: DataConfig) -> DataSplits:
         train_x, train_y, test_x, test_y = load_digits()
         class_names = tuple(str(d) for d in range(10))
     train_idx, search_idx = _train_search_indices(train_y, cfg)
-    mean, std = _norm_stats(cfg, GREY_STATS[cfg.name])
+    mean, std = norm_stats(cfg)
 
-    def make(images: np.ndarray, labels: np.ndarray, augment: bool) -> InMemoryImageDataset:
-        return InMemoryImageDataset(images, labels, cfg.img_size, cfg.in_chans, mean, std, augment)
+    def make(images: np.ndarray, labels: np.ndarray, augment: bool, split: str) -> InMemoryImageDataset:
+        return InMemoryImageDataset(
+            images, labels, cfg.img_size, cfg.in_chans, mean, std, augment, pixels=split in pixels
+        )
 
     return DataSplits(
-        train=make(train_x[train_idx], train_y[train_idx], cfg.augment),
-        search=make(train_x[search_idx], train_y[search_idx], False),
-        test=make(test_x, test_y, False),
+        train=make(train_x[train_idx], train_y[train_idx], cfg.augment, "train"),
+        search=make(train_x[search_idx], train_y[search_idx], False, "search"),
+        test=make(test_x, test_y, False, "test"),
         num_classes=len(class_names),
         class_names=class_names,
+        preprocess=preprocess_for(cfg),
     )
+
+
+def norm_stats(cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` per channel of ``cfg``'s data: the configured ones or the dataset's defaults."""
+    if cfg.name == "imagefolder":
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        return _norm_stats(cfg, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    return _norm_stats(cfg, GREY_STATS[cfg.name])
+
+
+def preprocess_for(cfg: DataConfig) -> Preprocess:
+    """The device-side preprocessing of ``cfg``'s pixel items, without loading any data."""
+    erase = RE_PROB if cfg.name == "imagefolder" and cfg.augment else 0.0
+    return Preprocess(*norm_stats(cfg), erase)
+
+
+def stratified_indices(labels: Sequence[int] | np.ndarray, n_images: int, seed: int) -> np.ndarray:
+    """``min(n_images, len(labels))`` sample indices with every class in proportion to its share of ``labels``.
+
+    Each class gets ``floor(n * share)`` images, the remaining ones go to the largest remainders (ties broken by
+    the seed); the members are a seeded random choice within each class. Sorted int64 indices.
+    """
+    labels = np.asarray(labels)
+    n = min(int(n_images), len(labels))
+    if n >= len(labels):
+        return np.arange(len(labels), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = n * counts / len(labels)
+    take = np.floor(quota).astype(np.int64)
+    short = n - int(take.sum())
+    if short:
+        order = np.lexsort((rng.random(len(classes)), -(quota - take)))  # largest remainder first, seeded ties
+        take[order[:short]] += 1
+    chosen = [
+        rng.choice(np.flatnonzero(labels == c), size=k, replace=False) for c, k in zip(classes, take, strict=True)
+    ]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def labels_of(dataset: Dataset) -> np.ndarray:
+    """The class label of every item of one of our datasets (``targets``), without loading an image."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None and isinstance(dataset, Subset):
+        return labels_of(dataset.dataset)[np.asarray(dataset.indices)]
+    if targets is None:
+        raise TypeError(f"{type(dataset).__name__} has no targets; evaluation subsets need the labels")
+    return np.asarray(targets, dtype=np.int64)
+
+
+def eval_subset(dataset: Dataset, max_images: int | None, seed: int) -> Dataset:
+    """``dataset`` itself when ``max_images`` covers it, else a stratified, seeded ``LabelledSubset`` of it."""
+    if max_images is None or max_images >= len(dataset):
+        return dataset
+    return LabelledSubset(dataset, stratified_indices(labels_of(dataset), max_images, seed).tolist())
 
 
 def class_balanced_split(
@@ -126,7 +201,10 @@ def make_loader(
 
 
 class InMemoryImageDataset(Dataset):
-    """Grey uint8 images ``(N, H, W)`` in memory, resized, augmented and normalised per item."""
+    """Grey uint8 images ``(N, H, W)`` in memory, resized, augmented and normalised per item.
+
+    ``pixels=True``: items stay uint8 (resized images rounded back to uint8), to be normalised by ``Preprocess``.
+    """
 
     def __init__(
         self,
@@ -137,12 +215,13 @@ class InMemoryImageDataset(Dataset):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         augment: bool = False,
+        pixels: bool = False,
     ) -> None:
         if images.ndim != 3 or images.dtype != np.uint8 or len(images) != len(labels):
             raise ValueError(f"expected uint8 images (N, H, W) and N labels, got {images.shape} {images.dtype}")
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        self.img_size, self.in_chans, self.augment = img_size, in_chans, augment
+        self.img_size, self.in_chans, self.augment, self.pixels = img_size, in_chans, augment, pixels
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
@@ -150,13 +229,21 @@ class InMemoryImageDataset(Dataset):
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        x = self.images[index].to(torch.float32).div_(255.0)[None, None]
+        x = self.images[index][None, None]
         if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", antialias=True)
+            x = F.interpolate(
+                x.float().div_(255.0), size=(self.img_size, self.img_size), mode="bilinear", antialias=True
+            )
+            if self.pixels:
+                x = x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
         x = x[0]
         if self.augment:
             x = _random_crop_flip(x, pad=max(1, self.img_size // 8))
         x = x.expand(self.in_chans, -1, -1)
+        if self.pixels:
+            return x.contiguous(), int(self.targets[index])
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
         return (x - self.mean) / self.std, int(self.targets[index])
 
 
@@ -183,26 +270,28 @@ def load_digits() -> tuple[np.ndarray, ...]:
     return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
 
 
-def _build_imagefolder(cfg: DataConfig) -> DataSplits:
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+def _build_imagefolder(cfg: DataConfig, pixels: tuple[str, ...]) -> DataSplits:
     from torchvision.datasets import ImageFolder
 
     root = Path(cfg.root)
     image_folder_classes(root)
-    mean, std = _norm_stats(cfg, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
-    common = {"input_size": cfg.img_size, "interpolation": "bicubic", "mean": mean, "std": std}
-    eval_tf = create_transform(**common, is_training=False)
-    train_tf = create_transform(**common, is_training=True, auto_augment=AUTO_AUGMENT, re_prob=RE_PROB)
-    train_all = ImageFolder(str(root / "train"), transform=train_tf if cfg.augment else eval_tf)
+    mean, std = norm_stats(cfg)
+    transforms = {
+        lean: folder_transforms(cfg.img_size, mean, std, cfg.augment, pixels=lean)
+        for lean in {s in pixels for s in SPLIT_NAMES}
+    }
+    train_all = ImageFolder(str(root / "train"), transform=transforms["train" in pixels][0])
     search_all = copy.copy(train_all)  # same scanned samples, eval transform
-    search_all.transform = eval_tf
+    search_all.transform = transforms["search" in pixels][1]
+    test = ImageFolder(str(root / "val"), transform=transforms["test" in pixels][1])
     train_idx, search_idx = _train_search_indices(np.asarray(train_all.targets), cfg)
     return DataSplits(
         train=LabelledSubset(train_all, train_idx.tolist()),
         search=LabelledSubset(search_all, search_idx.tolist()),
-        test=ImageFolder(str(root / "val"), transform=eval_tf),
+        test=test,
         num_classes=len(train_all.classes),
         class_names=tuple(train_all.classes),
+        preprocess=preprocess_for(cfg),
     )
 
 
