@@ -28,6 +28,7 @@ import yaml
 SAMPLERS = ("lowrank", "uniform", "sandwich")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 DATASET_NAMES = ("fashion_mnist", "digits", "imagefolder")
+DATA_PIPELINES = ("loader", "ray_data")
 # Field metadata: ``field(default=..., metadata=SPEED_ONLY)`` marks a key that changes speed or placement but not
 # the results (it may differ between commands on one run directory); on a section it covers every key in it. A field
 # without the metadata affects the results.
@@ -105,6 +106,15 @@ class DataConfig:
         augment: Augment the train split (never search or test).
         mean: Per-channel normalisation mean (1 or ``in_chans`` values); ``None`` for the dataset's default.
         std: Per-channel normalisation std, as ``mean``.
+        workers: DataLoader worker processes of each training process (decode and augment); ``None``: one per CPU
+            the process reserves beyond its own (``scaling.cpus_per_worker - 1``, ``filter.cpus_per_task - 1``).
+            Results do not depend on it: every item's random draws are seeded by (seed, epoch, index).
+        pipeline: Where training images are decoded and augmented: ``loader`` (DataLoader worker processes of each
+            training process, on the CPUs it reserves; bitwise reproducible) or ``ray_data`` (Ray Data tasks on any
+            free CPU of the cluster, e.g. CPU-only nodes, streamed to the training workers; image folders on the
+            Ray backend; reproducible shuffles, augmentation not seeded per image). The filter's local supernets
+            always use the loader.
+        decoders: With ``ray_data``, the most decode tasks at once (``None``: as many as there are free CPUs).
     """
 
     name: str = "fashion_mnist"
@@ -118,6 +128,9 @@ class DataConfig:
     augment: bool = True
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    workers: int | None = field(default=None, metadata=SPEED_ONLY)
+    pipeline: str = "loader"
+    decoders: int | None = field(default=None, metadata=SPEED_ONLY)
 
     def __post_init__(self) -> None:
         # Built directly by library users too (not only from YAML), so the types are checked here as well.
@@ -144,6 +157,17 @@ class DataConfig:
         subset_ok = subset is None or (_is_real(subset) and 0 < subset <= 1)
         _check(subset_ok, "data.train_subset", subset, "must be a number in (0, 1] or null")
         _check(isinstance(self.augment, bool), "data.augment", self.augment, "must be true or false")
+        workers_ok = self.workers is None or (_is_int(self.workers) and self.workers >= 0)
+        _check(workers_ok, "data.workers", self.workers, "must be an integer >= 0 or null (one per reserved CPU)")
+        _check(
+            self.pipeline in DATA_PIPELINES, "data.pipeline", self.pipeline, f"must be one of {list(DATA_PIPELINES)}"
+        )
+        _check(
+            self.pipeline == "loader" or folder, "data.pipeline", self.pipeline,
+            "reads image files: use it with data.name=imagefolder, or data.pipeline=loader",
+        )  # fmt: skip
+        decoders_ok = self.decoders is None or (_is_int(self.decoders) and self.decoders >= 1)
+        _check(decoders_ok, "data.decoders", self.decoders, "must be a positive integer or null")
         for key in ("mean", "std"):
             value = getattr(self, key)
             numbers_ok = isinstance(value, tuple) and all(isinstance(v, float) for v in value)
@@ -159,7 +183,9 @@ class OptimConfig:
 
     Attributes:
         epochs: Training epochs.
-        batch_size: Images per worker per step.
+        batch_size: Images per worker per batch.
+        accumulate: Batches per optimiser step (gradient accumulation): the effective batch is
+            ``batch_size x accumulate x workers``.
         lr: Peak learning rate.
         min_lr: Final learning rate of the cosine schedule.
         weight_decay: AdamW weight decay (never on norms, biases, tokens, position embeddings).
@@ -172,6 +198,7 @@ class OptimConfig:
 
     epochs: int = 10
     batch_size: int = 128
+    accumulate: int = 1
     lr: float = 1e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
@@ -184,6 +211,9 @@ class OptimConfig:
         section = _section(self)
         _check(self.epochs >= 1, f"{section}.epochs", self.epochs, "must be at least 1")
         _check(self.batch_size >= 1, f"{section}.batch_size", self.batch_size, "must be at least 1")
+        _check(
+            _is_int(self.accumulate) and self.accumulate >= 1, f"{section}.accumulate", self.accumulate, "at least 1"
+        )
         _check(self.lr > 0, f"{section}.lr", self.lr, "must be positive")
         _check(0 <= self.min_lr <= self.lr, f"{section}.min_lr", self.min_lr, "must be in [0, lr]")
         _check(self.weight_decay >= 0, f"{section}.weight_decay", self.weight_decay, "must be >= 0")

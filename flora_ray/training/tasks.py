@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from flora_ray.core.space import RankSpace
 from flora_ray.core.supernet import Supernet
+from flora_ray.data.datasets import eval_subset
 from flora_ray.training.optim import distillation_loss
 from flora_ray.training.sampling import Sampler, step_generator
 from flora_ray.training.trainer import Trainer
@@ -25,9 +26,8 @@ from flora_ray.training.trainer import Trainer
 def accuracy(
     model: nn.Module, dataset, device: torch.device, max_images: int | None = None, batch_size: int = 256
 ) -> float:
-    """Top-1 accuracy (%) on the first ``max_images`` images of ``dataset``."""
-    if max_images is not None and max_images < len(dataset):
-        dataset = Subset(dataset, range(max_images))
+    """Top-1 accuracy (%) on ``dataset``, or on a stratified seeded subset of ``max_images`` of its images."""
+    dataset = eval_subset(dataset, max_images, seed=0)
     was_training = model.training
     model.eval()
     correct = total = 0

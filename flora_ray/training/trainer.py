@@ -76,6 +76,13 @@ class Trainer:
         callbacks: Extras run at each hook, in order.
         train_sampler: A ``DistributedSampler`` whose epoch is set before each epoch (``None``: the loader shuffles).
         evaluate: Run ``task.evaluate`` on rank 0 after each epoch.
+        prepare: ``prepare(x, train=True)`` turns a batch on the device into model inputs (``Preprocess`` of uint8
+            pixel batches); ``None``: batches are model inputs already.
+
+    With ``opt.accumulate = k > 1`` one optimiser step takes ``k`` consecutive batches (gradients averaged,
+    cross-worker sync on the last one only), and the task sees the optimiser step's index for all ``k`` of them, so
+    a supernet trains one sampled subnet per effective batch; an epoch's last ``len(loader) % k`` batches are
+    skipped.
     """
 
     def __init__(
@@ -88,15 +95,22 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         train_sampler: Any = None,
         evaluate: bool = True,
+        prepare: Any = None,
     ) -> None:
         self.task, self.opt, self.session, self.loader, self.name = task, opt, session, loader, name
         self.callbacks = [*callbacks, *getattr(session, "callbacks", ())]  # a test session may add its own
-        self.train_sampler, self.do_evaluate = train_sampler, evaluate
+        self.train_sampler, self.do_evaluate, self.prepare = train_sampler, evaluate, prepare
         self.device = session.device
         self.is_main = session.world_rank == 0
         self.model = session.prepare_model(task.net)
         self.optimizer = build_optimizer(self.model, opt.lr, opt.weight_decay)
-        self.steps_per_epoch = len(loader)
+        self.accumulate = int(getattr(opt, "accumulate", 1))
+        self.steps_per_epoch = len(loader) // self.accumulate
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{name}: {len(loader)} batches per epoch cannot fill one step of accumulate={self.accumulate}; "
+                "lower accumulate or the batch size"
+            )
         self.scheduler = build_scheduler(
             self.optimizer,
             opt.epochs * self.steps_per_epoch,
@@ -123,6 +137,8 @@ class Trainer:
     # -- one step ----------------------------------------------------------------------------------------------
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.accumulate > 1:
+            loss = loss / self.accumulate
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
         else:
@@ -153,6 +169,7 @@ class Trainer:
             metrics = {
                 "epoch": self.epoch + 1,
                 "loss": loss,
+                "images": images * self.session.world_size,
                 "images_per_s": images * self.session.world_size / seconds,
                 "lr": self.optimizer.param_groups[0]["lr"],
             }
@@ -168,14 +185,25 @@ class Trainer:
             self.train_sampler.set_epoch(self.epoch)
         self.model.train()
         t0, loss_sum, images = time.perf_counter(), 0.0, 0
-        for step, (x, y) in enumerate(self.loader):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            loss_sum += self.task.train_step(self, step, x, y)
+        batches = iter(self.loader)
+        for step in range(self.steps_per_epoch):
+            for micro in range(self.accumulate):
+                x, y = next(batches)
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                if self.prepare is not None:
+                    x = self.prepare(x, train=True)
+                with self._no_sync(last=micro == self.accumulate - 1):
+                    loss_sum += self.task.train_step(self, step, x, y) / self.accumulate
+                images += len(y)
             self._optimizer_step()
-            images += len(y)
             self.emit("on_step_end", step + 1, images)
         seconds = max(time.perf_counter() - t0, 1e-9)
         return loss_sum / self.steps_per_epoch, images, seconds
+
+    def _no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """DDP's ``no_sync`` on every micro-batch of an accumulated step but the last."""
+        no_sync = getattr(self.model, "no_sync", None)
+        return no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
 
 
 class LocalSession:

@@ -24,6 +24,7 @@ SPEED_ONLY = {
     "run.storage",
     "run.max_failures",
     "run.threads_per_worker",
+    "data.workers",  # every item's random draws are seeded by (seed, epoch, index): tests/training
     "scaling",
     "pretrain.log_every",
     "pretrain.checkpoint_every",
@@ -109,7 +110,18 @@ def _names(cls):
 
 
 def test_filter_has_the_shared_recipe_keys_only():
-    shared = {"epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "clip_grad", "amp", "log_every"}
+    shared = {
+        "epochs",
+        "batch_size",
+        "accumulate",
+        "lr",
+        "min_lr",
+        "weight_decay",
+        "warmup_epochs",
+        "clip_grad",
+        "amp",
+        "log_every",
+    }
     assert _names(OptimConfig) == shared
     assert _names(TrainStageConfig) == shared | {"label_smoothing", "checkpoint_every"}
     assert issubclass(PretrainConfig, TrainStageConfig) and issubclass(TrainConfig, TrainStageConfig)
