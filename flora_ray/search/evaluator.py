@@ -82,7 +82,11 @@ def supernet_from_numpy(
 
 
 class Evaluator:
-    """Accuracy of subnets with inherited supernet weights on a fixed set of search images."""
+    """Accuracy of subnets with inherited supernet weights on a fixed set of search images.
+
+    ``images`` may be uint8 pixels (one shared read-only copy per node from Ray's object store), turned into model
+    inputs batch by batch on the device by ``preprocess``; float images are used as they are.
+    """
 
     def __init__(
         self,
@@ -91,23 +95,31 @@ class Evaluator:
         labels: torch.Tensor,
         device: torch.device | str = "cpu",
         batch_size: int = 500,
+        preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.supernet = supernet.eval()
         self.device = torch.device(device)
         self.images = images
         self.labels = labels
         self.batch_size = batch_size
+        self.preprocess = preprocess
 
     @torch.no_grad()
-    def accuracy(self, config: Mapping[str, int]) -> float:
-        """Top-1 accuracy (%) of the subnet ``config``."""
-        self.supernet.set_ranks(config, within_candidates=False)
+    def model_accuracy(self, model: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        """Top-1 accuracy (%) of ``model`` (on this evaluator's device) on the images."""
         correct = 0
         for start in range(0, len(self.labels), self.batch_size):
             x = self.images[start : start + self.batch_size].to(self.device, non_blocking=True)
             y = self.labels[start : start + self.batch_size].to(self.device, non_blocking=True)
-            correct += (self.supernet(x).argmax(-1) == y).sum().item()
+            if self.preprocess is not None:
+                x = self.preprocess(x)
+            correct += (model(x).argmax(-1) == y).sum().item()
         return 100.0 * correct / len(self.labels)
+
+    def accuracy(self, config: Mapping[str, int]) -> float:
+        """Top-1 accuracy (%) of the subnet ``config``."""
+        self.supernet.set_ranks(config, within_candidates=False)
+        return self.model_accuracy(self.supernet)
 
     def evaluate(self, config: Mapping[str, int]) -> dict[str, float]:
         """``accuracy``, ``macs``, ``params`` and ``eval_seconds`` of the subnet ``config``."""
@@ -125,26 +137,57 @@ class Evaluator:
 
 
 def build_evaluator(
-    header: Mapping[str, Any], weights: Mapping[str, np.ndarray], config: Mapping[str, Any]
+    header: Mapping[str, Any],
+    weights: Mapping[str, np.ndarray],
+    config: Mapping[str, Any],
+    images: np.ndarray,
+    labels: np.ndarray,
 ) -> Evaluator:
-    """An evaluator from a supernet checkpoint (header and numpy weights) and a run configuration (a plain dict)."""
+    """An evaluator from a supernet checkpoint (header and numpy weights), a run configuration (a plain dict) and
+    the search images (uint8 pixels from ``search_images``, used in place: no copy)."""
     from flora_ray.config import Config, build_dataclass
-    from flora_ray.data.datasets import build_datasets
+    from flora_ray.data.datasets import preprocess_for
     from flora_ray.training.worker import device_for, setup_worker
 
     cfg: Config = build_dataclass(Config, config, "")
     setup_worker(cfg.run.threads_per_worker)
     device = device_for(cfg.scaling.accelerator, cfg.search.gpus_per_trial > 0)
     supernet = supernet_from_numpy(header, weights, device)
-    images, labels = search_batch(build_datasets(cfg.data).search, cfg.search.eval_images)
-    return Evaluator(supernet, images, labels, device, cfg.search.batch_size)
+    with warnings.catch_warnings():  # object-store arrays are read-only; evaluation never writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        pixels, targets = torch.from_numpy(images), torch.from_numpy(labels)
+    return Evaluator(supernet, pixels, targets, device, cfg.search.batch_size, preprocess_for(cfg.data))
 
 
-def search_batch(dataset, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n_images`` of a dataset as two tensors (the same images for every trial)."""
-    n = min(n_images, len(dataset))
-    items = [dataset[i] for i in range(n)]
-    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+def search_images(config: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The run's search images: ``search.eval_images`` of the search split, stratified by class (seeded by
+    ``data.seed``), as uint8 pixels ``(N, C, H, W)`` and int64 labels, decoded by ``data.workers`` loader processes
+    (default: one per evaluator CPU beyond the first). Built once per search, shared by every evaluator."""
+    from flora_ray.config import Config, build_dataclass
+    from flora_ray.data.datasets import build_datasets, eval_subset
+    from flora_ray.training.worker import loader_workers
+
+    cfg: Config = build_dataclass(Config, config, "")
+    search = build_datasets(cfg.data, pixels=("search",)).search
+    subset = eval_subset(search, cfg.search.eval_images, cfg.data.seed)
+    workers = loader_workers(cfg.data.workers, cfg.search.cpus_per_trial)
+    images, labels = search_batch(subset, len(subset), workers=workers)
+    return images.numpy(), labels.numpy()
+
+
+def search_batch(dataset, n_images: int, seed: int = 0, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_images`` of a dataset, stratified by class and seeded, as two tensors (the same images for every
+    trial), decoded by ``workers`` loader processes."""
+    from torch.utils.data import DataLoader
+
+    from flora_ray.data.datasets import eval_subset
+
+    subset = eval_subset(dataset, n_images, seed)
+    xs, ys = [], []
+    for x, y in DataLoader(subset, batch_size=256, num_workers=workers):
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys).to(torch.int64)
 
 
 class _EvaluatorCache:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from flora_ray.config import FilterConfig
 from flora_ray.core.space import RankSpace
@@ -30,10 +30,12 @@ from flora_ray.training.callbacks import Progress
 from flora_ray.training.sampling import BlockwiseSampler
 from flora_ray.training.tasks import SupernetTask
 from flora_ray.training.trainer import LocalSession, Trainer
+from flora_ray.training.worker import Feed, distributed_loader
 
 logger = logging.getLogger(__name__)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+PLAIN_FEED = Feed()  # no loader processes, batches are model inputs
 
 
 def local_space(space: RankSpace, block_index: int) -> RankSpace:
@@ -69,20 +71,21 @@ def train_local_supernet(
     cfg: FilterConfig,
     seed: int,
     device: torch.device,
+    feed: Feed = PLAIN_FEED,
 ) -> list[float]:
     """Distil local supernet ``block_index`` for ``cfg.epochs`` epochs with the one ``Trainer``; returns the mean
-    loss of each epoch. Batches are shuffled by a generator seeded with ``seed``; subnets drawn per step as in
-    supernet training."""
+    loss of each epoch. Batches are shuffled per epoch from ``seed`` and fed as ``feed`` says; subnets drawn per
+    step as in supernet training."""
     sampler = BlockwiseSampler(local_space(supernet.space, block_index), "uniform")
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=generator)
-    if len(loader) == 0:
-        raise ValueError(f"filter.batch_size={cfg.batch_size} is larger than the filter subset ({len(dataset)} images)")
+    loader, epoch_sampler = distributed_loader(
+        dataset, cfg.batch_size, 1, 0, seed, "filter", feed.workers, device, random_items=feed.random_items
+    )
     task = SupernetTask(supernet, teacher, sampler, seed, temperature=cfg.temperature)
     name = f"filter {supernet.space.blocks[block_index].name}"
     trainer = Trainer(
-        task, cfg, LocalSession(device=str(device)), loader, name, [Progress(cfg.log_every)], evaluate=False
-    )
+        task, cfg, LocalSession(device=str(device)), loader, name, [Progress(cfg.log_every)], train_sampler=epoch_sampler,
+        evaluate=False, prepare=feed.prepare,
+    )  # fmt: skip
     history = trainer.fit()
     supernet.eval()
     return [epoch["loss"] for epoch in history]
@@ -90,27 +93,28 @@ def train_local_supernet(
 
 @torch.no_grad()
 def score_candidates(
-    supernet: Supernet, block_index: int, dataset, max_images: int, device: torch.device, batch_size: int = 500
+    supernet: Supernet, block_index: int, dataset, device: torch.device, batch_size: int = 500
 ) -> list[float]:
-    """Top-1 accuracy (%) of every candidate of block ``block_index`` (others at full rank) on ``dataset``."""
+    """Top-1 accuracy (%) of every candidate of block ``block_index`` (others at full rank) on ``dataset``.
+
+    Batch by batch: the shared prefix (everything before the block) runs once per batch, then every candidate runs
+    the rest on it; memory stays at one batch's activations whatever the number of images.
+    """
     space = supernet.space
     block = space.blocks[block_index]
-    if max_images < len(dataset):
-        dataset = Subset(dataset, range(max_images))
     prefix, suffix = split_forward(supernet.model, block.name)
     supernet.eval()
     base = space.largest()
-    supernet.set_ranks(base)
-    cached, labels = [], []
+    configs = [{**base, **dict(zip(block.fqns, candidate, strict=True))} for candidate in block.candidates]
+    correct, total = [0] * len(configs), 0
     for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        cached.append(prefix(x.to(device)))
-        labels.append(y.to(device))
-    accuracies = []
-    for candidate in block.candidates:
-        supernet.set_ranks({**base, **dict(zip(block.fqns, candidate, strict=True))})
-        correct = sum((suffix(h).argmax(-1) == y).sum().item() for h, y in zip(cached, labels, strict=True))
-        accuracies.append(100.0 * correct / sum(len(y) for y in labels))
-    return accuracies
+        supernet.set_ranks(base)
+        hidden, y = prefix(x.to(device)), y.to(device)
+        for index, config in enumerate(configs):
+            supernet.set_ranks(config)
+            correct[index] += (suffix(hidden).argmax(-1) == y).sum().item()
+        total += len(y)
+    return [100.0 * c / max(total, 1) for c in correct]
 
 
 def filter_block(
@@ -122,13 +126,17 @@ def filter_block(
     cfg: FilterConfig,
     seed: int,
     device: torch.device,
+    feed: Feed = PLAIN_FEED,
 ) -> dict[str, Any]:
-    """Train (unless zero-training) and score one block; returns ``{"block", "rows", "seconds", "losses"}``."""
+    """Train (unless zero-training) and score one block on all of ``search``; returns ``{"block", "rows",
+    "seconds", "losses"}``; ``feed``: how the local supernet's training is fed."""
     started = time.perf_counter()
     losses = []
     if cfg.mode == "local_supernet":
-        losses = train_local_supernet(supernet, teacher, block_index, train_subset, cfg, seed + block_index, device)
-    accuracies = score_candidates(supernet, block_index, search, cfg.eval_images, device)
+        losses = train_local_supernet(
+            supernet, teacher, block_index, train_subset, cfg, seed + block_index, device, feed
+        )
+    accuracies = score_candidates(supernet, block_index, search, device)
     block = supernet.space.blocks[block_index]
     base = supernet.space.largest()
     rows = []

@@ -25,6 +25,7 @@ from flora_ray.search.evaluator import (
     cached_evaluator,
     evaluator_builds,
     genes_to_config,
+    search_images,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,10 @@ class SearchProblem:
         study_name: Optuna study name (and Tune experiment name).
         journal: Local path of the Optuna journal file.
         max_macs: MAC budget (a constraint), or ``None``.
+        sampler_args: NSGA-II settings.
+        images: The search images as uint8 pixels (``evaluator.search_images``), built once and shared by every
+            evaluator; ``None``: each evaluator process builds them itself.
+        labels: Their labels.
     """
 
     header: dict[str, Any]
@@ -61,6 +66,8 @@ class SearchProblem:
     journal: str
     max_macs: float | None = None
     sampler_args: dict[str, Any] = field(default_factory=dict)
+    images: Any = None
+    labels: Any = None
 
     def sampler(self):
         """Optuna's NSGA-II sampler with the run's settings."""
@@ -81,7 +88,12 @@ class SearchProblem:
 
     def evaluator(self) -> Evaluator:
         """This process's evaluator (built on first use, then reused across trials)."""
-        return cached_evaluator(self.key, lambda: build_evaluator(self.header, self.weights, self.config))
+        return cached_evaluator(self.key, self.build_evaluator)
+
+    def build_evaluator(self) -> Evaluator:
+        """A new evaluator of this problem (its supernet on this process's device, the shared images)."""
+        images, labels = (self.images, self.labels) if self.images is not None else search_images(self.config)
+        return build_evaluator(self.header, self.weights, self.config, images, labels)
 
     def evaluate(self, genes: dict[str, Any]) -> dict[str, float]:
         """Accuracy, MACs, parameters and evaluation time of the subnet ``genes``, plus who evaluated it."""

@@ -20,7 +20,7 @@ import torch
 from flora_ray.backends.base import Backend, TaskMap
 from flora_ray.config import Config, build_dataclass, config_to_dict
 from flora_ray.core.space import RankSpace
-from flora_ray.data.datasets import build_datasets
+from flora_ray.data.datasets import build_datasets, eval_subset
 from flora_ray.search.filtering import as_numpy_state, filter_block, kept_space, select
 from flora_ray.stages.inputs import (
     factorize_model,
@@ -32,7 +32,7 @@ from flora_ray.stages.inputs import (
 )
 from flora_ray.stages.preflight import preflight
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
-from flora_ray.training.worker import device_for, setup_worker
+from flora_ray.training.worker import Feed, device_for, loader_workers, setup_worker
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def filter_task(shared: tuple[dict[str, Any], dict[str, Any]], block_index: int)
     setup_worker(cfg.run.threads_per_worker, cfg.run.seed + block_index)
     device = device_for(cfg.scaling.accelerator, cfg.scaling.use_gpu)
     subset = None if cfg.filter.subset >= 1 else cfg.filter.subset
-    splits = build_datasets(replace(cfg.data, train_subset=subset))
+    splits = build_datasets(replace(cfg.data, train_subset=subset), pixels=("train",))
+    search = eval_subset(splits.search, cfg.filter.eval_images, cfg.data.seed)  # stratified, as the search's
     spec = resolve_model_spec(cfg)
     state = {k: torch.from_numpy(v.copy()) for k, v in teacher_state.items()}
     teacher, dense = spec.create(device="cpu"), spec.create(device="cpu")
@@ -67,9 +68,10 @@ def filter_task(shared: tuple[dict[str, Any], dict[str, Any]], block_index: int)
     dense.load_state_dict(state)
     supernet = factorize_model(cfg, dense)
     teacher.requires_grad_(False)
+    feed = Feed(loader_workers(cfg.data.workers, cfg.filter.cpus_per_task), splits.preprocess, cfg.data.augment)
     return filter_block(
-        supernet.to(device), teacher.eval().to(device), block_index, splits.train, splits.search, cfg.filter,
-        cfg.run.seed, device,
+        supernet.to(device), teacher.eval().to(device), block_index, splits.train, search, cfg.filter,
+        cfg.run.seed, device, feed,
     )  # fmt: skip
 
 

@@ -18,7 +18,7 @@ from flora_ray.config import Config, config_to_dict
 from flora_ray.core.models import ModelSpec
 from flora_ray.core.space import RankSpace
 from flora_ray.results import hypervolume
-from flora_ray.search.evaluator import anchor_points, build_evaluator
+from flora_ray.search.evaluator import anchor_points, search_images
 from flora_ray.search.frames import trials_frame, uniform_frame
 from flora_ray.search.plots import front_figure, hypervolume_figure
 from flora_ray.search.study import SearchProblem
@@ -26,7 +26,6 @@ from flora_ray.stages.inputs import load_teacher, open_run, provenance, ray_stor
 from flora_ray.stages.preflight import preflight
 from flora_ray.storage.files import write_bytes
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
-from flora_ray.training.tasks import accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ def search_problem(cfg: Config, store: RunStore, journal: JournalSync | None = N
         header=header,
         weights={k: v.numpy() for k, v in tensors.items()},
         config=config_to_dict(cfg),
-        key=f"{info.path}:{info.mtime_ns}:{cfg.data.name}:{cfg.search.eval_images}",
+        key=f"{info.path}:{info.mtime_ns}:{cfg.data.name}:{cfg.data.seed}:{cfg.search.eval_images}",
         genes={b.name: len(b.candidates) for b in space.blocks},
         anchors=anchor_points(space),
         trials=cfg.search.trials,
@@ -95,14 +94,13 @@ class JournalSync:
 def baselines_task(problem: SearchProblem, dense_state: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
     """Every uniform configuration and the dense model on the search images (one evaluator build, the same images
     and batch size as every trial)."""
-    evaluator = build_evaluator(problem.header, problem.weights, problem.config)
+    evaluator = problem.build_evaluator()
     rows = []
     for ratio, ranks in evaluator.supernet.space.uniform_all().items():
         rows.append({"ratio": ratio, "ranks": ranks, **evaluator.evaluate(ranks)})
     dense = ModelSpec.from_dict(problem.header["model"]).create(device="meta")
     dense.load_state_dict({k: torch.from_numpy(v) for k, v in dense_state.items()}, strict=True, assign=True)
-    images = torch.utils.data.TensorDataset(evaluator.images, evaluator.labels)
-    return rows, accuracy(dense.to(evaluator.device), images, evaluator.device, batch_size=evaluator.batch_size)
+    return rows, evaluator.model_accuracy(dense.to(evaluator.device).eval())
 
 
 def search_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
@@ -114,6 +112,8 @@ def search_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
     problem = search_problem(cfg, store, journal)
     space = RankSpace.from_dict(problem.header["space"])
     started = time.perf_counter()
+    problem.images, problem.labels = backend.call(search_images, problem.config, resources=trial_resources(cfg))
+    logger.info("search: %d search images (%.0f MB of uint8 pixels)", len(problem.labels), problem.images.nbytes / 1e6)
     path, filesystem = ray_storage(store)
     job = SearchJob(problem, trial_resources(cfg), cfg.search.concurrency, path, filesystem, journal)
     builds = backend.search(job)

@@ -55,8 +55,11 @@ def test_cached_scores_equal_full_forward_accuracy():
         for p in dense.parameters():  # large random weights: predictions differ between candidates
             p.normal_(0, 0.5)
     supernet = fr.build_supernet(dense)
-    search = build_datasets(DataConfig(name="digits", img_size=8, in_chans=1)).search
-    scores = score_candidates(supernet, 1, search, 100, torch.device("cpu"), batch_size=32)
+    search = torch.utils.data.Subset(
+        build_datasets(DataConfig(name="digits", img_size=8, in_chans=1)).search, range(100)
+    )
+    # 100 images in batches of 32: the prefix is cached per batch and every candidate's counts add up across batches
+    scores = score_candidates(supernet, 1, search, torch.device("cpu"), batch_size=32)
     block = supernet.space.blocks[1]
     x = torch.stack([search[i][0] for i in range(100)])
     y = torch.tensor([search[i][1] for i in range(100)])
