@@ -106,14 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--max-macs", type=float, help="the most accurate front point within this many MACs per image")
     export.add_argument("--output", help="directory to write (default RUN_DIR/export/trial_N)")
     export.add_argument("--threads", type=_positive_int, default=1, help="CPU threads for the latency measurement")
+    export.add_argument("--address", help="Ray cluster whose nodes run the export's inference (default: local Ray)")
+    export.add_argument(
+        "--backend", choices=("ray", "local"), default="ray", help="ray (default: a Ray task) or local (this process)"
+    )
     export.set_defaults(func=cmd_export)
     return parser
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from flora_ray.stages.export import export_from_run
+    from flora_ray.stages.export import check_export, export_from_run
 
-    report = export_from_run(args.run_dir, args.trial, args.max_macs, args.output, args.threads)
+    check_export(args.run_dir, args.trial, args.max_macs)  # before any Ray starts
+    with _backend(args) as backend:
+        report = export_from_run(args.run_dir, args.trial, args.max_macs, args.output, args.threads, backend)
     lat = report["latency"]
     print(
         f"trial {report['trial']}: {report['macs'] / 1e6:.2f} MMACs ({100 * report['macs'] / report['dense_macs']:.0f}% "

@@ -1,8 +1,9 @@
 """``flora-ray export``: pick a searched subnet, export it, and measure its test accuracy and CPU latency.
 
-The subnet is chosen by trial number or as the most accurate front point within a MAC budget, extracted from the
-run's supernet with ``core.subnet.save_subnet``, reloaded from disk (as a user would), scored on the test split and
-timed on CPU against the dense model. The figures go into ``export.json`` next to the exported files.
+The subnet is chosen by trial number or as the most accurate front point within a MAC budget. ``export_task`` (a
+task with one search trial's resources, on a worker node of a cluster) extracts it from the run's supernet with
+``core.subnet.save_subnet``, reloads it from disk (as a user would), scores it and the dense model on the test
+split and times both on CPU; the driver, which loads no weights, writes the files it returns and ``export.json``.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ import torch
 import yaml
 from torch import nn
 
+from flora_ray.backends.base import Backend
+from flora_ray.backends.local import LocalBackend
 from flora_ray.config import Config, build_dataclass
 from flora_ray.core.subnet import load_subnet, package_versions, save_subnet
 from flora_ray.data.datasets import build_datasets
 from flora_ray.results import best_under, knee_point, load_front, load_trials
 from flora_ray.search.evaluator import supernet_from_numpy
 from flora_ray.stages.inputs import load_teacher, open_run, working_dir
-from flora_ray.storage.files import write_json
+from flora_ray.stages.search import trial_resources
+from flora_ray.storage.files import write_bytes, write_json
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.training.tasks import accuracy
 from flora_ray.training.worker import device_for
@@ -90,47 +94,72 @@ def latency(model: nn.Module, dense: nn.Module, x: torch.Tensor, threads: int) -
         torch.set_num_threads(previous_threads)
 
 
+def export_task(run_uri: str, row: dict[str, Any], threads: int) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The export's compute, as one task with a trial's resources: extract the subnet of ``row`` (``trial``,
+    ``ranks``, ``accuracy``) from the run's supernet, reload it from the written files as a user would, score it
+    and the dense model on the test split, time both on CPU. Returns the exported files' bytes and the figures."""
+    import tempfile
+
+    store = RunStore(run_uri)
+    cfg = load_run_config(store)
+    ranks = json.loads(row["ranks"])
+    tensors, header = store.read_checkpoint(ARTEFACTS.supernet)
+    supernet = supernet_from_numpy(header, {k: v.numpy() for k, v in tensors.items()})
+    with tempfile.TemporaryDirectory(prefix="flora-export-") as tmp:
+        save_subnet(supernet, ranks, tmp, trial=int(row["trial"]), search_accuracy=float(row["accuracy"]))
+        model = load_subnet(tmp)
+        files = {path.name: path.read_bytes() for path in sorted(Path(tmp).iterdir()) if path.is_file()}
+    splits = build_datasets(cfg.data)
+    device = device_for(cfg.scaling.accelerator, cfg.search.gpus_per_trial > 0)  # accuracy; latency is on CPU
+    (dense,) = load_teacher(cfg, store)
+    x = torch.stack([splits.test[i][0] for i in range(min(32, len(splits.test)))])  # batch 32, or the whole split
+    figures = {
+        "trial": int(row["trial"]),
+        "macs": supernet.cost.macs(ranks),
+        "dense_macs": supernet.cost.dense_macs,
+        "params": supernet.cost.params(ranks),
+        "search_accuracy": float(row["accuracy"]),
+        "test_accuracy": accuracy(model.to(device), splits.test, device),
+        "dense_test_accuracy": accuracy(dense.to(device), splits.test, device),
+        "latency": latency(model, dense, x, threads),
+        "threads": threads,
+        "versions": package_versions(),
+        "device": str(device),
+    }
+    return files, figures
+
+
+def check_export(run: str | os.PathLike | RunStore, trial: int | None, max_macs: float | None):
+    """``(store, config, trial row)`` of an export request, or the error that names what is wrong."""
+    store = run if isinstance(run, RunStore) else RunStore(run)
+    if not store.is_file(ARTEFACTS.trials):
+        raise FileNotFoundError(f"{store.location(ARTEFACTS.trials)!r} does not exist: run `flora-ray search` first")
+    return store, load_run_config(store), choose_trial(store, trial, max_macs)
+
+
 def export_from_run(
     run: str | os.PathLike | RunStore,
     trial: int | None = None,
     max_macs: float | None = None,
     output: str | os.PathLike | None = None,
     threads: int = 1,
+    backend: Backend | None = None,
 ) -> dict[str, Any]:
-    """Export one searched subnet of a run; returns (and writes to ``export.json``) its figures."""
-    store = run if isinstance(run, RunStore) else RunStore(run)
-    if not store.is_file(ARTEFACTS.trials):
-        raise FileNotFoundError(f"{store.location(ARTEFACTS.trials)!r} does not exist: run `flora-ray search` first")
-    cfg = load_run_config(store)
-    row = choose_trial(store, trial, max_macs)
-    ranks = json.loads(row["ranks"])
-    tensors, header = store.read_checkpoint(ARTEFACTS.supernet)
-    supernet = supernet_from_numpy(header, {k: v.numpy() for k, v in tensors.items()})
-    name = ARTEFACTS.export_dir(int(row["trial"]))
+    """Export one searched subnet of a run; returns (and writes to ``export.json``) its figures.
+
+    The extraction and every inference pass run in ``export_task`` on ``backend`` (default: in this process),
+    with one search trial's resources; this process only picks the trial and writes the files.
+    """
+    store, cfg, row = check_export(run, trial, max_macs)
+    backend = backend or LocalBackend()
+    task_row = {"trial": int(row["trial"]), "ranks": row["ranks"], "accuracy": float(row["accuracy"])}
+    files, figures = backend.call(export_task, store.uri, task_row, threads, resources=trial_resources(cfg))
+    name = ARTEFACTS.export_dir(figures["trial"])
     # Into the run; a run on object storage gets the files through a local working copy.
-    local = store.local_path(name) if store.is_local else working_dir(cfg) / name
-    out = Path(output) if output else local
-    save_subnet(supernet, ranks, out, trial=int(row["trial"]), search_accuracy=float(row["accuracy"]))
-    model = load_subnet(out)
-    splits = build_datasets(cfg.data)
-    device = device_for("GPU", True)  # accuracy only; latency is on CPU
-    test_acc = accuracy(model.to(device), splits.test, device)
-    (dense,) = load_teacher(cfg, store)
-    dense_test_acc = accuracy(dense.to(device), splits.test, device)
-    x = torch.stack([splits.test[i][0] for i in range(min(32, len(splits.test)))])  # batch 32, or the whole split
-    report = {
-        "trial": int(row["trial"]),
-        "directory": str(out) if output or store.is_local else store.location(name),
-        "macs": supernet.cost.macs(ranks),
-        "dense_macs": supernet.cost.dense_macs,
-        "params": supernet.cost.params(ranks),
-        "search_accuracy": float(row["accuracy"]),
-        "test_accuracy": test_acc,
-        "dense_test_accuracy": dense_test_acc,
-        "latency": latency(model, dense, x, threads),
-        "threads": threads,
-        "versions": package_versions(),
-    }
+    out = Path(output) if output else store.local_path(name) if store.is_local else working_dir(cfg) / name
+    for file_name, data in files.items():
+        write_bytes(out / file_name, data)
+    report = {**figures, "directory": str(out) if output or store.is_local else store.location(name)}
     write_json(out / "export.json", report)
     if not output and not store.is_local:
         for path in sorted(p for p in out.iterdir() if p.is_file()):
@@ -138,10 +167,10 @@ def export_from_run(
     return report
 
 
-def export_stage(cfg: Config, backend: Any = None) -> dict[str, Any]:
-    """Export the knee point of the run's front (runs in this process, whatever the backend)."""
+def export_stage(cfg: Config, backend: Backend | None = None) -> dict[str, Any]:
+    """Export the knee point of the run's front (the compute as a task on ``backend``)."""
     store = open_run(cfg)
     front = load_front(store)
     if front.empty:
         raise RuntimeError("the search produced no feasible subnet to export (every trial failed or broke the budget)")
-    return export_from_run(store, trial=int(knee_point(front)["trial"]))
+    return export_from_run(store, trial=int(knee_point(front)["trial"]), backend=backend)
