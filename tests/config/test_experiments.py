@@ -9,11 +9,12 @@ from flora_ray.core.space import EIGHTHS, SIXTHS
 from flora_ray.stages.inputs import full_space
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+# model, ratios, triples per block, supernet epochs and peak lr, the filter's local-supernet peak lr
 IMAGENET = {
-    "deit_small_imagenet.yaml": ("deit_small_patch16_224", SIXTHS, 216, 300, 1.5e-4),
-    "deit_base_imagenet.yaml": ("deit_base_patch16_224", EIGHTHS, 343, 150, 5e-5),
-    "swin_tiny_imagenet.yaml": ("swin_tiny_patch4_window7_224", SIXTHS, 216, 300, 1.5e-4),
-    "swin_base_imagenet.yaml": ("swin_base_patch4_window7_224", EIGHTHS, 343, 150, 5e-5),
+    "deit_small_imagenet.yaml": ("deit_small_patch16_224", SIXTHS, 216, 300, 1.5e-4, 1.5e-4),
+    "deit_base_imagenet.yaml": ("deit_base_patch16_224", EIGHTHS, 343, 150, 5e-5, 1.5e-5),
+    "swin_tiny_imagenet.yaml": ("swin_tiny_patch4_window7_224", SIXTHS, 216, 300, 1.5e-4, 1.5e-4),
+    "swin_base_imagenet.yaml": ("swin_base_patch4_window7_224", EIGHTHS, 343, 150, 5e-5, 1.5e-5),
 }
 
 
@@ -32,7 +33,7 @@ def test_experiment_loads_and_builds_its_space(name, imagenet_skeleton):
 
 @pytest.mark.parametrize("name", sorted(IMAGENET))
 def test_imagenet_recipes_follow_the_paper(name, imagenet_skeleton):
-    model, ratios, triples, epochs, lr = IMAGENET[name]
+    model, ratios, triples, epochs, lr, _ = IMAGENET[name]
     cfg = _load(name, imagenet_skeleton)
     assert cfg.model.name == model and cfg.model.pretrained is True
     assert cfg.model.ratios == pytest.approx(ratios)
@@ -43,6 +44,25 @@ def test_imagenet_recipes_follow_the_paper(name, imagenet_skeleton):
     assert cfg.filter.epochs == 20 and cfg.filter.subset == 0.35 and cfg.filter.keep_fraction == 0.3
     assert cfg.data.name == "imagefolder" and cfg.data.augment
     assert cfg.search.population == 50 and cfg.search.trials == 1000  # 20 generations of 50
+
+
+@pytest.mark.parametrize("name", sorted(IMAGENET))
+def test_imagenet_filter_follows_the_reference_local_supernet_recipe(name, imagenet_skeleton):
+    """20 epochs on 35%, effective batch 1024 on the block's one GPU, the reference's peak lr, 3 warm-up epochs,
+    cosine floor 1e-6, wd 0.01, drop-path 0, every triple scored on the 25,000 held-out images."""
+    from flora_ray.core.models import create_model
+    from flora_ray.stages.inputs import resolve_model_spec
+
+    cfg = _load(name, imagenet_skeleton)
+    f = cfg.filter
+    assert f.mode == "local_supernet" and f.epochs == 20 and f.subset == 0.35
+    assert f.batch_size * f.accumulate == 1024 and cfg.scaling.use_gpu  # one block = one task = one GPU
+    assert f.lr == IMAGENET[name][5] and f.warmup_epochs == 3 and f.min_lr == 1e-6 and f.weight_decay == 0.01
+    assert f.eval_images == cfg.data.search_per_class * 1000 == 25000
+    spec = resolve_model_spec(cfg)
+    model = create_model(spec.name, device="meta", **spec.kwargs)
+    drop_paths = [m for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert not drop_paths  # timm builds these models without drop-path unless drop_path_rate is given
 
 
 @pytest.mark.parametrize("name", sorted(IMAGENET))
