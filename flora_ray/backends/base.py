@@ -33,6 +33,8 @@ class TrainJob:
         storage_path: Where checkpoints go (a path on ``storage_filesystem``).
         collect: Called with the latest checkpoint folder when training has finished.
         storage_filesystem: The ``pyarrow.fs`` filesystem of ``storage_path`` (``None``: local).
+        datasets: Builds the Ray Datasets the workers read (``session.dataset_shard(name)``); ``None``: none. Only
+            a backend on Ray can run such a job.
     """
 
     worker: Worker
@@ -42,6 +44,7 @@ class TrainJob:
     storage_path: str
     collect: Callable[[Path], Any]
     storage_filesystem: Any = None
+    datasets: Callable[[], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

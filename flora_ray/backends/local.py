@@ -37,6 +37,10 @@ class LocalBackend(Backend):
             raise ValueError(
                 "--backend local keeps training checkpoints on this machine: use a local run.storage, or the Ray backend"
             )
+        if job.datasets is not None:
+            raise ValueError(
+                "data.pipeline=ray_data streams from Ray Data: use the Ray backend, or data.pipeline=loader"
+            )
         device = device_for(job.cfg.scaling.accelerator, job.cfg.scaling.use_gpu)
         session = LocalSession(Path(job.storage_path) / job.name, device=str(device))
         job.worker(job.payload, self.worker_session(session))

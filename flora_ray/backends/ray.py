@@ -91,6 +91,15 @@ class RaySession:
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
+    def dataset_shard(self, name: str) -> Any:
+        """This worker's share of the job's Ray Dataset ``name``."""
+        import ray.train
+
+        shard = ray.train.get_dataset_shard(name)
+        if shard is None:
+            raise ValueError(f"the training job has no Ray Dataset {name!r}")
+        return shard
+
 
 def _train_entry(config: dict[str, Any]) -> None:
     package_logger = logging.getLogger("flora_ray")
@@ -143,6 +152,7 @@ class RayBackend(Backend):
         trainer = TorchTrainer(
             _train_entry,
             train_loop_config={"worker": job.worker, "payload": job.payload, "backend": self},
+            datasets=job.datasets() if job.datasets is not None else None,
             scaling_config=scaling_config(cfg.scaling),
             torch_config=TorchConfig(backend="nccl" if use_cuda else "gloo"),
             run_config=RunConfig(

@@ -16,7 +16,8 @@ from flora_ray.backends.base import Backend, TrainJob
 from flora_ray.config import Config, build_dataclass, config_to_dict
 from flora_ray.core.models import dense_checkpoint_metadata, load_state_dict_strict
 from flora_ray.core.space import RankSpace
-from flora_ray.data.datasets import build_datasets
+from flora_ray.data.datasets import build_datasets, eval_subset
+from flora_ray.data.ray_data import ShardBatches, train_dataset
 from flora_ray.stages.inputs import (
     build_run_supernet,
     full_space,
@@ -33,7 +34,7 @@ from flora_ray.training.callbacks import Checkpoint, ConfigCheck, Progress, read
 from flora_ray.training.sampling import build_sampler
 from flora_ray.training.tasks import DenseTask, SupernetTask
 from flora_ray.training.trainer import Session, Trainer
-from flora_ray.training.worker import distributed_loader, setup_worker
+from flora_ray.training.worker import distributed_loader, loader_workers, setup_worker
 
 logger = logging.getLogger(__name__)
 
@@ -47,17 +48,18 @@ def train_worker(payload: dict[str, Any], session: Session) -> None:
     if stage not in TRAINING_STAGES:
         raise ValueError(f"stage {stage!r} is not one of {TRAINING_STAGES}")
     setup_worker(cfg.run.threads_per_worker, cfg.run.seed)
-    splits = build_datasets(cfg.data)
+    opt = opt_of(cfg, stage)
+    splits = build_datasets(cfg.data, pixels=("train",))
+    probes = eval_subset(splits.search, getattr(opt, "eval_images", None), cfg.data.seed)  # stratified, seeded
     spec = resolve_model_spec(cfg)
     if spec.kwargs.get("num_classes") != splits.num_classes:
         raise ValueError(
             f"model.kwargs.num_classes={spec.kwargs.get('num_classes')} but the data has {splits.num_classes} classes"
         )
-    opt = cfg.pretrain if stage == "pretrain" else cfg.train
     callbacks: list[Any] = []
     if stage == "pretrain":  # from model.pretrained when fine-tuning it to the data's classes, else from scratch
         net = spec.create(pretrained=cfg.model.pretrained or False, device=session.device)
-        task: Any = DenseTask(net, opt.label_smoothing, splits.search, splits.test)
+        task: Any = DenseTask(net, opt.label_smoothing, probes, splits.test)
         state = (lambda: (net.state_dict(), dense_checkpoint_metadata(spec)), net)
     else:
         if "space" not in payload:
@@ -67,19 +69,37 @@ def train_worker(payload: dict[str, Any], session: Session) -> None:
         sampler = build_sampler(cfg.train.sampler, supernet.space)
         task = SupernetTask(
             supernet, teacher, sampler, cfg.run.seed, opt.temperature, opt.label_weight, opt.label_smoothing,
-            splits.search, opt.eval_images,
+            probes,
         )  # fmt: skip
         state = (lambda: (supernet.model.state_dict(), supernet.header()), supernet.model)
         callbacks.append(ConfigCheck())
-    loader, train_sampler = distributed_loader(
-        splits.train, opt.batch_size, session.world_size, session.world_rank, cfg.run.seed, stage
-    )
+    loader, train_sampler = training_batches(cfg, payload, session, splits.train, opt.batch_size, stage)
     model_state, module = state
     callbacks += [
         Progress(opt.log_every),
         Checkpoint(opt.checkpoint_every, model_state, lambda t, src: load_state_dict_strict(module, t, src)),
     ]
-    Trainer(task, opt, session, loader, stage, callbacks, train_sampler=train_sampler).fit()
+    Trainer(task, opt, session, loader, stage, callbacks, train_sampler=train_sampler, prepare=splits.preprocess).fit()
+
+
+def training_batches(cfg: Config, payload: dict[str, Any], session: Session, train, batch_size: int, stage: str):
+    """``(batches, sampler)`` of this worker: its Ray Data shard (``data.pipeline=ray_data``) or a DataLoader with
+    ``data.workers`` processes (``sampler``: the loader's, whose epoch the trainer sets)."""
+    if cfg.data.pipeline == "ray_data":
+        rows = payload["train_rows"] // session.world_size
+        if rows < batch_size:
+            raise ValueError(f"{stage}.batch_size={batch_size} is larger than a worker's share ({rows} images)")
+        return ShardBatches(session.dataset_shard("train"), batch_size, rows), None
+    workers = loader_workers(cfg.data.workers, cfg.scaling.cpus_per_worker)
+    return distributed_loader(
+        train, batch_size, session.world_size, session.world_rank, cfg.run.seed, stage, workers, session.device,
+        random_items=cfg.data.augment,
+    )  # fmt: skip
+
+
+def opt_of(cfg: Config, stage: str) -> Any:
+    """The optimisation section of a training stage."""
+    return cfg.pretrain if stage == "pretrain" else cfg.train
 
 
 def save_stage_outputs(directory: Path, store: RunStore, stage: str) -> str:
@@ -98,6 +118,14 @@ def fit_stage(cfg: Config, backend: Backend, stage: str) -> dict[str, Any]:
     payload: dict[str, Any] = {"config": config_to_dict(cfg), "stage": stage, "run": store.uri}
     if stage == "train":  # the driver decides the space once; workers never look for it themselves
         payload["space"] = resolve_space(cfg, store, full_space(cfg)).to_dict()
+    datasets = None
+    if cfg.data.pipeline == "ray_data":  # decoded by Ray Data tasks anywhere in the cluster, streamed to workers
+        if backend.name != "ray":
+            raise ValueError(
+                "data.pipeline=ray_data streams from Ray Data: use the Ray backend, or data.pipeline=loader"
+            )
+        train_ds, payload["train_rows"] = train_dataset(cfg)
+        datasets = lambda: {"train": train_ds}  # noqa: E731
     started = time.perf_counter()
     path, filesystem = ray_storage(store)
     metrics, output = backend.fit(
@@ -109,6 +137,7 @@ def fit_stage(cfg: Config, backend: Backend, stage: str) -> dict[str, Any]:
             storage_path=path,
             collect=lambda directory: save_stage_outputs(directory, store, stage),
             storage_filesystem=filesystem,
+            datasets=datasets,
         )
     )
     seconds = time.perf_counter() - started
