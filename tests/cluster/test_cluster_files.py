@@ -148,6 +148,15 @@ def test_deit_small_recipe_fits_within_max_workers(name):
         assert not unplaced, f"{stage}: {len(unplaced)} of {len(bundles)} units do not fit {name} ({added})"
 
 
+@pytest.mark.parametrize("name", LAUNCHER_FILES)
+def test_ray_data_decode_tasks_go_to_cpu_nodes_not_gpu_nodes(name):
+    """``data.pipeline: ray_data``: 64 decode tasks of 1 CPU each start CPU-only nodes (no GPU paid for decoding)."""
+    config = check_launcher(load(name))
+    added, unplaced = _place(config, [{"CPU": 1}] * 64)
+    assert not unplaced and added
+    assert all("GPU" not in config["available_node_types"][node]["resources"] for node in added), added
+
+
 def _set(path: tuple, value):
     def mutate(doc):
         node = doc
