@@ -25,14 +25,17 @@ SPEED_ONLY = {
     "run.max_failures",
     "run.threads_per_worker",
     "data.workers",  # every item's random draws are seeded by (seed, epoch, index): tests/training
+    "data.decoders",
     "scaling",
     "pretrain.log_every",
     "pretrain.checkpoint_every",
+    "pretrain.checkpoint_every_steps",
     "filter.concurrency",
     "filter.cpus_per_task",
     "filter.log_every",
     "train.log_every",
     "train.checkpoint_every",
+    "train.checkpoint_every_steps",
     "search.concurrency",
     "search.cpus_per_trial",
     "search.gpus_per_trial",
@@ -123,10 +126,10 @@ def test_filter_has_the_shared_recipe_keys_only():
         "log_every",
     }
     assert _names(OptimConfig) == shared
-    assert _names(TrainStageConfig) == shared | {"label_smoothing", "checkpoint_every"}
+    assert _names(TrainStageConfig) == shared | {"label_smoothing", "checkpoint_every", "checkpoint_every_steps"}
     assert issubclass(PretrainConfig, TrainStageConfig) and issubclass(TrainConfig, TrainStageConfig)
     assert issubclass(FilterConfig, OptimConfig) and not issubclass(FilterConfig, TrainStageConfig)
-    assert _names(FilterConfig) & {"label_smoothing", "checkpoint_every"} == set()
+    assert _names(FilterConfig) & {"label_smoothing", "checkpoint_every", "checkpoint_every_steps"} == set()
 
 
 @pytest.mark.parametrize(("key", "value"), [("label_smoothing", 0.1), ("checkpoint_every", 2)])
