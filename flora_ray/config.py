@@ -230,16 +230,25 @@ class TrainStageConfig(OptimConfig):
     Attributes:
         label_smoothing: Label smoothing of the cross-entropy terms.
         checkpoint_every: Epochs between checkpoints.
+        checkpoint_every_steps: Also a checkpoint every this many optimiser steps within an epoch (``None``: at
+            epoch ends only). A resumed run restarts at the step after the checkpoint: a preemption repeats at
+            most this many steps.
     """
 
     label_smoothing: float = 0.0
     checkpoint_every: int = field(default=1, metadata=SPEED_ONLY)
+    checkpoint_every_steps: int | None = field(default=None, metadata=SPEED_ONLY)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         section = _section(self)
         _check(0 <= self.label_smoothing < 1, f"{section}.label_smoothing", self.label_smoothing, "must be in [0, 1)")
         _check(self.checkpoint_every >= 1, f"{section}.checkpoint_every", self.checkpoint_every, "must be at least 1")
+        steps = self.checkpoint_every_steps
+        _check(
+            steps is None or (_is_int(steps) and steps >= 1), f"{section}.checkpoint_every_steps", steps,
+            "must be a positive integer or null",
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -411,7 +420,9 @@ class RunConfig:
             ``s3://bucket/prefix`` / ``gs://bucket/prefix``; checkpoints, Tune state and every result go there.
             Required with ``--address`` (unless ``output_dir`` is itself an absolute shared path).
         seed: Global seed.
-        max_failures: Worker-group restarts from the latest checkpoint after a failure.
+        max_failures: How often lost work is started again after a node or process is lost (a spot reclaim): a
+            training worker group (from the latest checkpoint), a filter block's task, a search trial, a stage's
+            single task. ``-1``: always. Errors of the work itself (a bad configuration, a NaN) are not retried.
         threads_per_worker: torch intra-op threads per worker (0: leave torch's default).
     """
 

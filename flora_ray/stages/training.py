@@ -77,7 +77,12 @@ def train_worker(payload: dict[str, Any], session: Session) -> None:
     model_state, module = state
     callbacks += [
         Progress(opt.log_every),
-        Checkpoint(opt.checkpoint_every, model_state, lambda t, src: load_state_dict_strict(module, t, src)),
+        Checkpoint(
+            opt.checkpoint_every,
+            model_state,
+            lambda t, src: load_state_dict_strict(module, t, src),
+            opt.checkpoint_every_steps,
+        ),
     ]
     Trainer(task, opt, session, loader, stage, callbacks, train_sampler=train_sampler, prepare=splits.preprocess).fit()
 

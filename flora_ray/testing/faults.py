@@ -25,15 +25,24 @@ class _Faults(Callback):
 
     def on_epoch_start(self, trainer: Trainer) -> None:
         """Raise once (a marker file remembers) at the start of epoch ``fail["epoch"]`` on rank ``fail["rank"]``."""
+        if self.fail and "step" not in self.fail:
+            self._maybe_fail(trainer, "")
+
+    def on_step_end(self, trainer: Trainer, step: int, images: int) -> None:
+        """With ``fail["step"]``: raise once after that step of epoch ``fail["epoch"]`` (after its checkpoint)."""
+        if self.fail and self.fail.get("step") == step:
+            self._maybe_fail(trainer, f" step {step}")
+
+    def _maybe_fail(self, trainer: Trainer, where: str) -> None:
         fail, rank = self.fail, trainer.session.world_rank
-        if not fail or rank != fail.get("rank", 0) or trainer.epoch != fail["epoch"]:
+        if rank != fail.get("rank", 0) or trainer.epoch != fail["epoch"]:
             return
         marker = Path(fail["marker"])
         if marker.exists():
             return
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"failed at epoch {trainer.epoch}\n")
-        raise RuntimeError(f"injected failure at epoch {trainer.epoch} on rank {rank}")
+        marker.write_text(f"failed at epoch {trainer.epoch}{where}\n")
+        raise RuntimeError(f"injected failure at epoch {trainer.epoch}{where} on rank {rank}")
 
     def on_configs(self, trainer: Trainer, step: int, configs: Sequence[dict[str, int]]) -> None:
         """Append ``{epoch, step, digest}`` of each step's subnet to ``sample_log/rank<r>.jsonl``."""
@@ -50,7 +59,8 @@ class FaultSession:
 
     Args:
         inner: The real session (everything else is delegated to it).
-        fail: ``{"epoch": E, "rank": R, "marker": PATH}``: raise at the start of epoch E on rank R, once.
+        fail: ``{"epoch": E, "rank": R, "marker": PATH}``: raise at the start of epoch E on rank R, once; with
+            ``"step": S`` after step S of epoch E instead.
         sample_log: Directory of the per-rank sample logs.
     """
 

@@ -1,7 +1,8 @@
 """The trainer's callbacks: checkpoint and report, progress lines, the cross-worker subnet check.
 
-A checkpoint holds the model (safetensors), the optimiser and scheduler state, the epoch and the metric history;
-the subnet sampler is stateless per step, so a resumed run draws what an uninterrupted one would.
+A checkpoint holds the model (safetensors), the optimiser and scheduler state, the epoch, the step within it (for a
+mid-epoch checkpoint) and the metric history; the subnet sampler is stateless per step and every image's
+augmentation is seeded by (seed, epoch, index), so a resumed run draws what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ STATE_FILE = "state.pt"
 
 class Checkpoint(Callback):
     """Restores the session's latest checkpoint at the start; reports every epoch, with a checkpoint every
-    ``every`` epochs and after the last one.
+    ``every`` epochs and after the last one, and every ``every_steps`` optimiser steps within an epoch.
 
     Args:
         every: Epochs between checkpoints.
         model_state: ``() -> (tensors, header)`` of the model to save.
         load_model: ``(tensors, source)`` loads saved tensors into the model.
+        every_steps: Optimiser steps between mid-epoch checkpoints (``None``: none).
     """
 
     def __init__(
@@ -43,8 +45,9 @@ class Checkpoint(Callback):
         every: int,
         model_state: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]],
         load_model: Callable[[dict[str, torch.Tensor], Any], None],
+        every_steps: int | None = None,
     ) -> None:
-        self.every, self.model_state, self.load_model = every, model_state, load_model
+        self.every, self.model_state, self.load_model, self.every_steps = every, model_state, load_model, every_steps
 
     def on_fit_start(self, trainer: Trainer) -> None:
         with trainer.session.checkpoint_dir() as directory:
@@ -56,15 +59,30 @@ class Checkpoint(Callback):
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.epoch, trainer.global_step = int(state["epoch"]), int(state["global_step"])
+        trainer.step_in_epoch = int(state.get("step_in_epoch", 0))
+        trainer.epoch_loss_sum = float(state.get("epoch_loss_sum", 0.0))
+        trainer.epoch_images = int(state.get("epoch_images", 0))
         trainer.history = json.loads(state["history"])
         if trainer.is_main:
-            logger.info("%s: resumed from the checkpoint after epoch %d", trainer.name, trainer.epoch)
+            logger.info(
+                "%s: resumed from the checkpoint at epoch %d step %d (global step %d)",
+                trainer.name, trainer.epoch, trainer.step_in_epoch, trainer.global_step,
+            )  # fmt: skip
+
+    def on_step_end(self, trainer: Trainer, step: int, images: int) -> None:
+        if not self.every_steps or trainer.global_step % self.every_steps or step == trainer.steps_per_epoch:
+            return  # the epoch's last step gets its checkpoint from on_epoch_end
+        metrics = {"epoch": trainer.epoch, "step": step, "global_step": trainer.global_step}
+        self._report(trainer, metrics)
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         due = trainer.epoch % self.every == 0 or trainer.epoch == trainer.opt.epochs
         if not due:
             trainer.session.report(metrics, None)
             return
+        self._report(trainer, metrics)
+
+    def _report(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         directory = Path(tempfile.mkdtemp(prefix="flora-ckpt-")) if trainer.is_main else None
         try:
             if directory is not None:
@@ -82,6 +100,9 @@ class Checkpoint(Callback):
             "scheduler": trainer.scheduler.state_dict(),
             "epoch": trainer.epoch,
             "global_step": trainer.global_step,
+            "step_in_epoch": trainer.step_in_epoch,
+            "epoch_loss_sum": trainer.epoch_loss_sum,
+            "epoch_images": trainer.epoch_images,
             "history": json.dumps(trainer.history),
         }
         torch.save(state, directory / STATE_FILE)

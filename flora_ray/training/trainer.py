@@ -119,6 +119,9 @@ class Trainer:
         )
         self.autocast, self.scaler = self._amp()
         self.epoch, self.global_step = 0, 0
+        # Within the current epoch: optimiser steps done, their summed loss and images (a mid-epoch checkpoint
+        # saves them; a resumed run starts the epoch at ``step_in_epoch``).
+        self.step_in_epoch, self.epoch_loss_sum, self.epoch_images = 0, 0.0, 0
         self.history: list[dict[str, Any]] = []
 
     def _amp(self):
@@ -181,24 +184,41 @@ class Trainer:
         return self.history
 
     def _train_epoch(self) -> tuple[float, int, float]:
-        if self.train_sampler is not None:
-            self.train_sampler.set_epoch(self.epoch)
+        start = self.step_in_epoch  # > 0 when resumed from a mid-epoch checkpoint
         self.model.train()
-        t0, loss_sum, images = time.perf_counter(), 0.0, 0
-        batches = iter(self.loader)
-        for step in range(self.steps_per_epoch):
+        t0 = time.perf_counter()
+        batches = self._batches(start)
+        for step in range(start, self.steps_per_epoch):
             for micro in range(self.accumulate):
                 x, y = next(batches)
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 if self.prepare is not None:
                     x = self.prepare(x, train=True)
                 with self._no_sync(last=micro == self.accumulate - 1):
-                    loss_sum += self.task.train_step(self, step, x, y) / self.accumulate
-                images += len(y)
+                    self.epoch_loss_sum += self.task.train_step(self, step, x, y) / self.accumulate
+                self.epoch_images += len(y)
             self._optimizer_step()
-            self.emit("on_step_end", step + 1, images)
+            self.step_in_epoch = step + 1
+            self.emit("on_step_end", step + 1, self.epoch_images)
         seconds = max(time.perf_counter() - t0, 1e-9)
-        return loss_sum / self.steps_per_epoch, images, seconds
+        loss, images = self.epoch_loss_sum / self.steps_per_epoch, self.epoch_images
+        self.step_in_epoch, self.epoch_loss_sum, self.epoch_images = 0, 0.0, 0
+        return loss, images, seconds
+
+    def _batches(self, start: int) -> Iterator[Any]:
+        """This epoch's batches from optimiser step ``start`` on: the sampler skips the items before it (nothing is
+        decoded for them); a loader without such a sampler reads and drops the batches before it."""
+        skip = start * self.accumulate
+        if self.train_sampler is not None:
+            if hasattr(self.train_sampler, "set_start"):
+                self.train_sampler.set_epoch(self.epoch)
+                self.train_sampler.set_start(skip * self.loader.batch_size)
+                return iter(self.loader)
+            self.train_sampler.set_epoch(self.epoch)
+        batches = iter(self.loader)
+        for _ in range(skip):
+            next(batches)
+        return batches
 
     def _no_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """DDP's ``no_sync`` on every micro-batch of an accumulated step but the last."""

@@ -112,17 +112,23 @@ class _EpochFree(Dataset):
 
 
 class EpochIndexSampler(Sampler):
-    """A ``DistributedSampler`` whose indices carry their epoch: yields ``(epoch, index)`` for ``SeededItems``."""
+    """A ``DistributedSampler`` whose indices carry their epoch: yields ``(epoch, index)`` for ``SeededItems``;
+    ``set_start(k)`` skips this epoch's first ``k`` indices (a run resumed mid-epoch), until the next epoch."""
 
     def __init__(self, sampler: DistributedSampler) -> None:
-        self.sampler, self.epoch = sampler, 0
+        self.sampler, self.epoch, self.start = sampler, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self.start = epoch, 0
         self.sampler.set_epoch(epoch)
 
+    def set_start(self, start: int) -> None:
+        self.start = start
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, int(i)) for i in self.sampler)
+        indices = list(self.sampler)[self.start :]
+        self.start = 0
+        return ((self.epoch, int(i)) for i in indices)
 
     def __len__(self) -> int:
         return len(self.sampler)

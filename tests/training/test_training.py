@@ -224,3 +224,36 @@ def test_a_supernet_worker_never_guesses_its_space(digits_config, with_teacher, 
     store.write_json("stages/filter.json", {"stage": "filter"})
     with pytest.raises(FileNotFoundError, match="the filter stage finished but its space .* cannot be read"):
         resolve_space(cfg, store, full_space(cfg))
+
+
+def test_resume_from_a_mid_epoch_checkpoint_repeats_at_most_the_interval_and_ends_identical(
+    digits_config, with_teacher, tmp_path
+):
+    """checkpoint_every_steps=2 and augmented data: a failure after step 3 of epoch 1 resumes at step 2 (one step
+    repeated), draws the subnets and images an uninterrupted run draws, and ends with the same weights."""
+    cfg = digits_config("train.epochs=2", "train.checkpoint_every_steps=2", "train.batch_size=64", "data.augment=true")
+    with_teacher(cfg)
+    clean = LocalSession(tmp_path / "c1")
+    train_worker(_payload(cfg, "train"), FaultSession(clean, sample_log=str(tmp_path / "a")))
+    session = LocalSession(tmp_path / "c2")
+    fault = {"epoch": 1, "step": 3, "marker": str(tmp_path / "m")}
+    with pytest.raises(RuntimeError, match="injected failure at epoch 1 step 3"):
+        train_worker(_payload(cfg, "train"), FaultSession(session, fault, str(tmp_path / "b")))
+    state = torch.load(tmp_path / "c2" / "latest" / "state.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 2)
+    train_worker(_payload(cfg, "train"), FaultSession(session, fault, str(tmp_path / "b")))
+    log = [json.loads(line) for line in (tmp_path / "b" / "rank0.jsonl").read_text().splitlines()]
+    steps = [(r["epoch"], r["step"]) for r in log]
+    assert len(steps) - len(set(steps)) == 1  # step 2 of epoch 1 ran twice: at most checkpoint_every_steps repeated
+    deduplicated = {(r["epoch"], r["step"]): r["digest"] for r in log}
+    reference = [json.loads(line) for line in (tmp_path / "a" / "rank0.jsonl").read_text().splitlines()]
+    assert deduplicated == {(r["epoch"], r["step"]): r["digest"] for r in reference}
+    assert [r["epoch"] for r in session.reports if "loss" in r][-1] == 2
+    final, resumed = (torch.load(d / "latest" / "state.pt", weights_only=True) for d in (tmp_path / "c1", tmp_path / "c2"))
+    assert json.loads(final["history"])[-1]["loss"] == pytest.approx(json.loads(resumed["history"])[-1]["loss"])
+    from flora_ray.storage.files import read_checkpoint
+
+    a, _ = read_checkpoint(tmp_path / "c1" / "latest" / "model.safetensors")
+    b, _ = read_checkpoint(tmp_path / "c2" / "latest" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
