@@ -50,13 +50,15 @@ class TrainJob:
 @dataclass(frozen=True)
 class TaskMap:
     """``fn(shared, item)`` for every item, at most ``concurrency`` at once, each task with ``resources``;
-    ``shared`` is sent to the workers once."""
+    ``shared`` is sent to the workers once. A task whose node or process is lost runs again, up to ``retries``
+    times (``-1``: always)."""
 
     fn: Callable[[Any, Any], Any]
     shared: Any
     items: Sequence[Any]
     resources: dict[str, float]
     concurrency: int
+    retries: int = 0
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ class SearchJob:
         storage_path: Where a backend keeps its experiment state (a path on ``storage_filesystem``).
         storage_filesystem: The ``pyarrow.fs`` filesystem of ``storage_path`` (``None``: local).
         after_trial: Called in the driver after each finished trial (the journal's sync to the run's storage).
+        retries: Times a trial whose evaluator was lost (node reclaimed, process killed) is evaluated again
+            (``-1``: always); an error of the evaluation itself fails the trial at once.
     """
 
     problem: SearchProblem
@@ -78,6 +82,7 @@ class SearchJob:
     storage_path: str
     storage_filesystem: Any = None
     after_trial: Callable[[], None] = lambda: None
+    retries: int = 0
 
 
 class Backend(abc.ABC):
@@ -94,8 +99,9 @@ class Backend(abc.ABC):
         """Run a fan-out of tasks; yields ``(item, result)`` in the order they finish."""
 
     @abc.abstractmethod
-    def call(self, fn: Callable[..., T], *args: Any, resources: dict[str, float]) -> T:
-        """``fn(*args)`` as one task with ``resources``."""
+    def call(self, fn: Callable[..., T], *args: Any, resources: dict[str, float], retries: int = 0) -> T:
+        """``fn(*args)`` as one task with ``resources``, run again up to ``retries`` times if its node or process
+        is lost (``-1``: always)."""
 
     @abc.abstractmethod
     def search(self, job: SearchJob) -> dict[int, int]:

@@ -53,7 +53,7 @@ class LocalBackend(Backend):
         for item in job.items:
             yield item, job.fn(job.shared, item)
 
-    def call(self, fn: Callable[..., T], *args: Any, resources: dict[str, float]) -> T:
+    def call(self, fn: Callable[..., T], *args: Any, resources: dict[str, float], retries: int = 0) -> T:
         return fn(*args)
 
     def search(self, job: SearchJob) -> dict[int, int]:

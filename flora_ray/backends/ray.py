@@ -127,10 +127,11 @@ def scaling_config(scaling: Any):
     return ScalingConfig(num_workers=scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
 
 
-def task_options(resources: dict[str, float]) -> dict[str, Any]:
-    """``ray.remote(...).options`` for a resource dict (``CPU``, ``GPU`` and custom resources)."""
+def task_options(resources: dict[str, float], retries: int = 0) -> dict[str, Any]:
+    """``ray.remote(...).options`` for a resource dict (``CPU``, ``GPU`` and custom resources) and the retries of
+    a task whose node or worker process is lost (Ray's ``max_retries``: system failures only, ``-1`` always)."""
     rest = dict(resources)
-    options: dict[str, Any] = {"num_cpus": rest.pop("CPU", 1)}
+    options: dict[str, Any] = {"num_cpus": rest.pop("CPU", 1), "max_retries": retries}
     if "GPU" in rest:
         options["num_gpus"] = rest.pop("GPU")
     if rest:
@@ -144,7 +145,7 @@ class RayBackend(Backend):
     name = "ray"
 
     def fit(self, job: TrainJob) -> tuple[dict[str, Any], Any]:
-        from ray.train import FailureConfig, RunConfig
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         cfg = job.cfg
@@ -160,6 +161,7 @@ class RayBackend(Backend):
                 storage_path=job.storage_path,
                 storage_filesystem=job.storage_filesystem,
                 failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),  # the latest, and the one before while it uploads
             ),
         )
         try:
@@ -176,7 +178,7 @@ class RayBackend(Backend):
     def map(self, job: TaskMap) -> Iterator[tuple[Any, Any]]:
         import ray
 
-        task = ray.remote(job.fn).options(**task_options(job.resources))
+        task = ray.remote(job.fn).options(**task_options(job.resources, job.retries))
         shared_ref = ray.put(job.shared)
         queue, pending = list(job.items), {}
         while queue or pending:
@@ -187,10 +189,10 @@ class RayBackend(Backend):
             item = pending.pop(ready[0])
             yield item, ray.get(ready[0])
 
-    def call(self, fn: Callable[..., T], *args: Any, resources: dict[str, float]) -> T:
+    def call(self, fn: Callable[..., T], *args: Any, resources: dict[str, float], retries: int = 0) -> T:
         import ray
 
-        return ray.get(ray.remote(fn).options(**task_options(resources)).remote(*args))
+        return ray.get(ray.remote(fn).options(**task_options(resources, retries)).remote(*args))
 
     def search(self, job: SearchJob) -> dict[int, int]:
         # Tune's default per-trial CSV/JSON/TensorBoard loggers duplicate what the Parquet files hold and cost time,
@@ -224,6 +226,8 @@ class RayBackend(Backend):
                     storage_filesystem=fs,
                     verbose=0,
                     callbacks=callbacks,
+                    # a trial errors only when its evaluator is lost (tune_trial reports its own errors as results)
+                    failure_config=tune.FailureConfig(max_failures=job.retries),
                 ),
             )
         return builds_per_process(tuner.fit())

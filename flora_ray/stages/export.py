@@ -153,7 +153,9 @@ def export_from_run(
     store, cfg, row = check_export(run, trial, max_macs)
     backend = backend or LocalBackend()
     task_row = {"trial": int(row["trial"]), "ranks": row["ranks"], "accuracy": float(row["accuracy"])}
-    files, figures = backend.call(export_task, store.uri, task_row, threads, resources=trial_resources(cfg))
+    files, figures = backend.call(
+        export_task, store.uri, task_row, threads, resources=trial_resources(cfg), retries=cfg.run.max_failures
+    )
     name = ARTEFACTS.export_dir(figures["trial"])
     # Into the run; a run on object storage gets the files through a local working copy.
     out = Path(output) if output else store.local_path(name) if store.is_local else working_dir(cfg) / name

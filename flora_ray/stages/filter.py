@@ -96,7 +96,9 @@ def filter_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
         (teacher,) = load_teacher(cfg, store)
         shared = (config_to_dict(cfg), as_numpy_state(teacher.state_dict()))
         del teacher
-        results = backend.map(TaskMap(filter_task, shared, todo, task_resources(cfg), cfg.filter.concurrency))
+        results = backend.map(
+            TaskMap(filter_task, shared, todo, task_resources(cfg), cfg.filter.concurrency, cfg.run.max_failures)
+        )
         for finished, (index, result) in enumerate(results, start=1):
             store.write_json(ARTEFACTS.filter_block(index), result)
             done[index] = result

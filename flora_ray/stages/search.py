@@ -112,10 +112,13 @@ def search_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
     problem = search_problem(cfg, store, journal)
     space = RankSpace.from_dict(problem.header["space"])
     started = time.perf_counter()
-    problem.images, problem.labels = backend.call(search_images, problem.config, resources=trial_resources(cfg))
+    problem.images, problem.labels = backend.call(
+        search_images, problem.config, resources=trial_resources(cfg), retries=cfg.run.max_failures
+    )
     logger.info("search: %d search images (%.0f MB of uint8 pixels)", len(problem.labels), problem.images.nbytes / 1e6)
     path, filesystem = ray_storage(store)
-    job = SearchJob(problem, trial_resources(cfg), cfg.search.concurrency, path, filesystem, journal)
+    retries = cfg.run.max_failures
+    job = SearchJob(problem, trial_resources(cfg), cfg.search.concurrency, path, filesystem, journal, retries)
     builds = backend.search(job)
     journal()
     seconds = time.perf_counter() - started
@@ -123,7 +126,9 @@ def search_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
     trials = trials_frame(study, space, cfg.search.max_macs)
     (dense,) = load_teacher(cfg, store)
     dense_state = {k: v.detach().cpu().numpy() for k, v in dense.state_dict().items()}
-    rows, dense_accuracy = backend.call(baselines_task, problem, dense_state, resources=trial_resources(cfg))
+    rows, dense_accuracy = backend.call(
+        baselines_task, problem, dense_state, resources=trial_resources(cfg), retries=cfg.run.max_failures
+    )
     uniform = uniform_frame(rows, space, cfg.search.max_macs)
     summary = write_search_outputs(cfg, store, study, trials, uniform)
     summary.update(
