@@ -12,30 +12,51 @@ machine):
 * then COMMAND, in the head's mount namespace, with ``RAY_ADDRESS`` and the token authentication variables set; its
   output streams through and the harness exits with its exit code (124 when ``--timeout`` ran out).
 
+While COMMAND runs, it can simulate a spot reclaim and the return of capacity with ``control(action)`` (this module),
+a file protocol under ``$FLORA_MULTINODE_DIR/control/``: the driver writes ``<key>.request`` (JSON ``{"action": ...,
+"timeout_s": ...}``, written to a dot-file first and renamed into place; ``<key>`` sorts by time), the harness polls
+that directory every 0.2 s, performs the requests one at a time in the order of their keys, and writes
+``<key>.reply`` the same way: ``{"ok": true, "action": ..., "node_id": ..., "name": ..., "seconds": ...}`` (plus
+``"killed_pids"`` for a kill) or ``{"ok": false, "action": ..., "error": ...}``. The actions:
+
+* ``"kill-worker"``: SIGKILL, without any graceful stop, to every process of the newest worker node not killed yet
+  (the first one or a replacement): its process group and session (``ray start`` and the raylet), every process in
+  its mount namespace and every process whose command line names its Ray temp directory (Ray's worker processes,
+  ``ray::IDLE`` and the like, each have a process group of their own), repeated until none is left; nothing else is
+  signalled. The GCS notices the dead node on its own, once its health checks fail (about 15 s with Ray's defaults).
+* ``"add-worker"``: a replacement worker node with the first one's settings (CPUs, GPUs, resources, object store,
+  hidden directories in a mount namespace of its own) but a fresh Ray temp directory (``w2``, ``w3``, ...) and log
+  (``worker2.log``, ...), started the same way; the reply comes once the GCS reports it alive, with its node id.
+  ``FLORA_MULTINODE_WORKER_NODE_ID`` keeps naming the first worker node.
+
 The cluster is always torn down at the end, also on errors and on SIGTERM/SIGINT/SIGHUP to the harness: SIGTERM to
-each node's ``ray start`` (which stops its processes in order), SIGKILL to its process group after a grace period,
-then SIGKILL to anything left whose command line names this run's temp directory. Every child also gets SIGTERM from
-the kernel if the harness dies (``PR_SET_PDEATHSIG``). Each node has its own ``--temp-dir`` (under one short
-directory in ``/tmp``), so ``/tmp/ray/ray_current_cluster`` is never written; it is removed anyway if it names this
-cluster.
+each node's ``ray start`` (which stops its processes in order; every worker node not killed yet, replacements
+included, newest first, then the head), SIGKILL to its process group after a grace period (and, for a worker node, to
+anything left in its mount namespace or naming its Ray temp directory: Ray 2.60 gives each of its worker processes a
+process group of its own), then SIGKILL to anything left whose command line names this run's temp directory. Every
+child also gets SIGTERM from the kernel if the harness dies (``PR_SET_PDEATHSIG``). Each node has its own
+``--temp-dir`` (under one short directory in ``/tmp``), so ``/tmp/ray/ray_current_cluster`` is never written; it is
+removed anyway if it names this cluster.
 
 Token authentication: the harness makes a fresh token per run and hands it to the nodes and to COMMAND as
 ``RAY_AUTH_MODE=token`` plus ``RAY_AUTH_TOKEN`` (an environment variable, not a file, because the worker must not
 depend on the head's files; ``~/.ray/auth_token`` is neither read nor written: ``RAY_AUTH_TOKEN`` takes precedence).
 
 For pytest: ``can_make_namespaces()`` (skip where ``unshare`` is not permitted) and ``run_on_two_nodes(...)``, which
-builds the ``unshare`` command line and returns a ``subprocess.CompletedProcess``.
+builds the ``unshare`` command line and returns a ``subprocess.CompletedProcess``; for COMMAND: ``control(...)``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -57,7 +78,12 @@ HARNESS_ERROR_EXIT = 3  # the cluster could not be set up (the message says why)
 # Exported to COMMAND besides RAY_ADDRESS and the token variables.
 ENV_DIR = "FLORA_MULTINODE_DIR"  # this run's temp directory (node logs, Ray temp dirs)
 ENV_HEAD_NODE = "FLORA_MULTINODE_HEAD_NODE_ID"
-ENV_WORKER_NODE = "FLORA_MULTINODE_WORKER_NODE_ID"
+ENV_WORKER_NODE = "FLORA_MULTINODE_WORKER_NODE_ID"  # the first worker node (replacements: see control())
+CONTROL_DIR = "control"  # $FLORA_MULTINODE_DIR/control: the driver's requests and the harness's replies
+KILL_WORKER = "kill-worker"
+ADD_WORKER = "add-worker"
+_CONTROL_POLL_S = 0.2
+_CONTROL_REPLY_MARGIN_S = 30.0  # the harness's own bookkeeping on top of an action's timeout (a failed start's stop)
 # Removed from the environment of the nodes and of COMMAND: a loopback-only setting (it makes `ray start` refuse a
 # second node here), an outer cluster's address, a token source that would take precedence over ours.
 _SCRUBBED = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")
@@ -72,11 +98,12 @@ cd "$1" || exit 97
 shift
 exec "$@"
 """
-# Waits for the two nodes through the GCS (no driver is started) and prints their ids as one JSON line.
+# Waits through the GCS (no driver is started) for the head and a worker node that is not in KNOWN (a JSON list of
+# node ids; with none known, exactly these two nodes must be alive) and prints both ids as one JSON line.
 _PROBE = r"""
 import json, sys, time
 from ray._raylet import GcsClient
-address, want_cpus, timeout_s = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+address, want_cpus, timeout_s, known = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), json.loads(sys.argv[4])
 deadline = time.monotonic() + timeout_s
 seen, error = [], None
 while time.monotonic() < deadline:
@@ -85,8 +112,11 @@ while time.monotonic() < deadline:
         alive = [i for i in infos if i.state == 0]  # GcsNodeState.ALIVE
         seen = [(i.is_head_node, dict(i.resources_total)) for i in alive]
         heads = [i for i in alive if i.is_head_node]
-        workers = [i for i in alive if not i.is_head_node and i.resources_total.get("CPU", 0) == want_cpus]
-        if len(alive) == 2 and heads and workers:
+        workers = [
+            i for i in alive
+            if not i.is_head_node and i.node_id.hex() not in known and i.resources_total.get("CPU", 0) == want_cpus
+        ]
+        if heads and workers and (known or len(alive) == 2):
             print(json.dumps({"head": heads[0].node_id.hex(), "worker": workers[0].node_id.hex()}), flush=True)
             sys.exit(0)
     except Exception as exc:  # the GCS is still starting
@@ -236,6 +266,60 @@ def run_on_two_nodes(
     return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 
+# --- the driver side (COMMAND) ---------------------------------------------------------------------------------------
+
+
+class ControlError(RuntimeError):
+    """A ``control`` request failed (the harness's error message) or got no reply in time."""
+
+
+def control(action: str, timeout_s: float = 60.0) -> dict:
+    """Ask the harness around this process (COMMAND) to change the cluster; see the module docstring.
+
+    Args:
+        action: ``"kill-worker"`` (SIGKILL every process of the newest worker node not killed yet, like a spot
+            reclaim) or ``"add-worker"`` (start a replacement worker node and wait until the GCS reports it alive).
+        timeout_s: Bound on the action (the replacement's start); the reply is awaited a little longer.
+
+    Returns:
+        The harness's reply: ``{"ok": True, "action": ..., "node_id": ..., "name": ..., "seconds": ...}``, with
+        ``"killed_pids"`` for ``"kill-worker"``; ``node_id`` is the killed or the new node's id (hex).
+
+    Raises:
+        ControlError: The harness reported a failure, or no reply came within ``timeout_s`` plus a margin (the
+            request is then withdrawn if the harness has not taken it yet).
+    """
+    root = os.environ.get(ENV_DIR)
+    if not root:
+        raise ControlError(f"${ENV_DIR} is not set: control() works only in the command of the multinode harness")
+    directory = Path(root) / CONTROL_DIR
+    key = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
+    request, reply_path = directory / f"{key}.request", directory / f"{key}.reply"
+    _write_json_atomically(request, {"action": action, "timeout_s": timeout_s})
+    deadline = time.monotonic() + timeout_s + _CONTROL_REPLY_MARGIN_S
+    while not reply_path.exists():
+        if time.monotonic() > deadline:
+            with contextlib.suppress(OSError):
+                request.unlink()
+            raise ControlError(
+                f"no reply from the harness to {action!r} within {timeout_s + _CONTROL_REPLY_MARGIN_S:.0f} s"
+            )
+        time.sleep(0.05)
+    reply = json.loads(reply_path.read_text())
+    with contextlib.suppress(OSError):
+        reply_path.unlink()
+    if not reply.get("ok"):
+        raise ControlError(f"{action!r} failed: {reply.get('error')}")
+    return reply
+
+
+def _write_json_atomically(path: Path, data: Mapping) -> None:
+    """Write ``data`` to a dot-file beside ``path``, then rename it to ``path`` (readers never see half a file)."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(data))
+    os.replace(partial, path)
+
+
 # --- inside the namespace ------------------------------------------------------------------------------------------
 
 
@@ -270,8 +354,23 @@ def _check_hidden(hidden: Sequence[Path], temp_root: Path) -> None:
                 raise HarnessError(f"--hide {str(directory)!r} would hide {what} ({path}) from the worker node")
 
 
+@dataclasses.dataclass
+class _WorkerNode:
+    """One worker node: ``ray start --block`` in a session and a mount namespace of its own."""
+
+    name: str  # its Ray temp directory's name under the run's root: "w", "w2", ...
+    log: str
+    process: subprocess.Popen
+    node_id: str = ""  # once the GCS reported it alive
+    # An open descriptor of its mount namespace once it is up (None if unknown): it keeps the namespace's inode number
+    # from being freed (the kernel hands a freed one to the next namespace made) until the node is killed.
+    mount_ns_fd: int | None = None
+    killed: bool = False
+
+
 class TwoNodeCluster:
-    """A head (no CPUs) and one worker node in this network namespace; ``start``, ``run``, ``stop``."""
+    """A head (no CPUs) and one worker node in this network namespace; ``start``, ``run``, ``stop``; while ``run``
+    waits for the command it also serves the command's ``control`` requests (killed and replacement workers)."""
 
     def __init__(
         self,
@@ -288,7 +387,8 @@ class TwoNodeCluster:
         self.port = port
         self.address = f"{HOST}:{port}"
         self.head_temp = root / "h"
-        self.worker_temp = root / "w"
+        self.worker_temp = root / "w"  # the first worker's; replacements get root / "w2", ...
+        self.control_dir = root / CONTROL_DIR
         self.hide = [*hide, self.head_temp]  # the worker does not see the head's Ray session either
         self.worker_cpus = worker_cpus
         self.worker_gpus = worker_gpus
@@ -296,7 +396,7 @@ class TwoNodeCluster:
         self.object_store_bytes = object_store_mb * 1024**2
         self.token = secrets.token_hex(32)
         self.head: subprocess.Popen | None = None
-        self.worker: subprocess.Popen | None = None
+        self.workers: list[_WorkerNode] = []  # oldest first
         self.node_ids: dict[str, str] = {}
         self.env = self._env()
 
@@ -337,25 +437,37 @@ class TwoNodeCluster:
                 preexec_fn=die_with_parent,
             )
 
-    def start(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        ray = _ray_executable()
-        self.head_temp.mkdir(parents=True)
-        self.worker_temp.mkdir(parents=True)
-        head_args = [ray, "start", "--head", f"--port={self.port}", "--include-dashboard=false"]
-        self.head = self._spawn([*head_args, *self._node_args(self.head_temp, 0, 0)], "head.log")
-        self._wait_for_port(deadline)
-        worker_node = self._node_args(self.worker_temp, self.worker_cpus, self.worker_gpus)
-        worker_args = [ray, "start", f"--address={self.address}", *worker_node]
+    def _spawn_worker(self) -> _WorkerNode:
+        """Start the next worker node (``w``, then ``w2``, ...) behind the tmpfs shim; it joins ``self.workers``."""
+        number = len(self.workers) + 1
+        name, log = ("w", "worker.log") if number == 1 else (f"w{number}", f"worker{number}.log")
+        temp = self.root / name
+        temp.mkdir(parents=True)
+        worker_node = self._node_args(temp, self.worker_cpus, self.worker_gpus)
+        worker_args = [_ray_executable(), "start", f"--address={self.address}", *worker_node]
         if self.resources:
             worker_args.append(f"--resources={json.dumps(self.resources)}")
         shim = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _HIDE_SCRIPT, "flora-hide"]
-        shim += [str(len(self.hide)), *map(str, self.hide), str(self.worker_temp)]
-        self.worker = self._spawn([*shim, *worker_args], "worker.log")
-        self._wait_for_nodes(deadline)
+        shim += [str(len(self.hide)), *map(str, self.hide), str(temp)]
+        node = _WorkerNode(name, log, self._spawn([*shim, *worker_args], log))
+        self.workers.append(node)
+        return node
 
-    def _check_alive(self) -> None:
-        for name, process in (("head", self.head), ("worker", self.worker)):
+    def start(self, timeout_s: float) -> None:
+        """Start the head, then the first worker node, and wait until the GCS reports both alive."""
+        deadline = time.monotonic() + timeout_s
+        ray = _ray_executable()
+        self.head_temp.mkdir(parents=True)
+        head_args = [ray, "start", "--head", f"--port={self.port}", "--include-dashboard=false"]
+        self.head = self._spawn([*head_args, *self._node_args(self.head_temp, 0, 0)], "head.log")
+        self._wait_for_port(deadline)
+        worker = self._spawn_worker()
+        self.node_ids = self._wait_for_worker(worker, deadline, "the two nodes were not both alive")
+
+    def _check_alive(self, workers: Sequence[_WorkerNode] | None = None) -> None:
+        workers = [n for n in self.workers if not n.killed] if workers is None else workers
+        checked = [("head", self.head)] + [(f"worker {n.name}", n.process) for n in workers]
+        for name, process in checked:
             if process is not None and process.poll() is not None:
                 raise HarnessError(f"the {name} node exited with {process.returncode}\n{self.logs_tail()}")
 
@@ -369,10 +481,12 @@ class TwoNodeCluster:
             time.sleep(0.3)
         raise HarnessError(f"the head's GCS did not listen on {self.address} in time\n{self.logs_tail()}")
 
-    def _wait_for_nodes(self, deadline: float) -> None:
+    def _wait_for_worker(self, worker: _WorkerNode, deadline: float, failure: str) -> dict[str, str]:
+        """Wait until the GCS reports the head and ``worker`` (a node id it has not seen before) alive; their ids."""
         left = max(deadline - time.monotonic(), 1.0)
+        known = [node_id for node_id in (self.node_ids.get("head"), *(n.node_id for n in self.workers)) if node_id]
         probe = subprocess.Popen(
-            [sys.executable, "-c", _PROBE, self.address, str(float(self.worker_cpus)), str(left)],
+            [sys.executable, "-c", _PROBE, self.address, str(float(self.worker_cpus)), str(left), json.dumps(known)],
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -382,7 +496,7 @@ class TwoNodeCluster:
         )
         try:
             while probe.poll() is None:
-                self._check_alive()
+                self._check_alive([worker])
                 if time.monotonic() > deadline + 15:
                     raise HarnessError(f"the node probe hung\n{self.logs_tail()}")
                 time.sleep(0.3)
@@ -392,13 +506,13 @@ class TwoNodeCluster:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(probe.pid, signal.SIGKILL)
                 probe.wait(timeout=5)
-        self._check_alive()
+        self._check_alive([worker])
         if probe.returncode != 0:
-            raise HarnessError(
-                f"the two nodes were not both alive within the start timeout: {stderr.strip()[-2000:]}\n"
-                f"{self.logs_tail()}"
-            )
-        self.node_ids = json.loads(stdout.strip().splitlines()[-1])
+            raise HarnessError(f"{failure} within the start timeout: {stderr.strip()[-2000:]}\n{self.logs_tail()}")
+        ids = json.loads(stdout.strip().splitlines()[-1])
+        worker.node_id = ids["worker"]
+        worker.mount_ns_fd = _open_mount_namespace(worker.process.pid)
+        return ids
 
     def command_env(self) -> dict[str, str]:
         env = dict(self.env)
@@ -409,16 +523,22 @@ class TwoNodeCluster:
         return env
 
     def run(self, command: Sequence[str], timeout_s: float | None) -> int:
-        """Run ``command`` to its end (its output goes to this process's); its exit code, 124 after ``timeout_s``."""
+        """Run ``command`` to its end (its output goes to this process's), serving its ``control`` requests; its exit
+        code, 124 after ``timeout_s``."""
+        self.control_dir.mkdir(exist_ok=True)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         process = subprocess.Popen(
             list(command), env=self.command_env(), start_new_session=True, preexec_fn=die_with_parent
         )
         try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _log(f"the command ran past the run's --timeout (it had {timeout_s:.0f} s of it): stopping it")
-            _stop_group(process, grace_s=10.0, leader_first=False)
-            return TIMEOUT_EXIT
+            while process.poll() is None:
+                if deadline is not None and time.monotonic() >= deadline:
+                    _log(f"the command ran past the run's --timeout (it had {timeout_s:.0f} s of it): stopping it")
+                    _stop_group(process, grace_s=10.0, leader_first=False)
+                    return TIMEOUT_EXIT
+                self.serve_control()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=_CONTROL_POLL_S)
         except BaseException:
             _stop_group(process, grace_s=10.0, leader_first=False)
             raise
@@ -428,12 +548,81 @@ class TwoNodeCluster:
                 os.killpg(process.pid, signal.SIGKILL)
         return process.returncode if process.returncode >= 0 else 128 - process.returncode
 
+    def serve_control(self) -> None:
+        """Perform the pending ``control`` requests one at a time, oldest key first, and write their replies."""
+        for request in sorted(self.control_dir.glob("*.request")):
+            try:
+                body = json.loads(request.read_text())
+                request.unlink()
+            except FileNotFoundError:  # withdrawn by a driver that stopped waiting
+                continue
+            except (OSError, ValueError) as exc:
+                with contextlib.suppress(OSError):
+                    request.unlink()
+                body = {"invalid": f"unreadable request {request.name}: {exc}"}
+            if not isinstance(body, dict):
+                body = {"invalid": f"request {request.name} is not a JSON object"}
+            reply = self.perform(body)
+            try:
+                _write_json_atomically(request.with_suffix(".reply"), reply)
+            except OSError as exc:
+                _log(f"cannot write the reply to {request.name}: {exc}")
+
+    def perform(self, request: Mapping) -> dict:
+        """One ``control`` request: its reply (``ok`` false with an ``error`` if it failed)."""
+        action = request.get("action")
+        started = time.monotonic()
+        try:
+            if "invalid" in request:
+                raise HarnessError(request["invalid"])
+            timeout_s = float(request.get("timeout_s", 60.0))
+            if action == KILL_WORKER:
+                result = self.kill_worker()
+            elif action == ADD_WORKER:
+                result = self.add_worker(timeout_s)
+            else:
+                raise HarnessError(f"unknown action {action!r} (known: {KILL_WORKER!r}, {ADD_WORKER!r})")
+        except (HarnessError, OSError, ValueError, TypeError, subprocess.SubprocessError) as exc:
+            _log(f"control {action!r} failed after {time.monotonic() - started:.1f} s: {exc}")
+            return {"ok": False, "action": action, "error": str(exc)}
+        _log(f"control {action!r} done in {time.monotonic() - started:.1f} s: {result}")
+        return {"ok": True, "action": action, **result, "seconds": round(time.monotonic() - started, 3)}
+
+    def kill_worker(self) -> dict:
+        """SIGKILL every process of the newest worker node not killed yet (a spot reclaim: no graceful stop)."""
+        node = next((n for n in reversed(self.workers) if not n.killed), None)
+        if node is None:
+            raise HarnessError("there is no live worker node to kill (add one first)")
+        killed = _kill_node(node, self.root / node.name)
+        return {"node_id": node.node_id, "name": node.name, "killed_pids": killed}
+
+    def add_worker(self, timeout_s: float) -> dict:
+        """Start a replacement worker node with the same settings and a fresh temp dir; wait until it is alive."""
+        node = self._spawn_worker()
+        try:
+            self._wait_for_worker(
+                node, time.monotonic() + timeout_s, f"the replacement worker node {node.name} was not alive"
+            )
+        except HarnessError:
+            _kill_node(node, self.root / node.name)  # it never served: no graceful stop needed
+            raise
+        return {"node_id": node.node_id, "name": node.name}
+
     def stop(self) -> None:
-        """Stop the worker, then the head, then anything left that names this run's directory."""
-        for process in (self.worker, self.head):
-            if process is not None:
-                _stop_group(process, grace_s=15.0, leader_first=True)
-        self.worker = self.head = None  # stop() again: no signal to a group id that may have been reused
+        """Stop the worker nodes not killed yet (newest first; then SIGKILL what is left in their sessions and mount
+        namespaces: Ray's workers have process groups of their own), then the head, then anything left that names this
+        run's directory."""
+        live = [n for n in reversed(self.workers) if not n.killed]  # a killed one's group id may have been reused
+        for node in live:
+            _stop_group(node.process, grace_s=15.0, leader_first=True)
+            try:
+                if leftovers := _kill_node(node, self.root / node.name):
+                    _log(f"killed what worker node {node.name} left after its stop: {leftovers}")
+            except HarnessError as exc:
+                _log(str(exc))
+        if self.head is not None:
+            _stop_group(self.head, grace_s=15.0, leader_first=True)
+        self.head = None  # stop() again: no signal to a group id that may have been reused
         deadline = time.monotonic() + 15.0
         while (leftovers := live_processes(str(self.root))) and time.monotonic() < deadline:
             for pid in leftovers:
@@ -446,8 +635,8 @@ class TwoNodeCluster:
 
     def logs_tail(self, lines: int = 15) -> str:
         parts = []
-        candidates = [self.root / "head.log", self.root / "worker.log"]
-        for temp in (self.head_temp, self.worker_temp):
+        candidates = [self.root / "head.log", *(self.root / n.log for n in self.workers)]
+        for temp in (self.head_temp, *(self.root / n.name for n in self.workers)):
             logs = temp / "session_latest" / "logs"
             candidates += [logs / name for name in ("gcs_server.err", "raylet.err", "raylet.out")]
         for path in candidates:
@@ -456,6 +645,75 @@ class TwoNodeCluster:
                 if text:
                     parts.append(f"--- {path} (last {min(lines, len(text))} lines)\n" + "\n".join(text[-lines:]))
         return "\n".join(parts) or "(no node logs)"
+
+
+def _open_mount_namespace(pid: int) -> int | None:
+    """An open (close-on-exec) descriptor of the mount namespace of ``pid``, or None if unknown or the same as this
+    process's (the node's ``unshare --mount`` has not run yet: matching on it would take in the harness and the head).
+    """
+    try:
+        fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if os.path.samestat(os.fstat(fd), os.stat("/proc/self/ns/mnt")):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _node_processes(leader: int | None, mount_ns: os.stat_result | None, temp_dir: Path) -> list[int]:
+    """Live (non-zombie) processes, other than this one, of one node: in the process group or session ``leader``,
+    in the mount namespace ``mount_ns`` (``fstat`` of a descriptor that holds it), or whose command line names
+    ``temp_dir`` (the path itself or below it: ``ROOT/w`` does not match ``ROOT/w2``)."""
+    names_dir = re.compile(re.escape(os.fsencode(temp_dir)) + rb"(?=/|\0|$)")
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp sid
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        in_namespace = False
+        if mount_ns is not None:
+            with contextlib.suppress(OSError):
+                in_namespace = os.path.samestat(os.stat(entry / "ns" / "mnt"), mount_ns)
+        in_group = leader is not None and leader in (int(fields[2]), int(fields[3]))
+        if fields[0] != "Z" and (in_group or in_namespace or names_dir.search(cmdline)):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _kill_node(node: _WorkerNode, temp_dir: Path) -> list[int]:
+    """SIGKILL every process of ``node`` (see ``_node_processes``) until none is left; the pids killed."""
+    node.killed = True
+    # Its `ray start` has not been reaped unless it exited on its own: its pid still names its group and session.
+    leader = node.process.pid if node.process.returncode is None else None
+    if node.mount_ns_fd is None and leader is not None:
+        node.mount_ns_fd = _open_mount_namespace(leader)
+    mount_ns = None if node.mount_ns_fd is None else os.fstat(node.mount_ns_fd)
+    killed: set[int] = set()
+    deadline = time.monotonic() + 10.0
+    try:
+        while pids := _node_processes(leader, mount_ns, temp_dir):
+            if time.monotonic() > deadline:
+                raise HarnessError(f"processes of worker node {node.name} are still alive after SIGKILL: {pids}")
+            if leader is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(leader, signal.SIGKILL)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            killed.update(pids)
+            time.sleep(0.1)
+    finally:
+        if node.mount_ns_fd is not None:
+            os.close(node.mount_ns_fd)
+            node.mount_ns_fd = None
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        node.process.wait(timeout=10)
+    return sorted(killed)
 
 
 def _stop_group(process: subprocess.Popen, grace_s: float, leader_first: bool) -> None:

@@ -6,9 +6,14 @@ that two nodes are alive and runs a 1-CPU task, which can only land on the worke
 sees the marker file of the hidden ``tmp/head`` (it must not), writes into the shared ``tmp/storage`` (the driver
 reads it back) and into ``tmp/head`` (the head must not see that), and its node id (not the head's). After the
 harness exits no process of the cluster may be left and ``/tmp/ray/ray_current_cluster`` must not name it.
+
+A spot reclaim (``control("kill-worker")``) and the return of capacity (``control("add-worker")``): the worker node
+dies for the GCS, a 1-CPU task stays pending while no worker exists and runs on the replacement once it is up; a
+second kill targets the replacement, a third finds no live worker, and a third worker node is left for the teardown.
 """
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -126,5 +131,149 @@ def test_two_node_cluster_hides_the_heads_files_and_shares_storage(namespaces, t
         current = Path("/tmp/ray/ray_current_cluster")
         assert not current.exists() or f":{port}" not in current.read_text(), current.read_text()
         assert list(temp_root.iterdir()) == [], "the harness left its temp dir after a success"
+    finally:
+        shutil.rmtree(temp_root, ignore_errors=True)
+
+
+PREEMPT_DRIVER = textwrap.dedent(
+    """
+    import json, os, time
+
+    import ray
+
+    from flora_ray.testing.multinode import ControlError, control
+
+    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+
+
+    def start_time(pid):  # (pid, start time) names a process; None: gone or a zombie
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return None if fields[0] == "Z" else int(fields[19])
+
+
+    @ray.remote(num_cpus=1)
+    def where():  # this node's id and processes: all of them, and only they, are in this mount namespace
+        own = os.readlink("/proc/self/ns/mnt")
+        processes = []
+        for pid in (int(name) for name in os.listdir("/proc") if name.isdigit()):
+            try:
+                started = start_time(pid) if os.readlink(f"/proc/{pid}/ns/mnt") == own else None
+            except OSError:
+                started = None
+            if started is not None:
+                processes.append([pid, started])
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "mount_ns": own,
+            "processes": processes,
+        }
+
+
+    def survivors(processes):
+        return [pid for pid, started in processes if start_time(pid) == started]
+
+
+    def alive(node_id):
+        return {node["NodeID"]: node["Alive"] for node in ray.nodes()}.get(node_id)
+
+
+    def control_error(action):
+        try:
+            control(action, timeout_s=10)
+        except ControlError as exc:
+            return str(exc)
+        return None
+
+
+    report = {"first": ray.get(where.remote(), timeout=60)}
+    started = time.monotonic()
+    report["kill"] = control("kill-worker")
+    report["survivors_of_kill"] = survivors(report["first"]["processes"])
+    while alive(report["first"]["node_id"]) is not False and time.monotonic() - started < 30:
+        time.sleep(0.25)
+    report["first_alive_after_kill"] = alive(report["first"]["node_id"])
+    report["dead_after_s"] = round(time.monotonic() - started, 1)
+    pending = where.remote()
+    report["ran_without_worker"] = bool(ray.wait([pending], timeout=3)[0])
+    report["bad_action_error"] = control_error("reboot-worker")
+    report["add"] = control("add-worker")
+    report["second"] = ray.get(pending, timeout=60)
+    report["kill_again"] = control("kill-worker")  # the newest live worker: the replacement
+    report["survivors_of_kill_again"] = survivors(report["second"]["processes"])
+    report["kill_none_error"] = control_error("kill-worker")
+    report["add_again"] = control("add-worker")
+    report["third"] = ray.get(where.remote(), timeout=60)
+    report["head_node"] = os.environ["FLORA_MULTINODE_HEAD_NODE_ID"]
+    report["worker_node"] = os.environ["FLORA_MULTINODE_WORKER_NODE_ID"]
+    print("REPORT " + json.dumps(report), flush=True)
+    """
+)
+
+
+def _survivors(processes: list[list[int]]) -> list[int]:
+    """The pids of ``processes`` (``[pid, start time]`` pairs) still alive (and not zombies)."""
+    alive = []
+    for pid, started in processes:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[19]) == started:
+            alive.append(pid)
+    return alive
+
+
+@pytest.mark.timeout(150)
+def test_the_driver_kills_the_worker_node_and_adds_a_replacement(namespaces, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(PREEMPT_DRIVER)
+    temp_root = Path(tempfile.mkdtemp(prefix="frt-", dir="/tmp"))
+    try:
+        started = time.monotonic()
+        result = run_on_two_nodes(
+            [sys.executable, str(driver)], hide=[], timeout_s=110, worker_cpus=1, temp_root=temp_root
+        )
+        seconds = time.monotonic() - started
+        output = (
+            f"exit {result.returncode} after {seconds:.0f} s\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+        )
+        reports = [line[len("REPORT ") :] for line in result.stdout.splitlines() if line.startswith("REPORT ")]
+        assert reports, output
+        report = json.loads(reports[-1])
+        first, second, third = report["first"], report["second"], report["third"]
+        assert result.returncode == 0, output
+        # The reclaim: every process of the first worker node got SIGKILL, and the GCS marked the node dead.
+        assert first["node_id"] == report["worker_node"] != report["head_node"], output
+        assert report["kill"]["node_id"] == first["node_id"] and report["kill"]["name"] == "w", output
+        assert first["pid"] in report["kill"]["killed_pids"], output
+        assert {pid for pid, _ in first["processes"]} <= set(report["kill"]["killed_pids"]), output
+        assert report["survivors_of_kill"] == [], output
+        assert report["first_alive_after_kill"] is False, output
+        # No worker, no CPU: the task waited for the replacement and ran there.
+        assert not report["ran_without_worker"], output
+        assert report["add"]["name"] == "w2" and second["node_id"] == report["add"]["node_id"], output
+        assert len({report["head_node"], first["node_id"], second["node_id"], third["node_id"]}) == 4, output
+        # (The kernel may give a killed node's mount namespace number to the next one made.)
+        assert os.readlink("/proc/self/ns/mnt") not in {first["mount_ns"], second["mount_ns"], third["mount_ns"]}
+        assert len(third["processes"]) >= 3, output  # ray start, raylet, this worker, ...
+        # A kill targets the newest live worker; with none left it is an error, as is an unknown action.
+        assert report["kill_again"]["node_id"] == second["node_id"] and report["kill_again"]["name"] == "w2", output
+        assert report["survivors_of_kill_again"] == [], output
+        assert "no live worker node" in (report["kill_none_error"] or ""), output
+        assert "unknown action" in (report["bad_action_error"] or ""), output
+        assert report["add_again"]["name"] == "w3" and third["node_id"] == report["add_again"]["node_id"], output
+
+        # Torn down (the live third worker node included): nothing of the cluster is left.
+        assert live_processes(str(temp_root)) == [], output
+        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+        assert not [line for line in ps.splitlines() if str(temp_root) in line], ps
+        assert _survivors(first["processes"] + second["processes"] + third["processes"]) == [], output
+        assert list(temp_root.iterdir()) == [], "the harness left its temp dir after a success"
+        print(f"preemption test: {seconds:.1f} s, node marked dead {report['dead_after_s']} s after the kill")
     finally:
         shutil.rmtree(temp_root, ignore_errors=True)
