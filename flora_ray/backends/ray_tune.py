@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 def tune_trial(genes: dict[str, Any], problem: SearchProblem | None = None, backend: Any = None) -> None:
     """The Tune trainable: evaluate one subnet on this actor's (cached) evaluator and report it.
 
-    An error of the evaluation is reported as a result without objectives (the trial fails, and is not retried);
+    An error of the evaluation is reported as a result with NaN objectives (the trial fails, and is not retried);
     only a lost evaluator (its node or process gone) errors the Tune trial, which Tune then runs again.
     """
     from ray import tune
@@ -28,7 +28,7 @@ def tune_trial(genes: dict[str, Any], problem: SearchProblem | None = None, back
         result = backend.evaluate(problem, genes)
     except Exception as exc:  # the subnet's own failure: recorded, not retried
         logger.warning("search: trial %s failed: %s", genes, exc)
-        result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        result = {**dict.fromkeys(OBJECTIVES, float("nan")), "error": f"{type(exc).__name__}: {exc}"[:500]}
     tune.report(result)
 
 

@@ -88,6 +88,9 @@ class Checkpoint(Callback):
             if directory is not None:
                 self._write(trainer, directory)
             trainer.session.report(metrics, directory)
+            collected = getattr(trainer.session, "checkpoint_collected", None)
+            if collected is not None:  # Ray: every rank waits until the checkpoint is registered
+                collected(metrics)
         finally:
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)

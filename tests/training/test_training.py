@@ -249,7 +249,9 @@ def test_resume_from_a_mid_epoch_checkpoint_repeats_at_most_the_interval_and_end
     reference = [json.loads(line) for line in (tmp_path / "a" / "rank0.jsonl").read_text().splitlines()]
     assert deduplicated == {(r["epoch"], r["step"]): r["digest"] for r in reference}
     assert [r["epoch"] for r in session.reports if "loss" in r][-1] == 2
-    final, resumed = (torch.load(d / "latest" / "state.pt", weights_only=True) for d in (tmp_path / "c1", tmp_path / "c2"))
+    final, resumed = (
+        torch.load(d / "latest" / "state.pt", weights_only=True) for d in (tmp_path / "c1", tmp_path / "c2")
+    )
     assert json.loads(final["history"])[-1]["loss"] == pytest.approx(json.loads(resumed["history"])[-1]["loss"])
     from flora_ray.storage.files import read_checkpoint
 
