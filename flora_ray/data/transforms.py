@@ -94,7 +94,7 @@ class Preprocess:
         if x.dtype != torch.uint8:
             return x  # already the float the model sees
         mean, std = self.mean.to(x.device), self.std.to(x.device)
-        out = (x.float().div_(255.0) - mean) / std
+        out = x.float().div_(255.0).sub_(mean).div_(std)  # in place: one float batch alive, not two
         if train and self.erase_prob > 0:
             out = self._eraser(x.device)(out)
         return out
