@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from flora_ray.backends.base import TaskMap
 from flora_ray.backends.local import LocalBackend
 from flora_ray.backends.ray import RayBackend
 from flora_ray.search.study import SearchProblem
@@ -50,8 +55,41 @@ class _Faults(Callback):
             return
         self.sample_log.mkdir(parents=True, exist_ok=True)
         record = {"epoch": trainer.epoch, "step": step, "digest": config_digest(configs[-1])}
+        record.update(global_step=trainer.global_step, time=time.time(), pid=os.getpid())
         with open(self.sample_log / f"rank{trainer.session.world_rank}.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def log_event(directory: str | os.PathLike | None, kind: str, **fields: Any) -> None:
+    """Append one JSON line ``{kind, time, pid, host, ...}`` to ``directory/<pid>.jsonl`` (one file per process, so
+    processes on several nodes never interleave within a file)."""
+    if directory is None:
+        return
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    record = {"kind": kind, "time": time.time(), "pid": os.getpid(), "host": socket.gethostname(), **fields}
+    with open(Path(directory) / f"{os.getpid()}.jsonl", "a") as handle:
+        handle.write(json.dumps(record, default=str) + "\n")
+
+
+def read_events(directory: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every event ``log_event`` wrote into ``directory``, in time order."""
+    events = []
+    for path in sorted(Path(directory).glob("*.jsonl")):
+        events += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sorted(events, key=lambda e: e["time"])
+
+
+def logged_task(fn: Callable[[Any, Any], Any], event_log: str) -> Callable[[Any, Any], Any]:
+    """``fn`` for a ``TaskMap``, logging ``task_start`` / ``task_end`` events (with the item) around it (a plain
+    function: ``ray.remote`` takes functions, not callable objects)."""
+
+    def logged(shared: Any, item: Any) -> Any:
+        log_event(event_log, "task_start", item=item)
+        result = fn(shared, item)
+        log_event(event_log, "task_end", item=item)
+        return result
+
+    return logged
 
 
 class FaultSession:
@@ -74,7 +112,10 @@ class FaultSession:
 
 class FaultInjection:
     """Backend mixin: training workers run a ``FaultSession``; trials whose first gene (in name order) equals
-    ``raise_if_first_gene`` raise, those with ``nan_if_first_gene`` return a NaN accuracy."""
+    ``raise_if_first_gene`` raise, those with ``nan_if_first_gene`` return a NaN accuracy. With ``event_log`` (a
+    directory every node sees), every task of a ``map`` and every trial evaluation logs its start and end there.
+    ``min_trial_seconds`` stretches every evaluation to at least that long (an ImageNet evaluation's duration, so
+    that a reclaim can catch one in flight)."""
 
     def __init__(
         self,
@@ -82,20 +123,32 @@ class FaultInjection:
         sample_log: str | None = None,
         raise_if_first_gene: int | None = None,
         nan_if_first_gene: int | None = None,
+        event_log: str | None = None,
+        min_trial_seconds: float = 0.0,
     ) -> None:
-        self.fail, self.sample_log = fail, sample_log
+        self.fail, self.sample_log, self.event_log = fail, sample_log, event_log
+        self.min_trial_seconds = min_trial_seconds
         self.raise_if_first_gene, self.nan_if_first_gene = raise_if_first_gene, nan_if_first_gene
 
     def worker_session(self, session: Session) -> Session:
         return FaultSession(session, self.fail, self.sample_log)
 
+    def map(self, job: TaskMap) -> Iterator[tuple[Any, Any]]:
+        if self.event_log is not None:
+            job = replace(job, fn=logged_task(job.fn, self.event_log))
+        return super().map(job)
+
     def evaluate(self, problem: SearchProblem, genes: dict[str, Any]) -> dict[str, Any]:
         first = genes[sorted(genes)[0]]
+        started = time.monotonic()
+        log_event(self.event_log, "trial_start", genes=genes)
         if first == self.raise_if_first_gene:
             raise RuntimeError(f"injected evaluation failure (first gene {first})")
         metrics = problem.evaluate(genes)
         if first == self.nan_if_first_gene:
             metrics["accuracy"] = math.nan
+        time.sleep(max(0.0, self.min_trial_seconds - (time.monotonic() - started)))
+        log_event(self.event_log, "trial_end", genes=genes)
         return metrics
 
 

@@ -1,0 +1,118 @@
+"""What one spot reclaim costs in each stage: seconds from the kill to resumed progress, and the work redone.
+
+A real two-node Ray cluster on this machine (``flora_ray.testing.multinode``: a head without CPUs, one 2-CPU worker
+node that shares only the storage directory, inside a loopback-only network namespace) runs the whole pipeline on a
+generated image folder of JPEG files. ``flora_ray.testing.preemption`` kills the worker node (SIGKILL to all its
+processes) once in ``filter``, ``train`` and ``search``, each at a seeded random point after the stage's first
+durable progress with work in flight, and adds a replacement node ``--gap`` seconds later. Per reclaim the table
+shows: seconds from the kill until the replacement node had joined, until progress resumed (the first training
+step, filter task or trial evaluation started afterwards), and the work redone (training steps repeated, filter
+blocks or trials lost) with the seconds it had run. Writes ``results/preemption.json``.
+
+    .venv/bin/python experiments/benchmarks/preemption.py            # 3 epochs, 4 blocks, 16 trials
+    .venv/bin/python experiments/benchmarks/preemption.py --smoke    # the test's sizes
+
+Needs root (network and mount namespaces), like ``tests/cluster/test_preemption.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from bench_env import environment
+
+from flora_ray.config import config_to_dict, load_config
+from flora_ray.storage.files import write_json
+from flora_ray.testing.imagefolder import write_image_folder
+from flora_ray.testing.multinode import can_make_namespaces, run_on_two_nodes
+from flora_ray.testing.preemption import costs
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CHECKPOINT_STEPS = 2
+BASE = [
+    "model.name=test_vit",
+    "model.kwargs={patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2, mlp_ratio: 2}",
+    "model.ratios=[0.25, 0.5, 1.0]",
+    "data.name=imagefolder", "data.img_size=32", "data.in_chans=3", "data.search_per_class=4", "data.augment=true",
+    "pretrain.epochs=2", "pretrain.batch_size=32", "pretrain.lr=0.003", "pretrain.warmup_epochs=0",
+    "filter.epochs=1", "filter.batch_size=32", "filter.eval_images=48", "filter.subset=0.5", "filter.concurrency=2",
+    "train.batch_size=16", "train.warmup_epochs=0", "train.eval_images=48",
+    f"train.checkpoint_every_steps={CHECKPOINT_STEPS}",
+    "search.population=4", "search.eval_images=48", "search.concurrency=2",
+    "run.threads_per_worker=1", "run.max_failures=10", "scaling.num_workers=2",
+]  # fmt: skip
+SIZES = {"full": ["train.epochs=3", "search.trials=16"], "smoke": ["train.epochs=2", "search.trials=10"]}
+# The head marks a dead node after about 1.5 s instead of Ray's default 15 s (raylet health checks).
+FAST_FAILURE_DETECTION = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3"}
+
+
+def run(base: Path, size: str, gap_s: float, seed: int) -> tuple[list[dict], float]:
+    """One preempted pipeline run; returns the per-reclaim costs and the wall time."""
+    write_image_folder(base / "data", classes=12, train_per_class=24, val_per_class=6, size=32)
+    head, storage = base / "head", base / "storage"
+    head.mkdir()
+    cfg = load_config(
+        None,
+        [*BASE, *SIZES[size], "run.name=bench", f"run.output_dir={head / 'runs'}", f"run.storage={storage}",
+         f"data.root={base / 'data'}"],
+    )  # fmt: skip
+    (head / "run.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    events = storage / "events"
+    driver = [sys.executable, "-m", "flora_ray.testing.preemption", str(head / "run.yaml"), "--events", str(events),
+              "--seed", str(seed), "--gap", str(gap_s), "--trial-seconds", "2", "--kill", "filter", "train", "search"]  # fmt: skip
+    env = {**os.environ, **FAST_FAILURE_DETECTION}
+    started = time.perf_counter()
+    result = run_on_two_nodes(driver, hide=[head], env=env, timeout_s=1500)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"the preempted run failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return costs(events), wall
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| stage | kill -> replacement joined (s) | kill -> progress resumed (s) | work redone | redone work ran (s) |",
+             "| --- | ---: | ---: | --- | ---: |"]  # fmt: skip
+    for r in rows:
+        resumed = "-" if r["resumed_s"] is None else f"{r['resumed_s']:.1f}"
+        lines.append(
+            f"| {r['stage']} | {r['replacement_s']:.1f} | {resumed} | {r['redone']} {r['unit']} | {r['redone_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="the test's sizes (2 epochs, 10 trials)")
+    parser.add_argument("--gap", type=float, default=3.0, help="seconds without a worker node after each kill")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kill points")
+    parser.add_argument("--output", type=Path, help="directory for preemption.json (default results/)")
+    args = parser.parse_args()
+    if not can_make_namespaces():
+        raise SystemExit("needs network and mount namespaces (root): unshare --net and unshare --mount")
+    base = Path(tempfile.mkdtemp(prefix="frb-", dir="/tmp"))  # short: Ray's socket paths live below
+    try:
+        env_before = environment(threads=1)
+        rows, wall = run(base, "smoke" if args.smoke else "full", args.gap, args.seed)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print(table(rows))
+    print(f"whole preempted run: {wall:.0f} s (gap without a worker node: {args.gap:.0f} s per reclaim)")
+    out = args.output or (None if args.smoke else RESULTS)
+    if out is not None:
+        record = {"environment": env_before, "loadavg_after": list(os.getloadavg()), "gap_s": args.gap,
+                  "seed": args.seed, "checkpoint_every_steps": CHECKPOINT_STEPS, "wall_s": wall, "reclaims": rows,
+                  "size": "smoke" if args.smoke else "full"}  # fmt: skip
+        write_json(Path(out) / "preemption.json", record)
+        print(json.dumps({"written": str(Path(out) / "preemption.json")}))
+
+
+if __name__ == "__main__":
+    main()
