@@ -33,25 +33,10 @@ from flora_ray.config import config_to_dict, load_config
 from flora_ray.storage.files import write_json
 from flora_ray.testing.imagefolder import write_image_folder
 from flora_ray.testing.multinode import can_make_namespaces, run_on_two_nodes
-from flora_ray.testing.preemption import costs
+from flora_ray.testing.preemption import CHECKPOINT_STEPS, FAST_FAILURE_DETECTION, SMALL_RUN, costs
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CHECKPOINT_STEPS = 2
-BASE = [
-    "model.name=test_vit",
-    "model.kwargs={patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2, mlp_ratio: 2}",
-    "model.ratios=[0.25, 0.5, 1.0]",
-    "data.name=imagefolder", "data.img_size=32", "data.in_chans=3", "data.search_per_class=4", "data.augment=true",
-    "pretrain.epochs=2", "pretrain.batch_size=32", "pretrain.lr=0.003", "pretrain.warmup_epochs=0",
-    "filter.epochs=1", "filter.batch_size=32", "filter.eval_images=48", "filter.subset=0.5", "filter.concurrency=2",
-    "train.batch_size=16", "train.warmup_epochs=0", "train.eval_images=48",
-    f"train.checkpoint_every_steps={CHECKPOINT_STEPS}",
-    "search.population=4", "search.eval_images=48", "search.concurrency=2",
-    "run.threads_per_worker=1", "run.max_failures=10", "scaling.num_workers=2",
-]  # fmt: skip
-SIZES = {"full": ["train.epochs=3", "search.trials=16"], "smoke": ["train.epochs=2", "search.trials=10"]}
-# The head marks a dead node after about 1.5 s instead of Ray's default 15 s (raylet health checks).
-FAST_FAILURE_DETECTION = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3"}
+SIZES = {"full": ["train.epochs=3", "search.trials=16"], "smoke": []}
 
 
 def run(base: Path, size: str, gap_s: float, seed: int) -> tuple[list[dict], float]:
@@ -61,7 +46,7 @@ def run(base: Path, size: str, gap_s: float, seed: int) -> tuple[list[dict], flo
     head.mkdir()
     cfg = load_config(
         None,
-        [*BASE, *SIZES[size], "run.name=bench", f"run.output_dir={head / 'runs'}", f"run.storage={storage}",
+        [*SMALL_RUN, *SIZES[size], "run.name=bench", f"run.output_dir={head / 'runs'}", f"run.storage={storage}",
          f"data.root={base / 'data'}"],
     )  # fmt: skip
     (head / "run.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))

@@ -24,6 +24,7 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import random
 import statistics
 import sys
@@ -36,6 +37,25 @@ from typing import Any
 from flora_ray.testing.faults import log_event, read_events
 
 KILLABLE = ("filter", "train", "search")
+# The events of one unit of work of a stage: (start, end, the field that names the unit).
+WORK = {"filter": ("task_start", "task_end", "item"), "search": ("trial_start", "trial_end", "genes")}
+CHECKPOINT_STEPS = 2
+# A small run (depth-4 ViT, 4 filter blocks, 14 supernet steps, 10 trials) for the tests and the benchmark, on a
+# 12-class folder of 32 px JPEG files; the benchmark's full size adds epochs and trials.
+SMALL_RUN = [
+    "model.name=test_vit",
+    "model.kwargs={patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2, mlp_ratio: 2}",
+    "model.ratios=[0.25, 0.5, 1.0]",
+    "data.name=imagefolder", "data.img_size=32", "data.in_chans=3", "data.search_per_class=4", "data.augment=true",
+    "pretrain.epochs=2", "pretrain.batch_size=32", "pretrain.lr=0.003", "pretrain.warmup_epochs=0",
+    "filter.epochs=1", "filter.batch_size=32", "filter.eval_images=48", "filter.subset=0.5", "filter.concurrency=2",
+    "train.epochs=2", "train.batch_size=16", "train.warmup_epochs=0", "train.eval_images=48",
+    f"train.checkpoint_every_steps={CHECKPOINT_STEPS}",
+    "search.trials=10", "search.population=4", "search.eval_images=48", "search.concurrency=2",
+    "run.threads_per_worker=1", "run.max_failures=10", "scaling.num_workers=2",
+]  # fmt: skip
+# The head marks a dead node after about 1.5 s instead of Ray's default 15 s (raylet health checks).
+FAST_FAILURE_DETECTION = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3"}
 STAGE_NAMES = ("pretrain", "filter", "train", "search", "export", "report")
 
 
@@ -48,40 +68,30 @@ def samples(events_dir: Path) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: r["time"])
 
 
-def _in_flight(events: list[dict[str, Any]], start: str, end: str, key: str) -> int:
-    started = [json.dumps(e[key], sort_keys=True) for e in events if e["kind"] == start]
-    ended = [json.dumps(e[key], sort_keys=True) for e in events if e["kind"] == end]
-    for item in ended:
-        if item in started:
-            started.remove(item)
-    return len(started)
+def unfinished(log: list[dict[str, Any]], stage: str, before: float = math.inf) -> list[dict[str, Any]]:
+    """The ``stage``'s (``filter`` or ``search``) work started before ``before`` and not finished before it."""
+    start, end, key = WORK[stage]
+    ident = lambda e: json.dumps(e[key], sort_keys=True)  # noqa: E731
+    finished = {ident(e) for e in log if e["kind"] == end and e["time"] < before}
+    return [e for e in log if e["kind"] == start and e["time"] < before and ident(e) not in finished]
 
 
 def kill_condition(stage: str, cfg: Any, events_dir: Path, rng: random.Random) -> Callable[[], bool]:
     """When to reclaim the worker node during ``stage`` (see the module docstring)."""
     if stage == "train":
-        every = getattr(cfg, stage).checkpoint_every_steps
+        every = cfg.train.checkpoint_every_steps
         if not every:
-            raise ValueError(f"{stage}.checkpoint_every_steps must be set to kill after the first checkpoint")
+            raise ValueError("train.checkpoint_every_steps must be set to kill after the first checkpoint")
         target = every + rng.randint(1, every)
         return lambda: any(r["global_step"] >= target for r in samples(events_dir))
-    if stage == "filter":
-        target = rng.randint(1, 2)
+    target = rng.randint(1, 2 if stage == "filter" else 3)
 
-        def filter_ready() -> bool:
-            events = read_events(events_dir / "events")
-            done = sum(e["kind"] == "task_end" for e in events)
-            return done >= target and _in_flight(events, "task_start", "task_end", "item") > 0
+    def ready() -> bool:
+        log = read_events(events_dir / "events")
+        done = sum(e["kind"] == WORK[stage][1] for e in log)
+        return done >= target and bool(unfinished(log, stage))
 
-        return filter_ready
-    target = rng.randint(1, 3)
-
-    def search_ready() -> bool:
-        events = read_events(events_dir / "events")
-        done = sum(e["kind"] == "trial_end" for e in events)
-        return done >= target and _in_flight(events, "trial_start", "trial_end", "genes") > 0
-
-    return search_ready
+    return ready
 
 
 def reclaim(stage: str, ready: Callable[[], bool], events_dir: Path, gap_s: float, stop: threading.Event) -> None:
@@ -153,13 +163,6 @@ def run(
     return {"seconds": seconds}
 
 
-def _lost(log: list[dict[str, Any]], start: str, end: str, key: str, killed: float) -> list[dict[str, Any]]:
-    """Work started before ``killed`` and not finished before it (the work the reclaim lost)."""
-    ident = lambda e: json.dumps(e[key], sort_keys=True)  # noqa: E731
-    finished = {ident(e) for e in log if e["kind"] == end and e["time"] < killed}
-    return [e for e in log if e["kind"] == start and e["time"] < killed and ident(e) not in finished]
-
-
 def _training_cost(events_dir: Path, killed: float) -> dict[str, Any]:
     records = samples(events_dir)
     after = [r["time"] for r in records if r["time"] > killed]
@@ -174,10 +177,9 @@ def _training_cost(events_dir: Path, killed: float) -> dict[str, Any]:
             "redone_s": repeated * step_s}  # fmt: skip
 
 
-def _work_cost(log: list[dict[str, Any]], kinds: tuple[str, str, str], killed: float, unit: str) -> dict[str, Any]:
-    start, end, key = kinds
-    lost = _lost(log, start, end, key, killed)
-    restarted = [e["time"] for e in log if e["kind"] == start and e["time"] > killed]
+def _work_cost(log: list[dict[str, Any]], stage: str, killed: float, unit: str) -> dict[str, Any]:
+    lost = unfinished(log, stage, killed)
+    restarted = [e["time"] for e in log if e["kind"] == WORK[stage][0] and e["time"] > killed]
     return {"resumed_s": min(restarted) - killed if restarted else None, "redone": len(lost), "unit": unit,
             "redone_s": sum(killed - e["time"] for e in lost)}  # fmt: skip
 
@@ -194,9 +196,9 @@ def costs(events_dir: Path) -> list[dict[str, Any]]:
         if stage == "train":
             cost = _training_cost(events_dir, killed)
         elif stage == "filter":
-            cost = _work_cost(log, ("task_start", "task_end", "item"), killed, "blocks")
+            cost = _work_cost(log, "filter", killed, "blocks")
         else:
-            cost = _work_cost(log, ("trial_start", "trial_end", "genes"), killed, "trials")
+            cost = _work_cost(log, "search", killed, "trials")
         rows.append({"stage": stage, "replacement_s": added - killed, **cost})
     return rows
 

@@ -31,26 +31,10 @@ from flora_ray.core.space import RankSpace
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.testing.faults import read_events
 from flora_ray.testing.imagefolder import write_image_folder
-from flora_ray.testing.preemption import samples
+from flora_ray.testing.preemption import CHECKPOINT_STEPS, FAST_FAILURE_DETECTION, SMALL_RUN, samples, unfinished
 from flora_ray.training.sampling import build_sampler, config_digest, step_generator
 
 pytestmark = pytest.mark.slow
-
-CHECKPOINT_STEPS = 2
-SETTINGS = [
-    "model.name=test_vit",
-    "model.kwargs={patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2, mlp_ratio: 2}",
-    "model.ratios=[0.25, 0.5, 1.0]",
-    "data.name=imagefolder", "data.img_size=32", "data.in_chans=3", "data.search_per_class=4", "data.augment=true",
-    "pretrain.epochs=2", "pretrain.batch_size=32", "pretrain.lr=0.003", "pretrain.warmup_epochs=0",
-    "filter.epochs=1", "filter.batch_size=32", "filter.eval_images=48", "filter.subset=0.5", "filter.concurrency=2",
-    "train.epochs=2", "train.batch_size=16", "train.warmup_epochs=0", "train.eval_images=48",
-    f"train.checkpoint_every_steps={CHECKPOINT_STEPS}",
-    "search.trials=10", "search.population=4", "search.eval_images=48", "search.concurrency=2",
-    "run.threads_per_worker=1", "run.max_failures=10", "scaling.num_workers=2",
-]  # fmt: skip
-# The head notices a dead node after about 1.5 s instead of Ray's default 15 s (raylet health checks).
-FAST_FAILURE_DETECTION = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3"}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +55,7 @@ def cluster_dirs():
 def _config(base: Path, name: str, *overrides: str):
     cfg = load_config(
         None,
-        [*SETTINGS, f"run.name={name}", f"run.output_dir={base / name / 'head' / 'runs'}",
+        [*SMALL_RUN, f"run.name={name}", f"run.output_dir={base / name / 'head' / 'runs'}",
          f"run.storage={base / name / 'storage'}", f"data.root={base / 'data'}", *overrides],
     )  # fmt: skip
     (base / name / "head").mkdir(parents=True)
@@ -154,7 +138,7 @@ def test_filter_keeps_finished_blocks_and_runs_lost_ones_again(preempted_run):
     starts = Counter(e["item"] for e in log if e["kind"] == "task_start")
     assert ends == dict.fromkeys(blocks, 1)  # every block finished exactly once
     finished_before = {e["item"] for e in log if e["kind"] == "task_end" and e["time"] < killed_at}
-    lost = {e["item"] for e in log if e["kind"] == "task_start" and e["time"] < killed_at} - finished_before
+    lost = {e["item"] for e in unfinished(log, "filter", killed_at)}
     assert finished_before and lost
     assert all(starts[b] == 1 for b in finished_before)  # kept: never run again
     assert all(starts[b] == 2 for b in lost)  # run again after the reclaim
@@ -176,9 +160,7 @@ def test_search_evaluates_lost_trials_again(preempted_run):
     log = [e for e in read_events(events / "events") if e["kind"] in ("trial_start", "trial_end")]
     assert sum(e["kind"] == "trial_end" for e in log) == cfg.search.trials  # none evaluated twice to completion
     key = lambda e: json.dumps(e["genes"], sort_keys=True)  # noqa: E731
-    lost = Counter(key(e) for e in log if e["kind"] == "trial_start" and e["time"] < killed_at)
-    lost.subtract(Counter(key(e) for e in log if e["kind"] == "trial_end" and e["time"] < killed_at))
-    lost = {genes for genes, n in lost.items() if n > 0}
+    lost = {key(e) for e in unfinished(log, "search", killed_at)}
     assert lost
     again = {key(e) for e in log if e["kind"] == "trial_end" and e["time"] > killed_at}
     assert lost <= again
