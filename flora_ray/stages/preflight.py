@@ -21,6 +21,8 @@ from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 PREFLIGHT_STAGES = ("pretrain", "filter", "train", "search")
 
+RAY_DATA_NEEDS_RAY = "data.pipeline=ray_data streams from Ray Data: use the Ray backend, or data.pipeline=loader"
+
 
 def preflight(cfg: Config, stage: str, store: RunStore | None = None) -> None:
     """Raise a one-line error when ``stage`` cannot run (unknown model, missing data, teacher, space or supernet)."""
@@ -79,6 +81,8 @@ def check_run_storage(cfg: Config, cluster: bool, local_backend: bool = False) -
             "this machine only): set run.storage to an absolute path on a filesystem every node mounts, or to "
             "s3://BUCKET/PREFIX or gs://BUCKET/PREFIX"
         )
+    if local_backend and cfg.data.pipeline == "ray_data":
+        raise ValueError(RAY_DATA_NEEDS_RAY)
     if cfg.run.storage:
         check_storage(cfg.run.storage)
         if local_backend and "://" in cfg.run.storage and not cfg.run.storage.startswith("file://"):

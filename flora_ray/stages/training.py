@@ -28,7 +28,7 @@ from flora_ray.stages.inputs import (
     resolve_space,
     teacher_is_pretrained,
 )
-from flora_ray.stages.preflight import preflight
+from flora_ray.stages.preflight import RAY_DATA_NEEDS_RAY, preflight
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.training.callbacks import Checkpoint, ConfigCheck, Progress, read_final_checkpoint
 from flora_ray.training.sampling import build_sampler
@@ -126,9 +126,7 @@ def fit_stage(cfg: Config, backend: Backend, stage: str) -> dict[str, Any]:
     datasets = None
     if cfg.data.pipeline == "ray_data":  # decoded by Ray Data tasks anywhere in the cluster, streamed to workers
         if backend.name != "ray":
-            raise ValueError(
-                "data.pipeline=ray_data streams from Ray Data: use the Ray backend, or data.pipeline=loader"
-            )
+            raise ValueError(RAY_DATA_NEEDS_RAY)
         train_ds, payload["train_rows"] = train_dataset(cfg)
         datasets = lambda: {"train": train_ds}  # noqa: E731
     started = time.perf_counter()

@@ -53,6 +53,11 @@ STORAGE_CASES = [
     (["run.storage=s3://missing-bucket/runs"], [], "bucket 'missing-bucket' does not exist"),
     (["run.storage={file}/below"], [], "is a regular file, not a directory"),
     (["run.storage=s3://present/runs"], ["--backend", "local"], "--backend local keeps training checkpoints"),
+    (
+        ["data.in_chans=3", "data.name=imagefolder", "data.root={file}", "data.pipeline=ray_data"],
+        ["--backend", "local"],
+        "data.pipeline=ray_data streams from Ray Data: use the Ray backend",
+    ),
 ]
 
 
