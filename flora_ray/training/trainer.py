@@ -210,11 +210,10 @@ class Trainer:
         decoded for them); a loader without such a sampler reads and drops the batches before it."""
         skip = start * self.accumulate
         if self.train_sampler is not None:
-            if hasattr(self.train_sampler, "set_start"):
-                self.train_sampler.set_epoch(self.epoch)
-                self.train_sampler.set_start(skip * self.loader.batch_size)
-                return iter(self.loader)
             self.train_sampler.set_epoch(self.epoch)
+            if skip and hasattr(self.train_sampler, "set_start"):
+                self.train_sampler.set_start(skip * self.opt.batch_size)
+                return iter(self.loader)
         batches = iter(self.loader)
         for _ in range(skip):
             next(batches)
