@@ -52,7 +52,7 @@ def run(base: Path, size: str, gap_s: float, seed: int) -> tuple[list[dict], flo
     (head / "run.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
     events = storage / "events"
     driver = [sys.executable, "-m", "flora_ray.testing.preemption", str(head / "run.yaml"), "--events", str(events),
-              "--seed", str(seed), "--gap", str(gap_s), "--trial-seconds", "2", "--kill", "filter", "train", "search"]  # fmt: skip
+              "--seed", str(seed), "--gap", str(gap_s), "--work-seconds", "2", "--kill", "filter", "train", "search"]  # fmt: skip
     env = {**os.environ, **FAST_FAILURE_DETECTION}
     started = time.perf_counter()
     result = run_on_two_nodes(driver, hide=[head], env=env, timeout_s=1500)

@@ -79,13 +79,15 @@ def read_events(directory: str | os.PathLike) -> list[dict[str, Any]]:
     return sorted(events, key=lambda e: e["time"])
 
 
-def logged_task(fn: Callable[[Any, Any], Any], event_log: str) -> Callable[[Any, Any], Any]:
-    """``fn`` for a ``TaskMap``, logging ``task_start`` / ``task_end`` events (with the item) around it (a plain
-    function: ``ray.remote`` takes functions, not callable objects)."""
+def logged_task(fn: Callable[[Any, Any], Any], event_log: str, min_seconds: float = 0.0) -> Callable[[Any, Any], Any]:
+    """``fn`` for a ``TaskMap``, logging ``task_start`` / ``task_end`` events (with the item) around it and lasting
+    at least ``min_seconds`` (a plain function: ``ray.remote`` takes functions, not callable objects)."""
 
     def logged(shared: Any, item: Any) -> Any:
+        started = time.monotonic()
         log_event(event_log, "task_start", item=item)
         result = fn(shared, item)
+        time.sleep(max(0.0, min_seconds - (time.monotonic() - started)))
         log_event(event_log, "task_end", item=item)
         return result
 
@@ -114,8 +116,8 @@ class FaultInjection:
     """Backend mixin: training workers run a ``FaultSession``; trials whose first gene (in name order) equals
     ``raise_if_first_gene`` raise, those with ``nan_if_first_gene`` return a NaN accuracy. With ``event_log`` (a
     directory every node sees), every task of a ``map`` and every trial evaluation logs its start and end there.
-    ``min_trial_seconds`` stretches every evaluation to at least that long (an ImageNet evaluation's duration, so
-    that a reclaim can catch one in flight)."""
+    ``min_work_seconds`` stretches every logged task and evaluation to at least that long (as ImageNet-sized work
+    would take, so that a reclaim can catch one in flight)."""
 
     def __init__(
         self,
@@ -124,10 +126,10 @@ class FaultInjection:
         raise_if_first_gene: int | None = None,
         nan_if_first_gene: int | None = None,
         event_log: str | None = None,
-        min_trial_seconds: float = 0.0,
+        min_work_seconds: float = 0.0,
     ) -> None:
         self.fail, self.sample_log, self.event_log = fail, sample_log, event_log
-        self.min_trial_seconds = min_trial_seconds
+        self.min_work_seconds = min_work_seconds
         self.raise_if_first_gene, self.nan_if_first_gene = raise_if_first_gene, nan_if_first_gene
 
     def worker_session(self, session: Session) -> Session:
@@ -135,7 +137,7 @@ class FaultInjection:
 
     def map(self, job: TaskMap) -> Iterator[tuple[Any, Any]]:
         if self.event_log is not None:
-            job = replace(job, fn=logged_task(job.fn, self.event_log))
+            job = replace(job, fn=logged_task(job.fn, self.event_log, self.min_work_seconds))
         return super().map(job)
 
     def evaluate(self, problem: SearchProblem, genes: dict[str, Any]) -> dict[str, Any]:
@@ -147,7 +149,7 @@ class FaultInjection:
         metrics = problem.evaluate(genes)
         if first == self.nan_if_first_gene:
             metrics["accuracy"] = math.nan
-        time.sleep(max(0.0, self.min_trial_seconds - (time.monotonic() - started)))
+        time.sleep(max(0.0, self.min_work_seconds - (time.monotonic() - started)))
         log_event(self.event_log, "trial_end", genes=genes)
         return metrics
 

@@ -114,7 +114,7 @@ def run(
     kill: Sequence[str],
     seed: int,
     gap_s: float,
-    trial_s: float = 0.0,
+    work_s: float = 0.0,
     until: str | None = None,
 ) -> dict[str, Any]:
     """Run every unfinished stage of ``config`` (up to ``until``) on the harness's cluster, reclaiming the worker
@@ -132,7 +132,7 @@ def run(
     store = claim_run(cfg)
     rng = random.Random(seed)
     backend = FaultyRayBackend(
-        sample_log=str(events_dir / "samples"), event_log=str(events_dir / "events"), min_trial_seconds=trial_s
+        sample_log=str(events_dir / "samples"), event_log=str(events_dir / "events"), min_work_seconds=work_s
     )
     init_ray("auto")
     seconds: dict[str, float] = {}
@@ -210,11 +210,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kill", nargs="*", default=[], choices=KILLABLE, help="stages whose worker node is reclaimed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gap", type=float, default=3.0, help="seconds without a worker node after each kill")
-    parser.add_argument("--trial-seconds", type=float, default=0.0, help="stretch each evaluation to this long")
+    parser.add_argument(
+        "--work-seconds", type=float, default=0.0, help="stretch each filter task and evaluation to this long"
+    )
     parser.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    summary = run(args.config, args.events, args.kill, args.seed, args.gap, args.trial_seconds, args.until)
+    summary = run(args.config, args.events, args.kill, args.seed, args.gap, args.work_seconds, args.until)
     print(json.dumps(summary), flush=True)
     return 0
 

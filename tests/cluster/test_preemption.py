@@ -1,7 +1,7 @@
 """Spot preemption on a real two-node cluster (``flora_ray.testing.multinode``): nothing lost, little repeated.
 
-One run (a module fixture, shared by the three stage tests) goes through every stage on a head without CPUs and one
-worker node that shares only the storage directory; the worker node is killed (SIGKILL to all its processes) once
+One run (a module fixture, shared by the three stage tests; a random teacher stands in for pretraining) goes
+through filter, train and search on a head without CPUs and one worker node that shares only the storage directory; the worker node is killed (SIGKILL to all its processes) once
 during ``filter``, once during ``train`` and once during ``search``, each time at a seeded random point after the
 stage's first durable progress with work in flight, and a replacement node joins a few seconds later
 (``flora_ray.testing.preemption``). The guarantees are checked from the artefacts in storage and the event logs.
@@ -61,12 +61,25 @@ def _config(base: Path, name: str, *overrides: str):
     (base / name / "head").mkdir(parents=True)
     config_file = base / name / "head" / "run.yaml"
     config_file.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    _random_teacher(cfg)
     return cfg, config_file
 
 
-def _driver(config_file: Path, events: Path, *kill: str, until: str = "report") -> list[str]:
+def _random_teacher(cfg) -> None:
+    """A random dense teacher in storage, its stage recorded as done: the tests are about what comes after it."""
+    from flora_ray.core.models import dense_checkpoint_metadata
+    from flora_ray.stages.inputs import claim_run, resolve_model_spec
+
+    store, spec = claim_run(cfg), resolve_model_spec(cfg)
+    store.write_checkpoint(ARTEFACTS.teacher, spec.create().state_dict(), dense_checkpoint_metadata(spec))
+    marker = {"stage": "pretrain", "seconds": 0.0, "finished_at": "2026-01-01T00:00:00+00:00",
+              "summary": {"skipped": "a random teacher written by the test"}}  # fmt: skip
+    store.write_json(ARTEFACTS.stage_marker("pretrain"), marker)
+
+
+def _driver(config_file: Path, events: Path, *kill: str, until: str = "search") -> list[str]:
     return [sys.executable, "-m", "flora_ray.testing.preemption", str(config_file), "--events", str(events),
-            "--seed", "0", "--gap", "3", "--trial-seconds", "2", "--until", until, "--kill", *kill]  # fmt: skip
+            "--seed", "0", "--gap", "2", "--work-seconds", "2", "--until", until, "--kill", *kill]  # fmt: skip
 
 
 def _env() -> dict[str, str]:

@@ -18,13 +18,18 @@ from flora_ray.training.worker import distributed_loader, loader_workers
 
 
 class ChildProcesses(Callback):
-    """Records the pids of this process's children at every step (the loader's worker processes)."""
+    """Records the pids of the children this process started during training, at every step (the loader's worker
+    processes; children that existed before the fit, e.g. of other tests, are not counted)."""
 
     def __init__(self) -> None:
         self.pids: list[set[int]] = []
+        self.before: set[int] = set()
+
+    def on_fit_start(self, trainer) -> None:
+        self.before = {p.pid for p in psutil.Process().children()}
 
     def on_step_end(self, trainer, step, images) -> None:
-        self.pids.append({p.pid for p in psutil.Process().children()})
+        self.pids.append({p.pid for p in psutil.Process().children()} - self.before)
 
 
 def _pretrain(cfg, directory):

@@ -34,7 +34,9 @@ def local_ray():
 
 
 def _log(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The sampled subnet of every step, without the record's time and process (they differ between ranks)."""
+    keys = ("epoch", "step", "global_step", "digest")
+    return [{k: r[k] for k in keys} for r in map(json.loads, path.read_text().splitlines())]
 
 
 def test_two_workers_train_the_same_subnet_every_step(local_ray, digits_config, with_teacher, tmp_path):
@@ -77,7 +79,7 @@ def test_a_failing_worker_restarts_from_the_checkpoint(local_ray, digits_config,
 
 
 def test_interrupted_driver_resumes_on_rerun(digits_config, with_teacher, tmp_path):
-    cfg = digits_config("train.epochs=12", "scaling.num_workers=2", "train.batch_size=16")
+    cfg = digits_config("train.epochs=8", "scaling.num_workers=2", "train.batch_size=16")
     with_teacher(cfg)
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(config_to_dict(cfg)))
@@ -109,12 +111,10 @@ def test_interrupted_driver_resumes_on_rerun(digits_config, with_teacher, tmp_pa
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     resumed = [
-        line
-        for line in (second.stdout + second.stderr).splitlines()
-        if "resumed from the checkpoint after epoch" in line
+        line for line in (second.stdout + second.stderr).splitlines() if "resumed from the checkpoint at epoch" in line
     ]
     assert resumed, "the second run did not resume: " + (second.stdout + second.stderr)[-4000:]
-    epoch = int(resumed[0].rsplit(" ", 1)[-1])
-    assert 1 <= epoch < 12
+    epoch = int(resumed[0].split("resumed from the checkpoint at epoch ", 1)[1].split()[0])
+    assert 1 <= epoch < 8
     history = json.loads((cfg.run.run_dir / "train_history.json").read_text())
-    assert [h["epoch"] for h in history] == list(range(1, 13))
+    assert [h["epoch"] for h in history] == list(range(1, 9))
