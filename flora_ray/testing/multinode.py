@@ -174,6 +174,18 @@ def can_make_namespaces() -> bool:
             os.rmdir(probe_dir)
 
 
+def require_namespaces(what: str) -> None:
+    """In a pytest test: skip when ``can_make_namespaces()`` is false, or fail under CI (``CI`` set), where ``what``
+    must run."""
+    import pytest
+
+    if not can_make_namespaces():
+        reason = "network and mount namespaces cannot be made here (unshare and ip need root)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}: CI must run {what}")
+        pytest.skip(reason)
+
+
 def harness_command(
     command: Sequence[str],
     hide: Sequence[str | os.PathLike] = (),

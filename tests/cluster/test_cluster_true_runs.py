@@ -84,13 +84,9 @@ def _check_run_in_storage(store: RunStore, classes: int) -> None:
 
 @pytest.fixture
 def two_node_dirs():
-    from flora_ray.testing.multinode import can_make_namespaces
+    from flora_ray.testing.multinode import require_namespaces
 
-    if not can_make_namespaces():
-        reason = "network and mount namespaces cannot be made here (unshare and ip need root)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}: CI must run the two-node test")
-        pytest.skip(reason)
+    require_namespaces("the two-node test")
     base = Path(tempfile.mkdtemp(prefix="frt-", dir="/tmp"))  # short: Ray's socket paths live below
     yield base
     shutil.rmtree(base, ignore_errors=True)

@@ -39,13 +39,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster_dirs():
-    from flora_ray.testing.multinode import can_make_namespaces
+    from flora_ray.testing.multinode import require_namespaces
 
-    if not can_make_namespaces():
-        reason = "network and mount namespaces cannot be made here (unshare and ip need root)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}: CI must run the preemption tests")
-        pytest.skip(reason)
+    require_namespaces("the preemption tests")
     base = Path(tempfile.mkdtemp(prefix="frp-", dir="/tmp"))  # short: Ray's socket paths live below
     write_image_folder(base / "data", classes=12, train_per_class=24, val_per_class=6, size=32)
     yield base

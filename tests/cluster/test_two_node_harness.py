@@ -78,6 +78,14 @@ DRIVER = textwrap.dedent(
 )
 
 
+def _last_report(result, seconds: float) -> tuple[dict, str]:
+    """The driver's last ``REPORT {json}`` line, and the run's output for assertion messages."""
+    output = f"exit {result.returncode} after {seconds:.0f} s\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+    reports = [line[len("REPORT ") :] for line in result.stdout.splitlines() if line.startswith("REPORT ")]
+    assert reports, output
+    return json.loads(reports[-1]), output
+
+
 @pytest.fixture(scope="module")
 def namespaces():
     if not can_make_namespaces():
@@ -106,13 +114,7 @@ def test_two_node_cluster_hides_the_heads_files_and_shares_storage(namespaces, t
             port=port,
             temp_root=temp_root,
         )
-        seconds = time.monotonic() - started
-        output = (
-            f"exit {result.returncode} after {seconds:.0f} s\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
-        )
-        reports = [line[len("REPORT ") :] for line in result.stdout.splitlines() if line.startswith("REPORT ")]
-        assert reports, output
-        report = json.loads(reports[-1])
+        report, output = _last_report(result, time.monotonic() - started)
         task = report["task"]
         assert report["alive_nodes"] == 2, output
         assert report["auth_mode"] == "token", output
@@ -239,12 +241,7 @@ def test_the_driver_kills_the_worker_node_and_adds_a_replacement(namespaces, tmp
             [sys.executable, str(driver)], hide=[], timeout_s=110, worker_cpus=1, temp_root=temp_root
         )
         seconds = time.monotonic() - started
-        output = (
-            f"exit {result.returncode} after {seconds:.0f} s\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
-        )
-        reports = [line[len("REPORT ") :] for line in result.stdout.splitlines() if line.startswith("REPORT ")]
-        assert reports, output
-        report = json.loads(reports[-1])
+        report, output = _last_report(result, seconds)
         first, second, third = report["first"], report["second"], report["third"]
         assert result.returncode == 0, output
         # The reclaim: every process of the first worker node got SIGKILL, and the GCS marked the node dead.
