@@ -19,7 +19,7 @@ from typing import Any
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
-STAGE_COMMANDS = ("pretrain", "filter", "train", "search")  # export and report have commands of their own
+STAGE_COMMANDS = ("profile", "pretrain", "filter", "train", "search")  # export and report have commands of their own
 
 # Local Ray binds every component to 127.0.0.1 only when this is set before Ray starts.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     pick = export.add_mutually_exclusive_group(required=True)
     pick.add_argument("--trial", type=int, help="trial number (trials.parquet)")
     pick.add_argument("--max-macs", type=float, help="the most accurate front point within this many MACs per image")
+    pick.add_argument(
+        "--max-latency-ms", type=float, help="the most accurate front point within this predicted latency (ms)"
+    )
     export.add_argument("--output", help="directory to write (default RUN_DIR/export/trial_N)")
     export.add_argument("--threads", type=_positive_int, default=1, help="CPU threads for the latency measurement")
     export.add_argument("--address", help="Ray cluster whose nodes run the export's inference (default: local Ray)")
@@ -117,16 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_export(args: argparse.Namespace) -> int:
     from flora_ray.stages.export import check_export, export_from_run
 
-    check_export(args.run_dir, args.trial, args.max_macs)  # before any Ray starts
+    check_export(args.run_dir, args.trial, args.max_macs, args.max_latency_ms)  # before any Ray starts
     with _backend(args) as backend:
-        report = export_from_run(args.run_dir, args.trial, args.max_macs, args.output, args.threads, backend)
+        report = export_from_run(
+            args.run_dir, args.trial, args.max_macs, args.output, args.threads, backend, args.max_latency_ms
+        )
     lat = report["latency"]
-    print(
+    lines = [
         f"trial {report['trial']}: {report['macs'] / 1e6:.2f} MMACs ({100 * report['macs'] / report['dense_macs']:.0f}% "
-        f"of dense), search acc {report['search_accuracy']:.2f}%, test acc {report['test_accuracy']:.2f}%\n"
+        f"of dense), search acc {report['search_accuracy']:.2f}%, test acc {report['test_accuracy']:.2f}%",
         f"  CPU latency batch 1: {lat['subnet_batch1_ms']:.2f} ms (dense {lat['dense_batch1_ms']:.2f}), "
-        f"batch 32: {lat['subnet_batch32_ms']:.2f} ms (dense {lat['dense_batch32_ms']:.2f})\n  {report['directory']}"
-    )
+        f"batch 32: {lat['subnet_batch32_ms']:.2f} ms (dense {lat['dense_batch32_ms']:.2f})",
+    ]
+    target = report.get("target_latency")
+    for batch, b in (target or {}).get("batches", {}).items():
+        lines.append(
+            f"  target device ({target['device']['name']}) batch {batch}: measured {b['measured_ms']:.3f} ms, "
+            f"predicted {b['predicted_ms']:.3f} ms ({b['error_pct']:+.1f}%)"
+        )
+    print("\n".join([*lines, f"  {report['directory']}"]))
     return 0
 
 
@@ -265,8 +277,18 @@ def format_summary(stage: str, summary: dict[str, Any], seconds: float) -> str:
         return (
             f"search: {summary['complete']}/{summary['trials']} trials complete ({summary['failed']} failed) in "
             f"{summary['seconds']:.0f} s ({summary['trials_per_second']:.2f} trials/s); front of "
-            f"{summary['front_size']}, hypervolume {summary['hypervolume']:.4g}"
+            f"{summary['front_size']}, hypervolume {summary.get('hypervolume_share', 0.0):.4f} (share of the box)"
         )
+    if stage == "profile":
+        lines = [f"profile: done in {seconds:.0f} s, {summary['rows']} rows on {summary['device'].get('name')} "
+                 f"({summary['device'].get('dtype')}, {summary['device'].get('threads')} thread(s))"]  # fmt: skip
+        for batch, b in summary["batches"].items():
+            lines.append(
+                f"  batch {batch}: dense {b['dense_ms']:.3f} ms predicted (rest {b['rest_ms']:.3f} ms); calibration "
+                f"x{b['scale']:.3f} {b['offset_ms']:+.3f} ms, error {100 * (b['calibration_mape'] or 0):.1f}% on the "
+                "measured uniform models"
+            )
+        return "\n".join(lines)
     metrics = ", ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.get("metrics", {}).items()
     )

@@ -29,6 +29,9 @@ SAMPLERS = ("lowrank", "uniform", "sandwich")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 DATASET_NAMES = ("fashion_mnist", "digits", "imagefolder")
 DATA_PIPELINES = ("loader", "ray_data")
+COST_AXES = ("macs", "params", "latency_ms")  # the search's cost objective, beside accuracy
+PROFILE_DEVICES = ("cpu", "cuda")
+PROFILE_DTYPES = ("float32", "bfloat16", "float16")
 # Field metadata: ``field(default=..., metadata=SPEED_ONLY)`` marks a key that changes speed or placement but not
 # the results (it may differ between commands on one run directory); on a section it covers every key in it. A field
 # without the metadata affects the results.
@@ -336,6 +339,22 @@ class FilterConfig(OptimConfig):
         _check(self.temperature > 0, "filter.temperature", self.temperature, "must be positive")
 
 
+BOUNDS = tuple(f"{side}_{axis}" for axis in COST_AXES for side in ("max", "min"))
+BUDGET_HELP = "a positive number, a share of the dense model such as '60%', or null"
+
+
+def parse_budget(value: float | str) -> tuple[float, bool] | None:
+    """``(amount, relative)`` of a budget (``"60%"`` -> ``(0.6, True)``), ``None`` when it is not one."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            share = float(text[:-1]) / 100 if text.endswith("%") else None
+        except ValueError:
+            return None
+        return (share, True) if share is not None and share > 0 else None
+    return (float(value), False) if _is_real(value) and value > 0 else None
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """Multi-objective search (design doc section 5): Ray Tune + Optuna NSGA-II over the filtered space.
@@ -346,7 +365,12 @@ class SearchConfig:
         mutation_prob: Per-block mutation probability (``None``: Optuna's default, 1 / number of blocks).
         crossover_prob: NSGA-II crossover probability.
         seed: Sampler seed (``None``: ``run.seed``).
-        max_macs: Hard budget in MACs per image (a constraint; ``None``: none).
+        objectives: The cost axis searched beside accuracy: ``[macs]``, ``[params]`` or ``[latency_ms]`` (the
+            latency the run's latency table predicts at ``profile.batch``; ``accuracy`` may be listed too).
+        max_macs, max_params, max_latency_ms: Budgets (constraints): absolute (MACs per image, parameters, ms per
+            batch) or relative to the dense model (``"60%"``); ``None``: none.
+        min_macs, min_params, min_latency_ms: Lower bounds of the same kinds, so that a search spends its trials
+            inside one window of cost.
         eval_images: Search-split images each subnet is scored on.
         batch_size: Evaluation batch size.
         concurrency: Trials evaluated at once (evaluator actors).
@@ -359,7 +383,13 @@ class SearchConfig:
     mutation_prob: float | None = None
     crossover_prob: float = 0.9
     seed: int | None = None
-    max_macs: float | None = None
+    objectives: tuple[str, ...] = ("macs",)
+    max_macs: float | str | None = None
+    max_params: float | str | None = None
+    max_latency_ms: float | str | None = None
+    min_macs: float | str | None = None
+    min_params: float | str | None = None
+    min_latency_ms: float | str | None = None
     eval_images: int = 2000
     batch_size: int = field(default=500, metadata=SPEED_ONLY)
     concurrency: int = field(default=2, metadata=SPEED_ONLY)
@@ -376,12 +406,91 @@ class SearchConfig:
             "in [0, 1] or null",
         )
         _check(0 <= self.crossover_prob <= 1, "search.crossover_prob", self.crossover_prob, "must be in [0, 1]")
-        _check(self.max_macs is None or self.max_macs > 0, "search.max_macs", self.max_macs, "positive or null")
+        costs = [o for o in self.objectives if o != "accuracy"]
+        _check(
+            len(costs) == 1 and all(o in ("accuracy", *COST_AXES) for o in self.objectives),
+            "search.objectives",
+            list(self.objectives),
+            f"one cost axis of {list(COST_AXES)} (accuracy is always the other objective)",
+        )
+        for bound in BOUNDS:
+            value = getattr(self, bound)
+            _check(value is None or parse_budget(value) is not None, f"search.{bound}", value, BUDGET_HELP)
         _check(self.eval_images >= 1, "search.eval_images", self.eval_images, "must be at least 1")
         _check(self.batch_size >= 1, "search.batch_size", self.batch_size, "must be at least 1")
         _check(self.concurrency >= 1, "search.concurrency", self.concurrency, "must be at least 1")
         _check(self.cpus_per_trial >= 0, "search.cpus_per_trial", self.cpus_per_trial, "must be >= 0")
         _check(0 <= self.gpus_per_trial <= 1, "search.gpus_per_trial", self.gpus_per_trial, "must be in [0, 1]")
+
+    @property
+    def cost_axis(self) -> str:
+        """The searched cost objective (``macs``, ``params`` or ``latency_ms``)."""
+        return next(o for o in self.objectives if o != "accuracy")
+
+    @property
+    def uses_latency(self) -> bool:
+        """Whether the search needs the run's latency table (a latency objective or budget)."""
+        return self.cost_axis == "latency_ms" or any(
+            getattr(self, b) is not None for b in ("max_latency_ms", "min_latency_ms")
+        )
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """The latency table on the target device (``flora-ray profile``; ``core.latency``).
+
+    Attributes:
+        enabled: Whether ``flora-ray run`` measures the table (first stage). Required by a latency objective or
+            budget; without a table the trials' ``latency_ms`` is empty.
+        device: Where latency is measured: ``cpu`` or ``cuda`` (the deployment device).
+        resources: The Ray resources the profile task and export's latency measurement ask for, so that on a
+            cluster they run on the node kind the model is deployed on (``{GPU: 1}``, or a custom resource such
+            as ``{c7i: 1}``); default: ``threads`` CPUs, plus one accelerator for ``cuda``.
+        batch_sizes: Batch sizes the table is measured at.
+        batch: The batch size the search's latency objective and budgets use (default: the first measured).
+        dtype: ``float32``, ``bfloat16``, or ``float16`` (``cuda`` only).
+        threads: torch intra-op threads while measuring.
+        min_run_time: Seconds each item is timed for (``torch.utils.benchmark`` ``blocked_autorange``).
+    """
+
+    enabled: bool = True
+    device: str = "cpu"
+    resources: dict[str, float] = field(default_factory=dict)
+    batch_sizes: tuple[int, ...] = (1,)
+    batch: int | None = None
+    dtype: str = "float32"
+    threads: int = 1
+    min_run_time: float = 0.2
+
+    def __post_init__(self) -> None:
+        _check(self.device in PROFILE_DEVICES, "profile.device", self.device, f"one of {PROFILE_DEVICES}")
+        _check(self.dtype in PROFILE_DTYPES, "profile.dtype", self.dtype, f"one of {PROFILE_DTYPES}")
+        _check(
+            not (self.dtype == "float16" and self.device == "cpu"),
+            "profile.dtype",
+            self.dtype,
+            "float16 needs profile.device=cuda; use float32 or bfloat16 on CPU",
+        )
+        _check(
+            len(self.batch_sizes) > 0 and all(b >= 1 for b in self.batch_sizes),
+            "profile.batch_sizes",
+            list(self.batch_sizes),
+            "a non-empty list of batch sizes >= 1",
+        )
+        _check(
+            self.batch is None or self.batch in self.batch_sizes,
+            "profile.batch",
+            self.batch,
+            f"one of profile.batch_sizes {list(self.batch_sizes)} or null",
+        )
+        _check(self.threads >= 1, "profile.threads", self.threads, "must be at least 1")
+        _check(self.min_run_time > 0, "profile.min_run_time", self.min_run_time, "must be positive (seconds)")
+        _check(all(v > 0 for v in self.resources.values()), "profile.resources", self.resources, "positive amounts")
+
+    @property
+    def search_batch(self) -> int:
+        """The batch size whose latency the search uses."""
+        return self.batch if self.batch is not None else self.batch_sizes[0]
 
 
 @dataclass(frozen=True)
@@ -451,11 +560,21 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig, metadata=SPEED_ONLY)
+
+    def __post_init__(self) -> None:
+        _check(
+            not self.search.uses_latency or self.profile.enabled,
+            "profile.enabled",
+            self.profile.enabled,
+            f"the search uses latency (search.objectives={list(self.search.objectives)} or a latency budget), "
+            "which needs the latency table: set profile.enabled=true",
+        )
 
 
 # --- loading ------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Pareto fronts of cost versus accuracy for pandas users.
 
-Objectives throughout: ``macs`` is minimised, ``accuracy`` is maximised. Frames have at least those two columns
-(the search writes ``trials.parquet``, ``pareto.parquet`` and ``uniform.parquet`` in this shape).
+Objectives throughout: a cost column (``cost``: ``macs`` by default, or ``params`` / ``latency_ms``) is minimised,
+``accuracy`` is maximised. Frames have at least those two columns (the search writes ``trials.parquet``,
+``pareto.parquet`` and ``uniform.parquet`` with all three cost columns).
 """
 
 from __future__ import annotations
@@ -13,20 +14,36 @@ import pandas as pd
 
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
+COST_UNITS = {"macs": ("GMACs", 1e9), "params": ("M params", 1e6), "latency_ms": ("ms", 1.0)}
 
-def _check_columns(df: pd.DataFrame) -> None:
-    missing = {"macs", "accuracy"} - set(df.columns)
+
+def format_cost(axis: str, value: float) -> str:
+    """A cost with its unit: ``2.41 MMACs``, ``8.04 GMACs``, ``5.30 M params``, ``1.23 ms``."""
+    if axis == "macs":
+        return f"{value / 1e9:.2f} GMACs" if value >= 1e9 else f"{value / 1e6:.2f} MMACs"
+    if axis == "params":
+        return f"{value / 1e6:.3f} M params"
+    return f"{value:.3f} ms"
+
+
+def _check_columns(df: pd.DataFrame, cost: str = "macs") -> None:
+    missing = {cost, "accuracy"} - set(df.columns)
     if missing:
-        raise ValueError(f"frame has no column {sorted(missing)[0]!r}; a front needs 'macs' and 'accuracy'")
+        raise ValueError(f"frame has no column {sorted(missing)[0]!r}; a front needs {cost!r} and 'accuracy'")
 
 
-def pareto_mask(df: pd.DataFrame) -> np.ndarray:
-    """Boolean mask of the non-dominated rows (no other row has macs <= and accuracy >=, one of them strictly).
+def cost_axis(df: pd.DataFrame) -> str:
+    """The cost axis a run searched, from a results frame read by ``load_*`` (``macs`` when it does not say)."""
+    return str(df.attrs.get("cost_axis", "macs"))
+
+
+def pareto_mask(df: pd.DataFrame, cost: str = "macs") -> np.ndarray:
+    """Boolean mask of the non-dominated rows (no other row has cost <= and accuracy >=, one of them strictly).
 
     Duplicated points are all non-dominated. Rows with a missing value are never on the front.
     """
-    _check_columns(df)
-    macs = df["macs"].to_numpy(dtype=float)
+    _check_columns(df, cost)
+    macs = df[cost].to_numpy(dtype=float)
     acc = df["accuracy"].to_numpy(dtype=float)
     valid = ~(np.isnan(macs) | np.isnan(acc))
     mask = np.zeros(len(df), dtype=bool)
@@ -44,16 +61,16 @@ def pareto_mask(df: pd.DataFrame) -> np.ndarray:
     return mask
 
 
-def hypervolume(df: pd.DataFrame, ref: tuple[float, float]) -> float:
-    """Area dominated by the frame's points inside the box bounded by ``ref = (macs_ref, accuracy_ref)``.
+def hypervolume(df: pd.DataFrame, ref: tuple[float, float], cost: str = "macs") -> float:
+    """Area dominated by the frame's points inside the box bounded by ``ref = (cost_ref, accuracy_ref)``.
 
-    Points with ``macs >= macs_ref`` or ``accuracy <= accuracy_ref`` add nothing. Units: MACs times accuracy points.
+    Points with ``cost >= cost_ref`` or ``accuracy <= accuracy_ref`` add nothing. Units: cost times accuracy points.
     """
-    _check_columns(df)
+    _check_columns(df, cost)
     macs_ref, acc_ref = ref
-    front = df[pareto_mask(df)]
-    front = front[(front["macs"] < macs_ref) & (front["accuracy"] > acc_ref)]
-    points = sorted(zip(front["accuracy"].astype(float), front["macs"].astype(float), strict=True))
+    front = df[pareto_mask(df, cost)]
+    front = front[(front[cost] < macs_ref) & (front["accuracy"] > acc_ref)]
+    points = sorted(zip(front["accuracy"].astype(float), front[cost].astype(float), strict=True))
     area, previous = 0.0, acc_ref
     for accuracy, macs in points:  # ascending accuracy, so descending macs along the front
         area += (macs_ref - macs) * (accuracy - previous)
@@ -61,35 +78,35 @@ def hypervolume(df: pd.DataFrame, ref: tuple[float, float]) -> float:
     return area
 
 
-def best_under(df: pd.DataFrame, max_macs: float) -> pd.Series | None:
-    """The most accurate row with ``macs <= max_macs`` (the cheaper one on ties); ``None`` if there is none."""
-    _check_columns(df)
-    within = df[df["macs"] <= max_macs]
+def best_under(df: pd.DataFrame, max_macs: float, cost: str = "macs") -> pd.Series | None:
+    """The most accurate row with ``cost <= max_macs`` (the cheaper one on ties); ``None`` if there is none."""
+    _check_columns(df, cost)
+    within = df[df[cost] <= max_macs]
     if within.empty:
         return None
-    return within.sort_values(["accuracy", "macs"], ascending=[False, True]).iloc[0]
+    return within.sort_values(["accuracy", cost], ascending=[False, True]).iloc[0]
 
 
-def cheapest_within(df: pd.DataFrame, min_accuracy: float) -> pd.Series | None:
-    """The cheapest row with ``accuracy >= min_accuracy``; ``None`` if there is none."""
-    _check_columns(df)
+def cheapest_within(df: pd.DataFrame, min_accuracy: float, cost: str = "macs") -> pd.Series | None:
+    """The cheapest row (by ``cost``) with ``accuracy >= min_accuracy``; ``None`` if there is none."""
+    _check_columns(df, cost)
     within = df[df["accuracy"] >= min_accuracy]
     if within.empty:
         return None
-    return within.sort_values(["macs", "accuracy"], ascending=[True, False]).iloc[0]
+    return within.sort_values([cost, "accuracy"], ascending=[True, False]).iloc[0]
 
 
-def knee_point(front: pd.DataFrame) -> pd.Series:
+def knee_point(front: pd.DataFrame, cost: str = "macs") -> pd.Series:
     """The front's knee: the point farthest from the straight line joining its cheapest and its most accurate point.
 
     Both objectives are scaled to [0, 1] over the front first, so the choice does not depend on units. With one
     or two points (no bend to find), the most accurate point is returned.
     """
-    _check_columns(front)
-    points = front[pareto_mask(front)].sort_values(["macs", "accuracy"], ascending=[True, False])
+    _check_columns(front, cost)
+    points = front[pareto_mask(front, cost)].sort_values([cost, "accuracy"], ascending=[True, False])
     if points.empty:
         raise ValueError("the front is empty: no knee point")
-    macs = points["macs"].to_numpy(dtype=float)
+    macs = points[cost].to_numpy(dtype=float)
     acc = points["accuracy"].to_numpy(dtype=float)
     if len(points) < 3 or macs[-1] == macs[0] or acc[-1] == acc[0]:
         return points.iloc[int(np.argmax(acc))]
@@ -105,8 +122,9 @@ def gain_over_uniform(
     uniform: pd.DataFrame,
     max_accuracy_drop: float,
     reference_accuracy: float | None = None,
+    cost: str = "macs",
 ) -> float | None:
-    """Extra MAC reduction of the front over the best uniform configuration at the same accuracy.
+    """Extra cost reduction (MACs by default) of the front over the best uniform configuration at the same accuracy.
 
     Both sides must reach ``reference_accuracy - max_accuracy_drop`` (reference: the most accurate uniform
     configuration, i.e. full rank, unless given). Returns ``1 - macs_front / macs_uniform`` of the cheapest
@@ -115,22 +133,27 @@ def gain_over_uniform(
     """
     if max_accuracy_drop < 0:
         raise ValueError(f"max_accuracy_drop={max_accuracy_drop} must be >= 0 (accuracy points)")
-    _check_columns(uniform)
+    _check_columns(uniform, cost)
     if uniform.empty:
         raise ValueError("uniform frame is empty")
     reference = float(uniform["accuracy"].max()) if reference_accuracy is None else float(reference_accuracy)
     target = reference - max_accuracy_drop
-    ours, theirs = cheapest_within(front, target), cheapest_within(uniform, target)
+    ours, theirs = cheapest_within(front, target, cost), cheapest_within(uniform, target, cost)
     if ours is None or theirs is None:
         return None
-    return 1.0 - float(ours["macs"]) / float(theirs["macs"])
+    return 1.0 - float(ours[cost]) / float(theirs[cost])
 
 
 def _read(run: str | os.PathLike | RunStore, name: str) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
     store = run if isinstance(run, RunStore) else RunStore(run)
     if not store.is_file(name):
         raise FileNotFoundError(f"{store.location(name)!r} does not exist; run `flora-ray search` for this run first")
-    return store.read_parquet(name)
+    frame = store.read_parquet(name)
+    metadata = pq.read_schema(store.location(name), filesystem=store.filesystem).metadata or {}
+    frame.attrs["cost_axis"] = metadata.get(b"flora_ray.cost_axis", b"macs").decode()
+    return frame
 
 
 def load_trials(run: str | os.PathLike | RunStore) -> pd.DataFrame:

@@ -79,16 +79,16 @@ class LocalBackend(Backend):
         while (done := finished_trials(study)) < problem.trials:
             trial = study.ask(distributions)
             result = self._evaluate_safely(problem, trial.params)
-            if record_result(trial, result, problem.max_macs) is None:
+            if record_result(trial, result, problem.objectives) is None:
                 study.tell(trial, state=TrialState.FAIL)
                 job.after_trial()
                 continue
-            study.tell(trial, [result["accuracy"], result["macs"]])
+            study.tell(trial, [result["accuracy"], result[problem.objectives.cost]])
             job.after_trial()
             builds[int(result["pid"])] = int(result["evaluator_builds"])
-            points.append((float(result["macs"]), float(result["accuracy"])))
+            points.append((float(result[problem.objectives.cost]), float(result["accuracy"])))
             if len(points) % 10 == 0 or done + 1 == problem.trials:
-                log_progress(points, problem.trials, started)
+                log_progress(points, problem.trials, started, problem.objectives.cost)
         return builds
 
     def _evaluate_safely(self, problem: SearchProblem, genes: dict[str, Any]) -> dict[str, Any] | None:

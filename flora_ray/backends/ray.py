@@ -220,7 +220,7 @@ class RayBackend(Backend):
         trainable = tune.with_parameters(tune_trial, problem=problem, backend=self)
         trainable = tune.with_resources(trainable, job.resources)
         experiment = f"{job.storage_path.rstrip('/')}/{problem.study_name}"
-        callbacks = [progress_callback(problem.trials, job.after_trial)]
+        callbacks = [progress_callback(problem.trials, job.after_trial, problem.objectives.cost)]
         if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
             logger.info("search: continuing %s", experiment)
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True, storage_filesystem=fs)

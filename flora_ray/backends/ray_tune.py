@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flora_ray.search.study import OBJECTIVES, SearchProblem, log_progress, record_result
+from flora_ray.search.study import SearchProblem, log_progress, record_result
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,10 @@ def tune_trial(genes: dict[str, Any], problem: SearchProblem | None = None, back
         result = backend.evaluate(problem, genes)
     except Exception as exc:  # the subnet's own failure: recorded, not retried
         logger.warning("search: trial %s failed: %s", genes, exc)
-        result = {**dict.fromkeys(OBJECTIVES, float("nan")), "error": f"{type(exc).__name__}: {exc}"[:500]}
+        result = {
+            **dict.fromkeys(problem.objectives.names, float("nan")),
+            "error": f"{type(exc).__name__}: {exc}"[:500],
+        }
     tune.report(result)
 
 
@@ -41,14 +44,14 @@ def optuna_searcher(problem: SearchProblem):
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             ot_trial = self._ot_trials.get(trial_id)
             if ot_trial is not None:
-                recorded = record_result(ot_trial, result, problem.max_macs)
+                recorded = record_result(ot_trial, result, problem.objectives)
                 if recorded is None and result is not None:
                     result, error = None, True
             super().on_trial_complete(trial_id, result=result, error=error)
 
     return FloraOptunaSearch(
         space={name: tune.choice(list(range(n))) for name, n in problem.genes.items()},
-        metric=list(OBJECTIVES),
+        metric=problem.objectives.names,
         mode=["max", "min"],
         sampler=problem.sampler(),
         study_name=problem.study_name,
@@ -57,7 +60,7 @@ def optuna_searcher(problem: SearchProblem):
     )
 
 
-def progress_callback(total: int, after_trial: Callable[[], None]):
+def progress_callback(total: int, after_trial: Callable[[], None], cost: str = "macs"):
     """A Tune callback that logs trials done / total, the front size and hypervolume as results arrive, and calls
     ``after_trial`` once a trial has ended (after the searcher has told Optuna)."""
     from ray.tune import Callback
@@ -75,14 +78,14 @@ def progress_callback(total: int, after_trial: Callable[[], None]):
             self.every_s = every_s
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-            if "accuracy" not in result or "macs" not in result:
+            if "accuracy" not in result or cost not in result:
                 return
-            self.points.append((float(result["macs"]), float(result["accuracy"])))
+            self.points.append((float(result[cost]), float(result["accuracy"])))
             now = time.perf_counter()
             if len(self.points) < total and now - self.logged < self.every_s:
                 return
             self.logged = now
-            log_progress(self.points, total, self.started)
+            log_progress(self.points, total, self.started, cost)
 
     return Progress()
 

@@ -11,10 +11,15 @@ import pandas as pd
 from flora_ray.core.space import RankSpace
 from flora_ray.results import pareto_mask
 from flora_ray.search.evaluator import genes_to_config
+from flora_ray.search.objectives import Objectives
+
+COSTS = ("macs", "params", "latency_ms")
 
 
-def trials_frame(study, space: RankSpace, max_macs: float | None) -> pd.DataFrame:
-    """One row per Optuna trial: number, generation, genes as triples, ranks, objectives, state, ``is_pareto``."""
+def trials_frame(study, space: RankSpace, objectives: Objectives) -> pd.DataFrame:
+    """One row per Optuna trial: number, generation, genes as triples, ranks, accuracy and every cost axis (the
+    searched one is Optuna's second value, the others user attributes; ``latency_ms`` is NaN without a latency
+    table), state, ``feasible`` (within every budget) and ``is_pareto`` (on the searched axis)."""
     rows = []
     for trial in study.trials:
         generation = next((v for k, v in trial.system_attrs.items() if k.endswith(":generation")), None)
@@ -25,8 +30,7 @@ def trials_frame(study, space: RankSpace, max_macs: float | None) -> pd.DataFram
             "enqueued": generation is None,
             "state": trial.state.name,
             "accuracy": math.nan,
-            "macs": math.nan,
-            "params": trial.user_attrs.get("params", math.nan),
+            **{axis: trial.user_attrs.get(axis, math.nan) for axis in COSTS},
             "eval_seconds": trial.user_attrs.get("eval_seconds", math.nan),
             "triples": None,
             "ranks": None,
@@ -37,16 +41,15 @@ def trials_frame(study, space: RankSpace, max_macs: float | None) -> pd.DataFram
             row["triples"] = json.dumps([list(t) for t in space.block_tuples(config)])
             row["ranks"] = json.dumps(config)
         if trial.values is not None:
-            row["accuracy"], row["macs"] = float(trial.values[0]), float(trial.values[1])
-        if max_macs is not None and not math.isnan(row["macs"]):
-            row["feasible"] = row["macs"] <= max_macs
+            row["accuracy"], row[objectives.cost] = float(trial.values[0]), float(trial.values[1])
+        row["feasible"] = objectives.feasible(row)
         rows.append(row)
     df = pd.DataFrame(rows)
-    df["is_pareto"] = feasible_front(df)
+    df["is_pareto"] = feasible_front(df, objectives.cost)
     return df
 
 
-def uniform_frame(rows: list[dict[str, Any]], space: RankSpace, max_macs: float | None) -> pd.DataFrame:
+def uniform_frame(rows: list[dict[str, Any]], space: RankSpace, objectives: Objectives) -> pd.DataFrame:
     """The uniform baseline in the trial columns, plus ``ratio`` and ``in_space`` (whether the filtered space
     contains the configuration)."""
     frame = pd.DataFrame(
@@ -56,24 +59,23 @@ def uniform_frame(rows: list[dict[str, Any]], space: RankSpace, max_macs: float 
             "enqueued": False,
             "state": "COMPLETE",
             "accuracy": [r["accuracy"] for r in rows],
-            "macs": [r["macs"] for r in rows],
-            "params": [r["params"] for r in rows],
+            **{axis: [r.get(axis, math.nan) for r in rows] for axis in COSTS},
             "eval_seconds": [r["eval_seconds"] for r in rows],
             "triples": [json.dumps([list(t) for t in space.block_tuples(r["ranks"])]) for r in rows],
             "ranks": [json.dumps(r["ranks"]) for r in rows],
-            "feasible": [max_macs is None or r["macs"] <= max_macs for r in rows],
+            "feasible": [objectives.feasible(r) for r in rows],
             "ratio": [r["ratio"] for r in rows],
             "in_space": [space.contains(r["ranks"]) for r in rows],
         }
     )
-    frame.insert(frame.columns.get_loc("feasible") + 1, "is_pareto", feasible_front(frame))
+    frame.insert(frame.columns.get_loc("feasible") + 1, "is_pareto", feasible_front(frame, objectives.cost))
     return frame
 
 
-def feasible_front(df: pd.DataFrame) -> pd.Series:
-    """``is_pareto``: non-dominated among the complete, feasible rows."""
+def feasible_front(df: pd.DataFrame, cost: str = "macs") -> pd.Series:
+    """``is_pareto``: non-dominated (on ``cost`` and accuracy) among the complete, feasible rows."""
     mask = pd.Series(False, index=df.index)
     candidates = df[(df["state"] == "COMPLETE") & df["feasible"]]
     if len(candidates):
-        mask[candidates.index[pareto_mask(candidates)]] = True
+        mask[candidates.index[pareto_mask(candidates, cost)]] = True
     return mask

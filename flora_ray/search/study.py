@@ -3,8 +3,8 @@
 A ``SearchProblem`` is everything an evaluator process needs (supernet header and numpy weights, the run's
 configuration) plus the study's settings; it pickles, so Ray ships it once to every evaluator actor, which keeps
 its evaluator across trials (``cached_evaluator``). ``record_result`` is the one place that turns an evaluation into
-what Optuna is told: NaN or missing objectives fail the trial, parameters and evaluation time become user
-attributes, the MAC budget a constraint (``Trial.set_constraint``, Optuna >= 5).
+what Optuna is told: NaN or missing objectives fail the trial, the other cost axes and the evaluation time become
+user attributes, the budgets constraints (``Trial.set_constraint``, Optuna >= 5).
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from flora_ray.search.evaluator import (
     genes_to_config,
     search_images,
 )
+from flora_ray.search.objectives import Objectives, latency_predictor, subnet_costs
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVES = ("accuracy", "macs")
-DIRECTIONS = ("maximize", "minimize")
+DIRECTIONS = ("maximize", "minimize")  # accuracy, cost
+RECORDED = ("macs", "params", "latency_ms", "eval_seconds")  # user attributes of every trial
 
 
 @dataclass
@@ -48,7 +49,7 @@ class SearchProblem:
         trials: Trials the study must hold in the end.
         study_name: Optuna study name (and Tune experiment name).
         journal: Local path of the Optuna journal file.
-        max_macs: MAC budget (a constraint), or ``None``.
+        objectives: The cost axis, the budgets (constraints) and the latency predictor.
         sampler_args: NSGA-II settings.
         images: The search images as uint8 pixels (``evaluator.search_images``), built once and shared by every
             evaluator; ``None``: each evaluator process builds them itself.
@@ -64,7 +65,7 @@ class SearchProblem:
     trials: int
     study_name: str
     journal: str
-    max_macs: float | None = None
+    objectives: Objectives = field(default_factory=Objectives)
     sampler_args: dict[str, Any] = field(default_factory=dict)
     images: Any = None
     labels: Any = None
@@ -96,42 +97,48 @@ class SearchProblem:
         return build_evaluator(self.header, self.weights, self.config, images, labels)
 
     def evaluate(self, genes: dict[str, Any]) -> dict[str, float]:
-        """Accuracy, MACs, parameters and evaluation time of the subnet ``genes``, plus who evaluated it."""
+        """Accuracy, MACs, parameters, predicted latency and evaluation time of the subnet ``genes``, plus who
+        evaluated it."""
         evaluator = self.evaluator()
-        metrics = evaluator.evaluate(genes_to_config(evaluator.supernet.space, genes))
-        return {**metrics, "pid": os.getpid(), "evaluator_builds": evaluator_builds()}
+        config = genes_to_config(evaluator.supernet.space, genes)
+        metrics = evaluator.evaluate(config)
+        costs = subnet_costs(config, evaluator.supernet.cost, latency_predictor(self.objectives))
+        return {**metrics, **costs, "pid": os.getpid(), "evaluator_builds": evaluator_builds()}
 
 
-def valid_result(result: dict[str, Any] | None) -> bool:
-    """Both objectives present and finite."""
+def valid_result(result: dict[str, Any] | None, names: list[str]) -> bool:
+    """Every objective present and finite."""
     return result is not None and all(
-        isinstance(result.get(k), int | float) and math.isfinite(result[k]) for k in OBJECTIVES
+        isinstance(result.get(k), int | float) and math.isfinite(result[k]) for k in names
     )
 
 
-def record_result(ot_trial, result: dict[str, Any] | None, max_macs: float | None) -> dict[str, Any] | None:
-    """Attach parameters, evaluation time and the budget constraint to an Optuna trial; ``None`` when the result
+def record_result(ot_trial, result: dict[str, Any] | None, objectives: Objectives) -> dict[str, Any] | None:
+    """Attach the cost axes, evaluation time and budget constraints to an Optuna trial; ``None`` when the result
     is missing or not finite (the trial then fails)."""
-    if not valid_result(result):
+    if not valid_result(result, objectives.names):
         return None
-    for key in ("params", "eval_seconds"):
-        ot_trial.set_user_attr(key, float(result[key]))
-    if max_macs is not None:
-        ot_trial.set_constraint("max_macs", float(result["macs"]) - max_macs)
+    for key in RECORDED:
+        if isinstance(result.get(key), int | float) and math.isfinite(result[key]):
+            ot_trial.set_user_attr(key, float(result[key]))
+    for name, value in objectives.constraints(result).items():
+        ot_trial.set_constraint(name, value)
     return result
 
 
-def log_progress(points: list[tuple[float, float]], total: int, started: float) -> None:
-    """One progress line: trials done, front size, hypervolume, rate and ETA."""
-    df = pd.DataFrame(points, columns=["macs", "accuracy"])
+def log_progress(points: list[tuple[float, float]], total: int, started: float, cost: str = "macs") -> None:
+    """One progress line: trials done, front size, hypervolume (the share of the box from zero cost and accuracy
+    to 1.01 x the dearest trial and 100%), rate and ETA."""
+    df = pd.DataFrame(points, columns=[cost, "accuracy"])
     done = len(points)
     rate = done / max(time.perf_counter() - started, 1e-9)
+    ref = df[cost].max() * 1.01
     logger.info(
-        "search: %d/%d trials (this session), front %d, hypervolume %.4g, %.2f trials/s, ETA %.0f s",
+        "search: %d/%d trials (this session), front %d, hypervolume %.4f, %.2f trials/s, ETA %.0f s",
         done,
         total,
-        int(pareto_mask(df).sum()),
-        hypervolume(df, (df["macs"].max() * 1.01, 0.0)),
+        int(pareto_mask(df, cost).sum()),
+        hypervolume(df, (ref, 0.0), cost) / (ref * 100.0),
         rate,
         max(total - done, 0) / rate,
     )

@@ -1,6 +1,6 @@
 """The pipeline's stages, each a public function ``stage(cfg, backend) -> summary`` on any backend.
 
-``pretrain`` (dense teacher) -> ``filter`` (per-block candidates) -> ``train`` (supernet) -> ``search`` (NSGA-II
+``profile`` (latency table on the target device) -> ``pretrain`` (dense teacher) -> ``filter`` (per-block candidates) -> ``train`` (supernet) -> ``search`` (NSGA-II
 front) -> ``export`` (knee point) -> ``report``. ``STAGES`` is the one table the pipeline and the CLI share; each
 entry says whether the stage's inputs are checked in preflight and how to tell that a finished call left work.
 """
@@ -13,6 +13,7 @@ from typing import Any
 
 from flora_ray.stages.export import export_stage
 from flora_ray.stages.filter import filter_stage
+from flora_ray.stages.profile import profile_stage
 from flora_ray.stages.report import report_stage
 from flora_ray.stages.search import search_stage
 from flora_ray.stages.training import pretrain, train
@@ -47,6 +48,7 @@ class Stage:
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
+        Stage("profile", profile_stage, "measure the latency table on the target device", preflight=False),
         Stage("pretrain", pretrain, "train the dense teacher on the configured data"),
         Stage("filter", filter_stage, "filter each block's rank candidates with local supernets"),
         Stage("train", train, "train the FLORA supernet by distillation from the teacher"),

@@ -22,11 +22,24 @@ from torch import nn
 from flora_ray.backends.base import Backend
 from flora_ray.backends.local import LocalBackend
 from flora_ray.config import Config, build_dataclass
+from flora_ray.core.cost import build_cost_model
+from flora_ray.core.latency import LatencyModel
+from flora_ray.core.models import ModelSpec
+from flora_ray.core.space import RankSpace
 from flora_ray.core.subnet import load_subnet, package_versions, save_subnet
 from flora_ray.data.datasets import build_datasets
-from flora_ray.results import best_under, knee_point, load_front, load_trials
+from flora_ray.results import best_under, cost_axis, format_cost, knee_point, load_front, load_trials
 from flora_ray.search.evaluator import supernet_from_numpy
 from flora_ray.stages.inputs import load_teacher, open_run, working_dir
+from flora_ray.stages.profile import (
+    DTYPES,
+    device_description,
+    model_input,
+    profile_resources,
+    profile_settings,
+    read_table,
+    time_ms,
+)
 from flora_ray.stages.search import trial_resources
 from flora_ray.storage.files import write_bytes, write_json
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
@@ -62,20 +75,27 @@ def load_run_config(store: RunStore) -> Config:
     return build_dataclass(Config, data, "")
 
 
-def choose_trial(store: RunStore, trial: int | None, max_macs: float | None):
-    """The trials.parquet row of ``trial``, or the best front point with ``macs <= max_macs``."""
-    if (trial is None) == (max_macs is None):
-        raise ValueError("give exactly one of --trial N or --max-macs M")
+def choose_trial(store: RunStore, trial: int | None, budget: tuple[str, float] | None):
+    """The trials.parquet row of ``trial``, or the most accurate front point within ``budget`` (``(axis, value)``:
+    ``macs``, ``params`` or ``latency_ms``)."""
+    if (trial is None) == (budget is None):
+        raise ValueError("give exactly one of --trial N, --max-macs M or --max-latency-ms T")
     if trial is not None:
         trials = load_trials(store)
         rows = trials[(trials["trial"] == trial) & (trials["state"] == "COMPLETE")]
         if rows.empty:
             raise ValueError(f"trial {trial} is not a completed trial of {store.root!r} (0..{trials['trial'].max()})")
         return rows.iloc[0]
+    axis, value = budget
     front = load_front(store)
-    row = best_under(front, max_macs)
+    if front[axis].isna().all():
+        raise ValueError(f"the run's front has no {axis}: run `flora-ray profile` and search again, or use --max-macs")
+    row = best_under(front, value, axis)
     if row is None:
-        raise ValueError(f"no front point has macs <= {max_macs:.4g}; the cheapest needs {front['macs'].min():.4g}")
+        raise ValueError(
+            f"no front point has {axis} <= {format_cost(axis, value)}; the cheapest needs "
+            f"{format_cost(axis, front[axis].min())}"
+        )
     return row
 
 
@@ -129,12 +149,73 @@ def export_task(run_uri: str, row: dict[str, Any], threads: int) -> tuple[dict[s
     return files, figures
 
 
-def check_export(run: str | os.PathLike | RunStore, trial: int | None, max_macs: float | None):
+@torch.no_grad()
+def target_latency_task(files: dict[str, bytes], batches: list[int], settings: dict[str, Any]) -> dict[str, Any]:
+    """The exported subnet (from its files, as a user loads it) and the dense model timed on this node, the way
+    ``flora-ray profile`` times its table (``stages.profile.time_ms``), at each batch size."""
+    import tempfile
+
+    device, dtype = torch.device(settings["device"]), DTYPES[settings["dtype"]]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "profile.device=cuda but this node has no CUDA device: ask for a GPU node in profile.resources"
+        )
+    with tempfile.TemporaryDirectory(prefix="flora-latency-") as tmp:
+        for name, data in files.items():
+            Path(tmp, name).write_bytes(data)
+        subnet = load_subnet(tmp, device=device).to(dtype).eval()
+        spec = ModelSpec.from_dict(json.loads(files["subnet.json"])["model"])
+    dense = spec.create(device=device).to(dtype).eval()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(settings["threads"])
+    try:
+        measured = {}
+        for batch in batches:
+            x = model_input(dense, spec, batch, device, dtype)
+            measured[str(batch)] = {
+                "measured_ms": time_ms(lambda x=x: subnet(x), settings["threads"], settings["min_run_time"])[0],
+                "dense_measured_ms": time_ms(lambda x=x: dense(x), settings["threads"], settings["min_run_time"])[0],
+            }
+    finally:
+        torch.set_num_threads(previous)
+    return {"device": device_description(device, settings["dtype"], settings["threads"]), "batches": measured}
+
+
+def target_latency(store: RunStore, cfg: Config, ranks: dict[str, int], files: dict[str, bytes], backend: Backend):
+    """Measured (on a node of the target kind: ``profile.resources``) against predicted latency of the export and
+    the dense model at every profiled batch size; ``None`` when the run has no latency table."""
+    table, device = read_table(store)
+    if table is None:
+        return None
+    header = store.read_checkpoint_header(ARTEFACTS.supernet)
+    space = RankSpace.from_dict(header["space"], source="supernet header")
+    cost = build_cost_model(ModelSpec.from_dict(header["model"]).create(device="meta"))
+    batches = sorted({int(b) for b in table["batch"].unique()})
+    result = backend.call(target_latency_task, files, batches, profile_settings(cfg),
+                          resources=profile_resources(cfg), retries=cfg.run.max_failures)  # fmt: skip
+    for batch, figures in result["batches"].items():
+        model = LatencyModel.from_table(table, space, cost, int(batch), device)
+        figures["predicted_ms"], figures["dense_predicted_ms"] = model.predict(ranks), model.dense_ms
+        figures["error_pct"] = 100 * (figures["predicted_ms"] / figures["measured_ms"] - 1)
+    result["table_device"] = device
+    return result
+
+
+def check_export(
+    run: str | os.PathLike | RunStore,
+    trial: int | None,
+    max_macs: float | None,
+    max_latency_ms: float | None = None,
+):
     """``(store, config, trial row)`` of an export request, or the error that names what is wrong."""
     store = run if isinstance(run, RunStore) else RunStore(run)
     if not store.is_file(ARTEFACTS.trials):
         raise FileNotFoundError(f"{store.location(ARTEFACTS.trials)!r} does not exist: run `flora-ray search` first")
-    return store, load_run_config(store), choose_trial(store, trial, max_macs)
+    if max_macs is not None and max_latency_ms is not None:
+        raise ValueError("give one of --max-macs and --max-latency-ms")
+    budget = ("macs", max_macs) if max_macs is not None else None
+    budget = ("latency_ms", max_latency_ms) if max_latency_ms is not None else budget
+    return store, load_run_config(store), choose_trial(store, trial, budget)
 
 
 def export_from_run(
@@ -144,18 +225,21 @@ def export_from_run(
     output: str | os.PathLike | None = None,
     threads: int = 1,
     backend: Backend | None = None,
+    max_latency_ms: float | None = None,
 ) -> dict[str, Any]:
     """Export one searched subnet of a run; returns (and writes to ``export.json``) its figures.
 
     The extraction and every inference pass run in ``export_task`` on ``backend`` (default: in this process),
-    with one search trial's resources; this process only picks the trial and writes the files.
+    with one search trial's resources; this process only picks the trial and writes the files. With a latency
+    table, the export is also timed on a node of the target kind (``target_latency``), next to the prediction.
     """
-    store, cfg, row = check_export(run, trial, max_macs)
+    store, cfg, row = check_export(run, trial, max_macs, max_latency_ms)
     backend = backend or LocalBackend()
     task_row = {"trial": int(row["trial"]), "ranks": row["ranks"], "accuracy": float(row["accuracy"])}
     files, figures = backend.call(
         export_task, store.uri, task_row, threads, resources=trial_resources(cfg), retries=cfg.run.max_failures
     )
+    figures["target_latency"] = target_latency(store, cfg, json.loads(row["ranks"]), files, backend)
     name = ARTEFACTS.export_dir(figures["trial"])
     # Into the run; a run on object storage gets the files through a local working copy.
     out = Path(output) if output else store.local_path(name) if store.is_local else working_dir(cfg) / name
@@ -175,4 +259,4 @@ def export_stage(cfg: Config, backend: Backend | None = None) -> dict[str, Any]:
     front = load_front(store)
     if front.empty:
         raise RuntimeError("the search produced no feasible subnet to export (every trial failed or broke the budget)")
-    return export_from_run(store, trial=int(knee_point(front)["trial"]), backend=backend)
+    return export_from_run(store, trial=int(knee_point(front, cost_axis(front))["trial"]), backend=backend)

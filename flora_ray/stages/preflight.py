@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flora_ray.config import Config
+from flora_ray.config import BOUNDS, Config
 from flora_ray.core.models import ModelSpec, create_model
 from flora_ray.data.datasets import build_datasets
 from flora_ray.stages.inputs import (
@@ -54,6 +54,28 @@ def preflight(cfg: Config, stage: str, store: RunStore | None = None) -> None:
         check_checkpoint(store.read_checkpoint_header(ARTEFACTS.supernet), spec, store.location(ARTEFACTS.supernet))
     if stage == "train" and (cfg.train.space_file or store.is_file(ARTEFACTS.space)):
         resolve_space(cfg, store, full_space(cfg))
+    check_budgets(cfg, store)
+
+
+def check_budgets(cfg: Config, store: RunStore) -> None:
+    """The search's budgets must leave some configuration of the run's space (a MAC budget below the cheapest
+    one fails here, before hours of training); latency budgets are checked once the run has its latency table
+    (right after ``flora-ray profile``, the pipeline's first stage)."""
+    import dataclasses
+
+    from flora_ray.core.cost import build_cost_model
+    from flora_ray.search.objectives import resolve_bounds
+    from flora_ray.stages.profile import run_latency_model
+
+    search = cfg.search
+    if all(getattr(search, bound) is None for bound in BOUNDS):
+        return
+    space = full_space(cfg)
+    cost = build_cost_model(resolve_model_spec(cfg).create(device="meta"))
+    latency = run_latency_model(cfg, store, space, cost) if store.is_file(ARTEFACTS.latency_table) else None
+    if latency is None:
+        search = dataclasses.replace(search, max_latency_ms=None, min_latency_ms=None, objectives=("macs",))
+    resolve_bounds(search, space, cost, latency)
 
 
 def _is_safetensors(source: bool | str) -> bool:

@@ -1,8 +1,9 @@
 """``report.md``: a finished run summarised from the files in its directory.
 
-Dense accuracy and MACs, the Pareto front as a table, the uniform baseline, the gain of the front over uniform
-ranks at 0.5 and 1 accuracy point below dense, the exported subnet with its test accuracy and latency, each stage's
-wall time, and where the Parquet files and plots are. Everything is read back from the run directory, so the
+Dense accuracy and costs, the Pareto front as a table, the uniform baseline, the gain of the front over uniform
+ranks at 0.5 and 1 accuracy point below dense (on the searched cost axis: MACs, parameters or predicted latency),
+the exported subnet with its test accuracy and its latency measured on the target device next to the prediction,
+each stage's wall time, and where the Parquet files and plots are. Everything is read back from the run directory, so the
 report can be rebuilt at any time (``write_report(run)``).
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from flora_ray.results import cheapest_within, gain_over_uniform, load_front, load_uniform
+from flora_ray.results import cheapest_within, format_cost, gain_over_uniform, load_front, load_uniform
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 DROPS = (0.5, 1.0)
@@ -52,6 +53,8 @@ def _dense_section(
         else "trained by `flora-ray pretrain` (teacher.safetensors)"
     )
     lines = ["## Dense model", "", f"- weights: {source}", f"- cost: {_macs(search['dense_macs'])}MACs per image"]
+    if _known(search.get("dense_latency_ms")):
+        lines.append(f"- latency (predicted, batch {search['latency_batch']}): {search['dense_latency_ms']:.3f} ms")
     lines.append(
         f"- accuracy: {search['dense_accuracy']:.2f}% on the search images"
         + (f", {test_acc:.2f}% on the test split" if test_acc is not None else "")
@@ -59,50 +62,51 @@ def _dense_section(
     return lines
 
 
-def _front_section(front: pd.DataFrame, dense_macs: float, dense_acc: float) -> list[str]:
+def _known(value: Any) -> bool:
+    return isinstance(value, int | float) and value == value  # not None, not NaN
+
+
+def _cost_cells(r: Any, axis: str, dense: float) -> list[str]:
+    """MACs, parameters, predicted latency and the searched axis as a share of dense."""
+    latency = f"{r.latency_ms:.3f}" if _known(getattr(r, "latency_ms", None)) else "-"
+    return [_macs(r.macs), f"{r.params / 1e6:.3f}", latency, f"{100 * getattr(r, axis) / dense:.1f}%"]
+
+
+def _front_section(front: pd.DataFrame, axis: str, dense: float, dense_acc: float) -> list[str]:
     rows = [
-        [
-            str(int(r.trial)),
-            _macs(r.macs),
-            f"{100 * r.macs / dense_macs:.1f}%",
-            f"{r.params / 1e6:.3f}",
-            f"{r.accuracy:.2f}",
-            f"{r.accuracy - dense_acc:+.2f}",
-        ]
+        [str(int(r.trial)), *_cost_cells(r, axis, dense), f"{r.accuracy:.2f}", f"{r.accuracy - dense_acc:+.2f}"]
         for r in front.itertuples()
     ]
-    headers = ["trial", "MACs", "of dense", "M params", "search acc (%)", "vs dense (pts)"]
-    return [f"## Pareto front ({len(front)} subnets)", "", *_table(headers, rows)]
+    headers = ["trial", "MACs", "M params", "latency (ms, pred.)", f"{axis} of dense", "search acc (%)",
+               "vs dense (pts)"]  # fmt: skip
+    return [f"## Pareto front ({len(front)} subnets, searched on {axis})", "", *_table(headers, rows)]
 
 
-def _uniform_section(uniform: pd.DataFrame, dense_macs: float, dense_acc: float) -> list[str]:
+def _uniform_section(uniform: pd.DataFrame, axis: str, dense: float, dense_acc: float) -> list[str]:
     rows = [
-        [
-            f"{r.ratio:.4g}",
-            _macs(r.macs),
-            f"{100 * r.macs / dense_macs:.1f}%",
-            f"{r.accuracy:.2f}",
-            f"{r.accuracy - dense_acc:+.2f}",
-        ]
-        for r in uniform.sort_values("macs").itertuples()
+        [f"{r.ratio:.4g}", *_cost_cells(r, axis, dense), f"{r.accuracy:.2f}", f"{r.accuracy - dense_acc:+.2f}"]
+        for r in uniform.sort_values(axis).itertuples()
     ]
-    headers = ["rank ratio", "MACs", "of dense", "search acc (%)", "vs dense (pts)"]
+    headers = ["rank ratio", "MACs", "M params", "latency (ms, pred.)", f"{axis} of dense", "search acc (%)",
+               "vs dense (pts)"]  # fmt: skip
     return ["## Uniform ranks (baseline)", "", *_table(headers, rows)]
 
 
-def _gain_section(front: pd.DataFrame, uniform: pd.DataFrame, dense_acc: float) -> tuple[list[str], dict[str, Any]]:
+def _gain_section(
+    front: pd.DataFrame, uniform: pd.DataFrame, dense_acc: float, axis: str
+) -> tuple[list[str], dict[str, Any]]:
     lines = ["## Gain over uniform ranks", ""]
     gains: dict[str, Any] = {}
     for drop in DROPS:
         target = dense_acc - drop
-        ours, theirs = cheapest_within(front, target), cheapest_within(uniform, target)
-        gain = gain_over_uniform(front, uniform, drop, reference_accuracy=dense_acc)
+        ours, theirs = cheapest_within(front, target, axis), cheapest_within(uniform, target, axis)
+        gain = gain_over_uniform(front, uniform, drop, reference_accuracy=dense_acc, cost=axis)
         gains[str(drop)] = gain
 
         def describe(row):
-            return "none reaches it" if row is None else f"{_macs(row['macs'])}MACs ({row['accuracy']:.2f}%)"
+            return "none reaches it" if row is None else f"{format_cost(axis, row[axis])} ({row['accuracy']:.2f}%)"
 
-        verdict = "n/a" if gain is None else f"**{100 * gain:+.1f}%** fewer MACs"
+        verdict = "n/a" if gain is None else f"**{100 * gain:+.1f}%** less {axis}"
         lines.append(
             f"- within {drop:g} pt of dense (>= {target:.2f}%): front {describe(ours)}, uniform {describe(theirs)}: "
             f"{verdict}"
@@ -122,8 +126,24 @@ def _export_section(export: dict[str, Any]) -> list[str]:
         f"- CPU latency ({export['threads']} thread(s), median): batch 1 {lat['subnet_batch1_ms']:.2f} ms "
         f"(dense {lat['dense_batch1_ms']:.2f} ms), batch 32 {lat['subnet_batch32_ms']:.2f} ms "
         f"(dense {lat['dense_batch32_ms']:.2f} ms)",
+        *_target_latency_lines(export.get("target_latency")),
         f"- files: `{export['directory']}` (model.safetensors, subnet.json, export.json)",
     ]
+
+
+def _target_latency_lines(target: dict[str, Any] | None) -> list[str]:
+    """Measured against predicted latency on the target device, per profiled batch size."""
+    if not target:
+        return []
+    device = target["device"]
+    lines = [f"- latency on the target device ({device['name']}, {device['dtype']}, {device['threads']} thread(s)):"]
+    for batch, b in target["batches"].items():
+        lines.append(
+            f"  - batch {batch}: measured {b['measured_ms']:.3f} ms, predicted {b['predicted_ms']:.3f} ms "
+            f"({b['error_pct']:+.1f}%); dense measured {b['dense_measured_ms']:.3f} ms, predicted "
+            f"{b['dense_predicted_ms']:.3f} ms"
+        )
+    return lines
 
 
 def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
@@ -138,11 +158,13 @@ def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
     markers = stage_markers(store)
     export = markers.get("export", {}).get("summary")
     dense_acc, dense_macs = float(search["dense_accuracy"]), float(search["dense_macs"])
+    axis = search.get("cost_axis", "macs")
+    dense = float(search.get(f"dense_{axis}", dense_macs))
     lines = [f"# flora-ray report: {store.name}", ""]
     lines += [*_dense_section(markers, search, export), ""]
-    lines += [*_front_section(front, dense_macs, dense_acc), ""]
-    lines += [*_uniform_section(uniform, dense_macs, dense_acc), ""]
-    gain_lines, gains = _gain_section(front, uniform, dense_acc)
+    lines += [*_front_section(front, axis, dense, dense_acc), ""]
+    lines += [*_uniform_section(uniform, axis, dense, dense_acc), ""]
+    gain_lines, gains = _gain_section(front, uniform, dense_acc, axis)
     lines += [*gain_lines, ""]
     if export is not None:
         lines += [*_export_section(export), ""]
@@ -150,7 +172,8 @@ def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
         "## Search",
         "",
         f"- {search['complete']} of {search['trials']} trials complete ({search['failed']} failed), "
-        f"{search['trials_per_second']:.2f} trials/s, hypervolume {search['hypervolume']:.4g}",
+        f"{search['trials_per_second']:.2f} trials/s, hypervolume {search.get('hypervolume_share', 0.0):.4f} of the "
+        f"box up to 1.01 x the dearest uniform configuration and 100%",
         "",
         "## Stage wall times",
         "",
@@ -173,6 +196,7 @@ def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
     figures = {
         "dense_accuracy": dense_acc,
         "dense_macs": dense_macs,
+        "cost_axis": axis,
         "front_size": len(front),
         "gain_over_uniform": gains,
         "export": export,

@@ -2,7 +2,9 @@
 
 The Optuna study lives in a journal file in the run (``search_journal.log``), so re-running an interrupted search
 continues it. Evaluators keep their supernet across trials; its weights travel once to each evaluator process as
-numpy arrays. MACs and parameters come from the analytic cost model.
+numpy arrays. MACs and parameters come from the analytic cost model, latency from the run's latency table
+(``stages.profile``); ``search.objectives`` picks the axis searched beside accuracy and the budgets become Optuna
+constraints (``search.objectives``).
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ import torch
 
 from flora_ray.backends.base import Backend, SearchJob
 from flora_ray.config import Config, config_to_dict
+from flora_ray.core.cost import build_cost_model
 from flora_ray.core.models import ModelSpec
 from flora_ray.core.space import RankSpace
 from flora_ray.results import hypervolume
 from flora_ray.search.evaluator import anchor_points, search_images
 from flora_ray.search.frames import trials_frame, uniform_frame
+from flora_ray.search.objectives import Objectives, dense_value, latency_predictor, resolve_bounds, subnet_costs
 from flora_ray.search.plots import front_figure, hypervolume_figure
 from flora_ray.search.study import SearchProblem
 from flora_ray.stages.inputs import load_teacher, open_run, provenance, ray_storage, working_dir
 from flora_ray.stages.preflight import preflight
+from flora_ray.stages.profile import run_latency_model
 from flora_ray.storage.files import write_bytes
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
@@ -48,6 +53,7 @@ def search_problem(cfg: Config, store: RunStore, journal: JournalSync | None = N
     tensors, header = store.read_checkpoint(ARTEFACTS.supernet)
     space = RankSpace.from_dict(header["space"], source=f"checkpoint {store.location(ARTEFACTS.supernet)!r}")
     info = store.filesystem.get_file_info(store.location(ARTEFACTS.supernet))
+    objectives = search_objectives(cfg, store, space, ModelSpec.from_dict(header["model"]))
     return SearchProblem(
         header=header,
         weights={k: v.numpy() for k, v in tensors.items()},
@@ -58,7 +64,7 @@ def search_problem(cfg: Config, store: RunStore, journal: JournalSync | None = N
         trials=cfg.search.trials,
         study_name=f"{cfg.run.name}-search",
         journal=str(journal.local),
-        max_macs=cfg.search.max_macs,
+        objectives=objectives,
         sampler_args={
             "population_size": cfg.search.population,
             "mutation_prob": cfg.search.mutation_prob,
@@ -66,6 +72,14 @@ def search_problem(cfg: Config, store: RunStore, journal: JournalSync | None = N
             "seed": search_seed(cfg),
         },
     )
+
+
+def search_objectives(cfg: Config, store: RunStore, space: RankSpace, spec: ModelSpec) -> Objectives:
+    """The search's cost axis, absolute budgets (checked against ``space``) and latency predictor."""
+    cost = build_cost_model(spec.create(device="meta"))
+    latency = run_latency_model(cfg, store, space, cost)
+    bounds = resolve_bounds(cfg.search, space, cost, latency)
+    return Objectives(cfg.search.cost_axis, bounds, latency.to_dict() if latency is not None else None)
 
 
 class JournalSync:
@@ -95,9 +109,11 @@ def baselines_task(problem: SearchProblem, dense_state: dict[str, Any]) -> tuple
     """Every uniform configuration and the dense model on the search images (one evaluator build, the same images
     and batch size as every trial)."""
     evaluator = problem.build_evaluator()
+    latency = latency_predictor(problem.objectives)
     rows = []
     for ratio, ranks in evaluator.supernet.space.uniform_all().items():
-        rows.append({"ratio": ratio, "ranks": ranks, **evaluator.evaluate(ranks)})
+        costs = subnet_costs(ranks, evaluator.supernet.cost, latency)
+        rows.append({"ratio": ratio, "ranks": ranks, **evaluator.evaluate(ranks), **costs})
     dense = ModelSpec.from_dict(problem.header["model"]).create(device="meta")
     dense.load_state_dict({k: torch.from_numpy(v) for k, v in dense_state.items()}, strict=True, assign=True)
     return rows, evaluator.model_accuracy(dense.to(evaluator.device).eval())
@@ -123,14 +139,15 @@ def search_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
     journal()
     seconds = time.perf_counter() - started
     study = problem.load_study()
-    trials = trials_frame(study, space, cfg.search.max_macs)
+    trials = trials_frame(study, space, problem.objectives)
     (dense,) = load_teacher(cfg, store)
     dense_state = {k: v.detach().cpu().numpy() for k, v in dense.state_dict().items()}
     rows, dense_accuracy = backend.call(
         baselines_task, problem, dense_state, resources=trial_resources(cfg), retries=cfg.run.max_failures
     )
-    uniform = uniform_frame(rows, space, cfg.search.max_macs)
+    uniform = uniform_frame(rows, space, problem.objectives)
     summary = write_search_outputs(cfg, store, study, trials, uniform)
+    summary.update(dense_costs(problem))
     summary.update(
         dense_accuracy=dense_accuracy, seconds=seconds, evaluator_builds={str(k): v for k, v in builds.items()}
     )
@@ -139,16 +156,26 @@ def search_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
     return summary  # an unfinished search (fewer trials than asked) is the caller's to report: see stages.STAGES
 
 
+def dense_costs(problem: SearchProblem) -> dict[str, float]:
+    """The dense model's MACs, parameters and predicted latency (NaN without a latency table)."""
+    spec = ModelSpec.from_dict(problem.header["model"])
+    cost, latency = build_cost_model(spec.create(device="meta")), latency_predictor(problem.objectives)
+    out = {f"dense_{axis}": dense_value(axis, cost, latency) for axis in ("macs", "params")}
+    out["dense_latency_ms"] = latency.dense_ms if latency is not None else float("nan")
+    return {**out, "cost_axis": problem.objectives.cost, "latency_batch": latency.batch if latency else None}
+
+
 def write_search_outputs(cfg: Config, store: RunStore, study, trials, uniform) -> dict[str, Any]:
     """``trials``/``pareto``/``uniform.parquet`` and the plots; returns the summary's figures."""
-    metadata = provenance(cfg, seed=search_seed(cfg))
-    front = trials[trials["is_pareto"]].sort_values("macs").reset_index(drop=True)
+    axis = cfg.search.cost_axis
+    metadata = provenance(cfg, seed=search_seed(cfg), cost_axis=axis)
+    front = trials[trials["is_pareto"]].sort_values(axis).reset_index(drop=True)
     for name, frame in ((ARTEFACTS.trials, trials), (ARTEFACTS.pareto, front), (ARTEFACTS.uniform, uniform)):
         store.write_parquet(name, frame, metadata)
     complete = trials[trials["state"] == "COMPLETE"]
-    ref = (float(uniform["macs"].max()) * 1.01, 0.0)
-    store.save_figure(ARTEFACTS.pareto_plot, front_figure(complete, front, uniform))
-    store.save_figure(ARTEFACTS.hypervolume_plot, hypervolume_figure(trials, ref))
+    ref = (float(uniform[axis].max()) * 1.01, 0.0)
+    store.save_figure(ARTEFACTS.pareto_plot, front_figure(complete, front, uniform, axis))
+    store.save_figure(ARTEFACTS.hypervolume_plot, hypervolume_figure(trials, ref, axis))
     finished = [t for t in study.trials if t.datetime_start and t.datetime_complete]
     span = (
         (max(t.datetime_complete for t in finished) - min(t.datetime_start for t in finished)).total_seconds()
@@ -160,7 +187,7 @@ def write_search_outputs(cfg: Config, store: RunStore, study, trials, uniform) -
         "complete": len(complete),
         "failed": int((trials["state"] == "FAIL").sum()),
         "front_size": len(front),
-        "hypervolume": hypervolume(complete, ref) if len(complete) else 0.0,
-        "dense_macs": float(uniform["macs"].max()),
+        "hypervolume": hypervolume(complete, ref, axis) if len(complete) else 0.0,
+        "hypervolume_share": (hypervolume(complete, ref, axis) / (ref[0] * 100.0)) if len(complete) else 0.0,
         "trials_per_second": len(finished) / span if span else 0.0,  # the whole study, all sessions
     }

@@ -30,6 +30,7 @@ class Artefacts:
     run_config: str = "run_config.yaml"
     teacher: str = "teacher.safetensors"
     space: str = "space.json"
+    latency_table: str = "latency_table.parquet"
     filter_scores: str = "filter_scores.parquet"
     filter_blocks: str = "filter"
     supernet: str = "supernet.safetensors"
