@@ -1,7 +1,8 @@
 """flora-ray: FLORA low-rank architecture search for Vision Transformers on Ray.
 
 The library API, in data-flow order: ``build_supernet`` (SVD surgery on a timm model), ``RankSpace`` (the
-per-block rank candidates), ``build_cost_model`` (exact MACs and parameters), ``extract_subnet`` /
+per-block rank candidates), ``build_cost_model`` (exact MACs and parameters), ``LatencyModel`` (latency predicted
+from a run's latency table), ``extract_subnet`` /
 ``save_subnet`` / ``load_subnet`` (export).
 
 The names are imported on first use (PEP 562), so that ``import flora_ray.config`` (parsing a configuration) does
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "CostModel": "flora_ray.core.cost",
     "build_cost_model": "flora_ray.core.cost",
+    "LatencyModel": "flora_ray.core.latency",
     "ElasticLowRankLinear": "flora_ray.core.lowrank",
     "factorize": "flora_ray.core.lowrank",
     "ModelSpec": "flora_ray.core.models",
@@ -38,6 +40,7 @@ _EXPORTS = {
 __all__ = [
     "CostModel",
     "ElasticLowRankLinear",
+    "LatencyModel",
     "ModelSpec",
     "RankSpace",
     "Supernet",
@@ -57,6 +60,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from flora_ray.core.cost import CostModel, build_cost_model
+    from flora_ray.core.latency import LatencyModel
     from flora_ray.core.lowrank import ElasticLowRankLinear, factorize
     from flora_ray.core.models import ModelSpec, create_model
     from flora_ray.core.space import RankSpace, load_rank_file, load_reference_yaml

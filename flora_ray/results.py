@@ -14,6 +14,7 @@ import pandas as pd
 
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
+LATENCY_DEVICE_KEY = "flora_ray.latency_device"  # the latency table's metadata: where it was measured
 COST_UNITS = {"macs": ("GMACs", 1e9), "params": ("M params", 1e6), "latency_ms": ("ms", 1.0)}
 
 
@@ -169,3 +170,18 @@ def load_front(run: str | os.PathLike | RunStore) -> pd.DataFrame:
 def load_uniform(run: str | os.PathLike | RunStore) -> pd.DataFrame:
     """The uniform-rank baseline of a run (``uniform.parquet``)."""
     return _read(run, ARTEFACTS.uniform)
+
+
+def load_latency_table(run: str | os.PathLike | RunStore) -> tuple[pd.DataFrame, dict]:
+    """A run's latency table (``latency_table.parquet``, written by ``flora-ray profile``) and the device it was
+    measured on; ``LatencyModel.from_table(table, space, cost, batch, device)`` predicts from it."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    store = run if isinstance(run, RunStore) else RunStore(run)
+    name = ARTEFACTS.latency_table
+    if not store.is_file(name):
+        raise FileNotFoundError(f"{store.location(name)!r} does not exist; run `flora-ray profile` for this run first")
+    metadata = pq.read_schema(store.location(name), filesystem=store.filesystem).metadata or {}
+    return store.read_parquet(name), json.loads(metadata.get(LATENCY_DEVICE_KEY.encode(), b"{}"))

@@ -38,13 +38,14 @@ from flora_ray.core.models import ModelSpec
 from flora_ray.core.space import RankSpace
 from flora_ray.core.surgery import swap_modules
 from flora_ray.families import family_of
+from flora_ray.results import LATENCY_DEVICE_KEY, load_latency_table
 from flora_ray.search.objectives import resolve_bounds
 from flora_ray.stages.inputs import full_space, open_run, provenance, resolve_model_spec
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 logger = logging.getLogger(__name__)
 
-DEVICE_KEY = "flora_ray.latency_device"
+DEVICE_KEY = LATENCY_DEVICE_KEY
 BLOCKS = 20  # timed blocks per item (each about profile.min_run_time / BLOCKS seconds)
 MIN_BLOCKS = 5  # single calls, at least, of an item slower than profile.min_run_time / BLOCKS
 CHUNK = 12  # items per profile task: a table is written (and progress logged) after each
@@ -211,11 +212,7 @@ def read_table(store: RunStore) -> tuple[pd.DataFrame | None, dict[str, Any]]:
     """The run's latency table and its device description (``None, {}`` before any profile)."""
     if not store.is_file(ARTEFACTS.latency_table):
         return None, {}
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(store.location(ARTEFACTS.latency_table), filesystem=store.filesystem)
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    return table.to_pandas(), json.loads(meta.get(DEVICE_KEY, "{}"))
+    return load_latency_table(store)
 
 
 def check_same_device(stored: Mapping[str, Any], measured: Mapping[str, Any], where: str) -> None:
