@@ -34,6 +34,7 @@ def preflight(cfg: Config, stage: str, store: RunStore | None = None) -> None:
     pretrained = cfg.model.pretrained
     if isinstance(pretrained, str) and not Path(pretrained).expanduser().is_file():
         raise FileNotFoundError(f"model.pretrained weight file {pretrained!r} does not exist; fix the path")
+    check_budgets(cfg, store, needs_table=stage == "search")
     if cfg.data.name in SMALL_DATASETS:
         build_datasets(cfg.data)
     elif cfg.data.root is None or not Path(cfg.data.root).is_dir():
@@ -54,25 +55,28 @@ def preflight(cfg: Config, stage: str, store: RunStore | None = None) -> None:
         check_checkpoint(store.read_checkpoint_header(ARTEFACTS.supernet), spec, store.location(ARTEFACTS.supernet))
     if stage == "train" and (cfg.train.space_file or store.is_file(ARTEFACTS.space)):
         resolve_space(cfg, store, full_space(cfg))
-    check_budgets(cfg, store)
 
 
-def check_budgets(cfg: Config, store: RunStore) -> None:
+def check_budgets(cfg: Config, store: RunStore, needs_table: bool = False) -> None:
     """The search's budgets must leave some configuration of the run's space (a MAC budget below the cheapest
     one fails here, before hours of training); latency budgets are checked once the run has its latency table
-    (right after ``flora-ray profile``, the pipeline's first stage)."""
+    (right after ``flora-ray profile``, the pipeline's first stage), which a search that uses latency needs
+    (``needs_table``)."""
     import dataclasses
 
     from flora_ray.core.cost import build_cost_model
     from flora_ray.search.objectives import resolve_bounds
-    from flora_ray.stages.profile import run_latency_model
+    from flora_ray.stages.profile import missing_table, run_latency_model
 
     search = cfg.search
+    has_table = store.is_file(ARTEFACTS.latency_table)
+    if needs_table and search.uses_latency and not has_table:
+        raise missing_table(store)
     if all(getattr(search, bound) is None for bound in BOUNDS):
         return
     space = full_space(cfg)
     cost = build_cost_model(resolve_model_spec(cfg).create(device="meta"))
-    latency = run_latency_model(cfg, store, space, cost) if store.is_file(ARTEFACTS.latency_table) else None
+    latency = run_latency_model(cfg, store, space, cost) if has_table else None
     if latency is None:
         search = dataclasses.replace(search, max_latency_ms=None, min_latency_ms=None, objectives=("macs",))
     resolve_bounds(search, space, cost, latency)

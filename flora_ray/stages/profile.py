@@ -276,15 +276,19 @@ def profile_summary(cfg: Config, table: pd.DataFrame, device: dict, space: RankS
     return {"device": device, "rows": len(table), "batches": batches}
 
 
+def missing_table(store: RunStore) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"the search uses latency but {store.location(ARTEFACTS.latency_table)!r} does not exist: run "
+        "`flora-ray profile CONFIG` first"
+    )
+
+
 def run_latency_model(cfg: Config, store: RunStore, space: RankSpace, cost) -> LatencyModel | None:
     """The run's latency predictor at ``profile.batch`` for ``space`` (``None`` without a table); raises when the
     search needs latency and the run has no table."""
     table, device = read_table(store)
     if table is None:
         if cfg.search.uses_latency:
-            raise FileNotFoundError(
-                f"the search uses latency but {store.location(ARTEFACTS.latency_table)!r} does not exist: run "
-                "`flora-ray profile CONFIG` first"
-            )
+            raise missing_table(store)
         return None
     return LatencyModel.from_table(table, space, cost, cfg.profile.search_batch, device)
