@@ -101,7 +101,7 @@ CASES = [
     (None, ["run", "{c}", "search.objectives=[flops]"], "search.objectives=['flops'] is invalid: one cost axis of"),
     (None, ["run", "{c}", "search.max_macs=1000"], "search.max_macs=1000.0 (1000) is below the cheapest configuration"),
     (None, ["run", "{c}", "search.min_params=101%"], "search.min_params='101%' (1.84e+04) is above the dearest"),
-    (None, ["search", "{c}", "search.max_latency_ms=5"], "latency_table.parquet' does not exist: run `flora-ray profile"),
+    (None, ["search", "{c}", "search.max_latency_ms=5"], "latency_table.parquet' does not exist: run"),
     (None, ["profile", "{c}", "profile.dtype=float16"], "float16 needs profile.device=cuda"),
 ]
 
