@@ -243,3 +243,13 @@ def test_latency_objective_search_respects_the_budget_and_export_measures_what_w
         assert figures["error_pct"] == pytest.approx(100 * (figures["predicted_ms"] / figures["measured_ms"] - 1))
     exported = json.loads((cfg.run.run_dir / "export" / f"trial_{report['trial']}" / "export.json").read_text())
     assert exported["target_latency"]["batches"]["1"]["predicted_ms"] <= budget
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_profile_on_cuda_in_half_precision(digits_config):
+    cfg = digits_config("profile.device=cuda", "profile.dtype=float16", "profile.min_run_time=0.01")
+    claim_run(cfg)
+    summary = profile_stage(cfg, LocalBackend())
+    table, device = read_table(RunStore(cfg.run.run_dir))
+    assert device["device"] == "cuda" and device["name"] == torch.cuda.get_device_name()
+    assert device["dtype"] == "float16" and (table["ms"] > 0).all() and summary["batches"]["1"]["dense_ms"] > 0
