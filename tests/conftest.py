@@ -1,4 +1,5 @@
-"""Test configuration: loopback-only Ray, unfused timm attention (so FlopCounterMode sees it), small models."""
+"""Test configuration: loopback-only Ray, a faster Ray Train controller poll, unfused timm attention (so
+FlopCounterMode sees it), small models."""
 
 import os
 
@@ -6,6 +7,11 @@ import os
 os.environ.setdefault("TIMM_FUSED_ATTN", "0")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's controller polls its workers every 2 s by default: a job's end, each collected checkpoint
+# (``RaySession.checkpoint_collected``) and a failed worker wait for the next poll. 0.5 s takes about a quarter off
+# every Ray Train run here (subprocesses, the CLI and the cluster harness's drivers inherit it); nothing asserted
+# depends on the interval.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import pytest
 import torch
@@ -46,6 +52,7 @@ DIGITS_OVERRIDES = [
     "train.warmup_epochs=0",
     "train.eval_images=100",
     "run.threads_per_worker=1",
+    "profile.min_run_time=0.02",  # the latency table's timing: enough to rank, quick for every pipeline test
 ]
 
 
