@@ -22,6 +22,7 @@ import yaml
 
 from flora_ray.config import config_to_dict, load_config
 from flora_ray.core.space import RankSpace
+from flora_ray.stages import STAGES
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.testing.imagefolder import write_image_folder
 
@@ -40,7 +41,7 @@ RESULTS = (
     ARTEFACTS.search_summary,
     ARTEFACTS.pareto_plot,
     ARTEFACTS.report,
-    *(ARTEFACTS.stage_marker(s) for s in ("pretrain", "filter", "train", "search", "export", "report")),
+    *(ARTEFACTS.stage_marker(s) for s in STAGES),
 )
 TINY = [
     "model.name=test_vit",
@@ -118,7 +119,7 @@ def test_two_nodes_that_share_only_the_storage(two_node_dirs):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     _check_run_in_storage(RunStore(storage / "two"), classes=12)
     second = (head / "second.log").read_text()
-    assert second.count("done earlier") == 6, second[-3000:]
+    assert second.count("done earlier") == len(STAGES), second[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -159,5 +160,5 @@ def test_a_run_on_object_storage(s3, tmp_path, monkeypatch):
     shutil.rmtree(head)
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert (second.stdout + second.stderr).count("done earlier") == 6
+    assert (second.stdout + second.stderr).count("done earlier") == len(STAGES)
     pd.testing.assert_frame_equal(load_front(uri), front)
