@@ -78,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     inspect.set_defaults(func=cmd_inspect)
 
+    config = sub.add_parser(
+        "config",
+        help="print the resolved configuration: base files merged, overrides applied, defaults filled in",
+        description="Print the configuration a command would run with, as YAML (or JSON), after merging the "
+        "base: files, applying the overrides and filling in every default; checks it as a run would.",
+    )
+    config.add_argument("config", help="experiment YAML (see experiments/)")
+    config.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
+    config.add_argument("--json", action="store_true", help="print one JSON object instead of YAML")
+    config.set_defaults(func=cmd_config, output=None)
+
     run = sub.add_parser(
         "run",
         help="the whole pipeline: teacher, filter, supernet, search, export of the knee point, report",
@@ -186,6 +197,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     report = inspect_model(args.model, args.ranks, args.ratio, kwargs, args.include_proj)
     print(json.dumps(report) if args.json else format_inspect(report))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from flora_ray.config import config_to_dict, dump_config
+
+    cfg = _load_run_config(args)
+    print(json.dumps(config_to_dict(cfg)) if args.json else dump_config(cfg), end="" if not args.json else "\n")
     return 0
 
 

@@ -28,6 +28,10 @@ import yaml
 SAMPLERS = ("lowrank", "uniform", "sandwich")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 DATASET_NAMES = ("fashion_mnist", "digits", "imagefolder")
+# The image geometry (side, channels) each data set has by itself: data.img_size and data.in_chans default to it.
+DATASET_GEOMETRY = {"fashion_mnist": (28, 1), "digits": (8, 1), "imagefolder": (224, 3)}
+BASE_KEY = "base"  # a config file's ``base: other.yaml`` (or a list): the files it extends
+REQUIRED_KEYS = ("model.name", "data.name")  # a config file must say what to compress and on which data
 DATA_PIPELINES = ("loader", "ray_data")
 COST_AXES = ("macs", "params", "latency_ms")  # the search's cost objective, beside accuracy
 PROFILE_DEVICES = ("cpu", "cuda")
@@ -100,8 +104,10 @@ class DataConfig:
         root: Data directory. Fashion-MNIST: the idx files (or a torchvision download directory); defaults to the
             first of ``flora_ray.data.fashion_mnist.FASHION_MNIST_DIRS`` that exists. Image folders: ``root/train/<class>/*``,
             ``root/val/<class>/*`` (required). Ignored for digits.
-        img_size: Side of the square images the model sees.
-        in_chans: 1 or 3; grey images are replicated to 3 channels. Image folders need 3.
+        img_size: Side of the square images the model sees (default: the data set's own, ``DATASET_GEOMETRY``:
+            28 for Fashion-MNIST, 8 for digits, 224 for image folders).
+        in_chans: 1 or 3; grey images are replicated to 3 channels. Image folders need 3. Default: the data
+            set's own (1 for Fashion-MNIST and digits, 3 for image folders).
         search_fraction: Fraction of each class of the training data carved out as the search split, in (0, 1).
         search_per_class: Images per class in the search split; overrides ``search_fraction`` when set.
         seed: Seed of the search split and the train subset.
@@ -122,8 +128,8 @@ class DataConfig:
 
     name: str = "fashion_mnist"
     root: str | None = None
-    img_size: int = 224
-    in_chans: int = 3
+    img_size: int | None = None
+    in_chans: int | None = None
     search_fraction: float = 0.1
     search_per_class: int | None = None
     seed: int = 0
@@ -145,6 +151,9 @@ class DataConfig:
                 object.__setattr__(self, key, tuple(float(v) for v in value))
         folder = self.name == "imagefolder"
         _check(self.name in DATASET_NAMES, "data.name", self.name, f"must be one of {list(DATASET_NAMES)}")
+        for key, value in zip(("img_size", "in_chans"), DATASET_GEOMETRY[self.name], strict=True):
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
         _check(self.root is None or isinstance(self.root, str), "data.root", self.root, "must be a path or None")
         _check(not folder or self.root is not None, "data.root", self.root, "must be a path for imagefolder")
         _check(
@@ -581,21 +590,61 @@ class Config:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML experiment file (or the defaults) and apply ``section.key=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"config file {str(p)!r} is not valid YAML: {' '.join(str(exc).split())}") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}")
+    """Read a YAML experiment file (with the files it extends, ``base:``) or the defaults, and apply
+    ``section.key=value`` overrides. A file (with its bases and the overrides) must set ``REQUIRED_KEYS``."""
+    data: dict[str, Any] = {} if path is None else read_config_file(path)
     for item in overrides:
         apply_override(data, item)
+    if path is not None:
+        missing = [key for key in REQUIRED_KEYS if dotted_value(data, key) is None]
+        if missing:
+            raise ValueError(
+                f"config file {str(path)!r} does not set {' and '.join(missing)}: name the timm model to compress "
+                f"(model.name, e.g. deit_small_patch16_224) and the data (data.name: {', '.join(DATASET_NAMES)}), "
+                "in the file, a base file or as overrides (see experiments/)"
+            )
     return build_dataclass(Config, data, "")
+
+
+def read_config_file(path: str | os.PathLike, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping with its ``base:`` files merged under it (``merge_configs``), recursively; a base
+    path is relative to the file that names it. ``chain``: the files that led here (a cycle is an error)."""
+    p = Path(path)
+    named_by = f" (the base of {str(chain[-1])!r})" if chain else ""
+    if p.resolve() in chain:
+        cycle = " -> ".join(str(c) for c in (*chain, p.resolve()))
+        raise ValueError(f"config files extend each other in a cycle: {cycle}; remove one of these base: keys")
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {str(p)!r}{named_by} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {str(p)!r} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}")
+    bases = data.pop(BASE_KEY, None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) for b in bases):
+        raise ValueError(f"config file {str(p)!r}: base={bases!r} must be a file name or a list of file names")
+    merged: dict[str, Any] = {}
+    for base in bases:  # later bases override earlier ones, the file itself overrides them all
+        merged = merge_configs(merged, read_config_file(p.parent / base, (*chain, p.resolve())))
+    return merge_configs(merged, data)
+
+
+def merge_configs(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``: mappings merge key by key (sections, ``model.kwargs``), any other value
+    (lists included) replaces the base's; an explicit ``null`` sets the key to null."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_configs(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
