@@ -1,5 +1,8 @@
 """flora-ray: FLORA low-rank architecture search for Vision Transformers on Ray.
 
+``flora_ray.run(config)`` runs the whole pipeline from Python and returns a ``Run``; ``flora_ray.Run.open(path)``
+reopens any run (its configuration, trials, front, uniform baseline, Optuna study, subnets and exports).
+
 The library API, in data-flow order: ``build_supernet`` (SVD surgery on a timm model), ``RankSpace`` (the
 per-block rank candidates), ``build_cost_model`` (exact MACs and parameters), ``LatencyModel`` (latency predicted
 from a run's latency table), ``extract_subnet`` /
@@ -18,6 +21,8 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _EXPORTS = {
+    "Run": "flora_ray.api",
+    "run": "flora_ray.api",
     "CostModel": "flora_ray.core.cost",
     "build_cost_model": "flora_ray.core.cost",
     "LatencyModel": "flora_ray.core.latency",
@@ -43,6 +48,7 @@ __all__ = [
     "LatencyModel",
     "ModelSpec",
     "RankSpace",
+    "Run",
     "Supernet",
     "__version__",
     "build_cost_model",
@@ -54,11 +60,13 @@ __all__ = [
     "load_reference_yaml",
     "load_subnet",
     "load_supernet",
+    "run",
     "save_subnet",
     "save_supernet",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
+    from flora_ray.api import Run, run
     from flora_ray.core.cost import CostModel, build_cost_model
     from flora_ray.core.latency import LatencyModel
     from flora_ray.core.lowrank import ElasticLowRankLinear, factorize

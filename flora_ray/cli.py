@@ -220,44 +220,21 @@ def _load_run_config(args: argparse.Namespace):
 @contextlib.contextmanager
 def _backend(args: argparse.Namespace) -> Iterator[Any]:
     """The backend the command asked for: Ray (local on 127.0.0.1, or ``--address``) or in-process."""
-    if args.backend == "local":
-        if args.address:
-            raise ValueError("--address joins a Ray cluster; it cannot be combined with --backend local")
-        from flora_ray.backends.local import LocalBackend
+    from flora_ray.api import open_backend
 
-        yield LocalBackend()
-        return
-    import ray
-
-    from flora_ray.backends.ray import RayBackend, init_ray
-
-    started_here = not ray.is_initialized() and args.address is None
-    init_ray(args.address)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)  # ray.init installs its own handlers (sys.exit, Abseil's dump)
-    try:
-        yield RayBackend()
-    finally:
-        if started_here:
-            ray.shutdown()
+    with open_backend(args.backend, args.address) as backend:
+        if args.backend == "ray" and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _interrupt)  # ray.init installs its own handlers (sys.exit, Abseil's dump)
+        yield backend
 
 
 def _prepare(args: argparse.Namespace, stages: Sequence[str]):
     """Load the configuration, refuse another configuration's run and check the inputs of the first unfinished
     stage, then record the configuration: all before any backend starts."""
-    from flora_ray.pipeline import stage_marker
-    from flora_ray.stages import STAGES
-    from flora_ray.stages.inputs import claim_run
-    from flora_ray.stages.preflight import check_run_storage, preflight
+    from flora_ray.api import prepare_run
 
     cfg = _load_run_config(args)
-    check_run_storage(cfg, cluster=args.address is not None, local_backend=args.backend == "local")
-    store = claim_run(cfg, record=False)
-    checked = [s for s in stages if STAGES[s].preflight]
-    unfinished = [s for s in checked if stage_marker(store, s) is None]
-    if checked:
-        preflight(cfg, (unfinished or checked)[0], store)
-    return cfg, claim_run(cfg)
+    return cfg, prepare_run(cfg, stages, args.address, args.backend)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

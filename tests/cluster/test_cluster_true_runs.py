@@ -162,3 +162,20 @@ def test_a_run_on_object_storage(s3, tmp_path, monkeypatch):
     assert second.returncode == 0, second.stderr[-3000:]
     assert (second.stdout + second.stderr).count("done earlier") == len(STAGES)
     pd.testing.assert_frame_equal(load_front(uri), front)
+    _check_run_object(uri, trials)
+
+
+def _check_run_object(uri: str, trials: pd.DataFrame) -> None:
+    """``flora_ray.Run`` straight from the bucket: frames, the study (from the stored journal), a subnet."""
+    import torch
+    from helpers import input_for
+
+    import flora_ray as fr
+
+    run = fr.Run.open(uri)
+    assert run.location == uri and run.config.run.name == "s3run"
+    pd.testing.assert_frame_equal(run.trials, trials)
+    assert len(run.study.trials) == len(trials)
+    subnet = run.subnet(run.knee())
+    with torch.no_grad():
+        assert subnet(input_for(subnet)).shape[-1] == 5

@@ -1,0 +1,288 @@
+"""The Python API: run the pipeline from Python and open any run (local or on object storage) as one object.
+
+``flora_ray.run(config, overrides=..., address=...)`` does what ``flora-ray run`` does (the same checks before any
+compute, the same stages, skip and resume) and returns a ``Run``; ``flora_ray.Run.open(path_or_uri)`` reopens a
+finished or running run. A ``Run`` gives the configuration, the trials, front and uniform baseline as pandas frames,
+the Optuna study, the knee point, the best subnet under a budget, any trial's subnet as a torch module (inherited
+weights, no evaluation) and its export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import numbers
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flora_ray.config import Config, apply_override, build_dataclass, config_to_dict, load_config
+from flora_ray.storage.run_store import ARTEFACTS, RunStore
+
+if TYPE_CHECKING:
+    import optuna
+    import pandas as pd
+    from torch import nn
+
+    from flora_ray.backends.base import Backend
+    from flora_ray.core.supernet import Supernet
+
+BACKENDS = ("ray", "local")
+
+
+def resolve_config(
+    config: Config | Mapping[str, Any] | str | os.PathLike, overrides: Sequence[str] = (), output: str | None = None
+) -> Config:
+    """A ``Config`` from a config object, a mapping of sections or a YAML file, with ``section.key=value``
+    overrides (and ``output``: the parent directory of the run, ``run.output_dir``) applied."""
+    overrides = [*overrides, *([f"run.output_dir={output}"] if output is not None else [])]
+    if isinstance(config, str | os.PathLike):
+        return load_config(config, overrides)
+    if isinstance(config, Config):
+        config = config_to_dict(config)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a Config, a mapping of sections or a YAML path, not {type(config).__name__}")
+    data = json.loads(json.dumps(config))  # a deep, plain copy: the caller's mapping is not changed
+    for item in overrides:
+        apply_override(data, item)
+    return build_dataclass(Config, data, "")
+
+
+def prepare_run(cfg: Config, stages: Sequence[str], address: str | None, backend: str) -> RunStore:
+    """What every command checks before any backend starts: the run storage, a run made with another
+    configuration, the inputs of the first unfinished stage; then the configuration is recorded."""
+    from flora_ray.pipeline import stage_marker
+    from flora_ray.stages import STAGES
+    from flora_ray.stages.inputs import claim_run
+    from flora_ray.stages.preflight import check_run_storage, preflight
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
+    check_run_storage(cfg, cluster=address is not None, local_backend=backend == "local")
+    store = claim_run(cfg, record=False)
+    checked = [s for s in stages if STAGES[s].preflight]
+    unfinished = [s for s in checked if stage_marker(store, s) is None]
+    if checked:
+        preflight(cfg, (unfinished or checked)[0], store)
+    return claim_run(cfg)
+
+
+@contextlib.contextmanager
+def open_backend(backend: str = "ray", address: str | None = None) -> Iterator[Backend]:
+    """The backend to run on: Ray (local on 127.0.0.1 unless ``address`` names a cluster; a Ray that this
+    function starts is shut down at the end, one already running is left alone) or ``local`` (this process)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
+    if backend == "local":
+        if address:
+            raise ValueError("an address (--address) joins a Ray cluster; it cannot be combined with the local backend")
+        from flora_ray.backends.local import LocalBackend
+
+        yield LocalBackend()
+        return
+    import ray
+
+    from flora_ray.backends.ray import RayBackend, init_ray
+
+    started_here = not ray.is_initialized() and address is None
+    init_ray(address)
+    try:
+        yield RayBackend()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def run(
+    config: Config | Mapping[str, Any] | str | os.PathLike,
+    overrides: Sequence[str] = (),
+    address: str | None = None,
+    backend: str = "ray",
+    output: str | os.PathLike | None = None,
+) -> Run:
+    """Run every unfinished stage of an experiment (as ``flora-ray run``) and return the run.
+
+    ``config``: a ``Config``, a mapping of sections or a YAML file; ``overrides``: ``section.key=value`` strings;
+    ``address``: a Ray cluster to join (default: local Ray on 127.0.0.1); ``backend``: ``ray`` or ``local`` (this
+    process, no Ray); ``output``: the parent directory of the run (``run.output_dir``). Bad input raises
+    ``ValueError`` / ``FileNotFoundError`` before any compute starts.
+    """
+    from flora_ray.pipeline import run_pipeline
+    from flora_ray.stages import STAGES
+
+    if not os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # local Ray binds to 127.0.0.1 only
+    cfg = resolve_config(config, overrides, None if output is None else os.fspath(output))
+    store = prepare_run(cfg, list(STAGES), address, backend)
+    with open_backend(backend, address) as chosen:
+        run_pipeline(cfg, chosen)
+    return Run(store)
+
+
+class Run:
+    """One run's results, read from its directory or storage URI (``Run.open``); frames are read on each access,
+    so a running search shows its newest trials."""
+
+    def __init__(self, store: RunStore) -> None:
+        self.store = store
+
+    @classmethod
+    def open(cls, location: str | os.PathLike | RunStore) -> Run:
+        """The run at ``location``: a run directory (``runs/quickstart``) or a storage URI (``s3://bucket/p/name``)."""
+        store = location if isinstance(location, RunStore) else RunStore(location)
+        if not store.is_file(ARTEFACTS.run_config):
+            raise FileNotFoundError(
+                f"{store.location(ARTEFACTS.run_config)!r} does not exist: {store.root!r} is not a flora-ray run"
+            )
+        return cls(store)
+
+    def __repr__(self) -> str:
+        return f"Run({self.store.uri!r})"
+
+    @property
+    def location(self) -> str:
+        """The run's directory or storage URI."""
+        return self.store.uri
+
+    @cached_property
+    def config(self) -> Config:
+        """The configuration the run was made with."""
+        from flora_ray.stages.export import load_run_config
+
+        return load_run_config(self.store)
+
+    @property
+    def trials(self) -> pd.DataFrame:
+        """Every trial (``trials.parquet``): trial, state, accuracy, macs, params, latency_ms, ranks, ..."""
+        from flora_ray.results import load_trials
+
+        return load_trials(self.store)
+
+    @property
+    def front(self) -> pd.DataFrame:
+        """The Pareto front of cost against accuracy (``pareto.parquet``)."""
+        from flora_ray.results import load_front
+
+        return load_front(self.store)
+
+    @property
+    def uniform(self) -> pd.DataFrame:
+        """The uniform-rank baseline (``uniform.parquet``)."""
+        from flora_ray.results import load_uniform
+
+        return load_uniform(self.store)
+
+    @property
+    def cost_axis(self) -> str:
+        """The cost the search minimised: ``macs``, ``params`` or ``latency_ms``."""
+        from flora_ray.results import cost_axis
+
+        return cost_axis(self.front)
+
+    @property
+    def report(self) -> str:
+        """The run's report (``report.md``)."""
+        return self.store.read_text(ARTEFACTS.report, "report")
+
+    def latency_table(self) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """The latency table and the device it was measured on (``flora_ray.results.load_latency_table``)."""
+        from flora_ray.results import load_latency_table
+
+        return load_latency_table(self.store)
+
+    @property
+    def study(self) -> optuna.Study:
+        """The search's Optuna study, read from a copy of its journal (changes to it do not reach the run)."""
+        import optuna
+
+        if not self.store.is_file(ARTEFACTS.journal):
+            raise FileNotFoundError(f"{self.store.location(ARTEFACTS.journal)!r} does not exist: run the search first")
+        folder = tempfile.mkdtemp(prefix="flora-study-")
+        weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
+        copy = Path(folder) / ARTEFACTS.journal
+        copy.write_bytes(self.store.read_bytes(ARTEFACTS.journal))
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(copy)))
+        return optuna.load_study(study_name=f"{self.config.run.name}-search", storage=storage)
+
+    def knee(self, cost: str | None = None) -> pd.Series:
+        """The front's knee point (``flora_ray.results.knee_point``) on ``cost`` (default: the searched axis)."""
+        from flora_ray.results import knee_point
+
+        front = self.front
+        return knee_point(front, cost or self.cost_axis)
+
+    def best_under(
+        self, max_macs: float | None = None, *, max_params: float | None = None, max_latency_ms: float | None = None
+    ) -> pd.Series | None:
+        """The most accurate front point within one budget (MACs per image, parameters or predicted latency in
+        ms); ``None`` when no front point is within it."""
+        from flora_ray.results import best_under
+
+        budgets = {"macs": max_macs, "params": max_params, "latency_ms": max_latency_ms}
+        given = {axis: value for axis, value in budgets.items() if value is not None}
+        if len(given) != 1:
+            raise ValueError("give exactly one budget: max_macs, max_params or max_latency_ms")
+        (axis, value), front = next(iter(given.items())), self.front
+        if front[axis].isna().all():
+            raise ValueError(f"the run's front has no {axis}: it was searched without a latency table")
+        return best_under(front, value, axis)
+
+    @cached_property
+    def supernet(self) -> Supernet:
+        """The trained supernet (read once per ``Run``)."""
+        from flora_ray.search.evaluator import supernet_from_numpy
+
+        tensors, header = self.store.read_checkpoint(ARTEFACTS.supernet)
+        return supernet_from_numpy(header, {k: v.numpy() for k, v in tensors.items()})
+
+    def ranks(self, trial: int | pd.Series | Mapping[str, Any]) -> dict[str, int]:
+        """The per-layer ranks of a completed trial (its number, or a row of ``trials``/``front``)."""
+        from flora_ray.stages.export import choose_trial
+
+        return json.loads(choose_trial(self.store, _trial_number(trial), None)["ranks"])
+
+    def subnet(self, trial: int | pd.Series | Mapping[str, Any]) -> nn.Module:
+        """A completed trial's subnet as a standalone timm model with the supernet's weights, in eval mode on
+        CPU; nothing is evaluated."""
+        from flora_ray.core.subnet import extract_subnet
+
+        return extract_subnet(self.supernet, self.ranks(trial)).eval()
+
+    def export(
+        self,
+        trial: int | pd.Series | Mapping[str, Any] | None = None,
+        *,
+        max_macs: float | None = None,
+        max_latency_ms: float | None = None,
+        output: str | os.PathLike | None = None,
+        threads: int = 1,
+        backend: str = "local",
+        address: str | None = None,
+    ) -> dict[str, Any]:
+        """Export a trial (or the best front point within ``max_macs`` / ``max_latency_ms``) as ``flora-ray
+        export`` does; returns the figures written to ``export.json`` (``directory``: where the files are)."""
+        from flora_ray.stages.export import check_export, export_from_run
+
+        number = None if trial is None else _trial_number(trial)
+        check_export(self.store, number, max_macs, max_latency_ms)
+        with open_backend(backend, address) as chosen:
+            return export_from_run(self.store, number, max_macs, output, threads, chosen, max_latency_ms)
+
+
+def _trial_number(trial: int | pd.Series | Mapping[str, Any]) -> int:
+    """The trial number of ``trial``: an integer, or a row (Series or mapping) with a ``trial`` entry."""
+    if isinstance(trial, bool):
+        raise TypeError("trial must be a trial number or a row of trials/front, not a bool")
+    if isinstance(trial, numbers.Integral):
+        return int(trial)
+    try:
+        return int(trial["trial"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        raise TypeError(
+            f"trial must be a trial number or a row of trials/front with a 'trial', not {trial!r}"
+        ) from None

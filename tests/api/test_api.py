@@ -1,0 +1,153 @@
+"""The Python API: ``flora_ray.run`` runs the pipeline in process, ``flora_ray.Run`` opens its results.
+
+One digits run (a module fixture, the local backend: every stage in this process) made by ``flora_ray.run``; the run
+object's frames, study, knee, budget picks, subnets and exports are checked against the run's files and the
+results functions they stand for. (The same object on object storage: ``tests/cluster/test_cluster_true_runs.py``.)
+"""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from conftest import DIGITS_OVERRIDES
+from helpers import input_for
+
+import flora_ray as fr
+from flora_ray.config import load_config
+from flora_ray.results import best_under, knee_point, load_front, load_trials, load_uniform
+from flora_ray.storage.run_store import ARTEFACTS
+
+pytestmark = pytest.mark.slow
+
+OVERRIDES = [
+    *DIGITS_OVERRIDES,
+    "run.name=api",
+    "pretrain.epochs=4",
+    "pretrain.lr=0.003",
+    "filter.mode=zero_training",
+    "filter.eval_images=100",
+    "train.epochs=1",
+    "search.trials=12",
+    "search.population=4",
+    "search.eval_images=150",
+    "search.concurrency=1",
+]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """``flora_ray.run`` on a mapping of sections (the configuration a user builds in Python) with overrides."""
+    base = tmp_path_factory.mktemp("api")
+    sections = {"model": {"name": "test_vit"}, "data": {"name": "digits"}}
+    run = fr.run(sections, overrides=OVERRIDES, backend="local", output=base / "runs")
+    return run, base
+
+
+def test_run_returns_the_run_and_open_finds_it_again(finished):
+    run, base = finished
+    assert isinstance(run, fr.Run) and {"Run", "run"} <= set(fr.__all__)
+    assert run.location == str(base / "runs" / "api")
+    again = fr.Run.open(base / "runs" / "api")
+    assert again.config == run.config == load_config(None, [*OVERRIDES, f"run.output_dir={base / 'runs'}"])
+    for stage in ("profile", "pretrain", "filter", "train", "search", "export", "report"):
+        assert run.store.is_file(ARTEFACTS.stage_marker(stage)), stage
+    assert run.report.startswith("# ") and "front" in run.report
+
+
+def test_frames_are_the_runs_files(finished):
+    run, _ = finished
+    pd.testing.assert_frame_equal(run.trials, load_trials(run.location))
+    pd.testing.assert_frame_equal(run.front, load_front(run.location))
+    pd.testing.assert_frame_equal(run.uniform, load_uniform(run.location))
+    assert run.cost_axis == "macs" and len(run.trials) == 12
+    table, device = run.latency_table()
+    assert len(table) and device["threads"] == 1
+
+
+def test_the_study_is_the_searchs_optuna_study(finished):
+    run, _ = finished
+    study = run.study
+    trials = run.trials
+    assert study.study_name == "api-search" and len(study.trials) == len(trials)
+    by_number = {t.number: t for t in study.trials}
+    for row in trials.itertuples():
+        assert row.accuracy in by_number[row.trial].values  # the accuracy the study was told
+    before = len(run.store.read_bytes(ARTEFACTS.journal))
+    study.enqueue_trial({})  # a copy: writing to it leaves the run's journal alone
+    assert len(run.store.read_bytes(ARTEFACTS.journal)) == before
+
+
+def test_knee_and_budget_picks(finished):
+    run, _ = finished
+    front = run.front
+    pd.testing.assert_series_equal(run.knee(), knee_point(front))
+    budget = float(front["macs"].median())
+    pd.testing.assert_series_equal(run.best_under(budget), best_under(front, budget))
+    assert run.best_under(max_latency_ms=1e9)["trial"] == front.sort_values("accuracy").iloc[-1]["trial"]
+    assert run.best_under(float(front["macs"].min()) - 1) is None
+    with pytest.raises(ValueError, match="exactly one budget"):
+        run.best_under(budget, max_params=1e6)
+
+
+def test_a_subnet_is_the_supernet_at_the_trials_ranks(finished):
+    run, _ = finished
+    knee = run.knee()
+    subnet = run.subnet(knee)  # a row works as well as a number
+    ranks = json.loads(knee["ranks"])
+    assert run.ranks(int(knee["trial"])) == ranks
+    supernet = run.supernet
+    x = input_for(subnet)
+    with torch.no_grad():
+        supernet.set_ranks(ranks)
+        torch.testing.assert_close(subnet(x), supernet.model(x), rtol=1e-5, atol=1e-5)
+    assert not subnet.training and sum(p.numel() for p in subnet.parameters()) < sum(
+        p.numel() for p in supernet.model.parameters()
+    )
+    with pytest.raises(ValueError, match="is not a completed trial"):
+        run.subnet(999)
+    with pytest.raises(TypeError, match="trial number"):
+        run.subnet("seven")
+
+
+def test_export_writes_a_subnet_that_loads_as_the_same_model(finished, tmp_path):
+    run, _ = finished
+    budget = float(run.front["macs"].max())
+    report = run.export(max_macs=budget, output=tmp_path / "out")
+    picked = run.best_under(budget)
+    assert report["trial"] == int(picked["trial"]) and report["directory"] == str(tmp_path / "out")
+    loaded = fr.load_subnet(tmp_path / "out")
+    x = input_for(loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), run.subnet(picked)(x), rtol=1e-5, atol=1e-5)
+    assert json.loads((tmp_path / "out" / "export.json").read_text())["trial"] == report["trial"]
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a flora-ray run"):
+        fr.Run.open(tmp_path / "nothing")
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(ValueError, match="does not set model.name"):
+        fr.run(tmp_path / "empty.yaml")
+    with pytest.raises(TypeError, match="config must be a Config"):
+        fr.run(42)
+    with pytest.raises(ValueError, match="backend='spark' is not one of"):
+        fr.run({"model": {"name": "test_vit"}, "data": {"name": "digits"}}, DIGITS_OVERRIDES, backend="spark",
+               output=tmp_path / "runs")  # fmt: skip
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_the_readmes_python_example_runs(finished, capsys):
+    """The README's pandas example, on this run (its path and a budget that this run's front meets)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Reading a front in pandas", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"runs/quickstart"' in code and "max_macs=3e6" in code
+    run, _ = finished
+    budget = float(run.front["macs"].max())
+    namespace: dict = {}
+    exec(code.replace('"runs/quickstart"', repr(run.location)).replace("3e6", repr(budget)), namespace)
+    assert namespace["report"]["trial"] == int(run.best_under(budget)["trial"])
+    assert "accuracy" in capsys.readouterr().out
