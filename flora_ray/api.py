@@ -260,18 +260,22 @@ class Run:
         max_macs: float | None = None,
         max_latency_ms: float | None = None,
         output: str | os.PathLike | None = None,
+        formats: Sequence[str] = ("safetensors",),
+        evaluate: bool = True,
         threads: int = 1,
         backend: str = "local",
         address: str | None = None,
     ) -> dict[str, Any]:
         """Export a trial (or the best front point within ``max_macs`` / ``max_latency_ms``) as ``flora-ray
-        export`` does; returns the figures written to ``export.json`` (``directory``: where the files are)."""
+        export`` does, in ``formats`` (``safetensors``, ``pt2``, ``onnx``); ``evaluate=False`` skips the accuracy
+        and latency passes. Returns the figures written to ``export.json`` (``directory``: where the files are)."""
         from flora_ray.stages.export import check_export, export_from_run
 
         number = None if trial is None else _trial_number(trial)
-        check_export(self.store, number, max_macs, max_latency_ms)
+        check_export(self.store, number, max_macs, max_latency_ms, tuple(formats))
         with open_backend(backend, address) as chosen:
-            return export_from_run(self.store, number, max_macs, output, threads, chosen, max_latency_ms)
+            return export_from_run(self.store, number, max_macs, output, threads, chosen, max_latency_ms,
+                                   tuple(formats), evaluate)  # fmt: skip
 
 
 def _trial_number(trial: int | pd.Series | Mapping[str, Any]) -> int:

@@ -119,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-latency-ms", type=float, help="the most accurate front point within this predicted latency (ms)"
     )
     export.add_argument("--output", help="directory to write (default RUN_DIR/export/trial_N)")
+    export.add_argument(
+        "--format",
+        dest="formats",
+        nargs="+",
+        default=["safetensors"],
+        metavar="FORMAT",
+        help="safetensors (always written), pt2 (torch.export), onnx (onnxruntime); several at once",
+    )
+    export.add_argument("--no-eval", action="store_true", help="skip the test-accuracy and latency passes")
     export.add_argument("--threads", type=_positive_int, default=1, help="CPU threads for the latency measurement")
     export.add_argument("--address", help="Ray cluster whose nodes run the export's inference (default: local Ray)")
     export.add_argument(
@@ -131,26 +140,36 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_export(args: argparse.Namespace) -> int:
     from flora_ray.stages.export import check_export, export_from_run
 
-    check_export(args.run_dir, args.trial, args.max_macs, args.max_latency_ms)  # before any Ray starts
+    check_export(args.run_dir, args.trial, args.max_macs, args.max_latency_ms, args.formats)  # before Ray starts
     with _backend(args) as backend:
-        report = export_from_run(
-            args.run_dir, args.trial, args.max_macs, args.output, args.threads, backend, args.max_latency_ms
-        )
-    lat = report["latency"]
+        report = export_from_run(args.run_dir, args.trial, args.max_macs, args.output, args.threads, backend,
+                                 args.max_latency_ms, args.formats, not args.no_eval)  # fmt: skip
+    print(format_export(report))
+    return 0
+
+
+def format_export(report: dict[str, Any]) -> str:
+    """What ``flora-ray export`` prints: cost, accuracy, latency (when evaluated), formats, the folder."""
     lines = [
         f"trial {report['trial']}: {report['macs'] / 1e6:.2f} MMACs ({100 * report['macs'] / report['dense_macs']:.0f}% "
-        f"of dense), search acc {report['search_accuracy']:.2f}%, test acc {report['test_accuracy']:.2f}%",
-        f"  CPU latency batch 1: {lat['subnet_batch1_ms']:.2f} ms (dense {lat['dense_batch1_ms']:.2f}), "
-        f"batch 32: {lat['subnet_batch32_ms']:.2f} ms (dense {lat['dense_batch32_ms']:.2f})",
+        f"of dense), search acc {report['search_accuracy']:.2f}%"
+        + (f", test acc {report['test_accuracy']:.2f}%" if report.get("evaluated") else " (not evaluated: --no-eval)")
     ]
+    lat = report.get("latency")
+    if lat:
+        lines.append(
+            f"  CPU latency batch 1: {lat['subnet_batch1_ms']:.2f} ms (dense {lat['dense_batch1_ms']:.2f}), "
+            f"batch 32: {lat['subnet_batch32_ms']:.2f} ms (dense {lat['dense_batch32_ms']:.2f})"
+        )
     target = report.get("target_latency")
     for batch, b in (target or {}).get("batches", {}).items():
         lines.append(
             f"  target device ({target['device']['name']}) batch {batch}: measured {b['measured_ms']:.3f} ms, "
             f"predicted {b['predicted_ms']:.3f} ms ({b['error_pct']:+.1f}%)"
         )
-    print("\n".join([*lines, f"  {report['directory']}"]))
-    return 0
+    for name, f in report.get("formats", {}).items():
+        lines.append(f"  {name}: {f['file']}, max abs difference to PyTorch {f['max_abs_diff']:.2e}")
+    return "\n".join([*lines, f"  {report['directory']}"])
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:

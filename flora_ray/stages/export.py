@@ -27,9 +27,10 @@ from flora_ray.core.latency import LatencyModel
 from flora_ray.core.models import ModelSpec
 from flora_ray.core.space import RankSpace
 from flora_ray.core.subnet import load_subnet, package_versions, save_subnet
-from flora_ray.data.datasets import build_datasets
+from flora_ray.data.datasets import build_datasets, norm_stats
 from flora_ray.results import best_under, cost_axis, format_cost, knee_point, load_front, load_trials
 from flora_ray.search.evaluator import supernet_from_numpy
+from flora_ray.stages.formats import CARD_FILE, CONFIG_FILE, check_formats, hf_config, model_card, write_formats
 from flora_ray.stages.inputs import load_teacher, open_run, working_dir
 from flora_ray.stages.profile import (
     DTYPES,
@@ -114,10 +115,13 @@ def latency(model: nn.Module, dense: nn.Module, x: torch.Tensor, threads: int) -
         torch.set_num_threads(previous_threads)
 
 
-def export_task(run_uri: str, row: dict[str, Any], threads: int) -> tuple[dict[str, bytes], dict[str, Any]]:
+def export_task(
+    run_uri: str, row: dict[str, Any], threads: int, formats: tuple[str, ...] = ("safetensors",), evaluate: bool = True
+) -> tuple[dict[str, bytes], dict[str, Any]]:
     """The export's compute, as one task with a trial's resources: extract the subnet of ``row`` (``trial``,
-    ``ranks``, ``accuracy``) from the run's supernet, reload it from the written files as a user would, score it
-    and the dense model on the test split, time both on CPU. Returns the exported files' bytes and the figures."""
+    ``ranks``, ``accuracy``) from the run's supernet, reload it from the written files as a user would, write and
+    check the other ``formats``; with ``evaluate``, score it and the dense model on the test split and time both on
+    CPU. Returns the exported files' bytes and the figures."""
     import tempfile
 
     store = RunStore(run_uri)
@@ -125,28 +129,44 @@ def export_task(run_uri: str, row: dict[str, Any], threads: int) -> tuple[dict[s
     ranks = json.loads(row["ranks"])
     tensors, header = store.read_checkpoint(ARTEFACTS.supernet)
     supernet = supernet_from_numpy(header, {k: v.numpy() for k, v in tensors.items()})
-    with tempfile.TemporaryDirectory(prefix="flora-export-") as tmp:
-        save_subnet(supernet, ranks, tmp, trial=int(row["trial"]), search_accuracy=float(row["accuracy"]))
-        model = load_subnet(tmp)
-        files = {path.name: path.read_bytes() for path in sorted(Path(tmp).iterdir()) if path.is_file()}
-    splits = build_datasets(cfg.data)
-    device = device_for(cfg.scaling.accelerator, cfg.search.gpus_per_trial > 0)  # accuracy; latency is on CPU
-    (dense,) = load_teacher(cfg, store)
-    x = torch.stack([splits.test[i][0] for i in range(min(32, len(splits.test)))])  # batch 32, or the whole split
-    figures = {
+    splits = build_datasets(cfg.data) if evaluate else None
+    figures: dict[str, Any] = {
         "trial": int(row["trial"]),
         "macs": supernet.cost.macs(ranks),
         "dense_macs": supernet.cost.dense_macs,
         "params": supernet.cost.params(ranks),
         "search_accuracy": float(row["accuracy"]),
+        "versions": package_versions(),
+    }
+    with tempfile.TemporaryDirectory(prefix="flora-export-") as tmp:
+        save_subnet(supernet, ranks, tmp, trial=int(row["trial"]), search_accuracy=float(row["accuracy"]))
+        model = load_subnet(tmp)
+        x = _check_batch(model, supernet.spec, splits)
+        figures["formats"] = write_formats(model, x, Path(tmp), formats)
+        files = {path.name: path.read_bytes() for path in sorted(Path(tmp).iterdir()) if path.is_file()}
+    if not evaluate:
+        return files, {**figures, "evaluated": False}
+    device = device_for(cfg.scaling.accelerator, cfg.search.gpus_per_trial > 0)  # accuracy; latency is on CPU
+    (dense,) = load_teacher(cfg, store)
+    figures.update({
+        "evaluated": True,
         "test_accuracy": accuracy(model.to(device), splits.test, device),
         "dense_test_accuracy": accuracy(dense.to(device), splits.test, device),
-        "latency": latency(model, dense, x, threads),
+        "latency": latency(model.cpu(), dense.cpu(), x, threads),
         "threads": threads,
-        "versions": package_versions(),
         "device": str(device),
-    }
+    })  # fmt: skip
     return files, figures
+
+
+def _check_batch(model: nn.Module, spec: ModelSpec, splits) -> torch.Tensor:
+    """The batch the formats are checked on and the latency measured with: up to 32 test images, or (without
+    evaluation, no data loaded) 8 seeded random inputs of the model's shape."""
+    if splits is not None:
+        return torch.stack([splits.test[i][0] for i in range(min(32, len(splits.test)))])
+    generator = torch.Generator().manual_seed(0)
+    shape = model_input(model, spec, 1, torch.device("cpu"), torch.float32).shape[1:]
+    return torch.randn(8, *shape, generator=generator)
 
 
 @torch.no_grad()
@@ -206,8 +226,11 @@ def check_export(
     trial: int | None,
     max_macs: float | None,
     max_latency_ms: float | None = None,
+    formats: tuple[str, ...] = ("safetensors",),
 ):
-    """``(store, config, trial row)`` of an export request, or the error that names what is wrong."""
+    """``(store, config, trial row)`` of an export request, or the error that names what is wrong (the run, the
+    choice of trial, an unknown or not installed format)."""
+    check_formats(formats)
     store = run if isinstance(run, RunStore) else RunStore(run)
     if not store.is_file(ARTEFACTS.trials):
         raise FileNotFoundError(f"{store.location(ARTEFACTS.trials)!r} does not exist: run `flora-ray search` first")
@@ -226,31 +249,71 @@ def export_from_run(
     threads: int = 1,
     backend: Backend | None = None,
     max_latency_ms: float | None = None,
+    formats: tuple[str, ...] = ("safetensors",),
+    evaluate: bool = True,
 ) -> dict[str, Any]:
     """Export one searched subnet of a run; returns (and writes to ``export.json``) its figures.
 
-    The extraction and every inference pass run in ``export_task`` on ``backend`` (default: in this process),
-    with one search trial's resources; this process only picks the trial and writes the files. With a latency
-    table, the export is also timed on a node of the target kind (``target_latency``), next to the prediction.
+    The extraction, the other ``formats`` and every inference pass run in ``export_task`` on ``backend``
+    (default: in this process), with one search trial's resources; this process only picks the trial and writes
+    the files, ``config.json`` and the model card. With a latency table (and ``evaluate``), the export is also
+    timed on a node of the target kind (``target_latency``), next to the prediction.
     """
-    store, cfg, row = check_export(run, trial, max_macs, max_latency_ms)
+    formats = check_formats(formats)
+    store, cfg, row = check_export(run, trial, max_macs, max_latency_ms, formats)
     backend = backend or LocalBackend()
     task_row = {"trial": int(row["trial"]), "ranks": row["ranks"], "accuracy": float(row["accuracy"])}
-    files, figures = backend.call(
-        export_task, store.uri, task_row, threads, resources=trial_resources(cfg), retries=cfg.run.max_failures
-    )
-    figures["target_latency"] = target_latency(store, cfg, json.loads(row["ranks"]), files, backend)
+    files, figures = backend.call(export_task, store.uri, task_row, threads, formats, evaluate,
+                                  resources=trial_resources(cfg), retries=cfg.run.max_failures)  # fmt: skip
+    if evaluate:
+        figures["target_latency"] = target_latency(store, cfg, json.loads(row["ranks"]), files, backend)
     name = ARTEFACTS.export_dir(figures["trial"])
     # Into the run; a run on object storage gets the files through a local working copy.
     out = Path(output) if output else store.local_path(name) if store.is_local else working_dir(cfg) / name
     for file_name, data in files.items():
         write_bytes(out / file_name, data)
     report = {**figures, "directory": str(out) if output or store.is_local else store.location(name)}
+    spec = json.loads(files["subnet.json"])
+    write_json(out / CONFIG_FILE, hf_config(spec, data_geometry(cfg)))
+    write_bytes(out / CARD_FILE, model_card(spec, report, card_context(store, cfg, figures)).encode())
     write_json(out / "export.json", report)
     if not output and not store.is_local:
         for path in sorted(p for p in out.iterdir() if p.is_file()):
             store.write_bytes(f"{name}/{path.name}", path.read_bytes())
     return report
+
+
+def data_geometry(cfg: Config) -> dict[str, Any]:
+    """What a user needs to feed the exported model: image side, channels, normalisation."""
+    mean, std = norm_stats(cfg.data)
+    return {"img_size": cfg.data.img_size, "in_chans": cfg.data.in_chans, "mean": mean, "std": std}
+
+
+def card_context(store: RunStore, cfg: Config, figures: dict[str, Any]) -> dict[str, Any]:
+    """The model card's facts about the run: data, base model, seed, target device, where the trial sits on
+    the front."""
+    front = load_front(store)
+    axis = cost_axis(front)
+    ordered = front.sort_values(axis).reset_index(drop=True)
+    at = ordered.index[ordered["trial"] == figures["trial"]].tolist()
+    knee = int(knee_point(front, axis)["trial"]) if len(front) else None
+    if at:
+        position = f"point {at[0] + 1} of {len(ordered)} by {axis}" + (
+            " (the knee)" if knee == figures["trial"] else ""
+        )
+    else:
+        position = f"not on the front of {len(ordered)} points (a dominated trial)"
+    pretrained = cfg.model.pretrained
+    base = f"timm `{cfg.model.name}` " + (
+        "pretrained weights"
+        if pretrained is True
+        else f"weights `{pretrained}`"
+        if pretrained
+        else "trained by `flora-ray pretrain`"
+    )
+    device = (figures.get("target_latency") or {}).get("device", {}).get("name", "the target device")
+    return {"dataset": cfg.data.name, "run": store.uri, "seed": cfg.run.seed, "base_model": base,
+            "target_device": device, "front_position": position}  # fmt: skip
 
 
 def export_stage(cfg: Config, backend: Backend | None = None) -> dict[str, Any]:

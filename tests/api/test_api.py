@@ -110,17 +110,53 @@ def test_a_subnet_is_the_supernet_at_the_trials_ranks(finished):
         run.subnet("seven")
 
 
-def test_export_writes_a_subnet_that_loads_as_the_same_model(finished, tmp_path):
+def test_export_writes_every_format_and_each_runs_as_the_pytorch_subnet(finished, tmp_path):
+    import onnxruntime
+
     run, _ = finished
     budget = float(run.front["macs"].max())
-    report = run.export(max_macs=budget, output=tmp_path / "out")
+    report = run.export(max_macs=budget, output=tmp_path / "out", formats=["onnx", "pt2"])
     picked = run.best_under(budget)
-    assert report["trial"] == int(picked["trial"]) and report["directory"] == str(tmp_path / "out")
-    loaded = fr.load_subnet(tmp_path / "out")
-    x = input_for(loaded)
+    out = tmp_path / "out"
+    assert report["trial"] == int(picked["trial"]) and report["directory"] == str(out) and report["evaluated"]
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "subnet.json", "model.pt2", "model.onnx",
+                                               "config.json", "README.md", "export.json"}  # fmt: skip
+    reference = run.subnet(picked)
+    x = torch.randn(5, *input_for(reference).shape[1:])  # a batch size the export never saw
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), run.subnet(picked)(x), rtol=1e-5, atol=1e-5)
-    assert json.loads((tmp_path / "out" / "export.json").read_text())["trial"] == report["trial"]
+        expected = reference(x)
+        torch.testing.assert_close(fr.load_subnet(out)(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.export.load(str(out / "model.pt2")).module()(x), expected,
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(onnx_out), expected, rtol=1e-4, atol=1e-5)
+    for name in ("pt2", "onnx"):
+        assert 0 <= report["formats"][name]["max_abs_diff"] < 1e-4, report["formats"]
+    written = json.loads((out / "export.json").read_text())
+    assert written["formats"] == report["formats"] and written["trial"] == report["trial"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "test_vit" and config["pretrained_cfg"]["input_size"] == [1, 8, 8]
+    assert config["flora_ray"]["ranks"] == json.loads(picked["ranks"])
+    card = (out / "README.md").read_text()
+    assert f"trial {report['trial']}" in card and f"{report['test_accuracy']:.2f}%" in card
+    assert all(f"`{fqn}`" in card for fqn in config["flora_ray"]["ranks"]) and "Front: point " in card
+
+
+def test_export_command_without_evaluation(finished, tmp_path, capsys):
+    from flora_ray.cli import main
+
+    run, _ = finished
+    knee = int(run.knee()["trial"])
+    args = ["export", run.location, "--trial", str(knee), "--format", "pt2", "--no-eval", "--backend", "local"]
+    assert main([*args, "--output", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    assert "not evaluated: --no-eval" in out and "pt2: model.pt2" in out
+    report = json.loads((tmp_path / "e" / "export.json").read_text())
+    assert report["evaluated"] is False and "test_accuracy" not in report and "latency" not in report
+    assert report["formats"]["pt2"]["max_abs_diff"] < 1e-4
+    assert main(["export", run.location, "--trial", str(knee), "--format", "tflite", "--backend", "local"]) == 2
+    assert "unknown export format 'tflite': choose from safetensors, pt2, onnx" in capsys.readouterr().err
 
 
 def test_bad_input(tmp_path):

@@ -125,3 +125,14 @@ def test_overwriting_an_export_is_atomic(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [WEIGHTS_FILE, SPEC_FILE]  # no temp files left behind
     assert json.loads((out / SPEC_FILE).read_text())["ranks"] == supernet.space.uniform(1 / 6)
     fr.load_subnet(out)
+
+
+def test_a_format_whose_exporter_is_missing_names_the_extra(monkeypatch):
+    from flora_ray.stages import formats
+
+    assert formats.check_formats(["onnx", "pt2", "onnx"]) == ("safetensors", "onnx", "pt2")
+    real = formats.importlib.util.find_spec
+    monkeypatch.setattr(formats.importlib.util, "find_spec", lambda n: None if n == "onnxruntime" else real(n))
+    with pytest.raises(ValueError, match=r"--format onnx needs onnxruntime: pip install 'flora-ray\[export\]'"):
+        formats.check_formats(["onnx"])
+    assert formats.check_formats(["pt2"]) == ("safetensors", "pt2")
