@@ -26,6 +26,11 @@ tools:
 	  { [ "$$(id -u)" = 0 ] && (apt-get install -y -q iproute2 util-linux >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null && apt-get install -y -q iproute2 util-linux >/dev/null; }); } || \
 	  echo "unshare/ip missing and no root: the two-node tests will be skipped"
+# The interactive front's test opens front.html in Debian's headless Chromium.
+	@command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && (apt-get install -y -q chromium-headless-shell >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q chromium-headless-shell >/dev/null; }); } || \
+	  echo "no headless Chromium and no root: the browser test of front.html will be skipped"
 
 test: install data tools
 	$(BIN)/python -m pytest -q

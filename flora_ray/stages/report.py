@@ -15,7 +15,15 @@ from typing import Any
 
 import pandas as pd
 
-from flora_ray.results import cheapest_within, format_cost, gain_over_uniform, load_front, load_uniform
+from flora_ray.results import (
+    cheapest_within,
+    format_cost,
+    gain_over_uniform,
+    load_front,
+    load_trials,
+    load_uniform,
+)
+from flora_ray.search.interactive import front_html
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 DROPS = (0.5, 1.0)
@@ -191,6 +199,8 @@ def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
                 ARTEFACTS.hypervolume_plot,
             )
         ],
+        f"- [`{ARTEFACTS.front_html}`]({ARTEFACTS.front_html}): the interactive front (open it in a browser; hover a "
+        "point for its trial, ranks and costs)",
         "",
     ]
     figures = {
@@ -206,12 +216,23 @@ def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
 
 
 def write_report(run: str | Path | RunStore) -> tuple[str, str]:
-    """Write ``report.md`` and ``report.json`` into the run; returns the report's location and the markdown."""
+    """Write ``report.md``, ``report.json`` and the interactive front ``front.html`` into the run; returns the
+    report's location and the markdown."""
     store = run if isinstance(run, RunStore) else RunStore(run)
     text, figures = build_report(store)
+    store.write_text(ARTEFACTS.front_html, interactive_front(store))
     store.write_text(ARTEFACTS.report, text)
     store.write_text(ARTEFACTS.report_json, json.dumps(figures, indent=2, default=float))
     return store.location(ARTEFACTS.report), text
+
+
+def interactive_front(store: RunStore) -> str:
+    """The run's ``front.html``: trials, front, uniform baseline and dense on the searched cost axis."""
+    search = store.read_json(ARTEFACTS.search_summary)
+    dense = {axis: float(search.get(f"dense_{axis}", float("nan"))) for axis in ("macs", "params", "latency_ms")}
+    dense["accuracy"] = float(search["dense_accuracy"])
+    trials, front, uniform = load_trials(store), load_front(store), load_uniform(store)
+    return front_html(trials, front, uniform, dense, search.get("cost_axis", "macs"))
 
 
 def report_stage(cfg: Any, backend: Any = None) -> dict[str, Any]:

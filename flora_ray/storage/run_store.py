@@ -43,6 +43,7 @@ class Artefacts:
     search_summary: str = "search_summary.json"
     pareto_plot: str = "pareto.png"
     hypervolume_plot: str = "hypervolume.png"
+    front_html: str = "front.html"
     exports: str = "export"
     report: str = "report.md"
     report_json: str = "report.json"

@@ -1,7 +1,6 @@
 """The Python API: ``flora_ray.run`` runs the pipeline in process, ``flora_ray.Run`` opens its results.
 
-One digits run (a module fixture, the local backend: every stage in this process) made by ``flora_ray.run``; the run
-object's frames, study, knee, budget picks, subnets and exports are checked against the run's files and the
+One digits run (``finished`` in ``tests/api/conftest.py``) made by ``flora_ray.run``; the run object's frames, study, knee, budget picks, subnets and exports are checked against the run's files and the
 results functions they stand for. (The same object on object storage: ``tests/cluster/test_cluster_true_runs.py``.)
 """
 
@@ -20,43 +19,20 @@ from flora_ray.storage.run_store import ARTEFACTS
 
 pytestmark = pytest.mark.slow
 
-OVERRIDES = [
-    *DIGITS_OVERRIDES,
-    "run.name=api",
-    "pretrain.epochs=4",
-    "pretrain.lr=0.003",
-    "filter.mode=zero_training",
-    "filter.eval_images=100",
-    "train.epochs=1",
-    "search.trials=12",
-    "search.population=4",
-    "search.eval_images=150",
-    "search.concurrency=1",
-]
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """``flora_ray.run`` on a mapping of sections (the configuration a user builds in Python) with overrides."""
-    base = tmp_path_factory.mktemp("api")
-    sections = {"model": {"name": "test_vit"}, "data": {"name": "digits"}}
-    run = fr.run(sections, overrides=OVERRIDES, backend="local", output=base / "runs")
-    return run, base
-
 
 def test_run_returns_the_run_and_open_finds_it_again(finished):
-    run, base = finished
+    run, base, overrides = finished
     assert isinstance(run, fr.Run) and {"Run", "run"} <= set(fr.__all__)
     assert run.location == str(base / "runs" / "api")
     again = fr.Run.open(base / "runs" / "api")
-    assert again.config == run.config == load_config(None, [*OVERRIDES, f"run.output_dir={base / 'runs'}"])
+    assert again.config == run.config == load_config(None, [*overrides, f"run.output_dir={base / 'runs'}"])
     for stage in ("profile", "pretrain", "filter", "train", "search", "export", "report"):
         assert run.store.is_file(ARTEFACTS.stage_marker(stage)), stage
     assert run.report.startswith("# ") and "front" in run.report
 
 
 def test_frames_are_the_runs_files(finished):
-    run, _ = finished
+    run, *_ = finished
     pd.testing.assert_frame_equal(run.trials, load_trials(run.location))
     pd.testing.assert_frame_equal(run.front, load_front(run.location))
     pd.testing.assert_frame_equal(run.uniform, load_uniform(run.location))
@@ -66,7 +42,7 @@ def test_frames_are_the_runs_files(finished):
 
 
 def test_the_study_is_the_searchs_optuna_study(finished):
-    run, _ = finished
+    run, *_ = finished
     study = run.study
     trials = run.trials
     assert study.study_name == "api-search" and len(study.trials) == len(trials)
@@ -79,7 +55,7 @@ def test_the_study_is_the_searchs_optuna_study(finished):
 
 
 def test_knee_and_budget_picks(finished):
-    run, _ = finished
+    run, *_ = finished
     front = run.front
     pd.testing.assert_series_equal(run.knee(), knee_point(front))
     budget = float(front["macs"].median())
@@ -91,7 +67,7 @@ def test_knee_and_budget_picks(finished):
 
 
 def test_a_subnet_is_the_supernet_at_the_trials_ranks(finished):
-    run, _ = finished
+    run, *_ = finished
     knee = run.knee()
     subnet = run.subnet(knee)  # a row works as well as a number
     ranks = json.loads(knee["ranks"])
@@ -113,7 +89,7 @@ def test_a_subnet_is_the_supernet_at_the_trials_ranks(finished):
 def test_export_writes_every_format_and_each_runs_as_the_pytorch_subnet(finished, tmp_path):
     import onnxruntime
 
-    run, _ = finished
+    run, *_ = finished
     budget = float(run.front["macs"].max())
     report = run.export(max_macs=budget, output=tmp_path / "out", formats=["onnx", "pt2"])
     picked = run.best_under(budget)
@@ -146,7 +122,7 @@ def test_export_writes_every_format_and_each_runs_as_the_pytorch_subnet(finished
 def test_export_command_without_evaluation(finished, tmp_path, capsys):
     from flora_ray.cli import main
 
-    run, _ = finished
+    run, *_ = finished
     knee = int(run.knee()["trial"])
     args = ["export", run.location, "--trial", str(knee), "--format", "pt2", "--no-eval", "--backend", "local"]
     assert main([*args, "--output", str(tmp_path / "e")]) == 0
@@ -181,7 +157,7 @@ def test_the_readmes_python_example_runs(finished, capsys):
     section = readme.split("## Reading a front in pandas", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert '"runs/quickstart"' in code and "max_macs=3e6" in code
-    run, _ = finished
+    run, *_ = finished
     budget = float(run.front["macs"].max())
     namespace: dict = {}
     exec(code.replace('"runs/quickstart"', repr(run.location)).replace("3e6", repr(budget)), namespace)
