@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -e ".[dev,export]" $(TORCH_PINS)
+	$(BIN)/pip install -q -e ".[dev,export,tracking]" $(TORCH_PINS)
 	touch $@
 
 install: $(STAMP)

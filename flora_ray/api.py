@@ -60,6 +60,7 @@ def prepare_run(cfg: Config, stages: Sequence[str], address: str | None, backend
     from flora_ray.stages import STAGES
     from flora_ray.stages.inputs import claim_run
     from flora_ray.stages.preflight import check_run_storage, preflight
+    from flora_ray.tracking import ensure_experiment
 
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
@@ -69,6 +70,7 @@ def prepare_run(cfg: Config, stages: Sequence[str], address: str | None, backend
     unfinished = [s for s in checked if stage_marker(store, s) is None]
     if checked:
         preflight(cfg, (unfinished or checked)[0], store)
+    ensure_experiment(cfg)  # tracking: the MLflow experiment exists before any worker logs to it
     return claim_run(cfg)
 
 

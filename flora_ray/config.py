@@ -527,6 +527,30 @@ class ScalingConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking (optional; ``pip install 'flora-ray[tracking]'``). Never changes the results.
+
+    Attributes:
+        mlflow_uri: MLflow tracking URI (``file:///abs/mlruns``, ``http://host:5000``, ``databricks``); ``None``:
+            no tracking. Through Ray's integrations: per-epoch training metrics from rank 0 (``setup_mlflow``), one
+            MLflow run per search trial on the Ray backend (``MLflowLoggerCallback``), and a results run with the
+            trials table, the front, the plots and the report as artifacts. On a cluster every node must reach it
+            (a server, not a local path).
+        experiment: MLflow experiment name (default: ``run.name``).
+        artifact_location: Where a new experiment keeps its artifacts (default: ``mlartifacts`` next to a
+            ``sqlite:///`` database, else MLflow's default).
+    """
+
+    mlflow_uri: str | None = None
+    experiment: str | None = None
+    artifact_location: str | None = None
+
+    def __post_init__(self) -> None:
+        uri_ok = self.mlflow_uri is None or (isinstance(self.mlflow_uri, str) and self.mlflow_uri.strip() != "")
+        _check(uri_ok, "tracking.mlflow_uri", self.mlflow_uri, "an MLflow tracking URI (file:///abs/mlruns) or null")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Where the run lives and how it is seeded.
 
@@ -575,6 +599,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig, metadata=SPEED_ONLY)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=SPEED_ONLY)
 
     def __post_init__(self) -> None:
         _check(

@@ -215,12 +215,14 @@ class RayBackend(Backend):
         from ray.tune.search import ConcurrencyLimiter
 
         from flora_ray.backends.ray_tune import builds_per_process, optuna_searcher, progress_callback, tune_trial
+        from flora_ray.tracking import trial_callbacks
 
         problem, fs = job.problem, job.storage_filesystem
         trainable = tune.with_parameters(tune_trial, problem=problem, backend=self)
         trainable = tune.with_resources(trainable, job.resources)
         experiment = f"{job.storage_path.rstrip('/')}/{problem.study_name}"
         callbacks = [progress_callback(problem.trials, job.after_trial, problem.objectives.cost)]
+        callbacks += trial_callbacks(problem.config, problem.study_name)  # MLflow: one run per trial, when tracking
         if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
             logger.info("search: continuing %s", experiment)
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True, storage_filesystem=fs)

@@ -18,6 +18,7 @@ from flora_ray.stages.inputs import (
 )
 from flora_ray.storage.files import read_checkpoint_header
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
+from flora_ray.tracking import check_tracking
 
 PREFLIGHT_STAGES = ("pretrain", "filter", "train", "search")
 
@@ -35,6 +36,7 @@ def preflight(cfg: Config, stage: str, store: RunStore | None = None) -> None:
     if isinstance(pretrained, str) and not Path(pretrained).expanduser().is_file():
         raise FileNotFoundError(f"model.pretrained weight file {pretrained!r} does not exist; fix the path")
     check_budgets(cfg, store, needs_table=stage == "search")
+    check_tracking(cfg)
     if cfg.data.name in SMALL_DATASETS:
         build_datasets(cfg.data)
     elif cfg.data.root is None or not Path(cfg.data.root).is_dir():

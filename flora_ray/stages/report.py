@@ -236,8 +236,11 @@ def interactive_front(store: RunStore) -> str:
 
 
 def report_stage(cfg: Any, backend: Any = None) -> dict[str, Any]:
-    """Write the run's report (in this process, whatever the backend)."""
+    """Write the run's report (in this process, whatever the backend); with tracking, log the results to MLflow."""
     from flora_ray.stages.inputs import open_run
+    from flora_ray.tracking import log_results
 
-    location, _ = write_report(open_run(cfg))
-    return {"report": location}
+    store = open_run(cfg)
+    location, _ = write_report(store)
+    mlflow_run = log_results(cfg, store, json.loads(store.read_text(ARTEFACTS.report_json)))
+    return {"report": location, **({"mlflow_run": mlflow_run} if mlflow_run else {})}

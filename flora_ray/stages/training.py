@@ -30,6 +30,7 @@ from flora_ray.stages.inputs import (
 )
 from flora_ray.stages.preflight import RAY_DATA_NEEDS_RAY, preflight
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
+from flora_ray.tracking import EpochMetrics, enabled
 from flora_ray.training.callbacks import Checkpoint, ConfigCheck, Progress, read_final_checkpoint
 from flora_ray.training.sampling import build_sampler
 from flora_ray.training.tasks import DenseTask, SupernetTask
@@ -84,6 +85,8 @@ def train_worker(payload: dict[str, Any], session: Session) -> None:
             opt.checkpoint_every_steps,
         ),
     ]
+    if enabled(cfg) and session.world_rank == 0:
+        callbacks.append(EpochMetrics(cfg, stage))
     Trainer(task, opt, session, loader, stage, callbacks, train_sampler=train_sampler, prepare=splits.preprocess).fit()
 
 

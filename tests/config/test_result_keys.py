@@ -27,6 +27,7 @@ SPEED_ONLY = {
     "data.workers",  # every item's random draws are seeded by (seed, epoch, index): tests/training
     "data.decoders",
     "scaling",
+    "tracking",
     "pretrain.log_every",
     "pretrain.checkpoint_every",
     "pretrain.checkpoint_every_steps",
