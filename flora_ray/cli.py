@@ -89,6 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--json", action="store_true", help="print one JSON object instead of YAML")
     config.set_defaults(func=cmd_config, output=None)
 
+    plan = sub.add_parser(
+        "plan",
+        help="dry run: per stage the resource demand, the nodes the autoscaler would start, time, GPU-hours, cost",
+        description="Before submitting: per stage the bundles the code asks Ray for, the worker nodes Ray's "
+        "autoscaler would start for them under a cluster launcher file (its own bin-packing), the work in MACs, a "
+        "wall-time estimate with its source, GPU-hours and cost. No network is used and nothing is trained.",
+    )
+    plan.add_argument("config", help="experiment YAML (see experiments/)")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
+    plan.add_argument("--cluster", help="Ray cluster launcher file (cluster/aws.yaml); default: this machine")
+    plan.add_argument(
+        "--price", action="append", default=[], metavar="[NODE_TYPE=]USD",
+        help="price per node-hour, for every node type or one (repeatable): --price 1.62 --price head=0.38",
+    )  # fmt: skip
+    plan.add_argument("--mfu", type=float, default=0.3, help="assumed model-FLOPs utilisation of an accelerator")
+    plan.add_argument("--train-images", type=_positive_int, help="training images per epoch (a folder not here)")
+    plan.add_argument("--classes", type=_positive_int, help="class count (an image folder not on this machine)")
+    plan.add_argument("--output", help="parent directory of the run directory (its finished stages are measured)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    plan.set_defaults(func=cmd_plan)
+
     run = sub.add_parser(
         "run",
         help="the whole pipeline: teacher, filter, supernet, search, export of the knee point, report",
@@ -216,6 +237,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     report = inspect_model(args.model, args.ranks, args.ratio, kwargs, args.include_proj)
     print(json.dumps(report) if args.json else format_inspect(report))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from flora_ray.plan import format_plan, make_plan, parse_prices, read_cluster
+
+    cfg = _load_run_config(args)
+    prices = parse_prices(args.price)
+    cluster = read_cluster(args.cluster) if args.cluster else None
+    if prices and cluster is None:
+        raise ValueError("--price needs --cluster: prices are per node type of a cluster file")
+    plans, totals = make_plan(cfg, cluster, prices, args.mfu, args.train_images, args.classes)
+    if args.json:
+        print(json.dumps({"stages": [dataclasses.asdict(p) for p in plans], "totals": totals}))
+    else:
+        where = f"under {args.cluster}" if cluster else "on this machine (local Ray)"
+        print(f"plan for {cfg.run.name} ({cfg.model.name} on {cfg.data.name}) {where}:\n{format_plan(plans, totals)}")
     return 0
 
 

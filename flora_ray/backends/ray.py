@@ -126,17 +126,23 @@ def _train_entry(config: dict[str, Any]) -> None:
     config["worker"](config["payload"], backend.worker_session(RaySession()))
 
 
+def worker_resources(scaling: Any) -> dict[str, float]:
+    """What one Ray Train worker asks for: its CPUs, extra resources, and one accelerator (``GPU`` or a named
+    custom resource) when ``scaling.use_gpu``."""
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
+    if scaling.use_gpu:
+        resources[scaling.accelerator] = resources.get(scaling.accelerator, 1)
+    return resources
+
+
 def scaling_config(scaling: Any):
     """Ray Train's ``ScalingConfig`` from the run's scaling section (GPU or a named custom accelerator)."""
     from ray.train import ScalingConfig
 
-    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
     use_gpu = scaling.use_gpu and scaling.accelerator == "GPU"
-    if use_gpu:
-        resources["GPU"] = resources.get("GPU", 1)
-    elif scaling.use_gpu:
-        resources[scaling.accelerator] = resources.get(scaling.accelerator, 1)
-    return ScalingConfig(num_workers=scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+    return ScalingConfig(
+        num_workers=scaling.num_workers, use_gpu=use_gpu, resources_per_worker=worker_resources(scaling)
+    )
 
 
 def task_options(resources: dict[str, float], retries: int = 0) -> dict[str, Any]:

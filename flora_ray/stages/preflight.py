@@ -25,13 +25,30 @@ PREFLIGHT_STAGES = ("pretrain", "filter", "train", "search")
 RAY_DATA_NEEDS_RAY = "data.pipeline=ray_data streams from Ray Data: use the Ray backend, or data.pipeline=loader"
 
 
+def check_geometry(spec: ModelSpec) -> None:
+    """Build the model on the meta device and run one image of the run's geometry through it (no memory, no
+    compute): a patch size that does not divide the image, or a wrong channel count, fails here."""
+    import torch
+
+    model = create_model(spec.name, device="meta", **spec.kwargs)
+    size, chans = spec.kwargs["img_size"], spec.kwargs["in_chans"]
+    try:
+        with torch.no_grad():
+            model(torch.empty(1, chans, size, size, device="meta"))
+    except (AssertionError, RuntimeError, ValueError) as exc:
+        raise ValueError(
+            f"model {spec.name} cannot take {size}x{size} images with {chans} channel(s) "
+            f"({' '.join(str(exc).split())[:200]}): fix model.kwargs (patch_size, ...) or data.img_size"
+        ) from None
+
+
 def preflight(cfg: Config, stage: str, store: RunStore | None = None) -> None:
     """Raise a one-line error when ``stage`` cannot run (unknown model, missing data, teacher, space or supernet)."""
     if stage not in PREFLIGHT_STAGES:
         raise ValueError(f"stage {stage!r} is not one of {PREFLIGHT_STAGES}")
     store = store or RunStore.for_config(cfg)
     spec = resolve_model_spec(cfg)
-    create_model(spec.name, device="meta", **spec.kwargs)  # unknown model or kwargs: fail here, not in a worker
+    check_geometry(spec)  # unknown model or kwargs, images it cannot take: fail here, not in a worker
     pretrained = cfg.model.pretrained
     if isinstance(pretrained, str) and not Path(pretrained).expanduser().is_file():
         raise FileNotFoundError(f"model.pretrained weight file {pretrained!r} does not exist; fix the path")

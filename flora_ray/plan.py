@@ -1,0 +1,374 @@
+"""``flora-ray plan``: what a run will ask of a cluster, before it is submitted. No network, no training.
+
+Per stage: the resource bundles the code asks Ray for (the same functions the stages call), the worker nodes Ray's
+autoscaler would start for them under a cluster launcher file's node types (the autoscaler's own bin-packing,
+``get_nodes_for``), the work in multiply-accumulates (exact, from the cost model on the meta device), a wall-time
+estimate with its source, GPU-hours and the cost at the given prices per node-hour.
+
+Sources of the rate, best first: seconds measured by this run's finished stages; on a cluster, the accelerator's
+published peak dense FP16/BF16 tensor rate times an assumed model-FLOPs utilisation (``--mfu``); without a cluster
+file, a forward pass of the model timed on this machine. Training counts forward + backward as 3 forward passes
+plus the teacher's forward pass; estimates of stages that were not run are rough by nature, and say so.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flora_ray.config import Config
+
+# Published peak dense FP16/BF16 tensor throughput (TFLOPS) of accelerators in common cloud node types.
+PUBLISHED_TFLOPS = {
+    "T4": (65.0, "NVIDIA T4 datasheet: 65 TFLOPS mixed precision"),
+    "V100": (125.0, "NVIDIA V100 datasheet: 125 TFLOPS tensor"),
+    "A10G": (125.0, "NVIDIA A10 datasheet: 125 TFLOPS BF16 tensor, dense (AWS's A10G is an A10 variant)"),
+    "L4": (121.0, "NVIDIA L4 datasheet: 121 TFLOPS FP16 tensor, dense"),
+    "A100": (312.0, "NVIDIA A100 datasheet: 312 TFLOPS BF16 tensor, dense"),
+    "H100": (989.0, "NVIDIA H100 SXM datasheet: 989 TFLOPS BF16 tensor, dense"),
+}
+INSTANCE_GPUS = {"g4dn.": "T4", "p3.": "V100", "g5.": "A10G", "g6.": "L4", "p4d.": "A100", "p5.": "H100",
+                 "nvidia-tesla-t4": "T4", "nvidia-tesla-v100": "V100", "nvidia-l4": "L4",
+                 "nvidia-tesla-a100": "A100", "nvidia-a100-80gb": "A100", "nvidia-h100-80gb": "H100"}  # fmt: skip
+DEFAULT_MFU = 0.3
+
+
+@dataclass
+class StagePlan:
+    """One stage's demand, placement and estimate."""
+
+    stage: str
+    bundles: list[dict[str, float]]
+    macs: float = 0.0
+    seconds: float = 0.0
+    source: str = ""
+    nodes: dict[str, int] = field(default_factory=dict)
+    unplaced: int = 0
+    gpu_hours: float = 0.0
+    cost: float | None = None
+    skipped: str | None = None
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the estimate needs about model and data: images per epoch, MACs, the space."""
+
+    train_images: int
+    dense_macs: float
+    mean_macs: float
+    blocks: int
+    candidates: int
+    profile_items: int
+
+
+def worker_nodes(cluster: dict[str, Any]) -> dict[str, Any]:
+    """The cluster file prepared as ``ray up`` prepares it (provider defaults merged, checked)."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(cluster))
+    validate_config(prepared)
+    return prepared
+
+
+def place(cluster: dict[str, Any], bundles: list[dict[str, float]]) -> tuple[dict[str, int], int]:
+    """The worker nodes the autoscaler starts for ``bundles`` on an idle cluster (only its head up), and how many
+    bundles fit nowhere: Ray's own ``get_nodes_for``."""
+    from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+    from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
+
+    scorer = functools.partial(_default_utilization_scorer,
+                               node_availability_summary=NodeAvailabilitySummary(node_availabilities={}))  # fmt: skip
+    head = cluster["head_node_type"]
+    added, unplaced = get_nodes_for(cluster["available_node_types"], {head: 1}, head, cluster["max_workers"],
+                                    bundles, scorer)  # fmt: skip
+    return dict(added), len(unplaced)
+
+
+def gpu_model(node_type: dict[str, Any]) -> str | None:
+    """The accelerator model of a node type, from its instance type or GCP accelerator type."""
+    config = node_type.get("node_config", {})
+    names = [config.get("InstanceType", ""), config.get("machineType", "")]
+    names += [a.get("acceleratorType", "") for a in config.get("guestAccelerators", [])]
+    for name in names:
+        for prefix, model in INSTANCE_GPUS.items():
+            if name.startswith(prefix):
+                return model
+    return None
+
+
+def stage_bundles(cfg: Config) -> dict[str, list[dict[str, float]]]:
+    """What each stage asks Ray for, from the functions the stages themselves call."""
+    from flora_ray.backends.ray import worker_resources
+    from flora_ray.stages.filter import task_resources
+    from flora_ray.stages.profile import profile_resources
+    from flora_ray.stages.search import trial_resources
+
+    training = [worker_resources(cfg.scaling)] * cfg.scaling.num_workers
+    return {
+        "profile": [profile_resources(cfg)] if cfg.profile.enabled else [],
+        "pretrain": training,
+        "filter": [task_resources(cfg)] * (cfg.filter.concurrency if cfg.filter.mode == "local_supernet" else 1),
+        "train": training,
+        "search": [trial_resources(cfg)] * cfg.search.concurrency,
+        "export": [trial_resources(cfg)],
+    }
+
+
+def stage_work(cfg: Config, work: Workload, stage: str) -> float:
+    """Multiply-accumulates of a stage (training: forward + backward = 3 forward passes, plus the teacher's)."""
+    n = work.train_images
+    if stage == "pretrain":
+        return cfg.pretrain.epochs * n * 3 * work.dense_macs
+    if stage == "filter":
+        scoring = work.candidates * cfg.filter.eval_images * work.dense_macs  # every triple scored, per block
+        if cfg.filter.mode != "local_supernet":
+            return scoring * work.blocks
+        per_block = cfg.filter.epochs * cfg.filter.subset * n * 4 * work.dense_macs
+        return (per_block + scoring) * work.blocks
+    if stage == "train":
+        return cfg.train.epochs * n * (work.dense_macs + 3 * work.mean_macs)
+    if stage == "search":
+        return (cfg.search.trials + 8) * cfg.search.eval_images * work.mean_macs  # + uniform and dense baselines
+    if stage == "export":
+        return 2 * cfg.search.eval_images * work.dense_macs
+    return 0.0
+
+
+def parallel_share(cfg: Config, stage: str, work: Workload) -> float:
+    """How many accelerators (or machines, for a local CPU estimate) work on the stage at once."""
+    if stage in ("pretrain", "train"):
+        return cfg.scaling.num_workers
+    if stage == "filter":
+        return min(cfg.filter.concurrency, work.blocks) if cfg.filter.mode == "local_supernet" else 1
+    if stage == "search":
+        return cfg.search.concurrency * (cfg.search.gpus_per_trial or 1.0)
+    return 1.0
+
+
+def measured_rate(cfg: Config, spec: Any) -> float:
+    """MACs per second of a forward pass of the dense model on this machine (batch 8, the run's threads)."""
+    import torch
+
+    from flora_ray.core.cost import build_cost_model
+    from flora_ray.stages.profile import model_input
+
+    threads = cfg.run.threads_per_worker or torch.get_num_threads()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = spec.create(device="cpu").eval()
+        x = model_input(model, spec, 8, torch.device("cpu"), torch.float32)
+        with torch.no_grad():
+            model(x)  # warm-up
+            started = time.perf_counter()
+            model(x)
+            seconds = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(previous)
+    return 8 * build_cost_model(spec.create(device="meta")).dense_macs / max(seconds, 1e-9)
+
+
+def fmt_hours(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_plan(plans: list[StagePlan], totals: dict[str, Any]) -> str:
+    """The plan as a table, then the totals."""
+    lines = ["| stage | demand | nodes the autoscaler starts | work (MACs) | wall time | GPU-hours | cost | source |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    for p in plans:
+        if p.skipped:
+            lines.append(f"| {p.stage} | - | - | - | - | - | - | skipped: {p.skipped} |")
+            continue
+        demand = f"{len(p.bundles)} x {p.bundles[0]}" if p.bundles else "-"
+        nodes = ", ".join(f"{n} x {t}" for t, n in sorted(p.nodes.items())) or "this machine"
+        nodes += f" ({p.unplaced} bundles fit no node type)" if p.unplaced else ""
+        cost = "-" if p.cost is None else f"${p.cost:,.2f}"
+        macs = f"{p.macs:.3g}" if p.macs else "-"
+        lines.append(f"| {p.stage} | {demand} | {nodes} | {macs} | {fmt_hours(p.seconds)} | "
+                     f"{p.gpu_hours:,.1f} | {cost} | {p.source} |")  # fmt: skip
+    cost = "-" if totals["cost"] is None else f"${totals['cost']:,.2f}"
+    lines.append(f"\ntotal: {fmt_hours(totals['seconds'])} wall, {totals['gpu_hours']:,.1f} GPU-hours, {cost}")
+    return "\n".join(lines)
+
+
+def read_cluster(path: str | Path) -> dict[str, Any]:
+    """A Ray cluster launcher file, prepared and checked as ``ray up`` does before it talks to a cloud."""
+    import logging
+
+    import yaml
+
+    logging.getLogger("ray.autoscaler").setLevel(logging.WARNING)  # prepare_config's notes are not the plan
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"cluster file {str(p)!r} does not exist")
+    data = yaml.safe_load(p.read_text())
+    if not isinstance(data, dict) or "available_node_types" not in data:
+        raise ValueError(f"{str(p)!r} is not a Ray cluster launcher file (no available_node_types)")
+    return worker_nodes(data)
+
+
+def parse_prices(items: list[str]) -> dict[str, float]:
+    """``--price 1.5`` (every node type) and ``--price gpu_1x=1.62`` (one type) as ``{type or '*': USD}``."""
+    prices: dict[str, float] = {}
+    for item in items:
+        name, _, value = item.rpartition("=")
+        try:
+            prices[name or "*"] = float(value)
+        except ValueError:
+            raise ValueError(f"--price {item!r}: give USD per node-hour, as 1.62 or NODE_TYPE=1.62") from None
+        if not math.isfinite(prices[name or "*"]) or prices[name or "*"] < 0:
+            raise ValueError(f"--price {item!r}: a price must be a number >= 0")
+    return prices
+
+
+def model_spec(cfg: Config, classes: int | None) -> Any:
+    """The run's timm spec; for an image folder that is not on this machine, with ``classes`` given."""
+    from flora_ray.core.models import ModelSpec
+    from flora_ray.stages.inputs import resolve_model_spec
+
+    folder_here = cfg.data.name != "imagefolder" or (cfg.data.root is not None and Path(cfg.data.root).is_dir())
+    if folder_here:
+        return resolve_model_spec(cfg)
+    if classes is None:
+        raise ValueError(
+            f"data.root {cfg.data.root!r} is not on this machine: give its class count and training images "
+            "(--classes 1000 --train-images 1281167 for ImageNet-1k)"
+        )
+    return ModelSpec(cfg.model.name, {"img_size": cfg.data.img_size, "in_chans": cfg.data.in_chans,
+                                      "num_classes": classes, **cfg.model.kwargs})  # fmt: skip
+
+
+def count_train_images(cfg: Config, given: int | None) -> int:
+    """Training images per epoch: as given, else counted (the small data sets, or an image folder here)."""
+    if given is not None:
+        return given
+    if cfg.data.name == "imagefolder":
+        root = Path(cfg.data.root or "")
+        if not root.is_dir():
+            raise ValueError(f"data.root {cfg.data.root!r} is not on this machine: give --train-images N")
+        return sum(1 for p in (root / "train").rglob("*") if p.is_file())
+    from flora_ray.data.datasets import build_datasets
+
+    return len(build_datasets(cfg.data).train)
+
+
+def build_workload(cfg: Config, spec: Any, train_images: int) -> Workload:
+    """Exact MACs of the dense model and of the mean uniform configuration; the space's blocks and items."""
+    from flora_ray.core.cost import build_cost_model
+    from flora_ray.core.latency import calibration_configs, profile_items
+    from flora_ray.core.supernet import build_space
+
+    meta = spec.create(device="meta")
+    space = build_space(meta, ratios=cfg.model.ratios, include_proj=cfg.model.include_proj, targets=cfg.model.targets,
+                        model_name=spec.name)  # fmt: skip
+    cost = build_cost_model(meta)
+    uniform = [cost.macs(c) for c in space.uniform_configs().values()]
+    items = len(profile_items(space, cost, calibration_configs(space))) if cfg.profile.enabled else 0
+    return Workload(train_images, float(cost.dense_macs), sum(uniform) / len(uniform), len(space.blocks),
+                    len(space.blocks[0].candidates), items)  # fmt: skip
+
+
+def make_plan(
+    cfg: Config,
+    cluster: dict[str, Any] | None = None,
+    prices: dict[str, float] | None = None,
+    mfu: float = DEFAULT_MFU,
+    train_images: int | None = None,
+    classes: int | None = None,
+) -> tuple[list[StagePlan], dict[str, Any]]:
+    """Every stage's plan and the totals (see the module docstring)."""
+    from flora_ray.pipeline import stage_marker
+    from flora_ray.stages.inputs import pretrained_classes
+    from flora_ray.stages.preflight import check_geometry
+    from flora_ray.storage.run_store import RunStore
+
+    if not 0 < mfu <= 1:
+        raise ValueError(f"--mfu {mfu}: the assumed model-FLOPs utilisation must be in (0, 1]")
+    spec = model_spec(cfg, classes)
+    check_geometry(spec)
+    work = build_workload(cfg, spec, count_train_images(cfg, train_images))
+    local_rate = None if cluster else measured_rate(cfg, spec)
+    store = RunStore.for_config(cfg)
+    plans = []
+    for stage, bundles in stage_bundles(cfg).items():
+        plan = StagePlan(stage, bundles, macs=stage_work(cfg, work, stage))
+        teacher = bool(cfg.model.pretrained) and pretrained_classes(cfg) in (None, spec.kwargs["num_classes"])
+        skip = skipped(cfg, stage, teacher)
+        if skip:
+            plan.skipped = skip
+        else:
+            marker = stage_marker(store, stage) if store.is_local and store.exists("") else None
+            estimate(cfg, plan, work, cluster, local_rate, mfu, marker)
+            price(plan, cluster, prices or {})
+        plans.append(plan)
+    return plans, totals(plans, cluster, prices or {})
+
+
+def skipped(cfg: Config, stage: str, pretrained_teacher: bool) -> str | None:
+    if stage == "profile" and not cfg.profile.enabled:
+        return "profile.enabled is false"
+    if stage == "pretrain" and pretrained_teacher:
+        return "model.pretrained is the teacher"
+    return None
+
+
+def estimate(cfg, plan: StagePlan, work: Workload, cluster, local_rate, mfu, marker) -> None:
+    """The stage's placement, wall time and GPU-hours, from the best source there is."""
+    if cluster is not None and plan.bundles:
+        plan.nodes, plan.unplaced = place(cluster, plan.bundles)
+    if marker is not None:
+        plan.seconds, plan.source = float(marker["seconds"]), "measured: this run's finished stage"
+    elif plan.stage == "profile":
+        plan.seconds = work.profile_items * len(cfg.profile.batch_sizes) * cfg.profile.min_run_time * 1.5
+        plan.source = f"{work.profile_items} items x {len(cfg.profile.batch_sizes)} batch sizes x profile.min_run_time"
+    elif cluster is None:
+        share = parallel_share(cfg, plan.stage, work) if plan.stage != "search" else cfg.search.concurrency
+        plan.seconds = plan.macs / (local_rate * min(share, 1.0 if cfg.run.threads_per_worker == 0 else share))
+        plan.source = f"forward pass timed here: {local_rate / 1e9:.1f} GMAC/s per worker"
+    else:
+        rate, source = accelerator_rate(cluster, plan.nodes, mfu)
+        plan.seconds = plan.macs / (rate * parallel_share(cfg, plan.stage, work))
+        plan.source = source
+    gpus = {t: cluster["available_node_types"][t]["resources"].get("GPU", 0) for t in plan.nodes} if cluster else {}
+    plan.gpu_hours = plan.seconds / 3600 * sum(n * gpus[t] for t, n in plan.nodes.items())
+
+
+def accelerator_rate(cluster: dict[str, Any], nodes: dict[str, int], mfu: float) -> tuple[float, str]:
+    """MACs per second of one accelerator of the node types started (the slowest), and where the number is from."""
+    models = {gpu_model(cluster["available_node_types"][t]) for t in nodes} - {None}
+    if not models:
+        raise ValueError("the cluster file's node types for this stage name no known accelerator; plan with a "
+                         f"node type of one of {sorted(PUBLISHED_TFLOPS)}")  # fmt: skip
+    model = min(models, key=lambda m: PUBLISHED_TFLOPS[m][0])
+    tflops, source = PUBLISHED_TFLOPS[model]
+    return tflops * 1e12 / 2 * mfu, f"{model}: {source}, x {mfu:g} assumed utilisation"
+
+
+def price(plan: StagePlan, cluster, prices: dict[str, float]) -> None:
+    if cluster is None or not prices:
+        return
+    missing = [t for t in plan.nodes if t not in prices and "*" not in prices]
+    if missing:
+        raise ValueError(f"no price for node type {missing[0]!r}: give --price {missing[0]}=USD or --price USD")
+    plan.cost = sum(n * prices.get(t, prices.get("*", 0.0)) for t, n in plan.nodes.items()) * plan.seconds / 3600
+
+
+def totals(plans: list[StagePlan], cluster, prices: dict[str, float]) -> dict[str, Any]:
+    """Wall time, GPU-hours and cost over the stages, the head node's hours included in the cost."""
+    seconds = sum(p.seconds for p in plans)
+    cost = None
+    if cluster is not None and prices:
+        head = cluster["head_node_type"]
+        cost = sum(p.cost or 0.0 for p in plans) + prices.get(head, prices.get("*", 0.0)) * seconds / 3600
+    return {"seconds": seconds, "gpu_hours": sum(p.gpu_hours for p in plans), "cost": cost}
