@@ -16,7 +16,15 @@ import yaml
 from torch import nn
 
 from flora_ray.config import Config, changed_result_keys, config_to_dict, dotted_value, dump_config
-from flora_ray.core.models import ModelSpec, create_model, load_state_dict_strict, pretrained_num_classes
+from flora_ray.core.models import (
+    HUB_PREFIX,
+    ModelSpec,
+    create_model,
+    hub_weights,
+    load_state_dict_strict,
+    pretrained_num_classes,
+    resolve_hub_model,
+)
 from flora_ray.core.space import RankSpace
 from flora_ray.core.subnet import package_versions
 from flora_ray.core.supernet import Supernet, build_space, build_supernet
@@ -32,7 +40,8 @@ def resolve_model_spec(cfg: Config) -> ModelSpec:
     """The timm spec of the run: data geometry (``img_size``, ``in_chans``) and the data's class count, plus the
     model kwargs (which may not contradict the data)."""
     classes = num_classes(cfg.data)
-    kwargs: dict[str, Any] = {"img_size": cfg.data.img_size, "in_chans": cfg.data.in_chans, "num_classes": classes}
+    name, kwargs = architecture(cfg)
+    kwargs.update({"img_size": cfg.data.img_size, "in_chans": cfg.data.in_chans, "num_classes": classes})
     kwargs.update(cfg.model.kwargs)
     for key in ("img_size", "in_chans"):
         if kwargs[key] != getattr(cfg.data, key):
@@ -42,12 +51,33 @@ def resolve_model_spec(cfg: Config) -> ModelSpec:
             f"model.kwargs.num_classes={kwargs['num_classes']} but the data ({cfg.data.name}) has {classes} classes; "
             "remove model.kwargs.num_classes: it comes from the data"
         )
-    return ModelSpec(cfg.model.name, kwargs)
+    return ModelSpec(name, kwargs)
+
+
+def architecture(cfg: Config) -> tuple[str, dict[str, Any]]:
+    """The timm architecture and its model arguments: ``model.name`` itself, or for a ``hf-hub:`` name what its
+    config in the local hub cache says (the run's artefacts then name the architecture, not the hub repo)."""
+    if cfg.model.name.startswith(HUB_PREFIX):
+        hub = resolve_hub_model(cfg.model.name)
+        return hub.architecture, dict(hub.model_args)
+    return cfg.model.name, {}
+
+
+def pretrained_source(cfg: Config) -> bool | str:
+    """``model.pretrained`` as ``create_model`` takes it: ``True`` with a ``hf-hub:`` name is that repo's weight
+    file in the local hub cache (never timm's default weights of the architecture)."""
+    if cfg.model.pretrained is True and cfg.model.name.startswith(HUB_PREFIX):
+        return hub_weights(cfg.model.name)
+    return cfg.model.pretrained
 
 
 def pretrained_classes(cfg: Config) -> int | None:
     """The class count of ``model.pretrained``'s classifier (``None``: no pretrained weights, or unknown)."""
-    return pretrained_num_classes(cfg.model.name, cfg.model.pretrained) if cfg.model.pretrained else None
+    if not cfg.model.pretrained:
+        return None
+    if cfg.model.pretrained is True and cfg.model.name.startswith(HUB_PREFIX):
+        return resolve_hub_model(cfg.model.name).num_classes
+    return pretrained_num_classes(architecture(cfg)[0], cfg.model.pretrained)
 
 
 def teacher_is_pretrained(cfg: Config) -> bool:
@@ -63,7 +93,7 @@ def teacher_source(cfg: Config, store: RunStore) -> bool | str:
     """Where the dense weights come from: ``model.pretrained`` when it is the teacher as it is, else the run's own
     teacher (trained or fine-tuned by the pretrain stage) in the store."""
     if teacher_is_pretrained(cfg):
-        return cfg.model.pretrained
+        return pretrained_source(cfg)
     if not store.is_file(ARTEFACTS.teacher):
         raise FileNotFoundError(
             f"no dense teacher at {store.location(ARTEFACTS.teacher)!r}: run `flora-ray pretrain CONFIG` first "
@@ -77,7 +107,7 @@ def load_teacher(cfg: Config, store: RunStore, device: torch.device | str = "cpu
     run store, never from a path only the driver can see); the store's checkpoint is read once."""
     spec = resolve_model_spec(cfg)
     if teacher_is_pretrained(cfg):
-        return [spec.create(pretrained=cfg.model.pretrained, device=device) for _ in range(copies)]
+        return [spec.create(pretrained=pretrained_source(cfg), device=device) for _ in range(copies)]
     teacher_source(cfg, store)  # a missing teacher: the one-line error
     tensors, header = store.read_checkpoint(ARTEFACTS.teacher)
     if "model" in header and ModelSpec.from_dict(header["model"]) != spec:

@@ -11,6 +11,7 @@ from flora_ray.data.datasets import build_datasets
 from flora_ray.stages.inputs import (
     SMALL_DATASETS,
     full_space,
+    pretrained_source,
     resolve_model_spec,
     resolve_space,
     teacher_is_pretrained,
@@ -49,7 +50,7 @@ def preflight(cfg: Config, stage: str, store: RunStore | None = None) -> None:
     store = store or RunStore.for_config(cfg)
     spec = resolve_model_spec(cfg)
     check_geometry(spec)  # unknown model or kwargs, images it cannot take: fail here, not in a worker
-    pretrained = cfg.model.pretrained
+    pretrained = pretrained_source(cfg)  # a hf-hub: model's weights: their file in the local hub cache
     if isinstance(pretrained, str) and not Path(pretrained).expanduser().is_file():
         raise FileNotFoundError(f"model.pretrained weight file {pretrained!r} does not exist; fix the path")
     check_budgets(cfg, store, needs_table=stage == "search")

@@ -23,6 +23,7 @@ from flora_ray.stages.inputs import (
     full_space,
     open_run,
     pretrained_classes,
+    pretrained_source,
     ray_storage,
     resolve_model_spec,
     resolve_space,
@@ -59,7 +60,7 @@ def train_worker(payload: dict[str, Any], session: Session) -> None:
         )
     callbacks: list[Any] = []
     if stage == "pretrain":  # from model.pretrained when fine-tuning it to the data's classes, else from scratch
-        net = spec.create(pretrained=cfg.model.pretrained or False, device=session.device)
+        net = spec.create(pretrained=pretrained_source(cfg) or False, device=session.device)
         task: Any = DenseTask(net, opt.label_smoothing, probes, splits.test)
         state = (lambda: (net.state_dict(), dense_checkpoint_metadata(spec)), net)
     else:
