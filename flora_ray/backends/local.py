@@ -18,7 +18,15 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
 from flora_ray.backends.base import Backend, SearchJob, TaskMap, TrainJob
-from flora_ray.search.study import DIRECTIONS, SearchProblem, log_progress, record_result
+from flora_ray.search.study import (
+    DIRECTIONS,
+    DUPLICATE_OF,
+    MAX_REPEATS,
+    EvaluatedConfigs,
+    SearchProblem,
+    log_progress,
+    record_result,
+)
 from flora_ray.training.trainer import LocalSession
 from flora_ray.training.worker import device_for
 
@@ -76,14 +84,23 @@ class LocalBackend(Backend):
         distributions = {name: CategoricalDistribution(list(range(n))) for name, n in problem.genes.items()}
         builds: dict[int, int] = {}
         started, points = time.perf_counter(), []
+        evaluated, repeats = EvaluatedConfigs(study), 0
         while (done := finished_trials(study)) < problem.trials:
             trial = study.ask(distributions)
+            if evaluated.answer(study, trial):  # a configuration evaluated already: no evaluation, no budget
+                repeats += 1
+                if repeats >= MAX_REPEATS:
+                    logger.warning("search: %d proposals in a row were evaluated already; stopping", repeats)
+                    break
+                continue
+            repeats = 0
             result = self._evaluate_safely(problem, trial.params)
             if record_result(trial, result, problem.objectives) is None:
                 study.tell(trial, state=TrialState.FAIL)
                 job.after_trial()
                 continue
             study.tell(trial, [result["accuracy"], result[problem.objectives.cost]])
+            evaluated.add(trial, [result["accuracy"], result[problem.objectives.cost]])
             job.after_trial()
             builds[int(result["pid"])] = int(result["evaluator_builds"])
             points.append((float(result[problem.objectives.cost]), float(result["accuracy"])))
@@ -100,8 +117,9 @@ class LocalBackend(Backend):
 
 
 def finished_trials(study: optuna.Study) -> int:
-    """Complete and failed trials, not counting failed ones that were evaluated again."""
+    """Complete and failed trials, not counting failed ones that were evaluated again nor proposals answered from
+    an earlier evaluation of their configuration."""
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
     ended = (TrialState.COMPLETE, TrialState.FAIL)
-    return sum(1 for t in trials if t.state in ended and t.number not in retried)
+    return sum(1 for t in trials if t.state in ended and t.number not in retried and DUPLICATE_OF not in t.user_attrs)

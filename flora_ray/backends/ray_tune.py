@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flora_ray.search.study import SearchProblem, log_progress, record_result
+from flora_ray.search.study import MAX_REPEATS, EvaluatedConfigs, SearchProblem, log_progress, record_result
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +38,26 @@ def tune_trial(genes: dict[str, Any], problem: SearchProblem | None = None, back
 def optuna_searcher(problem: SearchProblem):
     """Tune's ``OptunaSearch`` over the problem's genes, study, sampler and anchors, recording results."""
     from ray import tune
+    from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
 
     class FloraOptunaSearch(OptunaSearch):
+        evaluated: EvaluatedConfigs | None = None
+
+        def suggest(self, trial_id: str) -> dict | None:
+            """A configuration not evaluated yet: repeated proposals are answered from the evaluated ones (told
+            to the study, no Tune trial, no budget used); ``FINISHED`` once the space holds nothing new."""
+            if self.evaluated is None:
+                self.evaluated = EvaluatedConfigs(self._ot_study)
+            for _ in range(MAX_REPEATS):
+                params = super().suggest(trial_id)
+                if not self.evaluated.answer(self._ot_study, self._ot_trials[trial_id]):
+                    return params
+                del self._ot_trials[trial_id]
+            logger.warning("search: %d proposals in a row were configurations evaluated already; stopping",
+                           MAX_REPEATS)  # fmt: skip
+            return Searcher.FINISHED
+
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             ot_trial = self._ot_trials.get(trial_id)
             if ot_trial is not None:
@@ -48,6 +65,8 @@ def optuna_searcher(problem: SearchProblem):
                 if recorded is None and result is not None:
                     result, error = None, True
             super().on_trial_complete(trial_id, result=result, error=error)
+            if ot_trial is not None and result is not None and not error and self.evaluated is not None:
+                self.evaluated.add(ot_trial, [result["accuracy"], result[problem.objectives.cost]])
 
     return FloraOptunaSearch(
         space={name: tune.choice(list(range(n))) for name, n in problem.genes.items()},

@@ -12,6 +12,7 @@ from flora_ray.core.space import RankSpace
 from flora_ray.results import pareto_mask
 from flora_ray.search.evaluator import genes_to_config
 from flora_ray.search.objectives import Objectives
+from flora_ray.search.study import DUPLICATE_OF
 
 COSTS = ("macs", "params", "latency_ms")
 
@@ -22,6 +23,8 @@ def trials_frame(study, space: RankSpace, objectives: Objectives) -> pd.DataFram
     table), state, ``feasible`` (within every budget) and ``is_pareto`` (on the searched axis)."""
     rows = []
     for trial in study.trials:
+        if DUPLICATE_OF in trial.user_attrs:  # a repeated proposal answered from an earlier evaluation
+            continue
         generation = next((v for k, v in trial.system_attrs.items() if k.endswith(":generation")), None)
         row: dict[str, Any] = {
             "trial": trial.number,
@@ -45,8 +48,24 @@ def trials_frame(study, space: RankSpace, objectives: Objectives) -> pd.DataFram
         row["feasible"] = objectives.feasible(row)
         rows.append(row)
     df = pd.DataFrame(rows)
+    df["duplicate_of"] = first_evaluations(df)
     df["is_pareto"] = feasible_front(df, objectives.cost)
     return df
+
+
+def first_evaluations(df: pd.DataFrame) -> pd.Series:
+    """``duplicate_of``: for a complete trial whose configuration an earlier complete trial evaluated (two
+    proposals in flight at once), that trial's number; missing otherwise. Such rows are never on the front."""
+    out = pd.Series(pd.array([None] * len(df), dtype="Int64"), index=df.index)
+    first: dict[str, int] = {}
+    for index, row in df.sort_values("trial").iterrows():
+        if row["state"] != "COMPLETE" or row["ranks"] is None:
+            continue
+        if row["ranks"] in first:
+            out[index] = first[row["ranks"]]
+        else:
+            first[row["ranks"]] = int(row["trial"])
+    return out
 
 
 def uniform_frame(rows: list[dict[str, Any]], space: RankSpace, objectives: Objectives) -> pd.DataFrame:
@@ -68,14 +87,16 @@ def uniform_frame(rows: list[dict[str, Any]], space: RankSpace, objectives: Obje
             "in_space": [space.contains(r["ranks"]) for r in rows],
         }
     )
-    frame.insert(frame.columns.get_loc("feasible") + 1, "is_pareto", feasible_front(frame, objectives.cost))
+    frame.insert(frame.columns.get_loc("feasible") + 1, "duplicate_of", pd.array([None] * len(rows), dtype="Int64"))
+    frame.insert(frame.columns.get_loc("duplicate_of") + 1, "is_pareto", feasible_front(frame, objectives.cost))
     return frame
 
 
 def feasible_front(df: pd.DataFrame, cost: str = "macs") -> pd.Series:
-    """``is_pareto``: non-dominated (on ``cost`` and accuracy) among the complete, feasible rows."""
+    """``is_pareto``: non-dominated (on ``cost`` and accuracy) among the complete, feasible, distinct rows."""
     mask = pd.Series(False, index=df.index)
-    candidates = df[(df["state"] == "COMPLETE") & df["feasible"]]
+    distinct = df["duplicate_of"].isna() if "duplicate_of" in df else pd.Series(True, index=df.index)
+    candidates = df[(df["state"] == "COMPLETE") & df["feasible"] & distinct]
     if len(candidates):
         mask[candidates.index[pareto_mask(candidates, cost)]] = True
     return mask

@@ -142,3 +142,52 @@ def log_progress(points: list[tuple[float, float]], total: int, started: float, 
         rate,
         max(total - done, 0) / rate,
     )
+
+
+DUPLICATE_OF = "flora_ray:duplicate_of"  # user attribute: the trial whose evaluation answered this proposal
+MAX_REPEATS = 1000  # proposals in a row that were all evaluated already: the space holds nothing new for NSGA-II
+
+
+def genes_key(genes: dict[str, Any]) -> tuple:
+    return tuple(sorted((str(k), int(v)) for k, v in genes.items()))
+
+
+class EvaluatedConfigs:
+    """Each configuration's first complete evaluation, by genes (read from the study, so a resumed search knows
+    them too). A repeated proposal is told to the study with that evaluation's values, constraints and attributes
+    (marked ``DUPLICATE_OF``: NSGA-II's population sees it as the configuration it is) and is neither evaluated
+    again nor counted against the trial budget."""
+
+    def __init__(self, study) -> None:
+        from optuna.trial import TrialState
+
+        self.first: dict[tuple, dict[str, Any]] = {}
+        self.answered = 0
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if DUPLICATE_OF not in trial.user_attrs:
+                self.add(trial, trial.values)
+
+    def add(self, trial, values) -> None:
+        """Record ``trial`` (live or frozen, with its user attributes and constraints set) and its values."""
+        entry = {"number": trial.number, "values": list(values), "user_attrs": dict(trial.user_attrs),
+                 "constraints": dict(trial.constraints or {})}  # fmt: skip
+        self.first.setdefault(genes_key(trial.params), entry)
+
+    def answer(self, study, trial) -> bool:
+        """Tell ``trial`` (a fresh proposal) the values of its configuration's first evaluation, if there is one."""
+        entry = self.first.get(genes_key(trial.params))
+        if entry is None:
+            return False
+        for key, value in entry["user_attrs"].items():
+            trial.set_user_attr(key, value)
+        trial.set_user_attr(DUPLICATE_OF, entry["number"])
+        for name, value in entry["constraints"].items():
+            trial.set_constraint(name, value)
+        study.tell(trial, entry["values"])
+        self.answered += 1
+        return True
+
+
+def space_size(genes: dict[str, int]) -> int:
+    """How many configurations the search space holds (the product of the candidates per block)."""
+    return math.prod(genes.values())

@@ -180,6 +180,8 @@ def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
         "## Search",
         "",
         f"- {search['complete']} of {search['trials']} trials complete ({search['failed']} failed), "
+        f"{search.get('distinct_configurations', search['complete'])} distinct configurations "
+        f"({search.get('repeats_answered', 0)} repeated proposals answered from earlier evaluations), "
         f"{search['trials_per_second']:.2f} trials/s, hypervolume {search.get('hypervolume_share', 0.0):.4f} of the "
         f"box up to 1.01 x the dearest uniform configuration and 100%",
         "",

@@ -25,7 +25,7 @@ from flora_ray.search.evaluator import anchor_points, search_images
 from flora_ray.search.frames import trials_frame, uniform_frame
 from flora_ray.search.objectives import Objectives, dense_value, latency_predictor, resolve_bounds, subnet_costs
 from flora_ray.search.plots import front_figure, hypervolume_figure
-from flora_ray.search.study import SearchProblem
+from flora_ray.search.study import DUPLICATE_OF, SearchProblem, space_size
 from flora_ray.stages.inputs import load_teacher, open_run, provenance, ray_storage, working_dir
 from flora_ray.stages.preflight import preflight
 from flora_ray.stages.profile import run_latency_model
@@ -54,14 +54,15 @@ def search_problem(cfg: Config, store: RunStore, journal: JournalSync | None = N
     space = RankSpace.from_dict(header["space"], source=f"checkpoint {store.location(ARTEFACTS.supernet)!r}")
     info = store.filesystem.get_file_info(store.location(ARTEFACTS.supernet))
     objectives = search_objectives(cfg, store, space, ModelSpec.from_dict(header["model"]))
+    genes = {b.name: len(b.candidates) for b in space.blocks}
     return SearchProblem(
         header=header,
         weights={k: v.numpy() for k, v in tensors.items()},
         config=config_to_dict(cfg),
         key=f"{info.path}:{info.mtime_ns}:{cfg.data.name}:{cfg.data.seed}:{cfg.search.eval_images}",
-        genes={b.name: len(b.candidates) for b in space.blocks},
+        genes=genes,
         anchors=anchor_points(space),
-        trials=cfg.search.trials,
+        trials=min(cfg.search.trials, space_size(genes)),  # never more trials than distinct configurations
         study_name=f"{cfg.run.name}-search",
         journal=str(journal.local),
         objectives=objectives,
@@ -190,4 +191,6 @@ def write_search_outputs(cfg: Config, store: RunStore, study, trials, uniform) -
         "hypervolume": hypervolume(complete, ref, axis) if len(complete) else 0.0,
         "hypervolume_share": (hypervolume(complete, ref, axis) / (ref[0] * 100.0)) if len(complete) else 0.0,
         "trials_per_second": len(finished) / span if span else 0.0,  # the whole study, all sessions
+        "distinct_configurations": int(trials.loc[trials["state"] == "COMPLETE", "ranks"].nunique()),
+        "repeats_answered": sum(DUPLICATE_OF in t.user_attrs for t in study.trials),  # no evaluation, no budget
     }

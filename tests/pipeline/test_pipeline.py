@@ -1,8 +1,13 @@
-"""``flora-ray run``: run-directory ownership, stage markers, skip and resume, and the report (slow end to end)."""
+"""``flora-ray run``: run-directory ownership, stage markers, skip and resume (a Ctrl-C in supernet training, a
+finished run, an interrupted search), and the report (slow end to end)."""
 
+import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -45,23 +50,91 @@ def _run(config_file, *extra):
     return result.stdout + result.stderr
 
 
+def _interrupt_in_training(config_file, train_storage, log_path):
+    """``flora-ray run`` until Ray Train's snapshot records the supernet's first checkpoint, then SIGINT to the
+    driver only, as Ctrl-C would."""
+    env = {**os.environ, "TIMM_FUSED_ATTN": "0"}
+    command = [sys.executable, "-m", "flora_ray.cli", "run", str(config_file)]
+    with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would stall the driver
+        first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def recorded_checkpoint():
+        """The checkpoint Ray Train's snapshot records (what a re-run resumes from), once one is recorded."""
+        try:
+            snapshot = json.loads((train_storage / "checkpoint_manager_snapshot.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return snapshot.get("latest_checkpoint_result")
+
+    deadline = time.time() + 600
+    try:
+        while recorded_checkpoint() is None and time.time() < deadline and first.poll() is None:
+            time.sleep(0.5)
+        assert recorded_checkpoint() is not None, "no checkpoint recorded: " + log_path.read_text()[-4000:]
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=90)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)  # whatever the interrupted driver left behind
+
+
+def _check_training_resumed(cfg, out):
+    """The re-run resumed supernet training from the recorded checkpoint (after an epoch, before the last one)."""
+    resumed = [line for line in out.splitlines() if "resumed from the checkpoint at epoch" in line]
+    assert resumed, "the second run did not resume: " + out[-4000:]
+    epoch = int(resumed[0].split("resumed from the checkpoint at epoch ", 1)[1].split()[0])
+    assert 1 <= epoch < cfg.train.epochs
+    history = json.loads((cfg.run.run_dir / "train_history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, cfg.train.epochs + 1))
+
+
+def _check_mlflow(cfg, trials):
+    """On Ray: one MLflow run per search trial (Ray Tune's MLflowLoggerCallback) with the accuracy the trial
+    table holds, per-epoch training metrics from Ray Train's rank 0, and the results run."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.mlflow_uri)
+    experiment = client.get_experiment_by_name(cfg.run.name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    by_kind = {}
+    for run in runs:
+        by_kind.setdefault(run.data.tags.get("flora_ray.kind"), []).append(run)
+    trial_runs = by_kind["trial"]
+    assert len(trial_runs) == len(trials) == cfg.search.trials
+    logged = sorted(round(r.data.metrics["accuracy"], 6) for r in trial_runs)
+    assert logged == sorted(round(a, 6) for a in trials["accuracy"])
+    train = [r for r in by_kind["train"] if r.data.tags["flora_ray.stage"] == "train"]
+    finished = [r for r in train if r.info.status == "FINISHED"]  # the run interrupted by Ctrl-C is left unfinished
+    steps = [m.step for r in finished for m in client.get_metric_history(r.info.run_id, "loss")]
+    assert finished and max(steps) == cfg.train.epochs
+    assert [r.data.tags["mlflow.runName"] for r in by_kind["results"]] == [f"{cfg.run.name}-results"]
+
+
 @pytest.mark.slow
 def test_pipeline_runs_every_stage_then_skips_and_resumes(digits_config, tmp_path):
+    """One run: interrupted (Ctrl-C) in supernet training, resumed by the same command through every stage, then
+    skipped entirely, then resumed from the search."""
     cfg = digits_config(
         "pretrain.epochs=3",
         "pretrain.lr=0.003",
         "filter.epochs=1",
         "filter.eval_images=100",
-        "train.epochs=1",
+        "train.epochs=4",
+        "train.batch_size=16",  # many short steps: the Ctrl-C lands well before the last epoch
         "search.trials=12",
         "search.population=4",
         "search.eval_images=150",
+        f"tracking.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}",  # through Ray's MLflow integrations
     )
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(config_to_dict(cfg)))
     run_dir = cfg.run.run_dir
 
+    # Interrupted in supernet training: a re-run of the same command resumes it from its checkpoint, then goes on.
+    _interrupt_in_training(config_file, run_dir / "ray" / f"{cfg.run.name}-train", tmp_path / "first.log")
+    assert not (run_dir / "supernet.safetensors").exists(), "the first run was not interrupted"
     out = _run(config_file)
+    _check_training_resumed(cfg, out)
     for stage in PIPELINE_STAGES:
         assert stage_marker(run_dir, stage) is not None, stage
     report = (run_dir / "report.md").read_text()
@@ -74,10 +147,12 @@ def test_pipeline_runs_every_stage_then_skips_and_resumes(digits_config, tmp_pat
     assert (run_dir / "export" / f"trial_{exported['trial']}" / "model.safetensors").is_file()
     _, figures = build_report(run_dir)
     assert set(figures["stage_seconds"]) == set(PIPELINE_STAGES) and figures["front_size"] == len(front)
+    _check_mlflow(cfg, pd.read_parquet(run_dir / "trials.parquet"))
 
-    # Everything done: a second run skips every stage and rebuilds nothing.
+    # Everything done: a second run skips every stage and rebuilds nothing (in-process: nothing is left to run; the
+    # same on Ray is checked by the cluster-true runs in tests/cluster).
     teacher_mtime = (run_dir / "teacher.safetensors").stat().st_mtime_ns
-    out = _run(config_file)
+    out = _run(config_file, "--backend", "local")
     assert out.count("done earlier") == len(PIPELINE_STAGES)
     assert (run_dir / "teacher.safetensors").stat().st_mtime_ns == teacher_mtime
 
