@@ -1,16 +1,19 @@
 """Spot preemption on a real two-node cluster (``flora_ray.testing.multinode``): nothing lost, little repeated.
 
-One run (a module fixture, shared by the three stage tests; a random teacher stands in for pretraining) goes
-through filter, train and search on a head without CPUs and one worker node that shares only the storage directory; the worker node is killed (SIGKILL to all its processes) once
-during ``filter``, once during ``train`` and once during ``search``, each time at a seeded random point after the
-stage's first durable progress with work in flight, and a replacement node joins a few seconds later
-(``flora_ray.testing.preemption``). The guarantees are checked from the artefacts in storage and the event logs.
-A second test loses the head itself (driver, head and worker processes killed, the head's disk deleted) in the
-middle of supernet training, and a new cluster resumes the run from storage.
+One run (a module fixture, shared by every test; a random teacher stands in for pretraining) goes through filter,
+train and search on a head without CPUs and one worker node that shares only the storage directory; the worker node
+is killed (SIGKILL to all its processes) once during ``filter``, once during ``train`` and once during ``search``,
+each time at a seeded random point after the stage's first durable progress with work in flight, and a replacement
+node joins a few seconds later (``flora_ray.testing.preemption``). Later in ``train``, once the restarted worker group
+has passed a checkpoint of its own, the head itself is lost: driver, head and worker processes are SIGKILLed and the
+head's disk is deleted; a new cluster with the same ``run.storage`` resumes the run from storage and goes on to the
+search (with its own reclaim). The guarantees are checked from the artefacts in storage and the event logs.
 """
 
 import contextlib
+import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -84,16 +87,99 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def preempted_run(cluster_dirs):
+    """The run: filter and train with a reclaim each on a first cluster whose head is then lost in ``train``; the
+    rest of ``train`` and the search (with a reclaim) on a second one. Returns the config, the store, the events
+    directory and when the head was lost (all of its processes dead)."""
     from flora_ray.testing.multinode import run_on_two_nodes
 
     cfg, config_file = _config(cluster_dirs, "spot")
+    head = cluster_dirs / "spot" / "head"
     events = cluster_dirs / "spot" / "storage" / "events"  # every node sees the storage directory
-    result = run_on_two_nodes(
-        _driver(config_file, events, "filter", "train", "search"), hide=[cluster_dirs / "spot" / "head"], env=_env(),
-        timeout_s=900,
-    )  # fmt: skip
+    head_lost_at = _lose_the_head(config_file, head, events, cluster_dirs / "spot" / "first.log")
+    for item in head.iterdir():  # the head's disk is gone (but for the config the user submits again)
+        if item.is_dir():
+            shutil.rmtree(item)
+        elif item != config_file:
+            item.unlink()
+    result = run_on_two_nodes(_driver(config_file, events, "search"), hide=[head], env=_env(), timeout_s=900)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-8000:]
-    return cfg, RunStore.for_config(cfg), events
+    return cfg, RunStore.for_config(cfg), events, head_lost_at
+
+
+def _restarted_past_a_checkpoint(events: Path) -> bool:
+    """Whether the worker group that training restarted after its reclaim has passed a checkpoint of its own: a
+    step ``CHECKPOINT_STEPS + 1`` past the one it resumed at (that checkpoint is then registered in storage)."""
+    log = read_events(events / "events")
+    if not any(e["kind"] == "node_added" and e["stage"] == "train" for e in log):
+        return False
+    killed_at = next(e["time"] for e in log if e["kind"] == "node_killed" and e["stage"] == "train")
+    steps = [r["global_step"] for r in samples(events) if r["time"] > killed_at]
+    return bool(steps) and max(steps) >= min(steps) + CHECKPOINT_STEPS + 1
+
+
+def _lose_the_head(config_file: Path, head: Path, events: Path, log: Path) -> float:
+    """Run filter and train (a reclaim in each) on a first cluster and SIGKILL driver, head and worker processes
+    once ``_restarted_past_a_checkpoint``; when the last of them was dead."""
+    from flora_ray.testing.multinode import harness_command
+
+    temp_root = Path(tempfile.mkdtemp(prefix="frh-", dir="/tmp"))
+    driver = _driver(config_file, events, "filter", "train", until="train")
+    command = harness_command(driver, [head], timeout_s=600, temp_root=temp_root)
+    with open(log, "w") as output:  # a file, not a pipe: a full pipe would stall the driver
+        first = subprocess.Popen(command, env=_env(), start_new_session=True, stdout=output, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    try:
+        while not _restarted_past_a_checkpoint(events):
+            assert first.poll() is None, "the first cluster ended before its head was lost: " + _tail(log)
+            assert time.monotonic() < deadline, "training never passed a checkpoint after its reclaim: " + _tail(log)
+            time.sleep(0.05)
+    finally:
+        _kill_cluster(first.pid)
+        first.wait(timeout=60)
+    lost_at = time.time()
+    shutil.rmtree(temp_root, ignore_errors=True)
+    return lost_at
+
+
+def _kill_cluster(harness: int) -> None:
+    """SIGKILL every process of the cluster around the harness process ``harness`` at once (driver, nodes and Ray's
+    workers: everything in its network namespace), until none is left. Ray's workers rename themselves
+    (``ray::...``) and would otherwise outlive their node by a moment, still training."""
+    try:
+        netns = os.stat(f"/proc/{harness}/ns/net")
+    except OSError:  # it has exited: nothing to lose
+        return
+    if os.path.samestat(netns, os.stat("/proc/self/ns/net")):  # not in a namespace of its own (yet)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(harness, signal.SIGKILL)
+        return
+    deadline = time.monotonic() + 30
+    while pids := _processes_in(netns):
+        assert time.monotonic() < deadline, f"processes of the lost cluster survived SIGKILL: {pids}"
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+
+
+def _processes_in(netns: os.stat_result) -> list[int]:
+    """Live (non-zombie) processes in the network namespace ``netns``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            inside = os.path.samestat(os.stat(entry / "ns" / "net"), netns)
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if inside and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-5000:]
 
 
 def _killed(events: Path, stage: str) -> tuple[float, float]:
@@ -112,34 +198,44 @@ def _expected_digests(cfg, store: RunStore, steps: list[tuple[int, int]]) -> dic
     return {(e, s): config_digest(sampler.sample(step_generator(cfg.run.seed, e, s))[-1]) for e, s in steps}
 
 
-def _check_training(cfg, store: RunStore, records: list[dict], killed_at: float) -> None:
-    """Right epochs, the uninterrupted draws at every step, at most one checkpoint interval of finished steps (plus
-    the step in flight) repeated per rank."""
+def _check_training(cfg, store: RunStore, records: list[dict], interruptions: list[float]) -> None:
+    """Right epochs, the uninterrupted draws at every step, and per interruption (the times, in order) at most one
+    checkpoint interval of finished steps (plus the step in flight) repeated per rank, by a new worker group."""
     history = store.read_json(ARTEFACTS.history("train"))
     assert [h["epoch"] for h in history] == list(range(1, cfg.train.epochs + 1))
+    bounds = [-math.inf, *interruptions, math.inf]
     for rank in {r["rank"] for r in records}:
         mine = [r for r in records if r["rank"] == rank]
         counts = Counter((r["epoch"], r["step"]) for r in mine)
         steps_per_epoch = max(s for e, s in counts if e == 0) + 1
         assert set(counts) == {(e, s) for e in range(cfg.train.epochs) for s in range(steps_per_epoch)}
-        repeated = sum(n - 1 for n in counts.values())  # steps logged twice: done after the checkpoint, or in flight
-        timeline = [(r["epoch"], r["step"], r["global_step"], round(r["time"] - killed_at, 2)) for r in mine]
-        assert 1 <= repeated <= CHECKPOINT_STEPS + 1, f"rank {rank}: {repeated} steps repeated: {timeline}"
         drawn = {(r["epoch"], r["step"]): r["digest"] for r in mine}
         assert drawn == _expected_digests(cfg, store, sorted(drawn))
-        before = {r["pid"] for r in mine if r["time"] < killed_at}
-        after = {r["pid"] for r in mine if r["time"] > killed_at}
-        assert after and not before & after  # a new worker group on the replacement node finished the run
+        assert all(r["digest"] == drawn[(r["epoch"], r["step"])] for r in mine)  # repeated steps drew the same
+        segments = [[r for r in mine if lo < r["time"] < hi] for lo, hi in itertools.pairwise(bounds)]
+        timeline = [(r["epoch"], r["step"], r["global_step"], r["pid"], round(r["time"], 2)) for r in mine]
+        repeats = []
+        for i, after in enumerate(segments[1:], start=1):
+            done = {(r["epoch"], r["step"]) for segment in segments[:i] for r in segment}
+            repeats.append(sum((r["epoch"], r["step"]) in done for r in after))  # done after the checkpoint, in flight
+            assert 1 <= repeats[-1] <= CHECKPOINT_STEPS + 1, f"rank {rank}, interruption {i}: {repeats}: {timeline}"
+            before = {r["pid"] for r in segments[i - 1]}
+            assert after and not before & {r["pid"] for r in after}  # a new worker group went on, then finished
+        assert sum(n - 1 for n in counts.values()) == sum(repeats), timeline  # nothing repeated but after them
 
 
-def test_training_survives_a_reclaimed_worker_node(preempted_run):
-    cfg, store, events = preempted_run
+def test_training_survives_a_reclaimed_worker_node_and_a_lost_head(preempted_run):
+    """The worker node reclaimed after the first mid-epoch checkpoint, later the head lost with its disk: a new
+    cluster resumes from storage, with the same guarantees after each interruption."""
+    cfg, store, events, head_lost_at = preempted_run
     killed_at, _ = _killed(events, "train")
-    _check_training(cfg, store, samples(events), killed_at)
+    assert killed_at < head_lost_at
+    assert store.is_file(ARTEFACTS.stage_marker("train"))
+    _check_training(cfg, store, samples(events), [killed_at, head_lost_at])
 
 
 def test_filter_keeps_finished_blocks_and_runs_lost_ones_again(preempted_run):
-    _cfg, store, events = preempted_run
+    _cfg, store, events, _ = preempted_run
     killed_at, _ = _killed(events, "filter")
     log = [e for e in read_events(events / "events") if e["kind"] in ("task_start", "task_end")]
     blocks = range(len(RankSpace.from_dict(store.read_json(ARTEFACTS.space)).blocks))
@@ -156,8 +252,9 @@ def test_filter_keeps_finished_blocks_and_runs_lost_ones_again(preempted_run):
 
 
 def test_search_evaluates_lost_trials_again(preempted_run):
-    cfg, store, events = preempted_run
+    cfg, store, events, head_lost_at = preempted_run
     killed_at, _ = _killed(events, "search")
+    assert killed_at > head_lost_at  # on the second cluster
     study = optuna.load_study(
         study_name=f"{cfg.run.name}-search",
         storage=optuna.storages.JournalStorage(
@@ -177,53 +274,3 @@ def test_search_evaluates_lost_trials_again(preempted_run):
     generations = trials.sort_values("trial")["generation"].tolist()
     # NSGA-II went on from its state: generations never go back, and the offspring of the first one were bred
     assert generations == sorted(generations) and generations[-1] >= 1, generations
-
-
-def _reached(events: Path, global_step: int) -> bool:
-    return (events / "samples").is_dir() and any(r["global_step"] >= global_step for r in samples(events))
-
-
-def _kill_tree(marker: str) -> None:
-    """SIGKILL every process whose command line contains ``marker`` (the harness, its nodes, the driver)."""
-    from flora_ray.testing.multinode import live_processes
-
-    for pid in live_processes(marker):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def test_a_lost_head_resumes_from_storage(cluster_dirs):
-    """Driver, head and worker processes SIGKILLed after the first mid-epoch checkpoint of supernet training, the
-    head's disk deleted; a new cluster with the same run.storage resumes the run with the same guarantees."""
-    from flora_ray.testing.multinode import harness_command, run_on_two_nodes
-
-    cfg, config_file = _config(cluster_dirs, "head", "filter.mode=zero_training")  # training is what is tested
-    head, events = cluster_dirs / "head" / "head", cluster_dirs / "head" / "storage" / "events"
-    temp_root = Path(tempfile.mkdtemp(prefix="frh-", dir="/tmp"))
-    command = harness_command(_driver(config_file, events, until="train"), [head], timeout_s=600, temp_root=temp_root)
-    first = subprocess.Popen(command, env=_env(), start_new_session=True, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    target = CHECKPOINT_STEPS + 1
-    deadline = time.monotonic() + 600
-    try:
-        while not _reached(events, target):
-            assert first.poll() is None, first.stdout.read()[-5000:]
-            assert time.monotonic() < deadline, "supernet training never reached its first checkpoint"
-            time.sleep(0.05)
-        killed_at = time.time()
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        _kill_tree(str(temp_root))
-        _kill_tree(str(config_file))
-        first.wait(timeout=60)
-    for item in head.iterdir():  # the head's disk is gone (but for the config the user submits again)
-        if item.is_dir():
-            shutil.rmtree(item)
-        elif item != config_file:
-            item.unlink()
-    shutil.rmtree(temp_root, ignore_errors=True)
-    second = run_on_two_nodes(_driver(config_file, events, until="train"), hide=[head], env=_env(), timeout_s=900)
-    assert second.returncode == 0, second.stdout[-5000:] + second.stderr[-8000:]
-    store = RunStore.for_config(cfg)
-    assert store.is_file(ARTEFACTS.stage_marker("train"))
-    _check_training(cfg, store, samples(events), killed_at)
