@@ -15,6 +15,11 @@ Every front point of every search, every uniform configuration and the dense mod
 the whole list, each round in a freshly shuffled order (seeded), so that a drift of the machine's speed spreads
 over all models instead of hitting those timed last; a model's latency is the median of its rounds. Accuracy is the
 search-split accuracy the search recorded (same images for every point), the dense accuracy the search summary's.
+With one thread every timing is repeated right away on the thread's CPU time (``time.thread_time``, the same
+blocked median): on a shared machine the wall clock also counts the time the thread waits for a core, the CPU time
+does not (cache and memory-bandwidth contention still count), so ``cpu_ms`` is the steadier of the two there; the
+table itself is on the wall clock. Two checks of the noise are recorded: the full-rank export against the dense
+model (the same layers) and how much a model's rounds differ.
 
 For each batch and each drop (0.5 and 1 point below dense): the cheapest measured latency reaching the target on
 the latency front, on the MAC front and among the uniform configurations, and the extra reduction of the latency
@@ -60,7 +65,7 @@ from flora_ray.core.subnet import load_subnet, save_subnet
 from flora_ray.results import cheapest_within
 from flora_ray.search.evaluator import supernet_from_numpy
 from flora_ray.stages.inputs import full_space
-from flora_ray.stages.profile import model_input, profile_stage, read_table, time_ms
+from flora_ray.stages.profile import BLOCKS, MIN_BLOCKS, model_input, profile_stage, read_table, time_ms
 from flora_ray.stages.search import search_stage
 from flora_ray.storage.files import read_json, sha256_file, write_json
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
@@ -220,24 +225,43 @@ def export_and_load(
     return models
 
 
+def cpu_time_ms(run, min_run_time: float) -> float:
+    """``time_ms``'s blocked median, on the calling thread's CPU time (``time.thread_time``) instead of the wall
+    clock: time the thread waits while other processes run is not counted (one intra-op thread only)."""
+    from torch.utils import benchmark
+
+    timer = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=1, timer=time.thread_time)
+    per_call = max(timer.timeit(1).median, 1e-6)
+    blocks = max(MIN_BLOCKS, min(BLOCKS, round(min_run_time / per_call)))
+    number = max(1, round(min_run_time / blocks / per_call))
+    timer.timeit(max(1, number * blocks // 4))
+    return 1e3 * statistics.median(timer.timeit(number).median for _ in range(blocks))
+
+
 @torch.no_grad()
 def measure(models: dict[str, nn.Module], x: torch.Tensor, args, seed: int) -> dict[str, dict[str, Any]]:
-    """Per model: ``time_ms`` in each of ``args.rounds`` rounds over all models, each round in a new seeded random
-    order; ``ms`` is the median over the rounds."""
+    """Per model: ``time_ms`` (and, with one thread, ``cpu_time_ms`` right after it) in each of ``args.rounds``
+    rounds over all models, each round in a new seeded random order; ``ms`` is the median over the rounds."""
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    rounds: dict[str, list[float]] = {key: [] for key in models}
+    wall: dict[str, list[float]] = {key: [] for key in models}
+    cpu: dict[str, list[float]] = {key: [] for key in models}
     rng = random.Random(seed)
     try:
         for _ in range(args.rounds):
             order = list(models)
             rng.shuffle(order)
             for key in order:
-                model = models[key]
-                rounds[key].append(time_ms(lambda model=model: model(x), args.threads, args.min_run_time)[0])
+                run = lambda model=models[key]: model(x)  # noqa: E731
+                wall[key].append(time_ms(run, args.threads, args.min_run_time)[0])
+                cpu[key].append(cpu_time_ms(run, args.min_run_time) if args.threads == 1 else math.nan)
     finally:
         torch.set_num_threads(previous)
-    return {key: {"ms": statistics.median(v), "rounds_ms": v} for key, v in rounds.items()}
+    return {
+        key: {"ms": statistics.median(wall[key]), "rounds_ms": wall[key], "cpu_ms": statistics.median(cpu[key]),
+              "cpu_rounds_ms": cpu[key]}
+        for key in models
+    }  # fmt: skip
 
 
 def measure_all(base: Path, cfg: Config, configs: dict[str, dict[str, int]], args) -> dict[int, dict[str, Any]]:
@@ -265,12 +289,14 @@ def predictors(cfg: Config) -> dict[int, LatencyModel]:
 
 
 def add_latency(frame: pd.DataFrame, measured: dict, models: dict[int, LatencyModel]) -> pd.DataFrame:
-    """``measured_ms_b<batch>`` (with each round's in ``measured_rounds_ms_b<batch>``) and ``predicted_ms_b<batch>``
-    columns of ``frame`` (one row per configuration)."""
+    """``measured_ms_b<batch>`` (wall clock) and ``cpu_ms_b<batch>`` (thread CPU time), each round's in
+    ``*_rounds_ms_b<batch>``, and ``predicted_ms_b<batch>`` columns of ``frame`` (one row per configuration)."""
     frame = frame.copy()
     for batch, by_key in measured.items():
         frame[f"measured_ms_b{batch}"] = [by_key[config_key(r)]["ms"] for r in frame["ranks"]]
         frame[f"measured_rounds_ms_b{batch}"] = [by_key[config_key(r)]["rounds_ms"] for r in frame["ranks"]]
+        frame[f"cpu_ms_b{batch}"] = [by_key[config_key(r)]["cpu_ms"] for r in frame["ranks"]]
+        frame[f"cpu_rounds_ms_b{batch}"] = [by_key[config_key(r)]["cpu_rounds_ms"] for r in frame["ranks"]]
         frame[f"predicted_ms_b{batch}"] = [models[batch].predict(json.loads(r)) for r in frame["ranks"]]
     return frame
 
@@ -310,9 +336,10 @@ def compare(fronts: dict, uniform: pd.DataFrame, dense: float, batch: int, kind:
     return rows
 
 
-def prediction_error(frame: pd.DataFrame, batch: int) -> dict[str, Any]:
-    """How the table's prediction at ``batch`` compares with the measured latency of ``frame``'s configurations."""
-    measured, predicted = frame[f"measured_ms_b{batch}"], frame[f"predicted_ms_b{batch}"]
+def prediction_error(frame: pd.DataFrame, batch: int, kind: str = "measured") -> dict[str, Any]:
+    """How the table's prediction at ``batch`` compares with the measured (``kind``: ``measured`` on the wall clock,
+    ``cpu``: thread CPU time) latency of ``frame``'s configurations."""
+    measured, predicted = frame[f"{kind}_ms_b{batch}"], frame[f"predicted_ms_b{batch}"]
     rel = 100 * (predicted / measured - 1)
     tau = kendalltau(predicted, measured).statistic if len(frame) > 1 else math.nan
     return {
@@ -339,23 +366,46 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def print_tables(out: dict[str, Any]) -> None:
-    """The comparison (measured latency) and the prediction errors, as Markdown tables."""
-    print(f"\ndense accuracy {out['dense_accuracy']:.2f}% on {out['search']['eval_images']} search images")
+CLOCKS = {"measured": ("wall clock, time_ms", ""), "cpu": ("thread CPU time", "cpu_")}
+
+
+def print_comparison(out: dict[str, Any], kind: str) -> None:
+    """The picks and extra reductions at every batch and drop, on one clock (``kind``), as a Markdown table."""
+    title, prefix = CLOCKS[kind]
+    print(f"\nMeasured latency ({title}), ms per batch:")
     print("| batch | drop | target acc | latency front ms | MAC front ms | best uniform ms | dense ms | "
           "latency front vs uniform | vs MAC front | MAC front vs uniform |")  # fmt: skip
     print("| ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: |")
-    for batch, rows in out["comparison_measured"].items():
+    for batch, rows in out[f"comparison_{kind}"].items():
+        dense = out["dense_ms"][batch][f"{prefix}measured"]
         for r in rows:
             print(f"| {batch} | {r['drop']:g} | {r['target_accuracy']:.2f} | {_ms(r['latency_front'], 'trial')} | "
-                  f"{_ms(r['mac_front'], 'trial')} | {_ms(r['uniform'], 'ratio')} | "
-                  f"{out['dense_ms'][batch]['measured']:.3f} | {_pct(r['latency_front_vs_uniform'])} | "
-                  f"{_pct(r['latency_front_vs_mac_front'])} | {_pct(r['mac_front_vs_uniform'])} |")  # fmt: skip
+                  f"{_ms(r['mac_front'], 'trial')} | {_ms(r['uniform'], 'ratio')} | {dense:.3f} | "
+                  f"{_pct(r['latency_front_vs_uniform'])} | {_pct(r['latency_front_vs_mac_front'])} | "
+                  f"{_pct(r['mac_front_vs_uniform'])} |")  # fmt: skip
     for batch, d in out["dense_ms"].items():
-        print(
-            f"batch {batch}: dense {d['measured']:.3f} ms, full-rank export (same layers) {d['full_rank_measured']:.3f} "
-            f"ms ({d['full_rank_vs_dense_pct']:+.1f}%); a model's rounds differ by a median {d['round_spread_pct']:.1f}%"
-        )
+        print(f"batch {batch}: full-rank export (same layers as dense) {d[f'{prefix}full_rank_vs_dense_pct']:+.1f}% "
+              f"against dense; a model's rounds differ by a median {d[f'{prefix}round_spread_pct']:.1f}%")  # fmt: skip
+
+
+def print_errors(errors: dict[str, Any], title: str) -> None:
+    print(f"\nPredicted against measured latency ({title}):")
+    print("| batch | points | MAPE | worst | mean signed | Kendall tau | measured ms |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | --- |")
+    for batch, by_set in errors.items():
+        for name, e in by_set.items():
+            tau = "-" if e["kendall_tau"] is None else f"{e['kendall_tau']:.2f}"
+            low, high = e["measured_ms_range"]
+            print(f"| {batch} | {name} ({e['points']}) | {e['mape_pct']:.1f}% | {e['max_abs_error_pct']:.1f}% | "
+                  f"{e['mean_signed_error_pct']:+.1f}% | {tau} | {low:.3f}-{high:.3f} |")  # fmt: skip
+
+
+def print_tables(out: dict[str, Any]) -> None:
+    """The comparisons (each clock, then the prediction) and the prediction errors, as Markdown tables."""
+    print(f"\ndense accuracy {out['dense_accuracy']:.2f}% on {out['search']['eval_images']} search images")
+    for kind in CLOCKS:
+        if f"comparison_{kind}" in out:
+            print_comparison(out, kind)
     print("\nThe same picks by predicted latency (what the search saw):")
     print("| batch | drop | latency front vs uniform | vs MAC front | MAC front vs uniform |")
     print("| ---: | ---: | ---: | ---: | ---: |")
@@ -363,15 +413,9 @@ def print_tables(out: dict[str, Any]) -> None:
         for r in rows:
             print(f"| {batch} | {r['drop']:g} | {_pct(r['latency_front_vs_uniform'])} | "
                   f"{_pct(r['latency_front_vs_mac_front'])} | {_pct(r['mac_front_vs_uniform'])} |")  # fmt: skip
-    print("\nPredicted against measured latency:")
-    print("| batch | points | MAPE | worst | mean signed | Kendall tau | measured ms |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | --- |")
-    for batch, by_set in out["prediction_error"].items():
-        for name, e in by_set.items():
-            tau = "-" if e["kendall_tau"] is None else f"{e['kendall_tau']:.2f}"
-            low, high = e["measured_ms_range"]
-            print(f"| {batch} | {name} ({e['points']}) | {e['mape_pct']:.1f}% | {e['max_abs_error_pct']:.1f}% | "
-                  f"{e['mean_signed_error_pct']:+.1f}% | {tau} | {low:.3f}-{high:.3f} |")  # fmt: skip
+    print_errors(out["prediction_error"], CLOCKS["measured"][0])
+    if "prediction_error_cpu" in out:
+        print_errors(out["prediction_error_cpu"], CLOCKS["cpu"][0])
 
 
 def parse_args() -> argparse.Namespace:
@@ -427,26 +471,49 @@ def measured_frames(base: Path, cfgs: dict[str, Config], args) -> tuple[dict, pd
 
 
 def reference_latency(measured: dict[str, dict], model: LatencyModel, full_rank: str) -> dict[str, Any]:
-    """The dense model's measured and predicted latency, and two signs of the measurement's noise: the full-rank
-    export (the same layers as the dense model) against the dense model, and how much the rounds of a model
-    differ ((max - min) / median, median over every measured model)."""
-    spreads = [100 * (max(v["rounds_ms"]) - min(v["rounds_ms"])) / v["ms"] for v in measured.values()]
+    """The dense model's measured (wall clock; ``cpu_``: thread CPU time) and predicted latency, and two signs of
+    the measurement's noise: the full-rank export (the same layers as the dense model) against the dense model,
+    and how much the rounds of a model differ ((max - min) / median, median over every measured model)."""
+    out: dict[str, Any] = {"predicted": model.dense_ms}
     dense = measured[config_key({})]
-    return {
-        "measured": dense["ms"],
-        "rounds_ms": dense["rounds_ms"],
-        "predicted": model.dense_ms,
-        "full_rank_measured": measured[full_rank]["ms"],
-        "full_rank_vs_dense_pct": 100 * (measured[full_rank]["ms"] / dense["ms"] - 1),
-        "round_spread_pct": statistics.median(spreads),
-    }
+    for clock in ("", "cpu_"):
+        ms, rounds = f"{clock}ms", f"{clock}rounds_ms"
+        spreads = [100 * (max(v[rounds]) - min(v[rounds])) / v[ms] for v in measured.values()]
+        out.update({
+            f"{clock}measured": dense[ms],
+            f"{clock}rounds_ms": dense[rounds],
+            f"{clock}full_rank_measured": measured[full_rank][ms],
+            f"{clock}full_rank_vs_dense_pct": 100 * (measured[full_rank][ms] / dense[ms] - 1),
+            f"{clock}round_spread_pct": statistics.median(spreads),
+        })  # fmt: skip
+    return out
 
 
 def records(frame: pd.DataFrame, first: str) -> list[dict[str, Any]]:
     """JSON rows: ``first`` (trial or ratio), accuracy, costs, ranks and the latency columns."""
     columns = [first, "accuracy", "macs", "params", "latency_ms", "ranks"]
-    columns += [c for c in frame.columns if c.startswith(("measured_ms_", "measured_rounds_ms_", "predicted_ms_"))]
+    columns += [c for c in frame.columns if c.startswith(("measured_", "cpu_", "predicted_ms_"))]
     return json.loads(frame[columns].to_json(orient="records"))
+
+
+def comparisons(fronts: dict, uniform: pd.DataFrame, dense_accuracy: float, args) -> dict[str, Any]:
+    """``comparison_<kind>`` (per batch and drop) for the wall clock (``measured``), the thread CPU time (``cpu``,
+    one thread only) and the prediction, and the prediction's errors against each clock (``prediction_error``,
+    ``prediction_error_cpu``)."""
+    kinds = ("measured", "cpu", "predicted") if args.threads == 1 else ("measured", "predicted")
+    out: dict[str, Any] = {
+        f"comparison_{kind}": {str(b): compare(fronts, uniform, dense_accuracy, b, kind) for b in args.batch_sizes}
+        for kind in kinds
+    }
+    for kind in kinds[:-1]:
+        out["prediction_error" if kind == "measured" else f"prediction_error_{kind}"] = {
+            str(b): {
+                **{name: prediction_error(f, b, kind) for name, f in fronts.items()},
+                "uniform (calibration points)": prediction_error(uniform, b, kind),
+            }
+            for b in args.batch_sizes
+        }
+    return out
 
 
 def summarise(base: Path, cfgs: dict[str, Config], frames: tuple, args) -> dict[str, Any]:
@@ -454,7 +521,6 @@ def summarise(base: Path, cfgs: dict[str, Config], frames: tuple, args) -> dict[
     fronts, uniform, dense_accuracy, dense = frames
     cfg = cfgs[MACS]
     header = RunStore(base).read_checkpoint_header(ARTEFACTS.supernet)
-    batches = [str(b) for b in args.batch_sizes]
     searched = {name: RunStore(c.run.run_dir).read_json(ARTEFACTS.search_summary) for name, c in cfgs.items()}
     return {
         "model": cfg.model.name,
@@ -471,19 +537,7 @@ def summarise(base: Path, cfgs: dict[str, Config], frames: tuple, args) -> dict[
         },
         "dense_accuracy": dense_accuracy,
         "dense_ms": {str(b): v for b, v in dense.items()},
-        "comparison_measured": {
-            str(b): compare(fronts, uniform, dense_accuracy, b, "measured") for b in args.batch_sizes
-        },
-        "comparison_predicted": {
-            str(b): compare(fronts, uniform, dense_accuracy, b, "predicted") for b in args.batch_sizes
-        },
-        "prediction_error": {
-            batch: {
-                **{name: prediction_error(f, int(batch)) for name, f in fronts.items()},
-                "uniform (calibration points)": prediction_error(uniform, int(batch)),
-            }
-            for batch in batches
-        },
+        **comparisons(fronts, uniform, dense_accuracy, args),
         "searches": {
             name: {
                 "run_dir": str(c.run.run_dir),
@@ -522,7 +576,8 @@ def main() -> None:
             "device": read_table(RunStore(cfgs[MACS].run.run_dir))[1],
         },
         "measurement": {
-            "routine": "stages.profile.time_ms on exported (save_subnet/load_subnet) subnets, float32, CPU",
+            "routine": "stages.profile.time_ms (wall clock) on exported (save_subnet/load_subnet) subnets, float32, "
+            "CPU; with one thread also the same blocked median on time.thread_time (cpu_ms) right after it",
             "rounds": args.rounds,
             "order": "a new seeded random order every round; a model's ms: median of rounds",
             "threads": args.threads,

@@ -43,7 +43,7 @@ def _finite(value) -> bool:
 
 def test_records_provenance_and_every_search(smoke):
     stdout, result = smoke
-    assert "latency front vs uniform" in stdout and "Kendall tau" in stdout
+    assert "latency front vs uniform" in stdout and "Kendall tau" in stdout and "thread CPU time" in stdout
     assert result["benchmark"] == "latency_front" and result["smoke"] is True
     assert result["dataset"] == "digits" and len(result["supernet_sha256"]) == 64
     assert {"date", "machine", "torch", "threads", "loadavg"} <= set(result["environment"])
@@ -61,6 +61,7 @@ def test_records_provenance_and_every_search(smoke):
         assert dense["measured"] > 0 and dense["predicted"] > 0 and dense["full_rank_measured"] > 0
         assert len(dense["rounds_ms"]) == result["measurement"]["rounds"]
         assert _finite(dense["full_rank_vs_dense_pct"]) and dense["round_spread_pct"] >= 0
+        assert dense["cpu_measured"] > 0 and _finite(dense["cpu_full_rank_vs_dense_pct"])
 
 
 def test_every_point_is_measured_and_predicted(smoke):
@@ -73,15 +74,18 @@ def test_every_point_is_measured_and_predicted(smoke):
     for batch in result["profile"]["batch_sizes"]:
         for point in points:
             assert point[f"measured_ms_b{batch}"] > 0 and point[f"predicted_ms_b{batch}"] > 0
+            assert point[f"cpu_ms_b{batch}"] > 0
+            assert len(point[f"measured_rounds_ms_b{batch}"]) == len(point[f"cpu_rounds_ms_b{batch}"])
             assert len(point[f"measured_rounds_ms_b{batch}"]) == result["measurement"]["rounds"]
-        for errors in result["prediction_error"][str(batch)].values():
-            assert all(_finite(errors[k]) for k in ("mape_pct", "max_abs_error_pct", "mean_signed_error_pct"))
+        for key in ("prediction_error", "prediction_error_cpu"):
+            for errors in result[key][str(batch)].values():
+                assert all(_finite(errors[k]) for k in ("mape_pct", "max_abs_error_pct", "mean_signed_error_pct"))
 
 
 def test_comparison_follows_from_the_recorded_points(smoke):
     _, result = smoke
     uniform = pd.DataFrame(result["uniform"])
-    for kind in ("measured", "predicted"):
+    for kind in ("measured", "cpu", "predicted"):
         for batch, rows in result[f"comparison_{kind}"].items():
             column = f"{kind}_ms_b{batch}"
             fronts = {
