@@ -169,7 +169,8 @@ class EvaluatedConfigs:
 
     def add(self, trial, values) -> None:
         """Record ``trial`` (live or frozen, with its user attributes and constraints set) and its values."""
-        entry = {"number": trial.number, "values": list(values), "user_attrs": dict(trial.user_attrs),
+        attrs = {k: v for k, v in trial.user_attrs.items() if not k.startswith("flora_ray:")}  # not bookkeeping
+        entry = {"number": trial.number, "values": list(values), "user_attrs": attrs,
                  "constraints": dict(trial.constraints or {})}  # fmt: skip
         self.first.setdefault(genes_key(trial.params), entry)
 

@@ -154,7 +154,8 @@ def test_a_run_on_object_storage(s3, tmp_path, monkeypatch):
     assert len(trials) == 6 and set(front["trial"]) <= set(trials["trial"]) and len(front) >= 1
     local = {str(p.relative_to(head / "s3run")) for p in (head / "s3run").rglob("*") if p.is_file()}
     trial = RunStore(uri).read_json(ARTEFACTS.stage_marker("export"))["summary"]["trial"]
-    exported = {f"{ARTEFACTS.export_dir(trial)}/{n}" for n in ("model.safetensors", "subnet.json", "export.json")}
+    names = ("model.safetensors", "subnet.json", "export.json", "config.json", "README.md")  # the HF layout
+    exported = {f"{ARTEFACTS.export_dir(trial)}/{n}" for n in names}
     assert local == {ARTEFACTS.journal} | exported  # working copies only: the run itself is in the bucket
     # The head's working directory only holds working copies; with it gone the run resumes from the bucket.
     shutil.rmtree(head)
