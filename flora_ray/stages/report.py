@@ -135,7 +135,7 @@ def _export_section(export: dict[str, Any]) -> list[str]:
         f"(dense {lat['dense_batch1_ms']:.2f} ms), batch 32 {lat['subnet_batch32_ms']:.2f} ms "
         f"(dense {lat['dense_batch32_ms']:.2f} ms)",
         *_target_latency_lines(export.get("target_latency")),
-        f"- files: `{export['directory']}` (model.safetensors, subnet.json, export.json)",
+        f"- files: `{export['directory']}` (model.safetensors, subnet.json, config.json, README.md model card, export.json)",
     ]
 
 
