@@ -62,6 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    _add_inspect_parser(sub)
+    _add_config_parsers(sub)
+    run = sub.add_parser(
+        "run",
+        help="the whole pipeline: teacher, filter, supernet, search, export of the knee point, report",
+        description="Run every stage in order; a finished stage is skipped when the command is run again, an "
+        "interrupted one resumes. Writes report.md in the run directory.",
+    )
+    _add_run_arguments(run)
+    run.set_defaults(func=cmd_run)
+    from flora_ray.stages import STAGES
+
+    for name in STAGE_COMMANDS:
+        text = STAGES[name].help
+        stage = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        _add_run_arguments(stage)
+        stage.set_defaults(func=cmd_stage, stage=name)
+    _add_export_parser(sub)
+    return parser
+
+
+def _add_inspect_parser(sub: Any) -> None:
     inspect = sub.add_parser(
         "inspect",
         help="per-layer shapes, ranks and exact MACs of a model configuration",
@@ -78,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     inspect.set_defaults(func=cmd_inspect)
 
+
+def _add_config_parsers(sub: Any) -> None:
+    """``config`` (the resolved configuration) and ``plan`` (the dry run before submitting)."""
     config = sub.add_parser(
         "config",
         help="print the resolved configuration: base files merged, overrides applied, defaults filled in",
@@ -110,21 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     plan.set_defaults(func=cmd_plan)
 
-    run = sub.add_parser(
-        "run",
-        help="the whole pipeline: teacher, filter, supernet, search, export of the knee point, report",
-        description="Run every stage in order; a finished stage is skipped when the command is run again, an "
-        "interrupted one resumes. Writes report.md in the run directory.",
-    )
-    _add_run_arguments(run)
-    run.set_defaults(func=cmd_run)
-    from flora_ray.stages import STAGES
 
-    for name in STAGE_COMMANDS:
-        text = STAGES[name].help
-        stage = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
-        _add_run_arguments(stage)
-        stage.set_defaults(func=cmd_stage, stage=name)
+def _add_export_parser(sub: Any) -> None:
     export = sub.add_parser(
         "export",
         help="export a searched subnet; report its test accuracy and CPU latency versus dense",
@@ -155,7 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", choices=("ray", "local"), default="ray", help="ray (default: a Ray task) or local (this process)"
     )
     export.set_defaults(func=cmd_export)
-    return parser
 
 
 def cmd_export(args: argparse.Namespace) -> int:
