@@ -15,6 +15,8 @@ import pandas as pd
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 LATENCY_DEVICE_KEY = "flora_ray.latency_device"  # the latency table's metadata: where it was measured
+GAIN_DROPS = (0.5, 1.0, 2.0, 3.0)  # accuracy points below dense at which the front's extra reduction is reported
+GAIN_BUDGETS = (0.25, 1 / 3, 0.5)  # shares of the dense cost at which the front's accuracy advantage is reported
 COST_UNITS = {"macs": ("GMACs", 1e9), "params": ("M params", 1e6), "latency_ms": ("ms", 1.0)}
 
 
@@ -143,6 +145,64 @@ def gain_over_uniform(
     if ours is None or theirs is None:
         return None
     return 1.0 - float(ours[cost]) / float(theirs[cost])
+
+
+def accuracy_advantage(front: pd.DataFrame, uniform: pd.DataFrame, max_cost: float, cost: str = "macs") -> float | None:
+    """Accuracy points by which the front's best subnet within ``max_cost`` beats the best uniform configuration
+    within it (negative: uniform is better); ``None`` when either has nothing that cheap."""
+    ours, theirs = best_under(front, max_cost, cost), best_under(uniform, max_cost, cost)
+    if ours is None or theirs is None:
+        return None
+    return float(ours["accuracy"]) - float(theirs["accuracy"])
+
+
+def gain_table(
+    front: pd.DataFrame,
+    uniform: pd.DataFrame,
+    reference_accuracy: float,
+    dense_cost: float,
+    cost: str = "macs",
+    drops: tuple[float, ...] = GAIN_DROPS,
+    budgets: tuple[float, ...] = GAIN_BUDGETS,
+) -> pd.DataFrame:
+    """The front against the best uniform configuration, one row per accuracy drop and per cost budget.
+
+    ``kind == "drop"``: the cheapest point of each within ``value`` points of ``reference_accuracy`` (the dense
+    model's) and ``gain``, the front's extra cost reduction ``1 - front / uniform`` (``gain_over_uniform``).
+    ``kind == "budget"``: the most accurate point of each within ``value`` x ``dense_cost`` and ``gain``, the front's
+    accuracy advantage in points (``accuracy_advantage``). ``gain`` is NaN where either side has no point.
+    """
+    rows = []
+    for drop in drops:
+        target = reference_accuracy - drop
+        ours, theirs = cheapest_within(front, target, cost), cheapest_within(uniform, target, cost)
+        gain = gain_over_uniform(front, uniform, drop, reference_accuracy, cost)
+        rows.append(_gain_row("drop", drop, target, ours, theirs, gain, cost))
+    for budget in budgets:
+        limit = budget * dense_cost
+        ours, theirs = best_under(front, limit, cost), best_under(uniform, limit, cost)
+        rows.append(
+            _gain_row("budget", budget, limit, ours, theirs, accuracy_advantage(front, uniform, limit, cost), cost)
+        )
+    return pd.DataFrame(rows)
+
+
+def _gain_row(kind: str, value: float, target: float, ours, theirs, gain: float | None, cost: str) -> dict:
+    def pick(row, column):
+        return np.nan if row is None else float(row[column])
+
+    return {
+        "kind": kind,
+        "value": float(value),
+        "target": float(target),
+        f"front_{cost}": pick(ours, cost),
+        "front_accuracy": pick(ours, "accuracy"),
+        "front_trial": pick(ours, "trial") if ours is not None and "trial" in ours else np.nan,
+        f"uniform_{cost}": pick(theirs, cost),
+        "uniform_accuracy": pick(theirs, "accuracy"),
+        "uniform_ratio": pick(theirs, "ratio") if theirs is not None and "ratio" in theirs else np.nan,
+        "gain": np.nan if gain is None else float(gain),
+    }
 
 
 def _read(run: str | os.PathLike | RunStore, name: str) -> pd.DataFrame:

@@ -4,7 +4,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flora_ray.results import best_under, gain_over_uniform, hypervolume, knee_point, pareto_mask
+from flora_ray.results import (
+    accuracy_advantage,
+    best_under,
+    gain_over_uniform,
+    gain_table,
+    hypervolume,
+    knee_point,
+    pareto_mask,
+)
 
 
 def brute_force_pareto(df):
@@ -74,3 +82,56 @@ def test_knee_point_is_the_bend_of_the_front():
     assert knee_point(front.iloc[[0, 4]])["trial"] == 4  # two points: the most accurate
     with pytest.raises(ValueError, match="front is empty"):
         knee_point(front.iloc[:0])
+
+
+def _frames() -> tuple[pd.DataFrame, pd.DataFrame]:
+    # dense: 100 MACs at 90%. Uniform ratios 1/8, 1/4, 1/2, 1: 25, 40, 70, 100 MACs.
+    uniform = pd.DataFrame(
+        {"ratio": [0.125, 0.25, 0.5, 1.0], "macs": [25.0, 40.0, 70.0, 100.0], "accuracy": [84.0, 87.5, 89.2, 90.0]}
+    )
+    front = pd.DataFrame(
+        {"trial": [3, 7, 9, 11], "macs": [20.0, 30.0, 45.0, 60.0], "accuracy": [85.0, 87.8, 89.0, 89.6]}
+    )
+    return front, uniform
+
+
+def test_gain_table_drops_and_budgets_known_answers():
+    front, uniform = _frames()
+    table = gain_table(front, uniform, reference_accuracy=90.0, dense_cost=100.0)
+    drops = table[table["kind"] == "drop"].set_index("value")
+    # 0.5 pt (>= 89.5): front 60 MACs (trial 11), uniform 100 (full rank): 40% fewer.
+    assert drops.loc[0.5, "front_macs"] == 60.0 and drops.loc[0.5, "front_trial"] == 11
+    assert drops.loc[0.5, "uniform_macs"] == 100.0 and drops.loc[0.5, "gain"] == pytest.approx(0.4)
+    # 1 pt (>= 89.0): front 45, uniform 70 (ratio 1/2, 89.2%).
+    assert drops.loc[1.0, "uniform_ratio"] == 0.5 and drops.loc[1.0, "gain"] == pytest.approx(1 - 45 / 70)
+    # 2 pt (>= 88.0): front 45 (87.8 falls short), uniform 70.
+    assert drops.loc[2.0, "front_macs"] == 45.0 and drops.loc[2.0, "gain"] == pytest.approx(1 - 45 / 70)
+    # 3 pt (>= 87.0): front 30, uniform 40: 25% fewer.
+    assert drops.loc[3.0, "gain"] == pytest.approx(0.25) and drops.loc[3.0, "target"] == 87.0
+    budgets = table[table["kind"] == "budget"].set_index("value")
+    # 25% of dense: front 20 MACs at 85.0 against uniform 25 at 84.0: +1 point.
+    assert budgets.loc[0.25, "gain"] == pytest.approx(1.0) and budgets.loc[0.25, "target"] == 25.0
+    # 1/3: front 87.8 (30 MACs) against uniform 84.0 (25 MACs).
+    assert budgets.loc[1 / 3, "gain"] == pytest.approx(3.8)
+    # 1/2: front 89.0 (45) against uniform 87.5 (40).
+    assert budgets.loc[0.5, "gain"] == pytest.approx(1.5) and budgets.loc[0.5, "uniform_ratio"] == 0.25
+
+
+def test_gain_table_marks_what_neither_side_reaches():
+    front, uniform = _frames()
+    table = gain_table(front, uniform, 90.0, 100.0, drops=(0.0,), budgets=(0.15, 0.22))
+    # Nobody reaches 90.0 but uniform full rank; the front has nothing: no gain to report.
+    assert np.isnan(table.loc[0, "gain"]) and np.isnan(table.loc[0, "front_macs"])
+    assert table.loc[0, "uniform_macs"] == 100.0
+    # 15%: neither side; 22%: the front only (20 MACs), uniform has nothing that cheap.
+    assert table["gain"].iloc[1:].isna().all()
+    assert table.loc[2, "front_macs"] == 20.0 and np.isnan(table.loc[2, "uniform_macs"])
+    assert accuracy_advantage(front, uniform, 22.0) is None
+
+
+def test_gain_table_follows_the_cost_axis():
+    front, uniform = _frames()
+    front["latency_ms"], uniform["latency_ms"] = front["macs"] / 10, uniform["macs"] / 10
+    table = gain_table(front, uniform, 90.0, 10.0, cost="latency_ms")
+    assert "front_latency_ms" in table and "front_macs" not in table
+    assert table.set_index(["kind", "value"]).loc[("drop", 3.0), "gain"] == pytest.approx(0.25)
