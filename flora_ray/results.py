@@ -205,6 +205,54 @@ def _gain_row(kind: str, value: float, target: float, ours, theirs, gain: float 
     }
 
 
+def kendall_tau(x, y) -> float:
+    """Kendall's tau-b between two equally long sequences (ties counted as in tau-b); NaN when either is constant.
+
+    Pairs are compared exhaustively (``O(n^2)``): meant for the tens to hundreds of subnets a fidelity check uses.
+    """
+    a, b = _paired_arrays(x, y)
+    i, j = np.triu_indices(len(a), k=1)
+    da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+    untied_a, untied_b = np.count_nonzero(da), np.count_nonzero(db)
+    if untied_a == 0 or untied_b == 0:
+        return float("nan")
+    return float(np.sum(da * db) / np.sqrt(float(untied_a) * float(untied_b)))
+
+
+def spearman_rho(x, y) -> float:
+    """Spearman's rho: the Pearson correlation of the average ranks; NaN when either is constant."""
+    a, b = _paired_arrays(x, y)
+    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
+    if np.ptp(ra) == 0 or np.ptp(rb) == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def bootstrap_interval(x, y, statistic, resamples: int = 2000, level: float = 0.95, seed: int = 0):
+    """Percentile bootstrap interval of ``statistic(x, y)`` over pairs resampled with replacement.
+
+    Returns ``(low, high)``; resamples on which the statistic is undefined (NaN: all values tied) are left out.
+    """
+    a, b = _paired_arrays(x, y)
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} must be between 0 and 1")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(a), size=(resamples, len(a)))
+    values = np.array([statistic(a[p], b[p]) for p in picks])
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return float("nan"), float("nan")
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+
+
+def _paired_arrays(x, y) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise ValueError(f"need two 1-D sequences of equal length >= 2, got shapes {a.shape} and {b.shape}")
+    return a, b
+
+
 def _read(run: str | os.PathLike | RunStore, name: str) -> pd.DataFrame:
     import pyarrow.parquet as pq
 

@@ -7,11 +7,14 @@ import pytest
 from flora_ray.results import (
     accuracy_advantage,
     best_under,
+    bootstrap_interval,
     gain_over_uniform,
     gain_table,
     hypervolume,
+    kendall_tau,
     knee_point,
     pareto_mask,
+    spearman_rho,
 )
 
 
@@ -135,3 +138,39 @@ def test_gain_table_follows_the_cost_axis():
     table = gain_table(front, uniform, 90.0, 10.0, cost="latency_ms")
     assert "front_latency_ms" in table and "front_macs" not in table
     assert table.set_index(["kind", "value"]).loc[("drop", 3.0), "gain"] == pytest.approx(0.25)
+
+
+def test_rank_correlations_hand_computed():
+    # x = 1..5, y = 1, 3, 2, 5, 4: pairs (10) with 2 discordant -> tau = (8 - 2) / 10 = 0.6.
+    # Rank differences 0, -1, 1, -1, 1: rho = 1 - 6 * 4 / (5 * 24) = 0.8.
+    x, y = [1, 2, 3, 4, 5], [1, 3, 2, 5, 4]
+    assert kendall_tau(x, y) == pytest.approx(0.6)
+    assert spearman_rho(x, y) == pytest.approx(0.8)
+    assert kendall_tau(x, x[::-1]) == pytest.approx(-1.0) and spearman_rho(x, x[::-1]) == pytest.approx(-1.0)
+    # tau-b with ties: x = 1, 2, 2, 3; y = 1, 2, 3, 3. Concordant 4 (12, 13, 14, 24), discordant 0; untied pairs:
+    # x 5 (all but 23), y 5 (all but 34): tau-b = 4 / sqrt(5 * 5) = 0.8.
+    assert kendall_tau([1, 2, 2, 3], [1, 2, 3, 3]) == pytest.approx(0.8)
+    assert np.isnan(kendall_tau([1, 1, 1], [1, 2, 3])) and np.isnan(spearman_rho([1, 2, 3], [4, 4, 4]))
+    with pytest.raises(ValueError, match="equal length"):
+        kendall_tau([1, 2, 3], [1, 2])
+
+
+def test_rank_correlations_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 8, size=40).astype(float)  # many ties
+    y = x + rng.normal(0, 3, size=40)
+    assert kendall_tau(x, y) == pytest.approx(stats.kendalltau(x, y).statistic)
+    assert spearman_rho(x, y) == pytest.approx(stats.spearmanr(x, y).statistic)
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_narrows_with_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=200)
+    y = x + rng.normal(scale=1.0, size=200)
+    low, high = bootstrap_interval(x, y, kendall_tau, resamples=500)
+    assert low < kendall_tau(x, y) < high and low > 0 and high < 1
+    small_low, small_high = bootstrap_interval(x[:20], y[:20], kendall_tau, resamples=500)
+    assert small_high - small_low > high - low
+    # A perfect ranking stays perfect under every resample (ties from repeated pairs are tied in both).
+    assert bootstrap_interval(x, 2 * x, spearman_rho, resamples=100) == pytest.approx((1.0, 1.0))
