@@ -33,6 +33,7 @@ from typing import Any
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
+import numpy as np
 import optuna
 import pandas as pd
 import torch
@@ -55,13 +56,13 @@ from search_efficiency import (
 
 from flora_ray.config import Config, config_to_dict
 from flora_ray.core.space import RankSpace
-from flora_ray.results import cheapest_within, gain_over_uniform
+from flora_ray.results import GAIN_DROPS, cheapest_within, gain_over_uniform
 from flora_ray.search.plots import pyplot, save_png
 from flora_ray.stages.inputs import load_teacher
 from flora_ray.storage.files import read_checkpoint_header, read_json, sha256_file, write_json
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
-DROPS = (0.5, 1.0)
+DROPS = GAIN_DROPS  # accuracy points below the reference
 SOURCE_FILE = "bench_source.json"
 # variant: (overrides of the base run's training configuration, whether it keeps the base run's trained space)
 ABLATIONS = {
@@ -78,13 +79,16 @@ def variant_dir(base: Path, variant: str, runs_root: Path) -> Path:
     return runs_root / f"bench-{base.name.removeprefix('bench-')}-{variant.replace('_', '')}"
 
 
-def prepare_ablation(base: Path, variant: str, runs_root: Path, local: bool) -> Path:
+def prepare_ablation(
+    base: Path, variant: str, runs_root: Path, local: bool, ablation: tuple[tuple[str, ...], bool] | None = None
+) -> Path:
     """Train (or reuse) one ablation supernet from the base run's teacher and training configuration.
 
-    The variant's run directory gets the base run's teacher and, when the variant keeps it, the space the base
-    supernet was trained on. It is reused when ``bench_source.json`` (teacher hash, space, configuration) matches.
+    ``ablation`` is ``(overrides, keep_space)`` (default: ``ABLATIONS[variant]``). The variant's run directory gets
+    the base run's teacher and, when the variant keeps it, the space the base supernet was trained on. It is reused
+    when ``bench_source.json`` (teacher hash, space, configuration) matches.
     """
-    overrides, keep_space = ABLATIONS[variant]
+    overrides, keep_space = ablation if ablation is not None else ABLATIONS[variant]
     target = variant_dir(base, variant, runs_root)
     cfg = config_at(config_file(base), target, overrides)
     space = read_checkpoint_header(base / ARTEFACTS.supernet)["space"] if keep_space else None
@@ -123,10 +127,11 @@ def dense_accuracy(cfg: Config, run_dir: Path, evaluate: CachedEvaluator) -> flo
     return 100.0 * correct / len(ev.labels)
 
 
-def search_variant(run_dir: Path, args, seed: int) -> dict[str, Any]:
-    """NSGA-II front, uniform configurations and dense accuracy of one supernet."""
+def search_variant(run_dir: Path, args, seed: int, evaluate: CachedEvaluator | None = None) -> dict[str, Any]:
+    """NSGA-II front, uniform configurations and dense accuracy of one supernet (``evaluate``: its cached
+    evaluator, shared by the searches of several seeds)."""
     cfg = run_config(run_dir)
-    evaluate = build_evaluator(cfg, run_dir, args.eval_images)
+    evaluate = evaluate or build_evaluator(cfg, run_dir, args.eval_images)
     started = time.perf_counter()
     points = nsga2_search(evaluate.space, evaluate, cfg.search, args.trials, seed)
     configs = evaluate.space.uniform_all()
@@ -199,6 +204,54 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def search_all(dirs: dict[str, Path], args) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per variant: the search of the first seed (for the tables) and the spread of the extra reduction over
+    uniform ranks across all seeds (mean, standard deviation, min, max per drop, relative to the dense teacher)."""
+    results, spreads = {}, {}
+    for name, run_dir in dirs.items():
+        cfg = run_config(run_dir)
+        default = cfg.search.seed if cfg.search.seed is not None else cfg.run.seed
+        evaluate = build_evaluator(cfg, run_dir, args.eval_images)
+        searches = []
+        for seed in args.seeds or [default]:
+            result = search_variant(run_dir, args, seed, evaluate)
+            searches.append(
+                [compare(result, result["dense_accuracy"], d)["extra_reduction_over_uniform"] for d in DROPS]
+            )
+            results.setdefault(name, result)
+            print(
+                f"{name} seed {seed}: searched in {result['seconds']:.0f} s, load {os.getloadavg()[0]:.2f}", flush=True
+            )
+        spreads[name] = {"seeds": args.seeds or [default], "searches": searches, "per_drop": _spread(searches)}
+    return results, spreads
+
+
+def _spread(searches: list[list[float | None]]) -> list[dict[str, Any]]:
+    out = []
+    for i, drop in enumerate(DROPS):
+        values = [s[i] for s in searches if s[i] is not None]
+        stats = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                 "min": min(values), "max": max(values)} if values else {}  # fmt: skip
+        out.append({"drop": drop, "reached": len(values), **stats})
+    return out
+
+
+def print_spread(variants: dict[str, dict[str, Any]]) -> None:
+    """Mean and spread over the search seeds of the extra reduction over uniform (targets: dense - drop)."""
+    print("Extra MAC reduction over the best uniform configuration across search seeds (mean +- sd [min, max]):")
+    print("| variant | seeds | " + " | ".join(f"{d:g} pt" for d in DROPS) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in DROPS) + " |")
+    for name, v in variants.items():
+        cells = [
+            f"{100 * e['mean']:.1f}% +- {100 * e['std']:.1f} [{100 * e['min']:.1f}, {100 * e['max']:.1f}]"
+            + ("" if e["reached"] == len(v["seeds"]["seeds"]) else f" ({e['reached']} reached)")
+            if e["reached"]
+            else "not reached"
+            for e in v["seeds"]["per_drop"]
+        ]
+        print(f"| {name} | {len(v['seeds']['seeds'])} | " + " | ".join(cells) + " |")
+
+
 def print_table(variants: dict[str, dict[str, Any]], key: str = "versus_dense") -> None:
     """One Markdown row per variant and accuracy drop."""
     print(
@@ -248,7 +301,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="where the JSON and PNG go (default: results/)")
     parser.add_argument("--trials", type=int, default=200, help="NSGA-II evaluations per variant")
     parser.add_argument("--eval-images", type=int, default=2000, help="search-split images per evaluation")
-    parser.add_argument("--seed", type=int, help="search seed (default: the run's)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="search seeds, one search each (default: the run's)")
     parser.add_argument("--floor-drop", type=float, default=10.0, help="HV floor below the dense accuracy")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of a prepared run")
     args = parser.parse_args()
@@ -271,18 +324,13 @@ def main() -> None:
     load_start, started = os.getloadavg(), time.perf_counter()
     dirs = prepare_variants(args)
     prepared = time.perf_counter() - started
-    results = {}
-    for name, run_dir in dirs.items():
-        cfg = run_config(run_dir)
-        seed = (
-            args.seed if args.seed is not None else (cfg.search.seed if cfg.search.seed is not None else cfg.run.seed)
-        )
-        results[name] = search_variant(run_dir, args, seed)
-        print(f"{name}: searched in {results[name]['seconds']:.0f} s, load {os.getloadavg()[0]:.2f}", flush=True)
+    results, spreads = search_all(dirs, args)
     base = results["flora"]
     ref = (base["full_rank"][0], base["dense_accuracy"] - args.floor_drop)
     scale = ref[0] * (100.0 - ref[1])
     variants = {name: summarise(name, dirs[name], r, ref, scale) for name, r in results.items()}
+    for name, spread in spreads.items():
+        variants[name]["seeds"] = spread
     out = {
         "benchmark": "flora_vs_uniform",
         "date": time.strftime("%Y-%m-%d"),
@@ -293,6 +341,7 @@ def main() -> None:
         "ratios": list(base["space"].ratios),
         "eval_images": args.eval_images,
         "trials": args.trials,
+        "seeds": args.seeds or "the run's",
         "search": "in-process Optuna ask/tell, same NSGAIISampler settings and Evaluator as flora-ray search",
         "dense_accuracy": base["dense_accuracy"],
         "drops": list(DROPS),
@@ -313,6 +362,8 @@ def main() -> None:
     print_table(variants)
     print("Targets relative to each supernet's full-rank subnet:")
     print_table(variants, "versus_full_rank")
+    if len(next(iter(spreads.values()))["searches"]) > 1:
+        print_spread(variants)
     print(f"wall {out['wall_seconds']:.0f} s; load average {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}")
     write_json(args.output / "flora_vs_uniform.json", out)
     plot(args.output / "flora_vs_uniform.png", variants)

@@ -46,7 +46,8 @@ def efficiency(tmp_path_factory):
 @pytest.fixture(scope="module")
 def versus_uniform(efficiency):
     out, _, _ = efficiency
-    stdout = _run("flora_vs_uniform.py", "--output", str(out), "--run-dir", str(out / "runs" / "bench-smoke"))
+    run = str(out / "runs" / "bench-smoke")
+    stdout = _run("flora_vs_uniform.py", "--output", str(out), "--run-dir", run, "--seeds", "0", "1")
     return out, stdout, json.loads((out / "flora_vs_uniform.json").read_text())
 
 
@@ -131,6 +132,23 @@ def test_flora_vs_uniform_variants_and_gains(versus_uniform, efficiency):
     for row in no_filter["versus_dense"] + no_filter["versus_full_rank"]:
         if row["uniform_macs"] is not None:
             assert row["front_macs"] is not None and row["front_macs"] <= row["uniform_macs"]
+
+
+def test_flora_vs_uniform_spread_over_search_seeds(versus_uniform):
+    _, stdout, result = versus_uniform
+    assert result["seeds"] == [0, 1] and result["drops"] == [0.5, 1.0, 2.0, 3.0]
+    assert "across search seeds" in stdout
+    for name, variant in result["variants"].items():
+        seeds = variant["seeds"]
+        assert seeds["seeds"] == [0, 1] and len(seeds["searches"]) == 2, name
+        # The first seed's search is the one the tables show.
+        assert seeds["searches"][0] == [row["extra_reduction_over_uniform"] for row in variant["versus_dense"]]
+        for i, entry in enumerate(seeds["per_drop"]):
+            values = [s[i] for s in seeds["searches"] if s[i] is not None]
+            assert entry["reached"] == len(values)
+            if values:
+                assert entry["mean"] == pytest.approx(sum(values) / len(values))
+                assert entry["min"] == min(values) and entry["max"] == max(values)
 
 
 def test_flora_vs_uniform_trains_the_ablations_on_their_spaces(versus_uniform):
