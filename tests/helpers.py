@@ -21,6 +21,11 @@ TINY_MODELS = {
         "swin_tiny_patch4_window7_224",
         {"img_size": 72, "embed_dim": 32, "depths": (2, 2), "num_heads": (2, 4), "window_size": 4},
     ),
+    # LeViT (Linear form): conv stem, then stages of BatchNorm'd Linear blocks at 4x4, 2x2 and 1x1 tokens.
+    "levit": (
+        "levit_128s",
+        {"img_size": 64, "embed_dim": (32, 48, 64), "key_dim": 8, "num_heads": (2, 3, 4), "depth": (1, 2, 1)},
+    ),
 }
 
 
@@ -30,8 +35,30 @@ def random_config(space, rng):
 
 
 def input_for(model, batch=2):
-    height, width = model.patch_embed.img_size
-    return torch.randn(batch, model.patch_embed.proj.in_channels, height, width)
+    """A random input batch at the model's configured size (read from its registered family)."""
+    from flora_ray.families import family_of
+
+    height, width = family_of(model).img_size(model)
+    in_chans = model.patch_embed.proj.in_channels if hasattr(model, "patch_embed") else model.in_chans
+    return torch.randn(batch, in_chans, height, width)
+
+
+def randomise_batchnorm(model, seed=0):
+    """Random affine parameters and running statistics in every BatchNorm of ``model``, returned for chaining.
+
+    timm initialises some of LeViT's BatchNorm scales to zero (``proj`` and ``mlp.ln2``), which zeroes the branches
+    behind them; random values make every factorised layer count in an equivalence test.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                shape = module.running_mean.shape
+                module.weight.copy_(torch.randn(shape, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(shape, generator=generator))
+                module.running_mean.copy_(0.1 * torch.randn(shape, generator=generator))
+                module.running_var.copy_(0.5 + torch.rand(shape, generator=generator))
+    return model
 
 
 # MODEL.DEIT.SVD_CONFIG of the two subnets released with the paper (configs/lr_deit/subnet/ of the reference code).

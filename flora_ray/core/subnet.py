@@ -37,6 +37,9 @@ def extract_subnet(supernet: Supernet, ranks: Mapping[str, int]) -> nn.Module:
     """
     config = supernet.space.validate(ranks)
     layers = supernet.elastic_layers()
+    # train(mode) with the current mode changes nothing but drops the tensors that timm modules cache from their
+    # parameters in eval mode (LeViT's attention biases): deepcopy cannot copy such non-leaf tensors.
+    supernet.model.train(supernet.model.training)
     # Pre-seed deepcopy's memo so that each elastic layer is replaced by its static twin instead of copied.
     memo = {id(layers[fqn]): layers[fqn].to_static(config[fqn]) for fqn in config}
     return copy.deepcopy(supernet.model, memo)

@@ -5,14 +5,14 @@ pattern plus the layer names inside a block), how many tokens each Linear layer 
 outside Linear layers (``token_geometry``, for the analytic cost model), how to run a model up to a block and from
 it on (``split_forward``, for candidate filtering) and the input size (``img_size``).
 
-The built-in families (timm Swin and ViT/DeiT) live one per module in this package and register themselves on
+The built-in families (timm Swin, ViT/DeiT and the hybrid LeViT) live one per module in this package and register themselves on
 import; supporting another architecture is one more module (or a few lines in user code)::
 
     from flora_ray.families import ModelFamily, register_family
 
     register_family(ModelFamily("mine", lambda m: isinstance(m, MyNet), r"blocks\\.\\d+", my_geometry))
 
-``family_of(model)`` returns the first registered family that matches, in registration order (Swin before ViT).
+``family_of(model)`` returns the first registered family that matches, in registration order (Swin, ViT, LeViT).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ Split = tuple[Forward, Forward]
 TokenGeometry = tuple[dict[str, int], int]
 
 DEFAULT_LAYERS = ("attn.qkv", "mlp.fc1", "mlp.fc2")
+DEFAULT_PROJ_LAYERS = ("attn.proj",)
 
 
 def patch_embed_img_size(model: nn.Module) -> tuple[int, int]:
@@ -53,7 +54,9 @@ class ModelFamily:
         split_forward: ``split_forward(model, block_name)`` is ``(prefix, suffix)`` with
             ``suffix(prefix(x)) == model(x)`` and ``prefix`` stopping just before block ``block_name``, or
             ``None`` when it cannot split there; ``None`` (the field) when the family cannot split at all.
-        layers: The factorisable children of a block, in block order.
+        layers: The factorisable Linear layers of a block, by FQN relative to the block, in block order. A block
+            need not hold all of them (LeViT's residual and downsampling blocks each hold three of four).
+        proj_layers: The attention output projections, factorised as well with ``include_proj``.
         img_size: ``img_size(model)`` is the ``(height, width)`` the model is configured for.
         description: What the family covers, for error messages (``"timm VisionTransformer: ViT, DeiT"``).
     """
@@ -64,6 +67,7 @@ class ModelFamily:
     token_geometry: Callable[[nn.Module], TokenGeometry]
     split_forward: Callable[[nn.Module, str], Split | None] | None = None
     layers: tuple[str, ...] = DEFAULT_LAYERS
+    proj_layers: tuple[str, ...] = DEFAULT_PROJ_LAYERS
     img_size: Callable[[nn.Module], tuple[int, int]] = patch_embed_img_size
     description: str = ""
 
@@ -71,11 +75,11 @@ class ModelFamily:
         """Regex over FQNs matching the target layers; its named group ``block`` is the block's FQN.
 
         Args:
-            include_proj: Also target ``attn.proj`` (right after the first layer, unless already a target).
+            include_proj: Also target the ``proj_layers`` (right after the first layer, unless already targets).
         """
         layers = list(self.layers)
-        if include_proj and "attn.proj" not in layers:
-            layers.insert(1, "attn.proj")
+        if include_proj:
+            layers[1:1] = [name for name in self.proj_layers if name not in layers]
         alternatives = "|".join(re.escape(name) for name in layers)
         return rf"^(?P<block>{self.block_pattern})\.(?:{alternatives})$"
 
@@ -142,5 +146,6 @@ def conv_macs(conv: nn.Conv2d, out_h: int, out_w: int) -> int:
     return out_h * out_w * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
 
 
-# Built-in families, registered on import; the order is the matching precedence (Swin before ViT).
-from flora_ray.families import swin, vit  # noqa: E402, F401
+# Built-in families, registered on import; the order is the matching precedence (Swin, ViT, LeViT).
+from flora_ray.families import swin, vit  # noqa: E402, F401, I001
+from flora_ray.families import levit  # noqa: E402, F401

@@ -62,22 +62,28 @@ def anchor_points(space: RankSpace) -> list[dict[str, int]]:
     return points if cheapest in points else [*points, cheapest]
 
 
-def supernet_from_numpy(
-    header: Mapping[str, Any], state: Mapping[str, np.ndarray], device: torch.device | str = "cpu"
-) -> Supernet:
-    """A supernet from a checkpoint header and numpy weights, built on ``meta`` and loaded with ``assign=True``."""
-    spec = ModelSpec.from_dict(header["model"])
-    space = RankSpace.from_dict(header["space"], source="supernet header")
-    model = elastic_skeleton(spec, space.fqns, "meta", source="supernet header")
+def module_from_numpy(build: Callable[[str], torch.nn.Module], state: Mapping[str, np.ndarray]) -> torch.nn.Module:
+    """``build(device)`` on ``meta`` loaded with ``assign=True`` from numpy weights (no copy); built on the CPU and
+    loaded by copy instead when non-persistent buffers (Swin's relative position index, attention masks, LeViT's
+    attention-bias indices), which no state dict holds, would stay on ``meta``."""
     with warnings.catch_warnings():  # object-store arrays are read-only; evaluation never writes to them
         warnings.simplefilter("ignore", UserWarning)
         tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
+    model = build("meta")
     model.load_state_dict(tensors, strict=True, assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        # Non-persistent buffers (Swin's relative position index, attention masks) are not in the state dict:
-        # build those models normally instead.
-        model = elastic_skeleton(spec, space.fqns, "cpu", source="supernet header")
+        model = build("cpu")
         model.load_state_dict(tensors, strict=True)
+    return model
+
+
+def supernet_from_numpy(
+    header: Mapping[str, Any], state: Mapping[str, np.ndarray], device: torch.device | str = "cpu"
+) -> Supernet:
+    """A supernet from a checkpoint header and numpy weights (see ``module_from_numpy``)."""
+    spec = ModelSpec.from_dict(header["model"])
+    space = RankSpace.from_dict(header["space"], source="supernet header")
+    model = module_from_numpy(lambda where: elastic_skeleton(spec, space.fqns, where, source="supernet header"), state)
     return Supernet(model.to(device).eval(), space, spec, header.get("sv_placement", "faithful"))
 
 

@@ -27,15 +27,16 @@ RAY_DATA_NEEDS_RAY = "data.pipeline=ray_data streams from Ray Data: use the Ray 
 
 
 def check_geometry(spec: ModelSpec) -> None:
-    """Build the model on the meta device and run one image of the run's geometry through it (no memory, no
-    compute): a patch size that does not divide the image, or a wrong channel count, fails here."""
+    """Build the model on the meta device and run two images of the run's geometry through it (no memory, no
+    compute): a patch size that does not divide the image, or a wrong channel count, fails here. Two, because
+    BatchNorm in training mode (LeViT) rejects a batch of one pooled image."""
     import torch
 
     model = create_model(spec.name, device="meta", **spec.kwargs)
     size, chans = spec.kwargs["img_size"], spec.kwargs["in_chans"]
     try:
         with torch.no_grad():
-            model(torch.empty(1, chans, size, size, device="meta"))
+            model(torch.empty(2, chans, size, size, device="meta"))
     except (AssertionError, RuntimeError, ValueError) as exc:
         raise ValueError(
             f"model {spec.name} cannot take {size}x{size} images with {chans} channel(s) "

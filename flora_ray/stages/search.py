@@ -13,15 +13,13 @@ import logging
 import time
 from typing import Any
 
-import torch
-
 from flora_ray.backends.base import Backend, SearchJob
 from flora_ray.config import Config, config_to_dict
 from flora_ray.core.cost import build_cost_model
 from flora_ray.core.models import ModelSpec
 from flora_ray.core.space import RankSpace
 from flora_ray.results import hypervolume
-from flora_ray.search.evaluator import anchor_points, search_images
+from flora_ray.search.evaluator import anchor_points, module_from_numpy, search_images
 from flora_ray.search.frames import trials_frame, uniform_frame
 from flora_ray.search.objectives import Objectives, dense_value, latency_predictor, resolve_bounds, subnet_costs
 from flora_ray.search.plots import front_figure, hypervolume_figure
@@ -115,8 +113,8 @@ def baselines_task(problem: SearchProblem, dense_state: dict[str, Any]) -> tuple
     for ratio, ranks in evaluator.supernet.space.uniform_all().items():
         costs = subnet_costs(ranks, evaluator.supernet.cost, latency)
         rows.append({"ratio": ratio, "ranks": ranks, **evaluator.evaluate(ranks), **costs})
-    dense = ModelSpec.from_dict(problem.header["model"]).create(device="meta")
-    dense.load_state_dict({k: torch.from_numpy(v) for k, v in dense_state.items()}, strict=True, assign=True)
+    spec = ModelSpec.from_dict(problem.header["model"])
+    dense = module_from_numpy(lambda where: spec.create(device=where), dense_state)
     return rows, evaluator.model_accuracy(dense.to(evaluator.device).eval())
 
 

@@ -36,14 +36,14 @@ def test_analytic_macs_and_params_equal_counted_on_extracted_subnets(tiny_model,
         random_config(supernet.space, rng) for _ in range(4)
     ]
     for config in configs:
-        subnet = fr.extract_subnet(supernet, config)
+        subnet = fr.extract_subnet(supernet, config).eval()  # eval: LeViT's BatchNorm takes a batch of one
         assert supernet.cost.macs(config) == counted_macs(subnet, x)
         assert supernet.cost.params(config) == sum(p.numel() for p in subnet.parameters())
 
 
 def test_dense_cost_equals_counted_dense_model(tiny_model):
     name, kwargs = tiny_model
-    dense = fr.create_model(name, **kwargs)
+    dense = fr.create_model(name, **kwargs).eval()
     cost = build_cost_model(dense)
     assert cost.dense_macs == counted_macs(dense, input_for(dense, batch=1))
     assert cost.dense_params == sum(p.numel() for p in dense.parameters())

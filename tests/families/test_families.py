@@ -20,7 +20,8 @@ from flora_ray.search.filtering import split_forward
 
 
 @pytest.mark.parametrize(
-    ("model", "family"), [("vit", "vit"), ("deit_distilled", "vit"), ("swin", "swin"), ("swin_padded", "swin")]
+    ("model", "family"),
+    [("vit", "vit"), ("deit_distilled", "vit"), ("swin", "swin"), ("swin_padded", "swin"), ("levit", "levit")],
 )
 def test_registry_finds_the_builtin_families(model, family):
     name, kwargs = TINY_MODELS[model]
@@ -28,7 +29,7 @@ def test_registry_finds_the_builtin_families(model, family):
 
 
 def test_builtin_families_are_registered_swin_first():
-    assert [f.name for f in registered_families()][:2] == ["swin", "vit"]
+    assert [f.name for f in registered_families()][:3] == ["swin", "vit", "levit"]
     vit = family_of(fr.create_model("test_vit", device="meta"))
     assert vit.target_regex() == r"^(?P<block>blocks\.\d+)\.(?:attn\.qkv|mlp\.fc1|mlp\.fc2)$"
     assert vit.target_regex(include_proj=True) == (
@@ -185,3 +186,13 @@ def test_unsupported_model_is_a_one_line_error_naming_the_families():
     prefix, suffix = split_forward(model, "blocks.1")  # unknown model: identity prefix, full forward
     x = torch.randn(1, 3, 16, 16)
     torch.testing.assert_close(suffix(prefix(x)), model(x))
+
+
+def test_levit_preset_names_its_projections_for_include_proj():
+    levit = family_of(fr.create_model("levit_128s", device="meta"))
+    assert fr.create_model("levit_conv_128s", device="meta") is not None
+    assert family_of(fr.create_model("levit_conv_128s", device="meta")) is None  # 1x1 convolutions, no Linear
+    regex = levit.target_regex(include_proj=True)
+    assert regex.startswith(r"^(?P<block>stages\.\d+\.(?:blocks\.\d+|downsample))\.(?:attn\.qkv\.linear|")
+    assert r"|attn\.proj\.ln\.linear|attn_downsample\.proj\.ln\.linear|" in regex
+    assert "proj" not in levit.target_regex()
