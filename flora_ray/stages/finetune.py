@@ -53,6 +53,7 @@ from flora_ray.stages.search import trial_resources
 from flora_ray.stages.training import training_batches
 from flora_ray.storage.files import write_bytes, write_json
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
+from flora_ray.tracking import EpochMetrics, enabled
 from flora_ray.training.callbacks import Checkpoint, Progress, read_final_checkpoint
 from flora_ray.training.tasks import SubnetTask, accuracy
 from flora_ray.training.trainer import LocalSession, Session, Trainer
@@ -117,6 +118,8 @@ def finetune_worker(payload: dict[str, Any], session: Session) -> None:
             opt.checkpoint_every_steps,
         ),
     ]
+    if enabled(cfg) and session.world_rank == 0:  # MLflow tracking, as the training stages
+        callbacks.append(EpochMetrics(cfg, STAGE))
     Trainer(task, opt, session, loader, STAGE, callbacks, train_sampler=train_sampler,
             prepare=splits.preprocess).fit()  # fmt: skip
 
