@@ -198,13 +198,15 @@ def check_finetune(
     max_macs: float | None = None,
     knee: bool = False,
     overrides: Sequence[str] = (),
+    config: Config | None = None,
 ) -> tuple[RunStore, Config, Any]:
     """``(store, configuration, trial row)`` of a fine-tune request, or the error naming what is wrong: not a
-    searched run, the choice of subnet, an override that is not a ``finetune.*`` key or a speed-only key."""
+    searched run, the choice of subnet, an override that is not a ``finetune.*`` key or a speed-only key.
+    ``config``: the configuration to start from (the pipeline's own) instead of the one the run recorded."""
     store = run if isinstance(run, RunStore) else RunStore(run)
     if not store.is_file(ARTEFACTS.trials):
         raise FileNotFoundError(f"{store.location(ARTEFACTS.trials)!r} does not exist: run `flora-ray search` first")
-    stored = config_to_dict(load_run_config(store))
+    stored = config_to_dict(config if config is not None else load_run_config(store))
     data = json.loads(json.dumps(stored))
     for item in overrides:
         apply_override(data, item)
@@ -276,12 +278,14 @@ def finetune_from_run(
     overrides: Sequence[str] = (),
     output: str | os.PathLike | None = None,
     backend: Backend | None = None,
+    config: Config | None = None,
 ) -> dict[str, Any]:
     """Fine-tune one subnet of a searched run (``trial``, ``max_macs`` or ``knee``; ``overrides``: ``finetune.*``
     or speed-only ``key=value``) on ``backend`` (default: this process) and export it into
     ``finetune/trial_N/`` (or ``output``); returns (and writes to ``finetune.json``) its figures: test accuracy
-    before and after, epochs, seconds, history. A run with a report gets its report rebuilt."""
-    store, cfg, row = check_finetune(run, trial, max_macs, knee, overrides)
+    before and after, epochs, seconds, history. A run with a report gets its report rebuilt. ``config``: as
+    ``check_finetune``."""
+    store, cfg, row = check_finetune(run, trial, max_macs, knee, overrides, config)
     backend = backend or LocalBackend()
     started = time.perf_counter()
     state, history = _train(store, cfg, row, backend)
@@ -317,5 +321,5 @@ def finetune_stage(cfg: Config, backend: Backend | None = None) -> dict[str, Any
         return {"skipped": "finetune.enabled is false"}
     store = open_run(cfg)
     knee = cfg.finetune.trial is None and cfg.finetune.max_macs is None
-    report = finetune_from_run(store, cfg.finetune.trial, cfg.finetune.max_macs, knee, backend=backend)
+    report = finetune_from_run(store, cfg.finetune.trial, cfg.finetune.max_macs, knee, backend=backend, config=cfg)
     return {k: v for k, v in report.items() if k != "history"}

@@ -50,11 +50,14 @@ def test_finetune_keeps_or_improves_a_weak_subnet_in_process(finished):
     run, *_ = finished
     splits = build_datasets(run.config.data, pixels=("train",))
     ranks = run.supernet.space.smallest()
+    weights = {k: v.clone() for k, v in run.supernet.state_dict().items()}
     result = finetune_subnet(run.config, ranks, run=run.store, supernet=run.supernet, splits=splits, **KWARGS)
     assert result["test_accuracy"] >= result["test_accuracy_before"] + 5, result  # 15% -> 34% measured
     assert len(result["history"]) == 2 and result["epochs"] == 2
     assert result["test_accuracy"] == pytest.approx(accuracy(result["model"], splits.test, torch.device("cpu")))
     assert not run.store.exists(ARTEFACTS.finetunes)  # nothing written
+    for name, tensor in run.supernet.state_dict().items():  # the supernet is left as it was (many subnets, one run)
+        assert torch.equal(tensor, weights[name]), name
 
 
 def test_interrupted_finetune_resumes_to_the_uninterrupted_result(finished, weakest_trial, tmp_path, caplog):
