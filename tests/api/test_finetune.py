@@ -4,6 +4,7 @@ interrupted fine-tune resumes from its checkpoint to the uninterrupted result, t
 ``flora_ray.load_subnet`` and scores what ``finetune.json`` says, the report shows before and after, bad input is
 one line and exit 2."""
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -17,10 +18,13 @@ from flora_ray.config import dump_config
 from flora_ray.data.datasets import build_datasets
 from flora_ray.stages.export import load_run_config
 from flora_ray.stages.finetune import FINETUNE_FILE, finetune_from_run, finetune_stage, finetune_subnet
+from flora_ray.stages.inputs import resolve_model_spec
 from flora_ray.storage.files import read_checkpoint
 from flora_ray.storage.run_store import ARTEFACTS
 from flora_ray.testing.faults import FaultyLocalBackend
-from flora_ray.training.tasks import accuracy
+from flora_ray.training.tasks import DenseTask, accuracy
+from flora_ray.training.trainer import LocalSession, Trainer
+from flora_ray.training.worker import distributed_loader
 
 pytestmark = pytest.mark.slow
 # The fixture's teacher is barely above chance (4 epochs on 1000 digits): the label term lets a fine-tune show a gain.
@@ -45,15 +49,31 @@ def weakest_trial(finished):
     return int(trials.sort_values(["macs", "accuracy"]).iloc[0]["trial"])
 
 
-def test_finetune_keeps_or_improves_a_weak_subnet_in_process(finished):
-    """The smallest uniform ranks of the space, fine-tuned in this process with nothing written."""
+def _trained_teacher(cfg, splits):
+    """A dense teacher trained well on digits (12 epochs: about 80% test accuracy; the run's own is near chance)."""
+    torch.manual_seed(0)
+    teacher = resolve_model_spec(cfg).create()
+    opt = dataclasses.replace(cfg.pretrain, epochs=12, batch_size=32, lr=0.003, warmup_epochs=0)
+    loader, sampler = distributed_loader(splits.train, 32, 1, 0, 0, "teacher")
+    task = DenseTask(teacher, 0.0)
+    Trainer(task, opt, LocalSession(None), loader, "teacher", train_sampler=sampler, prepare=splits.preprocess,
+            evaluate=False).fit()  # fmt: skip
+    return teacher.eval()
+
+
+def test_distillation_improves_a_weak_subnet_in_process(finished):
+    """The smallest uniform ranks of the space, distilled (no label term) from a good teacher in this process with
+    nothing written: 15% -> 46% test accuracy measured."""
     run, *_ = finished
     splits = build_datasets(run.config.data, pixels=("train",))
+    teacher = _trained_teacher(run.config, splits)
+    assert accuracy(teacher, splits.test, torch.device("cpu")) > 60
     ranks = run.supernet.space.smallest()
     weights = {k: v.clone() for k, v in run.supernet.state_dict().items()}
-    result = finetune_subnet(run.config, ranks, run=run.store, supernet=run.supernet, splits=splits, **KWARGS)
-    assert result["test_accuracy"] >= result["test_accuracy_before"] + 5, result  # 15% -> 34% measured
-    assert len(result["history"]) == 2 and result["epochs"] == 2
+    result = finetune_subnet(run.config, ranks, run=run.store, supernet=run.supernet, teacher=teacher, splits=splits,
+                             **{**KWARGS, "label_weight": 0.0, "epochs": 3})  # fmt: skip
+    assert result["test_accuracy"] >= result["test_accuracy_before"] + 10, result
+    assert len(result["history"]) == 3 and result["epochs"] == 3
     assert result["test_accuracy"] == pytest.approx(accuracy(result["model"], splits.test, torch.device("cpu")))
     assert not run.store.exists(ARTEFACTS.finetunes)  # nothing written
     for name, tensor in run.supernet.state_dict().items():  # the supernet is left as it was (many subnets, one run)
