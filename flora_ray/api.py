@@ -279,6 +279,28 @@ class Run:
             return export_from_run(self.store, number, max_macs, output, threads, chosen, max_latency_ms,
                                    tuple(formats), evaluate)  # fmt: skip
 
+    def finetune(
+        self,
+        trial: int | pd.Series | Mapping[str, Any] | None = None,
+        *,
+        max_macs: float | None = None,
+        knee: bool = False,
+        overrides: Sequence[str] = (),
+        output: str | os.PathLike | None = None,
+        backend: str = "local",
+        address: str | None = None,
+    ) -> dict[str, Any]:
+        """Fine-tune a trial (or the best front point within ``max_macs``, or the knee point) by distillation from
+        the teacher and export it, as ``flora-ray finetune`` does (``overrides``: ``finetune.*`` keys such as
+        ``finetune.epochs=3``). Returns the figures written to ``finetune.json`` (``test_accuracy_before``,
+        ``test_accuracy``, ``directory``: where ``flora_ray.load_subnet`` finds the model)."""
+        from flora_ray.stages.finetune import check_finetune, finetune_from_run
+
+        number = None if trial is None else _trial_number(trial)
+        check_finetune(self.store, number, max_macs, knee, overrides)
+        with open_backend(backend, address) as chosen:
+            return finetune_from_run(self.store, number, max_macs, knee, overrides, output, chosen)
+
 
 def _trial_number(trial: int | pd.Series | Mapping[str, Any]) -> int:
     """The trial number of ``trial``: an integer, or a row (Series or mapping) with a ``trial`` entry."""

@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_run_arguments(stage)
         stage.set_defaults(func=cmd_stage, stage=name)
     _add_export_parser(sub)
+    _add_finetune_parser(sub)
     return parser
 
 
@@ -167,6 +168,51 @@ def _add_export_parser(sub: Any) -> None:
         "--backend", choices=("ray", "local"), default="ray", help="ray (default: a Ray task) or local (this process)"
     )
     export.set_defaults(func=cmd_export)
+
+
+def _add_finetune_parser(sub: Any) -> None:
+    finetune = sub.add_parser(
+        "finetune",
+        help="fine-tune a searched subnet by distillation from the run's teacher and export it again",
+        description="Train a searched subnet further by distillation from the run's teacher (Ray Train, with "
+        "checkpoints and resume), then export it into RUN_DIR/finetune/trial_N with its test accuracy before and "
+        "after. key=value overrides may set finetune.* keys (finetune.epochs=3) and speed-only keys.",
+    )
+    finetune.add_argument(
+        "run_dir", help="the run: its directory (runs/<name>) or storage URI (s3://bucket/prefix/<name>)"
+    )
+    finetune.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. finetune.epochs=3 finetune.lr=3e-4")
+    pick = finetune.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--trial", type=int, help="trial number (trials.parquet)")
+    pick.add_argument("--max-macs", type=float, help="the most accurate front point within this many MACs per image")
+    pick.add_argument("--knee", action="store_true", help="the knee point of the front (what the export stage exports)")
+    finetune.add_argument("--output", help="directory to write (default RUN_DIR/finetune/trial_N)")
+    finetune.add_argument("--address", help="Ray cluster to train on (default: local Ray on 127.0.0.1)")
+    finetune.add_argument(
+        "--backend", choices=("ray", "local"), default="ray", help="ray (default: Ray Train) or local (this process)"
+    )
+    finetune.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from flora_ray.stages.finetune import check_finetune, finetune_from_run
+
+    choice = (args.run_dir, args.trial, args.max_macs, args.knee, args.overrides)
+    check_finetune(*choice)  # before Ray starts
+    with _backend(args) as backend:
+        report = finetune_from_run(*choice, output=args.output, backend=backend)
+    print(format_finetune(report))
+    return 0
+
+
+def format_finetune(report: dict[str, Any]) -> str:
+    """What ``flora-ray finetune`` prints: the subnet, its test accuracy before and after, the folder."""
+    change = report["test_accuracy"] - report["test_accuracy_before"]
+    return (
+        f"trial {report['trial']}: {report['macs'] / 1e6:.2f} MMACs, test acc {report['test_accuracy_before']:.2f}% -> "
+        f"{report['test_accuracy']:.2f}% ({change:+.2f} pts) after {report['epochs']} epoch(s) of fine-tuning in "
+        f"{report['seconds']:.0f} s\n  {report['directory']}"
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:

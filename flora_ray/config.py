@@ -300,6 +300,45 @@ class TrainConfig(TrainStageConfig):
         _check(self.eval_images >= 1, "train.eval_images", self.eval_images, "must be at least 1")
 
 
+@dataclass(frozen=True)
+class FinetuneConfig(TrainStageConfig):
+    """Fine-tuning of an exported subnet (``flora-ray finetune``; a pipeline stage after export when ``enabled``).
+
+    The subnet (the extracted low-rank model, a static timm model) is distilled from the run's teacher with the
+    supernet's loss, on the same data, through the same trainer, backend, checkpoints and progress as supernet
+    training, then exported again with its test accuracy before and after.
+
+    Attributes:
+        enabled: Whether ``flora-ray run`` fine-tunes a subnet after the export stage.
+        trial: The trial the pipeline fine-tunes (default: the knee point of the front, as export).
+        max_macs: Instead, the most accurate front point within this many MACs per image.
+        temperature: Distillation temperature.
+        label_weight: Weight of an extra cross-entropy term on the labels (0: pure distillation).
+        eval_images: Search-split images the per-epoch accuracy is measured on.
+    """
+
+    enabled: bool = False
+    epochs: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_epochs: float = 0.0
+    trial: int | None = None
+    max_macs: float | None = None
+    temperature: float = 1.0
+    label_weight: float = 0.0
+    eval_images: int = 2000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.trial is None or self.max_macs is None, "finetune.max_macs", self.max_macs,
+               "give finetune.trial or finetune.max_macs, not both")  # fmt: skip
+        _check(self.trial is None or self.trial >= 0, "finetune.trial", self.trial, "a trial number >= 0 or null")
+        _check(self.max_macs is None or self.max_macs > 0, "finetune.max_macs", self.max_macs, "positive or null")
+        _check(self.temperature > 0, "finetune.temperature", self.temperature, "must be positive")
+        _check(self.label_weight >= 0, "finetune.label_weight", self.label_weight, "must be >= 0")
+        _check(self.eval_images >= 1, "finetune.eval_images", self.eval_images, "must be at least 1")
+
+
 FILTER_MODES = ("local_supernet", "zero_training")
 FILTER_SCORES = ("flops_aware", "accuracy")
 
@@ -598,6 +637,7 @@ class Config:
     filter: FilterConfig = field(default_factory=FilterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig, metadata=SPEED_ONLY)
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=SPEED_ONLY)
 

@@ -87,15 +87,26 @@ def package_versions() -> dict[str, str]:
     }
 
 
-def save_subnet(supernet: Supernet, ranks: Mapping[str, int], directory: str | os.PathLike, **extra: Any) -> Path:
+def save_subnet(
+    supernet: Supernet,
+    ranks: Mapping[str, int],
+    directory: str | os.PathLike,
+    model: nn.Module | None = None,
+    **extra: Any,
+) -> Path:
     """Extract the subnet at ``ranks`` and write ``model.safetensors`` and ``subnet.json`` into ``directory``.
 
-    Both files are written atomically, weights first; the spec records the weights' SHA-256, so a directory
-    whose two files do not belong together is detected at load time.
+    ``model``: write these weights instead (a subnet extracted at ``ranks`` and trained further, e.g. fine-tuned);
+    its state must load into the extracted subnet strictly. Both files are written atomically, weights first; the
+    spec records the weights' SHA-256, so a directory whose two files do not belong together is detected at load
+    time.
     """
     out = Path(directory)
     spec = {**subnet_spec(supernet, ranks), **extra}
-    model = extract_subnet(supernet, ranks)
+    extracted = extract_subnet(supernet, ranks)
+    if model is not None:
+        load_state_dict_strict(extracted, model.state_dict(), "the subnet to save")
+    model = extracted
     write_checkpoint(out / WEIGHTS_FILE, model.state_dict(), {"format": SUBNET_FORMAT, "version": 1})
     spec["weights_sha256"] = sha256_file(out / WEIGHTS_FILE)
     write_json(out / SPEC_FILE, spec)

@@ -1,7 +1,7 @@
 """The pipeline's stages, each a public function ``stage(cfg, backend) -> summary`` on any backend.
 
 ``profile`` (latency table on the target device) -> ``pretrain`` (dense teacher) -> ``filter`` (per-block candidates) -> ``train`` (supernet) -> ``search`` (NSGA-II
-front) -> ``export`` (knee point) -> ``report``. ``STAGES`` is the one table the pipeline and the CLI share; each
+front) -> ``export`` (knee point) -> ``finetune`` (when ``finetune.enabled``) -> ``report``. ``STAGES`` is the one table the pipeline and the CLI share; each
 entry says whether the stage's inputs are checked in preflight and how to tell that a finished call left work.
 """
 
@@ -13,6 +13,7 @@ from typing import Any
 
 from flora_ray.stages.export import export_stage
 from flora_ray.stages.filter import filter_stage
+from flora_ray.stages.finetune import finetune_stage
 from flora_ray.stages.profile import profile_stage
 from flora_ray.stages.report import report_stage
 from flora_ray.stages.search import search_stage
@@ -55,6 +56,8 @@ STAGES: dict[str, Stage] = {
         Stage("search", search_stage, "NSGA-II search of the (filtered) space; Pareto front to Parquet", True,
               _search_left_work),
         Stage("export", export_stage, "export the knee point of the front", preflight=False),
+        Stage("finetune", finetune_stage, "fine-tune an exported subnet from the teacher (finetune.enabled)",
+              preflight=False),
         Stage("report", report_stage, "write report.md", preflight=False),
     )
 }  # fmt: skip

@@ -3,6 +3,7 @@
 Dense accuracy and costs, the Pareto front as a table, the uniform baseline, the gain of the front over uniform
 ranks at 0.5 and 1 accuracy point below dense (on the searched cost axis: MACs, parameters or predicted latency),
 the exported subnet with its test accuracy and its latency measured on the target device next to the prediction,
+the fine-tuned subnets with their test accuracy before and after,
 each stage's wall time, and where the Parquet files and plots are. Everything is read back from the run directory, so the
 report can be rebuilt at any time (``write_report(run)``).
 """
@@ -139,6 +140,25 @@ def _export_section(export: dict[str, Any]) -> list[str]:
     ]
 
 
+def finetune_results(store: RunStore) -> list[dict[str, Any]]:
+    """The figures of every fine-tuned subnet of the run (``flora-ray finetune`` or the pipeline's stage), by
+    trial."""
+    results = [store.read_json(name) for name in store.list(ARTEFACTS.finetunes, ".json")]
+    return sorted(results, key=lambda r: r["trial"])
+
+
+def _finetune_section(results: list[dict[str, Any]]) -> list[str]:
+    rows = [
+        [str(r["trial"]), _macs(r["macs"]), f"{r['test_accuracy_before']:.2f}", f"{r['test_accuracy']:.2f}",
+         f"{r['test_accuracy'] - r['test_accuracy_before']:+.2f}", str(r["epochs"]), f"{r['seconds']:.0f}",
+         f"`{r['directory']}`"]
+        for r in results
+    ]  # fmt: skip
+    headers = ["trial", "MACs", "test acc before (%)", "test acc after (%)", "change (pts)", "epochs", "seconds",
+               "files"]  # fmt: skip
+    return ["## Fine-tuned subnets (distilled from the teacher)", "", *_table(headers, rows)]
+
+
 def _target_latency_lines(target: dict[str, Any] | None) -> list[str]:
     """Measured against predicted latency on the target device, per profiled batch size."""
     if not target:
@@ -154,29 +174,9 @@ def _target_latency_lines(target: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
-    """The markdown report of a searched run, and its key figures as a dict."""
-    store = run if isinstance(run, RunStore) else RunStore(run)
-    if not store.is_file(ARTEFACTS.search_summary):
-        raise FileNotFoundError(
-            f"{store.location(ARTEFACTS.search_summary)!r} does not exist: run the search stage first"
-        )
-    search = store.read_json(ARTEFACTS.search_summary)
-    front, uniform = load_front(store), load_uniform(store)
-    markers = stage_markers(store)
-    export = markers.get("export", {}).get("summary")
-    dense_acc, dense_macs = float(search["dense_accuracy"]), float(search["dense_macs"])
-    axis = search.get("cost_axis", "macs")
-    dense = float(search.get(f"dense_{axis}", dense_macs))
-    lines = [f"# flora-ray report: {store.name}", ""]
-    lines += [*_dense_section(markers, search, export), ""]
-    lines += [*_front_section(front, axis, dense, dense_acc), ""]
-    lines += [*_uniform_section(uniform, axis, dense, dense_acc), ""]
-    gain_lines, gains = _gain_section(front, uniform, dense_acc, axis)
-    lines += [*gain_lines, ""]
-    if export is not None:
-        lines += [*_export_section(export), ""]
-    lines += [
+def _closing_sections(store: RunStore, search: dict[str, Any], markers: dict[str, dict[str, Any]]) -> list[str]:
+    """The search's figures, each stage's wall time and where the results are."""
+    return [
         "## Search",
         "",
         f"- {search['complete']} of {search['trials']} trials complete ({search['failed']} failed), "
@@ -205,6 +205,34 @@ def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
         "point for its trial, ranks and costs)",
         "",
     ]
+
+
+def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
+    """The markdown report of a searched run, and its key figures as a dict."""
+    store = run if isinstance(run, RunStore) else RunStore(run)
+    if not store.is_file(ARTEFACTS.search_summary):
+        raise FileNotFoundError(
+            f"{store.location(ARTEFACTS.search_summary)!r} does not exist: run the search stage first"
+        )
+    search = store.read_json(ARTEFACTS.search_summary)
+    front, uniform = load_front(store), load_uniform(store)
+    markers = stage_markers(store)
+    export = markers.get("export", {}).get("summary")
+    dense_acc, dense_macs = float(search["dense_accuracy"]), float(search["dense_macs"])
+    axis = search.get("cost_axis", "macs")
+    dense = float(search.get(f"dense_{axis}", dense_macs))
+    lines = [f"# flora-ray report: {store.name}", ""]
+    lines += [*_dense_section(markers, search, export), ""]
+    lines += [*_front_section(front, axis, dense, dense_acc), ""]
+    lines += [*_uniform_section(uniform, axis, dense, dense_acc), ""]
+    gain_lines, gains = _gain_section(front, uniform, dense_acc, axis)
+    lines += [*gain_lines, ""]
+    if export is not None:
+        lines += [*_export_section(export), ""]
+    tuned = finetune_results(store)
+    if tuned:
+        lines += [*_finetune_section(tuned), ""]
+    lines += _closing_sections(store, search, markers)
     figures = {
         "dense_accuracy": dense_acc,
         "dense_macs": dense_macs,
@@ -212,6 +240,7 @@ def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
         "front_size": len(front),
         "gain_over_uniform": gains,
         "export": export,
+        "finetune": [{k: v for k, v in r.items() if k != "history"} for r in tuned],
         "stage_seconds": {s: m["seconds"] for s, m in markers.items()},
     }
     return "\n".join(lines), figures

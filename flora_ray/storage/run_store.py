@@ -45,6 +45,7 @@ class Artefacts:
     hypervolume_plot: str = "hypervolume.png"
     front_html: str = "front.html"
     exports: str = "export"
+    finetunes: str = "finetune"
     report: str = "report.md"
     report_json: str = "report.json"
     stages: str = "stages"
@@ -64,6 +65,14 @@ class Artefacts:
     def export_dir(self, trial: int) -> str:
         """The folder an exported trial goes to."""
         return f"{self.exports}/trial_{trial}"
+
+    def finetune_dir(self, trial: int) -> str:
+        """The folder a fine-tuned trial is exported to (the model files and ``finetune.json``)."""
+        return f"{self.finetunes}/trial_{trial}"
+
+    def finetune_result(self, trial: int) -> str:
+        """A fine-tuned trial's figures (what its folder's ``finetune.json`` holds), read by the report."""
+        return f"{self.finetunes}/trial_{trial}.json"
 
 
 ARTEFACTS = Artefacts()

@@ -124,3 +124,44 @@ class SupernetTask:
             self.supernet.set_ranks(config)
             out[f"search_acc_{name}"] = accuracy(self.supernet, self.search, trainer.device, self.eval_images)
         return out
+
+
+class SubnetTask:
+    """Distillation of one static subnet (an extracted low-rank model) from the frozen dense teacher: the
+    supernet's loss, with the subnet fixed (fine-tuning an export).
+
+    Args:
+        subnet: The student (``net``), e.g. ``core.subnet.extract_subnet(supernet, ranks)``.
+        teacher: The frozen dense teacher.
+        temperature, label_weight, label_smoothing: The distillation loss (``optim.distillation_loss``).
+        search: Search split for the per-epoch accuracy (``None``: no evaluation).
+        eval_images: Images of ``search`` it is scored on.
+    """
+
+    def __init__(
+        self,
+        subnet: nn.Module,
+        teacher: nn.Module,
+        temperature: float = 1.0,
+        label_weight: float = 0.0,
+        label_smoothing: float = 0.0,
+        search: Any = None,
+        eval_images: int | None = None,
+    ) -> None:
+        self.net, self.teacher = subnet, teacher.eval()
+        self.loss_args = (temperature, label_weight, label_smoothing)
+        self.search, self.eval_images = search, eval_images
+
+    def train_step(self, trainer: Trainer, step: int, x: torch.Tensor, y: torch.Tensor) -> float:
+        with torch.no_grad(), trainer.autocast():
+            teacher_logits = self.teacher(x)
+        with trainer.autocast():
+            logits = trainer.model(x)
+        loss = distillation_loss(logits, teacher_logits, y, *self.loss_args)
+        trainer.backward(loss)
+        return loss.item()
+
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        if self.search is None:
+            return {}
+        return {"search_acc": accuracy(self.net, self.search, trainer.device, self.eval_images)}

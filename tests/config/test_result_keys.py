@@ -41,6 +41,9 @@ SPEED_ONLY = {
     "search.cpus_per_trial",
     "search.gpus_per_trial",
     "search.batch_size",
+    "finetune.log_every",
+    "finetune.checkpoint_every",
+    "finetune.checkpoint_every_steps",
 }
 
 
