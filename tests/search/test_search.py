@@ -18,6 +18,7 @@ from helpers import TINY_MODELS, input_for
 
 import flora_ray as fr
 from flora_ray.config import config_to_dict
+from flora_ray.results import binomial_se, unpack_correct
 from flora_ray.search.evaluator import (
     Evaluator,
     anchor_points,
@@ -40,6 +41,9 @@ DOCUMENTED_COLUMNS = {
     "generation",
     "state",
     "accuracy",
+    "accuracy_se",
+    "eval_images",
+    "correct",
     "macs",
     "params",
     "eval_seconds",
@@ -96,6 +100,10 @@ def test_evaluator_and_its_process_cache():
     with torch.no_grad():
         expected = 100.0 * (supernet(images).argmax(-1) == labels).float().mean().item()
     assert metrics["accuracy"] == pytest.approx(expected, abs=1e-4)
+    correct = unpack_correct(metrics["correct"], metrics["eval_images"])  # per image, in image order
+    with torch.no_grad():
+        np.testing.assert_array_equal(correct, (supernet(images).argmax(-1) == labels).numpy())
+    assert metrics["eval_images"] == 40 and metrics["accuracy_se"] == binomial_se(metrics["accuracy"], 40)
     assert metrics["macs"] == supernet.cost.macs(config) and metrics["params"] == supernet.cost.params(config)
     before = evaluator_builds()
     calls = []
@@ -193,6 +201,10 @@ def test_search_end_to_end_with_budget_and_export(searched_run, monkeypatch):
         match = first[first["ranks"] == ranks]
         assert len(match) == 1
         assert match["accuracy"].iloc[0] == uniform.loc[uniform["ranks"] == ranks, "accuracy"].iloc[0]
+        # On the same images, image by image: the paired comparisons of the report rest on this.
+        assert match["correct"].iloc[0] == uniform.loc[uniform["ranks"] == ranks, "correct"].iloc[0]
+    assert (trials["eval_images"] == 150).all() and (uniform["eval_images"] == 150).all()
+    np.testing.assert_allclose(trials["accuracy_se"], [binomial_se(a, 150) for a in trials["accuracy"]])
     metadata = pq.read_schema(run_dir / TRIALS_FILE).metadata
     assert json.loads(metadata[b"flora_ray.config"])["search"]["trials"] == 30
     assert set(json.loads(metadata[b"flora_ray.versions"])) >= {"torch", "timm", "flora_ray"}
