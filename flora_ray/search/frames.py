@@ -114,7 +114,8 @@ def uniform_frame(rows: list[dict[str, Any]], space: RankSpace, objectives: Obje
     )
     frame.insert(frame.columns.get_loc("feasible") + 1, "duplicate_of", pd.array([None] * len(rows), dtype="Int64"))
     frame.insert(frame.columns.get_loc("duplicate_of") + 1, "is_pareto", feasible_front(frame, objectives.cost))
-    frame.insert(frame.columns.get_loc("is_pareto") + 1, CORRECT, frame.pop(CORRECT))  # as in trials_frame
+    correct = frame.pop(CORRECT)
+    frame.insert(frame.columns.get_loc("is_pareto") + 1, CORRECT, correct)  # last of the trial columns, as there
     return frame
 
 
