@@ -214,6 +214,18 @@ def _target_latency_lines(target: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _search_section(search: dict[str, Any]) -> list[str]:
+    return [
+        "## Search",
+        "",
+        f"- {search['complete']} of {search['trials']} trials complete ({search['failed']} failed), "
+        f"{search.get('distinct_configurations', search['complete'])} distinct configurations "
+        f"({search.get('repeats_answered', 0)} repeated proposals answered from earlier evaluations), "
+        f"{search['trials_per_second']:.2f} trials/s, hypervolume {search.get('hypervolume_share', 0.0):.4f} of the "
+        f"box up to 1.01 x the dearest uniform configuration and 100%",
+    ]
+
+
 def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
     """The markdown report of a searched run, and its key figures as a dict."""
     store = run if isinstance(run, RunStore) else RunStore(run)
@@ -237,13 +249,7 @@ def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
     if export is not None:
         lines += [*_export_section(export), ""]
     lines += [
-        "## Search",
-        "",
-        f"- {search['complete']} of {search['trials']} trials complete ({search['failed']} failed), "
-        f"{search.get('distinct_configurations', search['complete'])} distinct configurations "
-        f"({search.get('repeats_answered', 0)} repeated proposals answered from earlier evaluations), "
-        f"{search['trials_per_second']:.2f} trials/s, hypervolume {search.get('hypervolume_share', 0.0):.4f} of the "
-        f"box up to 1.01 x the dearest uniform configuration and 100%",
+        *_search_section(search),
         "",
         "## Stage wall times",
         "",
