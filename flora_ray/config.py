@@ -341,6 +341,7 @@ class FinetuneConfig(TrainStageConfig):
 
 FILTER_MODES = ("local_supernet", "zero_training")
 FILTER_SCORES = ("flops_aware", "accuracy")
+UNIFORM_MIN = "uniform_min"  # filter.cost_floor: the cost of the cheapest uniform configuration
 
 
 @dataclass(frozen=True)
@@ -357,6 +358,13 @@ class FilterConfig(OptimConfig):
         subset: Seeded, class-balanced fraction of the training data the local supernets train on.
         keep_fraction: Fraction of each block's candidates kept (the full-rank tuple is always kept).
         score: ``flops_aware``: accuracy lost per fraction of MACs saved, lowest kept; ``accuracy``: highest kept.
+        cost_floor: The cheapest cost the filtered space must still reach (improvement; ``None``: the faithful
+            keep rule alone, whose kept sets form a band of cost per block that may drop every cheap triple).
+            ``uniform_min`` (the cheapest uniform configuration), absolute MACs per image, or a share of the dense
+            model's MACs (``"30%"``). Each block's share of the floor (``search.filtering.floor_thresholds``) is
+            kept reachable by adding that block's best-scoring triple cheap enough for it.
+        cost_bins: Coverage of each block's cost range, robust to score noise: its MAC range is split into this
+            many equal bins and the best-scoring triple of each bin is kept (0: no coverage rule).
         eval_images: Search-split images each candidate is scored on.
         concurrency: Blocks processed at once (one Ray task each).
         cpus_per_task: CPUs one block's task reserves.
@@ -371,6 +379,8 @@ class FilterConfig(OptimConfig):
     subset: float = 0.35
     keep_fraction: float = 0.3
     score: str = "flops_aware"
+    cost_floor: float | str | None = None
+    cost_bins: int = 0
     eval_images: int = 2000
     concurrency: int = field(default=2, metadata=SPEED_ONLY)
     cpus_per_task: float = field(default=1.0, metadata=SPEED_ONLY)
@@ -381,6 +391,15 @@ class FilterConfig(OptimConfig):
         _check(0 < self.subset <= 1, "filter.subset", self.subset, "must be in (0, 1]")
         _check(0 < self.keep_fraction <= 1, "filter.keep_fraction", self.keep_fraction, "must be in (0, 1]")
         _check(self.score in FILTER_SCORES, "filter.score", self.score, f"one of {FILTER_SCORES}")
+        floor = self.cost_floor
+        _check(
+            floor is None or floor == UNIFORM_MIN or parse_budget(floor) is not None,
+            "filter.cost_floor",
+            floor,
+            f"{UNIFORM_MIN!r} (the cheapest uniform configuration), MACs per image, a share of dense such as '30%', "
+            "or null",
+        )
+        _check(self.cost_bins >= 0, "filter.cost_bins", self.cost_bins, "must be >= 0 (0: no coverage rule)")
         _check(self.eval_images >= 1, "filter.eval_images", self.eval_images, "must be at least 1")
         _check(self.concurrency >= 1, "filter.concurrency", self.concurrency, "must be at least 1")
         _check(self.cpus_per_task >= 0, "filter.cpus_per_task", self.cpus_per_task, "must be >= 0")
@@ -419,7 +438,12 @@ class SearchConfig:
             batch) or relative to the dense model (``"60%"``); ``None``: none.
         min_macs, min_params, min_latency_ms: Lower bounds of the same kinds, so that a search spends its trials
             inside one window of cost.
-        eval_images: Search-split images each subnet is scored on.
+        eval_images: Search-split images each subnet is scored on (the same stratified, seeded images for every
+            subnet and the uniform baseline). Choose it from the accuracy differences the search must resolve: one
+            accuracy ``p`` has standard error ``100 sqrt(p (1 - p) / n)`` points (0.45 at 86% and 6000 images); a
+            paired difference of two subnets that disagree on a share ``q`` of the images, about
+            ``100 sqrt(q / n)``; resolving ``d`` points at 2 standard errors needs ``n >= 4 q / (d / 100)^2``
+            (README, "Accuracy noise").
         batch_size: Evaluation batch size.
         concurrency: Trials evaluated at once (evaluator actors).
         cpus_per_trial: CPUs an evaluator reserves.

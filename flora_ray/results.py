@@ -7,6 +7,8 @@ Objectives throughout: a cost column (``cost``: ``macs`` by default, or ``params
 
 from __future__ import annotations
 
+import base64
+import math
 import os
 
 import numpy as np
@@ -27,6 +29,75 @@ def format_cost(axis: str, value: float) -> str:
     if axis == "params":
         return f"{value / 1e6:.3f} M params"
     return f"{value:.3f} ms"
+
+
+NOISE_SE = 2.0  # a difference is "within noise" when it is smaller than this many standard errors
+
+
+def binomial_se(accuracy: float, n: int) -> float:
+    """Standard error (accuracy points) of an accuracy (%) measured on ``n`` images: ``100 sqrt(p (1 - p) / n)``."""
+    if n < 1:
+        raise ValueError(f"n={n} must be at least 1 (images evaluated)")
+    p = min(max(float(accuracy) / 100.0, 0.0), 1.0)
+    return 100.0 * math.sqrt(p * (1.0 - p) / n)
+
+
+def pack_correct(correct: np.ndarray) -> str:
+    """Per-image correctness (booleans in image order) as a compact string: bits packed 8 per byte, base64."""
+    bits = np.packbits(np.asarray(correct, dtype=bool))
+    return base64.b64encode(bits.tobytes()).decode("ascii")
+
+
+def unpack_correct(packed: str, n: int) -> np.ndarray:
+    """The ``n`` booleans ``pack_correct`` packed."""
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(packed), dtype=np.uint8))
+    if len(bits) < n:
+        raise ValueError(f"packed correctness holds {len(bits)} images, not {n}")
+    return bits[:n].astype(bool)
+
+
+def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[float, float]:
+    """Accuracy of ``a`` minus accuracy of ``b`` on the same images, and its standard error (both in points).
+
+    Paired (McNemar): with ``b_`` images only ``a`` gets right and ``c_`` only ``b`` gets right out of ``n``,
+    the difference is ``(b_ - c_) / n`` and its standard error ``sqrt(b_ + c_ - (b_ - c_)^2 / n) / n``: images
+    both get right or both get wrong add no noise, so two similar subnets are told apart with far fewer images
+    than two independent measurements (``sqrt(2)`` binomial standard errors) would need.
+    """
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"per-image correctness of shapes {a.shape} and {b.shape}: need the same images, at least one")
+    n = len(a)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    variance = max(only_a + only_b - (only_a - only_b) ** 2 / n, 0.0)
+    return 100.0 * (only_a - only_b) / n, 100.0 * math.sqrt(variance) / n
+
+
+def within_noise(difference: float, se: float, k: float = NOISE_SE) -> bool:
+    """``|difference| < k * se`` (an exact zero is within noise even when ``se`` is 0)."""
+    return difference == 0 or abs(difference) < k * se
+
+
+def row_se(row: pd.Series) -> float | None:
+    """A result row's accuracy standard error: its ``accuracy_se``, else the binomial one from ``eval_images``;
+    ``None`` for rows of runs that recorded neither."""
+    se = row.get("accuracy_se")
+    if se is not None and not pd.isna(se):
+        return float(se)
+    images = row.get("eval_images")
+    return None if images is None or pd.isna(images) else binomial_se(float(row["accuracy"]), int(images))
+
+
+def compare_paired(a: pd.Series, b: pd.Series) -> dict[str, float | bool] | None:
+    """Accuracy of row ``a`` minus row ``b`` on the same search images (``paired_difference`` of their
+    ``correct`` columns): ``difference``, ``se`` and ``within_noise``; ``None`` when either row lacks per-image
+    results (runs before they were recorded) or they were scored on different numbers of images."""
+    packed_a, packed_b = a.get("correct"), b.get("correct")
+    n_a, n_b = a.get("eval_images"), b.get("eval_images")
+    if not (isinstance(packed_a, str) and isinstance(packed_b, str)) or pd.isna(n_a) or pd.isna(n_b) or n_a != n_b:
+        return None
+    difference, se = paired_difference(unpack_correct(packed_a, int(n_a)), unpack_correct(packed_b, int(n_b)))
+    return {"difference": difference, "se": se, "within_noise": within_noise(difference, se)}
 
 
 def _check_columns(df: pd.DataFrame, cost: str = "macs") -> None:

@@ -22,6 +22,7 @@ import torch
 from flora_ray.core.models import ModelSpec
 from flora_ray.core.space import RankConfig, RankSpace
 from flora_ray.core.supernet import Supernet, elastic_skeleton
+from flora_ray.results import binomial_se, pack_correct
 
 logger = logging.getLogger(__name__)
 
@@ -111,31 +112,49 @@ class Evaluator:
         self.preprocess = preprocess
 
     @torch.no_grad()
-    def model_accuracy(self, model: Callable[[torch.Tensor], torch.Tensor]) -> float:
-        """Top-1 accuracy (%) of ``model`` (on this evaluator's device) on the images."""
-        correct = 0
+    def model_correct(self, model: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+        """Whether ``model`` (on this evaluator's device) gets each image right, in image order."""
+        correct = []
         for start in range(0, len(self.labels), self.batch_size):
             x = self.images[start : start + self.batch_size].to(self.device, non_blocking=True)
             y = self.labels[start : start + self.batch_size].to(self.device, non_blocking=True)
             if self.preprocess is not None:
                 x = self.preprocess(x)
-            correct += (model(x).argmax(-1) == y).sum().item()
-        return 100.0 * correct / len(self.labels)
+            correct.append((model(x).argmax(-1) == y).cpu())
+        return torch.cat(correct).numpy()
+
+    def model_accuracy(self, model: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        """Top-1 accuracy (%) of ``model`` (on this evaluator's device) on the images."""
+        return 100.0 * float(self.model_correct(model).mean())
 
     def accuracy(self, config: Mapping[str, int]) -> float:
         """Top-1 accuracy (%) of the subnet ``config``."""
         self.supernet.set_ranks(config, within_candidates=False)
         return self.model_accuracy(self.supernet)
 
-    def evaluate(self, config: Mapping[str, int]) -> dict[str, float]:
-        """``accuracy``, ``macs``, ``params`` and ``eval_seconds`` of the subnet ``config``."""
+    def model_metrics(self, model: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+        """``accuracy`` (%), its binomial standard error ``accuracy_se`` (points), ``eval_images`` and ``correct``
+        (per-image correctness, ``results.pack_correct``: the same images for every subnet, so any two can be
+        compared paired)."""
+        correct = self.model_correct(model)
+        accuracy = 100.0 * float(correct.mean())
+        return {
+            "accuracy": accuracy,
+            "accuracy_se": binomial_se(accuracy, len(correct)),
+            "eval_images": len(correct),
+            "correct": pack_correct(correct),
+        }
+
+    def evaluate(self, config: Mapping[str, int]) -> dict[str, Any]:
+        """``model_metrics``, ``macs``, ``params`` and ``eval_seconds`` of the subnet ``config``."""
         config = self.supernet.space.validate(config, complete=False)
         if len(config) != len(self.supernet.space.fqns):
             raise ValueError(f"configuration has {len(config)} of {len(self.supernet.space.fqns)} layers")
         started = time.perf_counter()
-        accuracy = self.accuracy(config)
+        self.supernet.set_ranks(config, within_candidates=False)
+        metrics = self.model_metrics(self.supernet)
         return {
-            "accuracy": accuracy,
+            **metrics,
             "macs": float(self.supernet.cost.macs(config)),
             "params": float(self.supernet.cost.params(config)),
             "eval_seconds": time.perf_counter() - started,

@@ -5,8 +5,10 @@ at full rank; it is trained from the inherited (SVD) weights by distillation on 
 data. Every candidate tuple of block i is then scored on the search split. Candidates share everything before
 block i, so that prefix runs once and its output is cached; each candidate only runs blocks i.. onwards.
 
-``filter_block`` does one block and returns plain rows; ``select`` applies the keep rule. The fan-out over blocks
-and the output files live in ``stages.filter``.
+``filter_block`` does one block and returns plain rows; ``select`` applies the keep rule: the faithful score
+ranking, then (improvements) the reach rules that keep a configured cost floor reachable (``cost_floor_macs``,
+``floor_thresholds``) and each block's cost range covered (``coverage``). The fan-out over blocks and the output
+files live in ``stages.filter``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from flora_ray.config import FilterConfig
+from flora_ray.config import UNIFORM_MIN, FilterConfig, parse_budget
+from flora_ray.core.cost import CostModel
 from flora_ray.core.space import RankSpace
 from flora_ray.core.supernet import Supernet
 from flora_ray.families import family_of
@@ -155,36 +158,116 @@ def filter_block(
     return {"block": block.name, "rows": rows, "seconds": time.perf_counter() - started, "losses": losses}
 
 
-def select(rows: list[dict[str, Any]], full: tuple[int, ...], keep_fraction: float, score: str) -> list[dict[str, Any]]:
-    """Add ``score`` (lower is better) and ``kept`` to one block's rows.
-
-    ``flops_aware``: accuracy lost per fraction of the network's MACs saved, relative to the full-rank tuple
-    (a tuple that saves nothing scores +inf); ties go to the cheaper tuple. A tuple that loses nothing (or gains)
-    scores ``-gain * saved`` <= 0 instead: ahead of every lossy tuple, and the more it saves the better (the plain
-    ratio would rank a small saving above a large one at the same gain). ``accuracy``: minus the accuracy.
-    ``ceil(keep_fraction * n)`` tuples are kept, the full-rank tuple always among them.
-    """
+def score_rows(rows: list[dict[str, Any]], full: tuple[int, ...], score: str) -> None:
+    """Add ``score`` (lower is better) to one block's rows, as ``select`` describes."""
     reference = next((r for r in rows if tuple(r["ranks"]) == full), None)
     if reference is None:
         raise ValueError(f"block {rows[0]['block']!r} has no full-rank candidate {list(full)}")
     for row in rows:
         if score == "accuracy":
             row["score"] = -row["accuracy"]
+            continue
+        saved = (reference["macs"] - row["macs"]) / reference["macs"]
+        drop = reference["accuracy"] - row["accuracy"]
+        if row is reference:
+            row["score"] = -math.inf
+        elif saved <= 0:
+            row["score"] = math.inf
         else:
-            saved = (reference["macs"] - row["macs"]) / reference["macs"]
-            drop = reference["accuracy"] - row["accuracy"]
-            if row is reference:
-                row["score"] = -math.inf
-            elif saved <= 0:
-                row["score"] = math.inf
-            else:
-                row["score"] = drop / saved if drop > 0 else drop * saved
+            row["score"] = drop / saved if drop > 0 else drop * saved
+
+
+def select(
+    rows: list[dict[str, Any]],
+    full: tuple[int, ...],
+    keep_fraction: float,
+    score: str,
+    floor_macs: float | None = None,
+    cost_bins: int = 0,
+) -> list[dict[str, Any]]:
+    """Add ``score`` (lower is better), ``kept`` and ``kept_for`` to one block's rows.
+
+    ``flops_aware``: accuracy lost per fraction of the network's MACs saved, relative to the full-rank tuple
+    (a tuple that saves nothing scores +inf); ties go to the cheaper tuple. A tuple that loses nothing (or gains)
+    scores ``-gain * saved`` <= 0 instead: ahead of every lossy tuple, and the more it saves the better (the plain
+    ratio would rank a small saving above a large one at the same gain). ``accuracy``: minus the accuracy.
+    ``ceil(keep_fraction * n)`` tuples are kept, the full-rank tuple always among them (``kept_for``:
+    ``full_rank``, ``score``). Then, for reach (improvements, ``filter.cost_floor`` and ``filter.cost_bins``):
+    unless a kept row costs at most ``floor_macs`` (the block's share of the cost floor, in the rows' unit: the
+    network's MACs with this block at the tuple), the best-scoring row that does is kept (``floor``); and the
+    best-scoring row of each of ``cost_bins`` equal bins of the block's MAC range is kept (``coverage``), so that
+    score noise cannot drop a whole stretch of the cost range. Rows not kept have ``kept_for`` ``None``.
+    """
+    score_rows(rows, full, score)
     n_keep = max(1, math.ceil(keep_fraction * len(rows)))
     order = sorted(rows, key=lambda r: (tuple(r["ranks"]) != full, r["score"], r["macs"], r["candidate"]))
-    kept = {id(r) for r in order[:n_keep]}
+    reasons: dict[int, str] = {id(order[0]): "full_rank", **{id(r): "score" for r in order[1:n_keep]}}
+    if floor_macs is not None and not any(r["macs"] <= floor_macs for r in order[:n_keep]):
+        cheap = [r for r in order if r["macs"] <= floor_macs]
+        if not cheap:
+            raise ValueError(
+                f"block {rows[0]['block']!r}: no candidate costs at most {floor_macs:.6g} MACs (its share of "
+                "filter.cost_floor)"
+            )
+        reasons.setdefault(id(cheap[0]), "floor")
+    for best in coverage(order, cost_bins):
+        reasons.setdefault(id(best), "coverage")
     for row in rows:
-        row["kept"] = id(row) in kept
+        row["kept_for"] = reasons.get(id(row))
+        row["kept"] = row["kept_for"] is not None
     return rows
+
+
+def coverage(order: list[dict[str, Any]], bins: int) -> list[dict[str, Any]]:
+    """The first row (in ``order``: best score first) of each of ``bins`` equal bins of the rows' MAC range."""
+    if bins <= 0 or not order:
+        return []
+    low, high = min(r["macs"] for r in order), max(r["macs"] for r in order)
+    best: dict[int, dict[str, Any]] = {}
+    for row in order:
+        index = 0 if high == low else min(int((row["macs"] - low) / (high - low) * bins), bins - 1)
+        best.setdefault(index, row)
+    return [best[i] for i in sorted(best)]
+
+
+def floor_thresholds(blocks: list[list[dict[str, Any]]], full_macs: float, floor: float | None) -> list[float | None]:
+    """Each block's share of a cost floor, in the rows' unit (the network's MACs with that block at a tuple and
+    the others at full rank): the floor's saving ``full_macs - floor`` shared in proportion to each block's
+    largest possible saving. A configuration of one kept tuple per block at or below its share costs at most
+    ``floor`` (costs are sums over layers). ``None`` per block without a floor; raises when no configuration
+    reaches the floor."""
+    if floor is None:
+        return [None] * len(blocks)
+    cheapest = [min(r["macs"] for r in rows) for rows in blocks]
+    needed, possible = full_macs - floor, sum(full_macs - c for c in cheapest)
+    if needed <= 0:  # the full-rank configuration is already at or below the floor
+        return [float(full_macs)] * len(blocks)
+    if needed > possible:
+        raise ValueError(
+            f"filter.cost_floor={floor:.6g} MACs is below the cheapest configuration of the space "
+            f"({full_macs - possible:.6g} MACs)"
+        )
+    share = needed / possible
+    return [max(float(c), full_macs - share * (full_macs - c)) for c in cheapest]
+
+
+def cost_floor_macs(value: float | str | None, space: RankSpace, cost: CostModel) -> float | None:
+    """``filter.cost_floor`` in MACs per image (``uniform_min``: the cheapest uniform configuration's, a share:
+    of the dense model's); raises when it is below the cheapest configuration of ``space``."""
+    if value is None:
+        return None
+    if value == UNIFORM_MIN:
+        floor = float(min(cost.macs(config) for config in space.uniform_all().values()))
+    else:
+        amount, relative = parse_budget(value)
+        floor = amount * cost.dense_macs if relative else amount
+    cheapest = float(cost.macs(space.smallest()))
+    if floor < cheapest:
+        raise ValueError(
+            f"filter.cost_floor={value!r} ({floor:.4g} MACs) is below the cheapest configuration of the space "
+            f"({cheapest:.4g} MACs; dense {cost.dense_macs:.4g}): raise it, or use {UNIFORM_MIN!r}"
+        )
+    return floor
 
 
 def kept_space(space: RankSpace, rows: list[dict[str, Any]]) -> RankSpace:

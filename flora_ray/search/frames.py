@@ -12,7 +12,7 @@ from flora_ray.core.space import RankSpace
 from flora_ray.results import pareto_mask
 from flora_ray.search.evaluator import genes_to_config
 from flora_ray.search.objectives import Objectives
-from flora_ray.search.study import DUPLICATE_OF
+from flora_ray.search.study import CORRECT, DUPLICATE_OF
 
 COSTS = ("macs", "params", "latency_ms")
 
@@ -20,7 +20,8 @@ COSTS = ("macs", "params", "latency_ms")
 def trials_frame(study, space: RankSpace, objectives: Objectives) -> pd.DataFrame:
     """One row per Optuna trial: number, generation, genes as triples, ranks, accuracy and every cost axis (the
     searched one is Optuna's second value, the others user attributes; ``latency_ms`` is NaN without a latency
-    table), state, ``feasible`` (within every budget) and ``is_pareto`` (on the searched axis)."""
+    table), state, ``feasible`` (within every budget) and ``is_pareto`` (on the searched axis); ``accuracy_se``,
+    ``eval_images`` and ``correct`` as ``accuracy_noise`` says."""
     rows = []
     for trial in study.trials:
         if DUPLICATE_OF in trial.user_attrs:  # a repeated proposal answered from an earlier evaluation
@@ -33,6 +34,7 @@ def trials_frame(study, space: RankSpace, objectives: Objectives) -> pd.DataFram
             "enqueued": generation is None,
             "state": trial.state.name,
             "accuracy": math.nan,
+            **accuracy_noise(trial.user_attrs),
             **{axis: trial.user_attrs.get(axis, math.nan) for axis in COSTS},
             "eval_seconds": trial.user_attrs.get("eval_seconds", math.nan),
             "triples": None,
@@ -48,9 +50,31 @@ def trials_frame(study, space: RankSpace, objectives: Objectives) -> pd.DataFram
         row["feasible"] = objectives.feasible(row)
         rows.append(row)
     df = pd.DataFrame(rows)
+    if len(df):
+        df["eval_images"] = df["eval_images"].astype("Int64")  # integers, missing for trials without a result
     df["duplicate_of"] = first_evaluations(df)
     df["is_pareto"] = feasible_front(df, objectives.cost)
+    if CORRECT in df:
+        df[CORRECT] = df.pop(CORRECT)  # last: long strings, for paired comparisons rather than for reading
     return df
+
+
+def accuracy_noise(values: dict[str, Any]) -> dict[str, Any]:
+    """``accuracy_se`` (binomial standard error, points), ``eval_images`` (images evaluated) and ``correct``
+    (per-image correctness, ``results.pack_correct``) of one evaluation; NaN / missing when it has none."""
+    images = values.get("eval_images")
+    return {
+        "accuracy_se": float(values.get("accuracy_se", math.nan)),
+        "eval_images": pd.NA if images is None else int(images),
+        CORRECT: values.get(CORRECT),
+    }
+
+
+def noise_columns(rows: list[dict[str, Any]]) -> dict[str, pd.Series]:
+    """``accuracy_noise`` of every row, as columns."""
+    noise = pd.DataFrame([accuracy_noise(r) for r in rows], columns=["accuracy_se", "eval_images", CORRECT])
+    noise["eval_images"] = noise["eval_images"].astype("Int64")
+    return {name: noise[name] for name in noise.columns}
 
 
 def first_evaluations(df: pd.DataFrame) -> pd.Series:
@@ -70,7 +94,7 @@ def first_evaluations(df: pd.DataFrame) -> pd.Series:
 
 def uniform_frame(rows: list[dict[str, Any]], space: RankSpace, objectives: Objectives) -> pd.DataFrame:
     """The uniform baseline in the trial columns, plus ``ratio`` and ``in_space`` (whether the filtered space
-    contains the configuration)."""
+    contains the configuration). Evaluated on the search images of every trial, so ``correct`` pairs with theirs."""
     frame = pd.DataFrame(
         {
             "trial": pd.array([None] * len(rows), dtype="Int64"),  # not Optuna trials
@@ -78,6 +102,7 @@ def uniform_frame(rows: list[dict[str, Any]], space: RankSpace, objectives: Obje
             "enqueued": False,
             "state": "COMPLETE",
             "accuracy": [r["accuracy"] for r in rows],
+            **noise_columns(rows),
             **{axis: [r.get(axis, math.nan) for r in rows] for axis in COSTS},
             "eval_seconds": [r["eval_seconds"] for r in rows],
             "triples": [json.dumps([list(t) for t in space.block_tuples(r["ranks"])]) for r in rows],
@@ -89,6 +114,8 @@ def uniform_frame(rows: list[dict[str, Any]], space: RankSpace, objectives: Obje
     )
     frame.insert(frame.columns.get_loc("feasible") + 1, "duplicate_of", pd.array([None] * len(rows), dtype="Int64"))
     frame.insert(frame.columns.get_loc("duplicate_of") + 1, "is_pareto", feasible_front(frame, objectives.cost))
+    correct = frame.pop(CORRECT)
+    frame.insert(frame.columns.get_loc("is_pareto") + 1, CORRECT, correct)  # last of the trial columns, as there
     return frame
 
 

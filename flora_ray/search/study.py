@@ -4,7 +4,7 @@ A ``SearchProblem`` is everything an evaluator process needs (supernet header an
 configuration) plus the study's settings; it pickles, so Ray ships it once to every evaluator actor, which keeps
 its evaluator across trials (``cached_evaluator``). ``record_result`` is the one place that turns an evaluation into
 what Optuna is told: NaN or missing objectives fail the trial, the other cost axes and the evaluation time become
-user attributes, the budgets constraints (``Trial.set_constraint``, Optuna >= 5).
+user attributes (with the accuracy's standard error and the per-image correctness), the budgets constraints (``Trial.set_constraint``, Optuna >= 5).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from flora_ray.search.objectives import Objectives, latency_predictor, subnet_co
 logger = logging.getLogger(__name__)
 
 DIRECTIONS = ("maximize", "minimize")  # accuracy, cost
-RECORDED = ("macs", "params", "latency_ms", "eval_seconds")  # user attributes of every trial
+RECORDED = ("macs", "params", "latency_ms", "eval_seconds", "accuracy_se", "eval_images")  # user attributes
+CORRECT = "correct"  # user attribute: per-image correctness on the search images (``results.pack_correct``)
 
 
 @dataclass
@@ -121,6 +122,8 @@ def record_result(ot_trial, result: dict[str, Any] | None, objectives: Objective
     for key in RECORDED:
         if isinstance(result.get(key), int | float) and math.isfinite(result[key]):
             ot_trial.set_user_attr(key, float(result[key]))
+    if isinstance(result.get(CORRECT), str):
+        ot_trial.set_user_attr(CORRECT, result[CORRECT])
     for name, value in objectives.constraints(result).items():
         ot_trial.set_constraint(name, value)
     return result

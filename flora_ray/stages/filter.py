@@ -3,7 +3,9 @@
 The dense teacher's weights go to the workers once (numpy arrays, zero-copy in Ray's object store); each task
 builds the block's local supernet from them and runs ``search.filtering.filter_block`` (training through the one
 ``Trainer``, then scoring). Finished blocks are stored under ``filter/`` so an interrupted run resumes there; at the
-end the kept tuples become the run's ``space.json`` and every candidate's score ``filter_scores.parquet``.
+end the kept tuples become the run's ``space.json`` and every candidate's score ``filter_scores.parquet``, with why it
+was kept (``kept_for``: the full-rank tuple, the score ranking, or for reach: ``filter.cost_floor``,
+``filter.cost_bins``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,17 @@ import torch
 
 from flora_ray.backends.base import Backend, TaskMap
 from flora_ray.config import Config, build_dataclass, config_to_dict
+from flora_ray.core.cost import build_cost_model
 from flora_ray.core.space import RankSpace
 from flora_ray.data.datasets import build_datasets, eval_subset
-from flora_ray.search.filtering import as_numpy_state, filter_block, kept_space, select
+from flora_ray.search.filtering import (
+    as_numpy_state,
+    cost_floor_macs,
+    filter_block,
+    floor_thresholds,
+    kept_space,
+    select,
+)
 from flora_ray.stages.inputs import (
     factorize_model,
     full_space,
@@ -47,9 +57,11 @@ SCORES_SCHEMA = pa.schema(
         ("accuracy", pa.float64()),
         ("score", pa.float64()),
         ("kept", pa.bool_()),
+        ("kept_for", pa.string()),  # full_rank, score, floor or coverage (the last two for reach); null if dropped
         ("mode", pa.string()),
     ]
 )
+REACH = ("floor", "coverage")
 
 
 def filter_task(shared: tuple[dict[str, Any], dict[str, Any]], block_index: int) -> dict[str, Any]:
@@ -133,11 +145,14 @@ def write_filter_outputs(
 ) -> dict[str, Any]:
     """Apply the keep rule to every block; write ``space.json`` and ``filter_scores.parquet``; summarise."""
     full = space.largest()
+    floor = run_cost_floor(cfg, space)
+    blocks = [done[i]["rows"] for i in range(len(space.blocks))]
+    full_macs = next(r["macs"] for r in blocks[0] if tuple(r["ranks"]) == tuple(full[f] for f in space.blocks[0].fqns))
+    thresholds = floor_thresholds(blocks, full_macs, floor)
     rows = []
-    for i, block in enumerate(space.blocks):
-        block_rows = select(
-            done[i]["rows"], tuple(full[f] for f in block.fqns), cfg.filter.keep_fraction, cfg.filter.score
-        )
+    for block, block_rows, threshold in zip(space.blocks, blocks, thresholds, strict=True):
+        full_tuple = tuple(full[f] for f in block.fqns)
+        select(block_rows, full_tuple, cfg.filter.keep_fraction, cfg.filter.score, threshold, cfg.filter.cost_bins)
         for row in block_rows:
             row["ranks_by_fqn"] = json.dumps(dict(zip(block.fqns, row["ranks"], strict=True)))
             row["mode"] = cfg.filter.mode
@@ -148,17 +163,31 @@ def write_filter_outputs(
     store.write_parquet(ARTEFACTS.filter_scores, table, provenance(cfg, mode=cfg.filter.mode))
     before, after = space.num_configs, filtered.num_configs
     kept_per_block = [len(b.candidates) for b in filtered.blocks]
+    reach = [sum(r["kept_for"] in REACH for r in block_rows) for block_rows in blocks]
+    cheapest = full_macs - sum(full_macs - min(r["macs"] for r in b if r["kept"]) for b in blocks)
     logger.info(
-        "filter: kept %s of %d candidates per block; space %.3g -> %.3g configurations",
-        kept_per_block, len(space.blocks[0].candidates), before, after,
+        "filter: kept %s of %d candidates per block (%s for reach); space %.3g -> %.3g configurations; cheapest "
+        "%.4g MACs (floor %s)",
+        kept_per_block, len(space.blocks[0].candidates), reach, before, after, cheapest, floor,
     )  # fmt: skip
     return {
         "space": store.location(ARTEFACTS.space),
         "scores": store.location(ARTEFACTS.filter_scores),
         "kept_per_block": kept_per_block,
+        "kept_for_reach_per_block": reach,
         "candidates_per_block": [len(b.candidates) for b in space.blocks],
         "configs_before": before,
         "configs_after": after,
+        "cost_floor_macs": floor,
+        "cheapest_macs": cheapest,
         "seconds": seconds,
         "block_seconds": [done[i]["seconds"] for i in sorted(done)],
     }
+
+
+def run_cost_floor(cfg: Config, space: RankSpace) -> float | None:
+    """``filter.cost_floor`` of the run in MACs per image (checked against the full space)."""
+    if cfg.filter.cost_floor is None:
+        return None
+    cost = build_cost_model(resolve_model_spec(cfg).create(device="meta"))
+    return cost_floor_macs(cfg.filter.cost_floor, space, cost)

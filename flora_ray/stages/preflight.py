@@ -55,6 +55,7 @@ def preflight(cfg: Config, stage: str, store: RunStore | None = None) -> None:
     if isinstance(pretrained, str) and not Path(pretrained).expanduser().is_file():
         raise FileNotFoundError(f"model.pretrained weight file {pretrained!r} does not exist; fix the path")
     check_budgets(cfg, store, needs_table=stage == "search")
+    check_cost_floor(cfg)
     check_tracking(cfg)
     if cfg.data.name in SMALL_DATASETS:
         build_datasets(cfg.data)
@@ -101,6 +102,19 @@ def check_budgets(cfg: Config, store: RunStore, needs_table: bool = False) -> No
     if latency is None:
         search = dataclasses.replace(search, max_latency_ms=None, min_latency_ms=None, objectives=("macs",))
     resolve_bounds(search, space, cost, latency)
+
+
+def check_cost_floor(cfg: Config) -> None:
+    """``filter.cost_floor`` must be reachable in the run's full space (one below the cheapest
+    configuration's cost can never be kept reachable): checked before the filter, on a model built on ``meta``."""
+    if cfg.filter.cost_floor is None:
+        return
+    from flora_ray.core.cost import build_cost_model
+    from flora_ray.search.filtering import cost_floor_macs
+
+    cost_floor_macs(
+        cfg.filter.cost_floor, full_space(cfg), build_cost_model(resolve_model_spec(cfg).create(device="meta"))
+    )
 
 
 def _is_safetensors(source: bool | str) -> bool:

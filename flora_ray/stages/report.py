@@ -1,7 +1,8 @@
 """``report.md``: a finished run summarised from the files in its directory.
 
-Dense accuracy and costs, the Pareto front as a table, the uniform baseline, the gain of the front over uniform
-ranks at 0.5 and 1 accuracy point below dense (on the searched cost axis: MACs, parameters or predicted latency),
+Dense accuracy and costs, the Pareto front as a table, the uniform baseline (accuracies with their binomial
+standard errors), the gain of the front over uniform ranks at 0.5 and 1 accuracy point below dense with the paired
+front - uniform accuracy difference and whether it is within noise (on the searched cost axis: MACs, parameters or predicted latency),
 the exported subnet with its test accuracy and its latency measured on the target device next to the prediction,
 the fine-tuned subnets with their test accuracy before and after,
 each stage's wall time, and where the Parquet files and plots are. Everything is read back from the run directory, so the
@@ -17,12 +18,15 @@ from typing import Any
 import pandas as pd
 
 from flora_ray.results import (
+    NOISE_SE,
     cheapest_within,
+    compare_paired,
     format_cost,
     gain_over_uniform,
     load_front,
     load_trials,
     load_uniform,
+    row_se,
 )
 from flora_ray.search.interactive import front_html
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
@@ -65,7 +69,9 @@ def _dense_section(
     if _known(search.get("dense_latency_ms")):
         lines.append(f"- latency (predicted, batch {search['latency_batch']}): {search['dense_latency_ms']:.3f} ms")
     lines.append(
-        f"- accuracy: {search['dense_accuracy']:.2f}% on the search images"
+        f"- accuracy: {search['dense_accuracy']:.2f}%"
+        + (f" ± {search['dense_accuracy_se']:.2f}" if _known(search.get("dense_accuracy_se")) else "")
+        + (f" on {search['eval_images']} search images" if search.get("eval_images") else " on the search images")
         + (f", {test_acc:.2f}% on the test split" if test_acc is not None else "")
     )
     return lines
@@ -81,9 +87,15 @@ def _cost_cells(r: Any, axis: str, dense: float) -> list[str]:
     return [_macs(r.macs), f"{r.params / 1e6:.3f}", latency, f"{100 * getattr(r, axis) / dense:.1f}%"]
 
 
+def _accuracy_cell(r: Any) -> str:
+    """Accuracy with its standard error where the run recorded one: ``86.48 ± 0.44``."""
+    se = getattr(r, "accuracy_se", None)
+    return f"{r.accuracy:.2f}" + (f" ± {se:.2f}" if _known(se) else "")
+
+
 def _front_section(front: pd.DataFrame, axis: str, dense: float, dense_acc: float) -> list[str]:
     rows = [
-        [str(int(r.trial)), *_cost_cells(r, axis, dense), f"{r.accuracy:.2f}", f"{r.accuracy - dense_acc:+.2f}"]
+        [str(int(r.trial)), *_cost_cells(r, axis, dense), _accuracy_cell(r), f"{r.accuracy - dense_acc:+.2f}"]
         for r in front.itertuples()
     ]
     headers = ["trial", "MACs", "M params", "latency (ms, pred.)", f"{axis} of dense", "search acc (%)",
@@ -93,7 +105,7 @@ def _front_section(front: pd.DataFrame, axis: str, dense: float, dense_acc: floa
 
 def _uniform_section(uniform: pd.DataFrame, axis: str, dense: float, dense_acc: float) -> list[str]:
     rows = [
-        [f"{r.ratio:.4g}", *_cost_cells(r, axis, dense), f"{r.accuracy:.2f}", f"{r.accuracy - dense_acc:+.2f}"]
+        [f"{r.ratio:.4g}", *_cost_cells(r, axis, dense), _accuracy_cell(r), f"{r.accuracy - dense_acc:+.2f}"]
         for r in uniform.sort_values(axis).itertuples()
     ]
     headers = ["rank ratio", "MACs", "M params", "latency (ms, pred.)", f"{axis} of dense", "search acc (%)",
@@ -103,9 +115,10 @@ def _uniform_section(uniform: pd.DataFrame, axis: str, dense: float, dense_acc: 
 
 def _gain_section(
     front: pd.DataFrame, uniform: pd.DataFrame, dense_acc: float, axis: str
-) -> tuple[list[str], dict[str, Any]]:
+) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
     lines = ["## Gain over uniform ranks", ""]
     gains: dict[str, Any] = {}
+    noise: dict[str, Any] = {}
     for drop in DROPS:
         target = dense_acc - drop
         ours, theirs = cheapest_within(front, target, axis), cheapest_within(uniform, target, axis)
@@ -113,14 +126,61 @@ def _gain_section(
         gains[str(drop)] = gain
 
         def describe(row):
-            return "none reaches it" if row is None else f"{format_cost(axis, row[axis])} ({row['accuracy']:.2f}%)"
+            if row is None:
+                return "none reaches it"
+            se = row_se(row)
+            return f"{format_cost(axis, row[axis])} ({row['accuracy']:.2f}%" + (f" ± {se:.2f})" if se else ")")
 
         verdict = "n/a" if gain is None else f"**{100 * gain:+.1f}%** less {axis}"
+        note, noise[str(drop)] = _noise_note(ours, theirs, uniform, target, axis)
         lines.append(
             f"- within {drop:g} pt of dense (>= {target:.2f}%): front {describe(ours)}, uniform {describe(theirs)}: "
-            f"{verdict}"
+            f"{verdict}{note}"
         )
-    return lines, gains
+    lines += ["", NOISE_RULE]
+    return lines, gains, noise
+
+
+NOISE_RULE = (
+    f"Noise: ± is one binomial standard error, sqrt(p (1 - p) / n) on the n search images. Front and uniform points "
+    f"are scored on the same images, so their difference is paired: SE = sqrt(b + c - (b - c)^2 / n) / n, with b "
+    f"and c the images only one of the two gets right. A difference is within noise when it is below {NOISE_SE:g} "
+    f"SE; a point that clears (or misses) the target by less than {NOISE_SE:g} SE is a close call, on which the gain "
+    "depends."
+)
+
+
+def _noise_note(
+    ours: pd.Series | None, theirs: pd.Series | None, uniform: pd.DataFrame, target: float, axis: str
+) -> tuple[str, dict[str, Any]]:
+    """The paired front - uniform accuracy difference of one gain, and its close calls: the front point clearing
+    the target, or a cheaper uniform configuration missing it, by less than ``NOISE_SE`` standard errors."""
+    if ours is None or theirs is None:
+        return "", {}
+    paired = compare_paired(ours, theirs)
+    info: dict[str, Any] = {"paired": paired, "close_calls": []}
+    parts = []
+    if paired is not None:
+        verdict = "within noise" if paired["within_noise"] else "beyond noise"
+        if not paired["within_noise"] and paired["difference"] < 0:
+            verdict += ": the front point is less accurate, part of the gain is paid in accuracy"
+        parts.append(f"front - uniform {paired['difference']:+.2f} ± {paired['se']:.2f} pt (paired), {verdict}")
+    se = row_se(ours)
+    if se and ours["accuracy"] - target < NOISE_SE * se:
+        info["close_calls"].append("front")
+        parts.append(f"close call: the front point clears the target by {ours['accuracy'] - target:.2f} pt")
+    below = uniform[(uniform["accuracy"] < target) & (uniform[axis] < theirs[axis])].sort_values(axis)
+    if len(below):
+        nearest = below.iloc[-1]  # the dearest uniform configuration below the target
+        se = row_se(nearest)
+        if se and target - nearest["accuracy"] < NOISE_SE * se:
+            info["close_calls"].append("uniform")
+            alternative = 1.0 - float(ours[axis]) / float(nearest[axis])
+            parts.append(
+                f"close call: uniform {format_cost(axis, nearest[axis])} misses the target by "
+                f"{target - nearest['accuracy']:.2f} pt (with it the gain would be {100 * alternative:+.1f}%)"
+            )
+    return ("; " + "; ".join(parts) if parts else ""), info
 
 
 def _export_section(export: dict[str, Any]) -> list[str]:
@@ -225,7 +285,7 @@ def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
     lines += [*_dense_section(markers, search, export), ""]
     lines += [*_front_section(front, axis, dense, dense_acc), ""]
     lines += [*_uniform_section(uniform, axis, dense, dense_acc), ""]
-    gain_lines, gains = _gain_section(front, uniform, dense_acc, axis)
+    gain_lines, gains, noise = _gain_section(front, uniform, dense_acc, axis)
     lines += [*gain_lines, ""]
     if export is not None:
         lines += [*_export_section(export), ""]
@@ -239,6 +299,8 @@ def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
         "cost_axis": axis,
         "front_size": len(front),
         "gain_over_uniform": gains,
+        "gain_noise": noise,
+        "eval_images": search.get("eval_images"),
         "export": export,
         "finetune": [{k: v for k, v in r.items() if k != "history"} for r in tuned],
         "stage_seconds": {s: m["seconds"] for s, m in markers.items()},

@@ -104,9 +104,10 @@ class JournalSync:
             self.store.write_bytes(ARTEFACTS.journal, self.local.read_bytes())
 
 
-def baselines_task(problem: SearchProblem, dense_state: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
+def baselines_task(problem: SearchProblem, dense_state: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every uniform configuration and the dense model on the search images (one evaluator build, the same images
-    and batch size as every trial)."""
+    and batch size as every trial, so each trial pairs with them image by image); the dense model's
+    ``Evaluator.model_metrics``."""
     evaluator = problem.build_evaluator()
     latency = latency_predictor(problem.objectives)
     rows = []
@@ -115,7 +116,7 @@ def baselines_task(problem: SearchProblem, dense_state: dict[str, Any]) -> tuple
         rows.append({"ratio": ratio, "ranks": ranks, **evaluator.evaluate(ranks), **costs})
     spec = ModelSpec.from_dict(problem.header["model"])
     dense = module_from_numpy(lambda where: spec.create(device=where), dense_state)
-    return rows, evaluator.model_accuracy(dense.to(evaluator.device).eval())
+    return rows, evaluator.model_metrics(dense.to(evaluator.device).eval())
 
 
 def search_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
@@ -141,16 +142,18 @@ def search_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
     trials = trials_frame(study, space, problem.objectives)
     (dense,) = load_teacher(cfg, store)
     dense_state = {k: v.detach().cpu().numpy() for k, v in dense.state_dict().items()}
-    rows, dense_accuracy = backend.call(
+    rows, dense_metrics = backend.call(
         baselines_task, problem, dense_state, resources=trial_resources(cfg), retries=cfg.run.max_failures
     )
     uniform = uniform_frame(rows, space, problem.objectives)
     summary = write_search_outputs(cfg, store, study, trials, uniform)
     summary.update(dense_costs(problem))
     summary.update(
-        dense_accuracy=dense_accuracy, seconds=seconds, evaluator_builds={str(k): v for k, v in builds.items()}
-    )
-    store.write_json(ARTEFACTS.search_summary, summary)
+        dense_accuracy=dense_metrics["accuracy"], dense_accuracy_se=dense_metrics["accuracy_se"],
+        eval_images=dense_metrics["eval_images"], seconds=seconds, evaluator_builds={str(k): v for k, v in builds.items()},
+    )  # fmt: skip
+    # The dense model's per-image correctness pairs with every trial's; in the file, not in the printed summary.
+    store.write_json(ARTEFACTS.search_summary, {**summary, "dense_correct": dense_metrics["correct"]})
     logger.info("search: %s", summary)
     return summary  # an unfinished search (fewer trials than asked) is the caller's to report: see stages.STAGES
 

@@ -100,6 +100,8 @@ CASES = [
     (None, ["export", "{d}", "--trial", "3", "--max-macs", "5"], "not allowed with argument"),
     (None, ["run", "{c}", "search.objectives=[flops]"], "search.objectives=['flops'] is invalid: one cost axis of"),
     (None, ["run", "{c}", "search.max_macs=1000"], "search.max_macs=1000.0 (1000) is below the cheapest configuration"),
+    (None, ["run", "{c}", "filter.cost_floor=1000"], "filter.cost_floor=1000.0 (1000 MACs) is below the cheapest"),
+    (None, ["run", "{c}", "filter.cost_floor=cheap"], "filter.cost_floor='cheap' is invalid: 'uniform_min' (the"),
     (None, ["run", "{c}", "search.min_params=101%"], "search.min_params='101%' (1.84e+04) is above the dearest"),
     (None, ["search", "{c}", "search.max_latency_ms=5"], "latency_table.parquet' does not exist: run"),
     (None, ["profile", "{c}", "profile.dtype=float16"], "float16 needs profile.device=cuda"),

@@ -142,7 +142,8 @@ def test_filter_on_ray_outputs_resume_and_feed_training(digits_config, with_teac
         run_dir = cfg.run.run_dir
         df = pd.read_parquet(run_dir / SCORES_FILE)
         assert list(df.columns) == [
-            "block", "block_index", "candidate", "ranks", "ranks_by_fqn", "macs", "accuracy", "score", "kept", "mode"
+            "block", "block_index", "candidate", "ranks", "ranks_by_fqn", "macs", "accuracy", "score", "kept",
+            "kept_for", "mode",
         ]  # fmt: skip
         assert len(df) == 3 * 8 and not df.duplicated(["block", "candidate"]).any()
         assert (df.groupby("block").kept.sum() == math.ceil(0.3 * 8)).all()
@@ -172,3 +173,93 @@ def test_filter_on_ray_outputs_resume_and_feed_training(digits_config, with_teac
             run_filter(cfg)
     finally:
         ray.shutdown()
+
+
+def _band_rows(space, cost, block_index, rng):
+    """Rows of one block in which the flops-aware score rises with the saving (accuracy lost grows as its
+    square), plus a little score noise: pure score ranking keeps a band of expensive tuples and drops every
+    cheap one."""
+    block, full = space.blocks[block_index], space.largest()
+    full_macs = cost.macs(full)
+    rows = []
+    for index, candidate in enumerate(block.candidates):
+        macs = cost.macs({**full, **dict(zip(block.fqns, candidate, strict=True))})
+        saved = (full_macs - macs) / full_macs
+        accuracy = 90.0 - 400.0 * saved**2 + rng.normal(0, 0.05) * (saved > 0)
+        rows.append({"block": block.name, "block_index": block_index, "candidate": index, "ranks": list(candidate),
+                     "macs": macs, "accuracy": accuracy})  # fmt: skip
+    return rows
+
+
+def _cheapest(space, cost):
+    """The MACs of the cheapest configuration of a (filtered) space, by brute force over each block's tuples."""
+    full = space.largest()
+    config = dict(full)
+    for block in space.blocks:
+        costs = {c: cost.macs({**full, **dict(zip(block.fqns, c, strict=True))}) for c in block.candidates}
+        config.update(dict(zip(block.fqns, min(costs, key=costs.get), strict=True)))
+    return cost.macs(config)
+
+
+@pytest.mark.parametrize("floor_value", ["uniform_min", "60%"])
+def test_cost_floor_stays_reachable_where_score_ranking_drops_every_cheap_triple(floor_value):
+    from flora_ray.search.filtering import cost_floor_macs, floor_thresholds, kept_space
+
+    supernet = fr.build_supernet("test_vit", model_kwargs={"img_size": 32, "depth": 3})
+    space, cost = supernet.space, supernet.cost
+    rng = np.random.default_rng(0)
+    blocks = [_band_rows(space, cost, i, rng) for i in range(len(space.blocks))]
+    full_macs = cost.macs(space.largest())
+    floor = cost_floor_macs(floor_value, space, cost)
+    if floor_value == "uniform_min":
+        assert floor == cost.macs(space.uniform(min(space.ratios))) == _cheapest(space, cost)
+    else:
+        assert floor == pytest.approx(0.6 * cost.dense_macs) and floor > _cheapest(space, cost)
+
+    def keep(threshold_of, bins=0):
+        thresholds = floor_thresholds(blocks, full_macs, threshold_of)
+        full = space.largest()
+        for block, rows, threshold in zip(space.blocks, blocks, thresholds, strict=True):
+            select(rows, tuple(full[f] for f in block.fqns), 0.3, "flops_aware", threshold, bins)
+        return kept_space(space, [r for rows in blocks for r in rows])
+
+    plain = keep(None)  # the faithful rule alone: a band of expensive tuples, nothing cheap
+    assert _cheapest(plain, cost) > floor
+    assert all(r["kept_for"] in ("full_rank", "score", None) for rows in blocks for r in rows)
+    reached = keep(floor)
+    assert _cheapest(reached, cost) <= floor
+    for rows in blocks:
+        extra = [r for r in rows if r["kept_for"] == "floor"]
+        assert len(extra) == 1 and sum(r["kept"] for r in rows) == math.ceil(0.3 * len(rows)) + 1
+    if floor_value == "uniform_min":
+        for block, kept in zip(space.blocks, reached.blocks, strict=True):  # the uniform-lowest tuple
+            assert tuple(min(c[j] for c in block.candidates) for j in range(3)) in kept.candidates
+    # Coverage: the best-scoring tuple of each of 4 equal bins of a block's MAC range is kept.
+    covered = keep(None, bins=4)
+    for rows in blocks:
+        low, high = min(r["macs"] for r in rows), max(r["macs"] for r in rows)
+        for i in range(4):
+            in_bin = [r for r in rows if min(int((r["macs"] - low) / (high - low) * 4), 3) == i]
+            if in_bin:
+                assert min(in_bin, key=lambda r: (tuple(r["ranks"]) != (64, 64, 64), r["score"], r["macs"]))["kept"]
+        assert any(r["kept_for"] == "coverage" for r in rows)
+    assert _cheapest(covered, cost) < _cheapest(plain, cost)
+
+
+def test_cost_floor_below_every_configuration_is_refused():
+    from flora_ray.search.filtering import cost_floor_macs, floor_thresholds
+
+    supernet = fr.build_supernet("test_vit", model_kwargs={"img_size": 32, "depth": 2})
+    space, cost = supernet.space, supernet.cost
+    cheapest = cost.macs(space.smallest())
+    assert cost_floor_macs(cheapest, space, cost) == cheapest and cost_floor_macs(None, space, cost) is None
+    with pytest.raises(ValueError, match=r"filter.cost_floor=1000 \(1000 MACs\) is below the cheapest configuration"):
+        cost_floor_macs(1000, space, cost)
+    with pytest.raises(ValueError, match="filter.cost_floor='1%'"):
+        cost_floor_macs("1%", space, cost)
+    rows = [{"macs": 100}, {"macs": 60}]
+    assert floor_thresholds([rows, rows], 100, 20) == [60.0, 60.0]  # both blocks at their cheapest: 100 - 40 - 40
+    assert floor_thresholds([rows, rows], 100, 80) == [90.0, 90.0]  # a quarter of each block's saving: 100 - 10 - 10
+    assert floor_thresholds([rows, rows], 100, 120) == [100.0, 100.0]
+    with pytest.raises(ValueError, match="below the cheapest configuration of the space"):
+        floor_thresholds([rows, rows], 100, 19)

@@ -18,6 +18,7 @@ from helpers import TINY_MODELS, input_for
 
 import flora_ray as fr
 from flora_ray.config import config_to_dict
+from flora_ray.results import binomial_se, unpack_correct
 from flora_ray.search.evaluator import (
     Evaluator,
     anchor_points,
@@ -40,6 +41,9 @@ DOCUMENTED_COLUMNS = {
     "generation",
     "state",
     "accuracy",
+    "accuracy_se",
+    "eval_images",
+    "correct",
     "macs",
     "params",
     "eval_seconds",
@@ -96,12 +100,32 @@ def test_evaluator_and_its_process_cache():
     with torch.no_grad():
         expected = 100.0 * (supernet(images).argmax(-1) == labels).float().mean().item()
     assert metrics["accuracy"] == pytest.approx(expected, abs=1e-4)
+    correct = unpack_correct(metrics["correct"], metrics["eval_images"])  # per image, in image order
+    with torch.no_grad():
+        np.testing.assert_array_equal(correct, (supernet(images).argmax(-1) == labels).numpy())
+    assert metrics["eval_images"] == 40 and metrics["accuracy_se"] == binomial_se(metrics["accuracy"], 40)
     assert metrics["macs"] == supernet.cost.macs(config) and metrics["params"] == supernet.cost.params(config)
     before = evaluator_builds()
     calls = []
     for _ in range(3):
         cached_evaluator("key-a", lambda: calls.append(1) or evaluator)
     assert len(calls) == 1 and evaluator_builds() == before + 1
+
+
+def test_uniform_rows_carry_their_noise_in_the_trial_columns():
+    from flora_ray.results import pack_correct
+    from flora_ray.search.frames import uniform_frame
+    from flora_ray.search.objectives import Objectives
+
+    space = _space()
+    correct = np.arange(10) % 3 == 0
+    rows = [{"ratio": r, "ranks": c, "accuracy": 40.0, "accuracy_se": binomial_se(40.0, 10), "eval_images": 10,
+             "correct": pack_correct(correct), "eval_seconds": 0.1, "macs": 1.0 + r, "params": 1.0}
+            for r, c in space.uniform_all().items()]  # fmt: skip
+    frame = uniform_frame(rows, space, Objectives())
+    assert list(frame.columns[-4:]) == ["is_pareto", "correct", "ratio", "in_space"]  # trials_frame's, plus two
+    assert frame["eval_images"].dtype == "Int64" and (frame["accuracy_se"] == binomial_se(40.0, 10)).all()
+    np.testing.assert_array_equal(unpack_correct(frame["correct"].iloc[0], 10), correct)
 
 
 @pytest.fixture
@@ -193,6 +217,11 @@ def test_search_end_to_end_with_budget_and_export(searched_run, monkeypatch):
         match = first[first["ranks"] == ranks]
         assert len(match) == 1
         assert match["accuracy"].iloc[0] == uniform.loc[uniform["ranks"] == ranks, "accuracy"].iloc[0]
+        # On the same images, image by image: the paired comparisons of the report rest on this.
+        assert match["correct"].iloc[0] == uniform.loc[uniform["ranks"] == ranks, "correct"].iloc[0]
+    n = int(trials["eval_images"].iloc[0])  # the images evaluated (the stratified subset may hold fewer than asked)
+    assert 100 <= n <= 150 and (trials["eval_images"] == n).all() and (uniform["eval_images"] == n).all()
+    np.testing.assert_allclose(trials["accuracy_se"], [binomial_se(a, n) for a in trials["accuracy"]])
     metadata = pq.read_schema(run_dir / TRIALS_FILE).metadata
     assert json.loads(metadata[b"flora_ray.config"])["search"]["trials"] == 30
     assert set(json.loads(metadata[b"flora_ray.versions"])) >= {"torch", "timm", "flora_ray"}
