@@ -1,12 +1,14 @@
 """``report.md``: a finished run summarised from the files in its directory.
 
 Dense accuracy and costs, the Pareto front as a table, the uniform baseline (accuracies with their binomial
-standard errors), the gain of the front over uniform ranks at 0.5 and 1 accuracy point below dense with the paired
-front - uniform accuracy difference and whether it is within noise (on the searched cost axis: MACs, parameters or predicted latency),
-the exported subnet with its test accuracy and its latency measured on the target device next to the prediction,
-the fine-tuned subnets with their test accuracy before and after,
-each stage's wall time, and where the Parquet files and plots are. Everything is read back from the run directory, so the
-report can be rebuilt at any time (``write_report(run)``).
+standard errors), the gain of the front over uniform ranks at 0.5, 1, 2 and 3 accuracy points below dense with the
+paired front - uniform accuracy difference and whether it is within noise, the front's accuracy advantage at 25%,
+33% and 50% of the dense cost (all on the searched cost axis: MACs, parameters or predicted latency; inherited
+accuracies on the search images: ``experiments/benchmarks/ranking_fidelity.py`` gives the same figures after
+fine-tuning), the exported subnet with its test accuracy and its latency measured on the target device next to the
+prediction, the fine-tuned subnets with their test accuracy before and after, each stage's wall time, and where the
+Parquet files and plots are. Everything is read back from the run directory, so the report can be rebuilt at any
+time (``write_report(run)``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from typing import Any
 import pandas as pd
 
 from flora_ray.results import (
+    GAIN_BUDGETS,
+    GAIN_DROPS,
     NOISE_SE,
+    best_under,
     cheapest_within,
     compare_paired,
     format_cost,
@@ -31,7 +36,7 @@ from flora_ray.results import (
 from flora_ray.search.interactive import front_html
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
-DROPS = (0.5, 1.0)
+DROPS = GAIN_DROPS  # accuracy points below dense at which the front's extra cost reduction is reported
 
 
 def stage_markers(store: RunStore) -> dict[str, dict[str, Any]]:
@@ -139,6 +144,35 @@ def _gain_section(
         )
     lines += ["", NOISE_RULE]
     return lines, gains, noise
+
+
+def _budget_section(
+    front: pd.DataFrame, uniform: pd.DataFrame, dense: float, axis: str
+) -> tuple[list[str], dict[str, Any]]:
+    """The front's accuracy advantage over the best uniform configuration at fixed shares of the dense cost, with
+    the paired difference's standard error where the run recorded per-image results."""
+    lines = ["## Accuracy at fixed budgets", ""]
+    advantages: dict[str, Any] = {}
+    for share in GAIN_BUDGETS:
+        limit = share * dense
+        ours, theirs = best_under(front, limit, axis), best_under(uniform, limit, axis)
+        key = f"{share:.4g}"
+        if ours is None or theirs is None:
+            advantages[key] = None
+            missing = "the front" if ours is None else "no uniform configuration"
+            lines.append(f"- at most {100 * share:.0f}% of dense ({format_cost(axis, limit)}): {missing} reaches it")
+            continue
+        advantage = float(ours["accuracy"]) - float(theirs["accuracy"])
+        paired = compare_paired(ours, theirs)
+        advantages[key] = {"advantage": advantage, "paired": paired}
+        noise = "" if paired is None else (
+            f" ± {paired['se']:.2f} (paired), {'within' if paired['within_noise'] else 'beyond'} noise")  # fmt: skip
+        lines.append(
+            f"- at most {100 * share:.0f}% of dense ({format_cost(axis, limit)}): front {ours['accuracy']:.2f}% at "
+            f"{format_cost(axis, ours[axis])}, uniform {theirs['accuracy']:.2f}% at {format_cost(axis, theirs[axis])}"
+            f" (ratio {theirs['ratio']:.4g}): **{advantage:+.2f} pt**{noise}"
+        )
+    return lines, advantages
 
 
 NOISE_RULE = (
@@ -286,7 +320,8 @@ def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
     lines += [*_front_section(front, axis, dense, dense_acc), ""]
     lines += [*_uniform_section(uniform, axis, dense, dense_acc), ""]
     gain_lines, gains, noise = _gain_section(front, uniform, dense_acc, axis)
-    lines += [*gain_lines, ""]
+    budget_lines, advantages = _budget_section(front, uniform, dense, axis)
+    lines += [*gain_lines, "", *budget_lines, ""]
     if export is not None:
         lines += [*_export_section(export), ""]
     tuned = finetune_results(store)
@@ -300,6 +335,7 @@ def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
         "front_size": len(front),
         "gain_over_uniform": gains,
         "gain_noise": noise,
+        "advantage_at_budget": advantages,
         "eval_images": search.get("eval_images"),
         "export": export,
         "finetune": [{k: v for k, v in r.items() if k != "history"} for r in tuned],

@@ -160,3 +160,32 @@ def test_compare_paired_needs_per_image_results_on_the_same_images():
     assert compare_paired(a, b)["difference"] == pytest.approx(100 * (2 * dense.mean() - 1))
     assert compare_paired(a, pd.Series(_row(dense[:-1], 80))) is None  # another number of images
     assert compare_paired(a, b.drop("correct")) is None  # a row of an older run
+
+
+def test_report_gives_the_accuracy_advantage_at_fixed_budgets(tmp_path):
+    rng, dense = _vectors(seed=2)
+    low = dense.copy()
+    low[np.flatnonzero(dense)[:200]] = False  # uniform at 24 MMACs: 5 pt below dense
+    better = low.copy()
+    better[np.flatnonzero(~low)[:100]] = True  # front at 22 MMACs: 2.5 pt above it, paired
+    mid = dense.copy()
+    mid[np.flatnonzero(dense)[:40]] = False  # uniform at 45 MMACs: 1 pt below dense, and the front at 30 the same
+    store = _write_run(
+        tmp_path,
+        [_row(better, 22), _row(mid, 30)],
+        [_row(low, 24, ratio=0.125), _row(mid, 45, ratio=0.25), _row(dense, 100, ratio=1.0)],
+        100.0 * dense.mean(),
+    )
+    text, figures = build_report(store)
+    assert "## Accuracy at fixed budgets" in text
+    lines = {x.split(" (")[0]: x for x in text.splitlines() if x.startswith("- at most")}
+    quarter = lines["- at most 25% of dense"]
+    assert "front" in quarter and "(ratio 0.125): **+2.50 pt**" in quarter and "beyond noise" in quarter
+    third = figures["advantage_at_budget"]["0.3333"]
+    # 33 MMACs: the front's 30-MMAC point against uniform 24 MMACs (the only one that cheap): +4 pt.
+    assert third["advantage"] == pytest.approx(100.0 * (mid.mean() - low.mean()))
+    assert third["paired"]["difference"] == pytest.approx(third["advantage"])
+    half = figures["advantage_at_budget"]["0.5"]
+    assert half["advantage"] == pytest.approx(0.0) and half["paired"]["within_noise"]
+    # A budget below every uniform configuration: nothing to compare.
+    assert "- within 3 pt" in text and figures["gain_over_uniform"].keys() == {"0.5", "1.0", "2.0", "3.0"}
