@@ -30,12 +30,17 @@ WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "subnet.json"
 
 
-def extract_subnet(supernet: Supernet, ranks: Mapping[str, int]) -> nn.Module:
+def extract_subnet(supernet: Supernet, ranks: Mapping[str, int], within_candidates: bool = True) -> nn.Module:
     """A standalone copy of the supernet's timm model at ``ranks``; the supernet itself is not modified.
 
     Its outputs equal the supernet's with ``set_ranks(ranks)`` (up to float rounding of the merged layers).
+    ``within_candidates=False`` also accepts block tuples a filtered space dropped (each rank must still be one of
+    its layer's choices), such as the uniform configurations a search compares with.
     """
-    config = supernet.space.validate(ranks)
+    config = supernet.space.validate(ranks, complete=within_candidates)
+    if len(config) != len(supernet.space.fqns):
+        missing = [f for f in supernet.space.fqns if f not in config]
+        raise ValueError(f"rank configuration has no rank for layer {missing[0]!r} ({len(missing)} missing)")
     layers = supernet.elastic_layers()
     # train(mode) with the current mode changes nothing but drops the tensors that timm modules cache from their
     # parameters in eval mode (LeViT's attention biases): deepcopy cannot copy such non-leaf tensors.

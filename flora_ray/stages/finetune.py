@@ -134,6 +134,7 @@ def finetune_subnet(
     splits: Any = None,
     device: str | torch.device = "cpu",
     evaluate_before: bool = True,
+    within_candidates: bool = True,
     **recipe: Any,
 ) -> dict[str, Any]:
     """Fine-tune one subnet of a run in this process, writing nothing (no checkpoint, no export).
@@ -147,6 +148,7 @@ def finetune_subnet(
         splits: ``data.datasets.build_datasets(cfg.data, pixels=("train",))`` (default: built here).
         device: Where to train and evaluate.
         evaluate_before: Also score the subnet on the test split before fine-tuning.
+        within_candidates: ``False``: also a configuration the filtered space dropped (a uniform baseline).
         **recipe: ``finetune`` keys to change (``epochs=1``, ``lr=3e-4``, ...), validated like the config.
 
     Returns:
@@ -161,7 +163,7 @@ def finetune_subnet(
     splits = splits if splits is not None else build_datasets(cfg.data, pixels=("train",))
     device = torch.device(device)
     setup_worker(0, cfg.run.seed)  # the seed only: the caller's threads are left alone
-    student = extract_subnet(supernet, ranks).to(device)
+    student = extract_subnet(supernet, ranks, within_candidates).to(device)
     before = accuracy(student, splits.test, device) if evaluate_before else None
     opt = cfg.finetune
     loader, train_sampler = distributed_loader(splits.train, opt.batch_size, 1, 0, cfg.run.seed, STAGE,

@@ -49,6 +49,27 @@ def test_extract_uses_the_cheaper_form_per_layer():
     assert subnet.blocks[0].mlp.fc1[0].weight.shape == (11, 64)
 
 
+def test_extract_outside_a_filtered_space_only_when_asked():
+    name, kwargs = TINY_MODELS["vit"]
+    supernet = fr.build_supernet(name, model_kwargs=kwargs).eval()
+    full = supernet.space
+    # Keep only each block's full-rank tuple: every uniform configuration but full rank falls outside.
+    supernet.space = full.restrict({b.name: [b.candidates[-1]] for b in full.blocks})
+    cheapest = full.uniform(min(full.uniform_all()))
+    with pytest.raises(ValueError, match="not among its kept candidates"):
+        fr.extract_subnet(supernet, cheapest)
+    subnet = fr.extract_subnet(supernet, cheapest, within_candidates=False).eval()
+    supernet.set_ranks(cheapest, within_candidates=False)
+    x = input_for(supernet.model)
+    with torch.no_grad():
+        torch.testing.assert_close(subnet(x), supernet(x), rtol=1e-6, atol=1e-6)
+    partial = dict(list(cheapest.items())[:-1])
+    with pytest.raises(ValueError, match="no rank for layer"):
+        fr.extract_subnet(supernet, partial, within_candidates=False)
+    with pytest.raises(ValueError, match="not one of its choices"):
+        fr.extract_subnet(supernet, {**cheapest, next(iter(cheapest)): 5}, within_candidates=False)
+
+
 LOAD_IN_FRESH_PROCESS = """
 import sys, torch
 from safetensors.torch import load_file, save_file
