@@ -1,8 +1,10 @@
-"""Smoke runs of the search benchmarks (``search_efficiency.py``, ``flora_vs_uniform.py``) on a tiny digits run.
+"""Smoke runs of the search benchmarks (``search_efficiency.py``, ``flora_vs_uniform.py``, ``ranking_fidelity.py``)
+on a tiny digits run.
 
-Both scripts run as subprocesses with ``--smoke --output TMP``; search_efficiency prepares the digits run
+The scripts run as subprocesses with ``--smoke --output TMP``; search_efficiency prepares the digits run
 in-process (pretrain, zero-training filter, train) and flora_vs_uniform reuses it through ``--run-dir`` and trains
-its two ablation supernets beside it. The checks recompute what the JSON claims from the points it records.
+its two ablation supernets beside it; ranking_fidelity reuses both and adds a sandwich-sampled supernet. The checks
+recompute what the JSON claims from the points it records.
 """
 
 import itertools
@@ -15,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from flora_ray.results import cheapest_within, hypervolume, pareto_mask
+from flora_ray.results import cheapest_within, gain_table, hypervolume, kendall_tau, pareto_mask, spearman_rho
 from flora_ray.storage.files import read_checkpoint_header
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks"
@@ -162,3 +164,53 @@ def test_flora_vs_uniform_trains_the_ablations_on_their_spaces(versus_uniform):
         source = json.loads((runs[name] / "bench_source.json").read_text())
         assert source["config"]["train"]["sampler"] == result["variants"][name]["sampler"]
         assert runs[name].name.startswith("bench-smoke-")
+
+
+@pytest.fixture(scope="module")
+def fidelity(versus_uniform):
+    out, _, _ = versus_uniform  # reuses the digits run and the ablation supernets flora_vs_uniform trained
+    run = str(out / "runs" / "bench-smoke")
+    stdout = _run("ranking_fidelity.py", "--output", str(out), "--run-dir", run)
+    return out, stdout, json.loads((out / "ranking_fidelity.json").read_text())
+
+
+def test_ranking_fidelity_correlations_recompute_from_the_rows(fidelity):
+    _, stdout, result = fidelity
+    assert "Kendall tau [95% CI]" in stdout and "fine-tuned accuracy of subnets using the triple" in stdout
+    variants = result["variants"]
+    assert list(variants) == ["lowrank", "uniform_sampling", "sandwich_sampling", "no_filter"]
+    assert [v["sampler"] for v in variants.values()] == ["lowrank", "uniform", "sandwich", "lowrank"]
+    names = [r["name"] for r in variants["lowrank"]["rows"]]
+    assert len(names) == result["subnets"] and len(set(names)) == len(names)
+    assert {r["kind"] for r in variants["lowrank"]["rows"]} == {"front", "uniform", "random"}
+    for name, variant in variants.items():
+        rows = variant["rows"]
+        assert [r["name"] for r in rows] == names, name  # the same subnets on every supernet
+        inherited, tuned = [r["inherited"] for r in rows], [r["test_after"] for r in rows]
+        c = variant["inherited_vs_finetuned"]
+        assert c["kendall_tau"] == pytest.approx(kendall_tau(inherited, tuned), nan_ok=True)
+        assert c["spearman_rho"] == pytest.approx(spearman_rho(inherited, tuned), nan_ok=True)
+        low, high = c["kendall_tau_ci95"]
+        assert -1 <= low <= high <= 1
+        assert variant["mean_finetune_gain"] == pytest.approx(
+            sum(r["test_after"] - r["test_before"] for r in rows) / len(rows)
+        )
+
+
+def test_ranking_fidelity_gains_and_resume(fidelity):
+    out, _, result = fidelity
+    rows = pd.DataFrame(result["variants"]["lowrank"]["rows"])
+    teacher = result["teacher"]
+    expected = gain_table(
+        rows[rows["kind"] == "front"].assign(accuracy=rows["test_after"]),
+        rows[rows["kind"] == "uniform"].assign(accuracy=rows["test_after"]),
+        teacher["test_accuracy"],
+        teacher["macs"],
+    )
+    got = pd.DataFrame(result["gains"]["finetuned"])
+    pd.testing.assert_series_equal(got["gain"], expected["gain"], check_names=False)
+    assert [e["block"] for e in result["filter_score_fidelity"]] == ["blocks.0", "blocks.1"]
+    # A second run answers every subnet from the cache: no fine-tuning, the same figures.
+    again = _run("ranking_fidelity.py", "--output", str(out), "--run-dir", str(out / "runs" / "bench-smoke"))
+    assert "inherited" not in again.split("subnets (")[1].split("Ranking fidelity")[0]
+    assert json.loads((out / "ranking_fidelity.json").read_text())["variants"] == result["variants"]

@@ -1,0 +1,350 @@
+"""Ranking fidelity: does a subnet's inherited accuracy order subnets the way their accuracy after fine-tuning does?
+
+One-shot search trusts the supernet: a subnet's accuracy with inherited weights must rank subnets as their real
+accuracy does. On one trained run (the proving ground: `flora-ray run experiments/proving_ground.yaml`, then
+``--run-dir runs/proving_ground``), for supernets trained from the run's teacher with each sampler on the filtered
+space (``lowrank``: the run itself; ``uniform``; ``sandwich``) and with the default sampler on the unfiltered space:
+
+- one common set of subnets spread over the cost range: the run's front points, every uniform configuration, and
+  random configurations of the filtered space, one per MAC stratum (the same subnets for every supernet);
+- per subnet and supernet: the inherited accuracy on the search images, and the test accuracy (whole test split)
+  after the same short fine-tune (``stages.finetune.finetune_subnet``: distillation from the run's teacher with the
+  run's ``finetune`` recipe, on a seeded class-balanced share of the training split), starting from that
+  supernet's weights;
+- Kendall tau and Spearman rho between the two, with paired-bootstrap 95% intervals (``results.bootstrap_interval``);
+- per block, for the run's own supernet: Spearman rho between the filter's per-triple score and the mean fine-tuned
+  accuracy of the subnets that use the triple (does the filter's score predict final accuracy?);
+- the front against uniform ranks (``results.gain_table``: extra MAC reduction at 0.5/1/2/3 points below dense,
+  accuracy advantage at 25/33/50% of dense MACs), inherited (search images, reference: the teacher on them) and
+  fine-tuned (test split, reference: the teacher on it).
+
+Ablation supernets are trained as in ``flora_vs_uniform.py`` (``runs/bench-<run>-<variant>``, reused while the
+teacher, space and configuration are unchanged). Results are cached per subnet in the output folder, so an
+interrupted benchmark resumes.
+
+    .venv/bin/python experiments/benchmarks/ranking_fidelity.py --run-dir runs/proving_ground
+    .venv/bin/python experiments/benchmarks/ranking_fidelity.py --smoke --output /tmp/x    # digits, a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import numpy as np
+import pandas as pd
+import torch
+from flora_vs_uniform import prepare_ablation
+from search_efficiency import (
+    RESULTS,
+    ROOT,
+    SMOKE_RUN,
+    CachedEvaluator,
+    build_evaluator,
+    nsga2_search,
+    prepare_base_run,
+    run_config,
+)
+
+from flora_ray.data.datasets import build_datasets, eval_subset
+from flora_ray.results import bootstrap_interval, gain_table, kendall_tau, load_front, pareto_mask, spearman_rho
+from flora_ray.stages.finetune import finetune_subnet
+from flora_ray.stages.inputs import load_teacher
+from flora_ray.storage.files import read_json, write_json
+from flora_ray.storage.run_store import ARTEFACTS, RunStore
+from flora_ray.training.tasks import accuracy
+
+# variant: (overrides of the base run's training configuration, whether it keeps the base run's trained space);
+# "lowrank" is the base run itself. Names match flora_vs_uniform.py's, so the two share the ablation supernets.
+VARIANTS: dict[str, tuple[tuple[str, ...], bool] | None] = {
+    "lowrank": None,
+    "uniform_sampling": (("train.space_file=null", "train.sampler=uniform"), True),
+    "sandwich_sampling": (("train.space_file=null", "train.sampler=sandwich"), True),
+    "no_filter": (("train.space_file=null",), False),
+}
+CACHE_FILE = "ranking_fidelity_rows.json"
+
+
+# --- the subnets --------------------------------------------------------------------------------------------------
+
+
+def front_subnets(base: Path, evaluate: CachedEvaluator, trials: int, seed: int) -> list[dict[str, Any]]:
+    """The run's front (``pareto.parquet``) or, for a run not searched yet, the front of an in-process NSGA-II
+    search of ``trials`` evaluations (flora-ray's sampler settings)."""
+    if RunStore(base).is_file(ARTEFACTS.pareto):
+        front = load_front(base)
+        return [{"kind": "front", "name": f"trial {r.trial}", "ranks": json.loads(r.ranks)} for r in front.itertuples()]
+    nsga2_search(evaluate.space, evaluate, run_config(base).search, trials, seed)
+    keys = list(evaluate.cache)
+    points = pd.DataFrame([evaluate.cache[k] for k in keys], columns=["macs", "accuracy"])
+    chosen = [keys[i] for i in np.flatnonzero(pareto_mask(points))]
+    return [{"kind": "front", "name": f"front {i}", "ranks": dict(zip(evaluate.space.fqns, k, strict=True))}
+            for i, k in enumerate(chosen)]  # fmt: skip
+
+
+def choose_subnets(base: Path, evaluate: CachedEvaluator, args) -> list[dict[str, Any]]:
+    """Front points of the run, every uniform configuration, and ``args.random`` random configurations of the
+    filtered space, one from each MAC stratum (equal-count bins of 4000 random draws)."""
+    space, cost, n_random = evaluate.space, evaluate.evaluator.supernet.cost, args.random
+    subnets = front_subnets(base, evaluate, args.front_trials, args.seed)
+    rng = np.random.default_rng(args.seed)
+    for ratio, ranks in sorted(space.uniform_all().items()):
+        subnets.append({"kind": "uniform", "name": f"uniform {ratio:g}", "ratio": ratio, "ranks": dict(ranks)})
+    draws = []
+    for _ in range(4000):
+        tuples = [b.candidates[rng.integers(len(b.candidates))] for b in space.blocks]
+        ranks = space.from_block_tuples(tuples)
+        draws.append((cost.macs(ranks), ranks))
+    draws.sort(key=lambda d: d[0])
+    for i, stratum in enumerate(np.array_split(np.arange(len(draws)), n_random)):
+        _, ranks = draws[int(rng.choice(stratum))]
+        subnets.append({"kind": "random", "name": f"random {i}", "ranks": dict(ranks)})
+    distinct, seen = [], set()
+    for subnet in subnets:  # a front point may be a uniform configuration
+        key = tuple(sorted(subnet["ranks"].items()))
+        if key not in seen:
+            seen.add(key)
+            distinct.append(subnet)
+    return distinct
+
+
+# --- one supernet ---------------------------------------------------------------------------------------------------
+
+
+def finetune_splits(cfg, images: int, seed: int):
+    """The run's splits with the training split cut to a seeded class-balanced ``images`` (the short fine-tune)."""
+    splits = build_datasets(cfg.data, pixels=("train",))
+    return dataclasses.replace(splits, train=eval_subset(splits.train, images, seed))
+
+
+def measure_variant(run_dir: Path, subnets: list[dict[str, Any]], args, cache: dict[str, Any]) -> list[dict]:
+    """Inherited search accuracy and fine-tuned test accuracy of every subnet on one supernet (cached)."""
+    cfg = run_config(run_dir)
+    evaluate = build_evaluator(cfg, run_dir, args.eval_images or cfg.search.eval_images)
+    supernet = evaluate.evaluator.supernet
+    (teacher,) = load_teacher(cfg, RunStore(run_dir))
+    splits = finetune_splits(cfg, args.finetune_images, cfg.run.seed)
+    rows = []
+    for i, subnet in enumerate(subnets):
+        key = f"{run_dir.name}|{json.dumps(subnet['ranks'], sort_keys=True)}|{args.settings}"
+        if key not in cache:
+            macs, inherited = evaluate(subnet["ranks"])
+            tuned = finetune_subnet(cfg, subnet["ranks"], supernet=supernet, teacher=teacher, splits=splits,
+                                    within_candidates=False, epochs=args.finetune_epochs)  # fmt: skip
+            cache[key] = {"macs": macs, "inherited": inherited, "test_before": tuned["test_accuracy_before"],
+                          "test_after": tuned["test_accuracy"], "finetune_seconds": tuned["seconds"]}  # fmt: skip
+            write_json(args.output / CACHE_FILE, cache)
+            print(
+                f"  {run_dir.name} [{i + 1}/{len(subnets)}] {subnet['name']}: {macs / 1e6:.2f} MMACs, inherited "
+                f"{inherited:.2f}%, test {tuned['test_accuracy_before']:.2f}% -> {tuned['test_accuracy']:.2f}% "
+                f"({tuned['seconds']:.0f} s)",
+                flush=True,
+            )
+        rows.append({**{k: v for k, v in subnet.items() if k != "ranks"}, **cache[key], "ranks": subnet["ranks"]})
+    return rows
+
+
+def correlations(rows: list[dict], x: str, y: str, resamples: int) -> dict[str, Any]:
+    """Kendall tau and Spearman rho of columns ``x`` and ``y`` with their bootstrap 95% intervals."""
+    a, b = [r[x] for r in rows], [r[y] for r in rows]
+    return {
+        "n": len(rows),
+        "kendall_tau": kendall_tau(a, b),
+        "kendall_tau_ci95": bootstrap_interval(a, b, kendall_tau, resamples),
+        "spearman_rho": spearman_rho(a, b),
+        "spearman_rho_ci95": bootstrap_interval(a, b, spearman_rho, resamples),
+    }
+
+
+# --- the filter's score and the gains -------------------------------------------------------------------------------
+
+
+def filter_score_fidelity(base: Path, rows: list[dict], resamples: int) -> list[dict[str, Any]]:
+    """Per block: Spearman rho between minus the filter's score of a triple (higher: better) and the mean
+    fine-tuned test accuracy of the subnets using that triple, over the triples the subnets use."""
+    store = RunStore(base)
+    if not store.is_file(ARTEFACTS.filter_scores):
+        return []
+    scores = store.read_parquet(ARTEFACTS.filter_scores)
+    out = []
+    for block, table in scores.groupby("block", sort=False):
+        fqns = list(json.loads(table["ranks_by_fqn"].iloc[0]))
+        score = {
+            tuple(json.loads(r)[f] for f in fqns): s for r, s in zip(table["ranks_by_fqn"], table["score"], strict=True)
+        }
+        used: dict[tuple[int, ...], list[float]] = {}
+        for row in rows:
+            triple = tuple(row["ranks"][f] for f in fqns)
+            if triple in score:
+                used.setdefault(triple, []).append(row["test_after"])
+        finite = [(-score[t], float(np.mean(acc))) for t, acc in used.items() if np.isfinite(score[t])]
+        entry: dict[str, Any] = {"block": block, "triples": len(finite), "subnets": sum(map(len, used.values()))}
+        if len(finite) >= 3:
+            x, y = zip(*finite, strict=True)
+            entry["spearman_rho"] = spearman_rho(x, y)
+            entry["spearman_rho_ci95"] = bootstrap_interval(x, y, spearman_rho, resamples)
+        out.append(entry)
+    return out
+
+
+def gains(rows: list[dict], dense_cost: float, teacher_search: float, teacher_test: float) -> dict[str, Any]:
+    """The front points against the uniform configurations, inherited and after fine-tuning."""
+    frame = pd.DataFrame(rows)
+    result = {}
+    references = {"inherited": ("inherited", teacher_search), "finetuned": ("test_after", teacher_test)}
+    for label, (column, reference) in references.items():
+        points = frame.assign(accuracy=frame[column])
+        front, uniform = points[points["kind"] == "front"], points[points["kind"] == "uniform"]
+        table = gain_table(front, uniform, reference, dense_cost)
+        result[label] = json.loads(table.to_json(orient="records"))
+    return result
+
+
+@torch.no_grad()
+def teacher_accuracies(base: Path, args) -> tuple[float, float]:
+    """The dense teacher's accuracy (%) on the search images and on the test split."""
+    cfg = run_config(base)
+    evaluate = build_evaluator(cfg, base, args.eval_images or cfg.search.eval_images)
+    (teacher,) = load_teacher(cfg, RunStore(base))
+    teacher.eval()
+    search = evaluate.evaluator.model_accuracy(teacher)
+    return search, accuracy(teacher, build_datasets(cfg.data).test, "cpu")
+
+
+# --- output ---------------------------------------------------------------------------------------------------------
+
+
+def _ci(value: float, interval: tuple[float, float]) -> str:
+    return f"{value:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}]"
+
+
+def print_tables(out: dict[str, Any]) -> None:
+    """The fidelity table per supernet, the filter's per-block score fidelity and the gains."""
+    print(f"\nRanking fidelity ({out['subnets']} subnets; inherited search accuracy vs test accuracy after the same "
+          f"fine-tune; 95% bootstrap intervals over {out['resamples']} resamples):")  # fmt: skip
+    print("| supernet | sampler | space | Kendall tau [95% CI] | Spearman rho [95% CI] | inherited vs test before "
+          "fine-tune (tau) | fine-tune gain (pts, mean) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, v in out["variants"].items():
+        c, b = v["inherited_vs_finetuned"], v["inherited_vs_test_before"]
+        print(f"| {name} | {v['sampler']} | {v['space']} | {_ci(c['kendall_tau'], c['kendall_tau_ci95'])} | "
+              f"{_ci(c['spearman_rho'], c['spearman_rho_ci95'])} | {b['kendall_tau']:+.3f} | "
+              f"{v['mean_finetune_gain']:+.2f} |")  # fmt: skip
+    if out["filter_score_fidelity"]:
+        print("\nDoes the filter's per-triple score predict the fine-tuned accuracy of subnets using the triple?")
+        print("| block | triples used | subnets | Spearman rho [95% CI] |")
+        print("| --- | --- | --- | --- |")
+        for e in out["filter_score_fidelity"]:
+            rho = _ci(e["spearman_rho"], e["spearman_rho_ci95"]) if "spearman_rho" in e else "- (< 3 triples)"
+            print(f"| {e['block']} | {e['triples']} | {e['subnets']} | {rho} |")
+    for label, rows in out["gains"].items():
+        print(f"\nFront vs uniform ranks, {label} ({out['gain_reference'][label]}):")
+        print("| kind | value | target | front MMACs (acc) | uniform MMACs (acc) | gain |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            target = f"{r['target']:.2f}%" if r["kind"] == "drop" else f"{r['target'] / 1e6:.2f} MMACs"
+            front = "-" if r["front_macs"] is None else f"{r['front_macs'] / 1e6:.2f} ({r['front_accuracy']:.2f})"
+            uni = "-" if r["uniform_macs"] is None else f"{r['uniform_macs'] / 1e6:.2f} ({r['uniform_accuracy']:.2f})"
+            gain = "-" if r["gain"] is None else (f"{100 * r['gain']:+.1f}% MACs" if r["kind"] == "drop"
+                                                   else f"{r['gain']:+.2f} pts")  # fmt: skip
+            value = f"{r['value']:g} pt" if r["kind"] == "drop" else f"{100 * r['value']:.0f}% of dense"
+            print(f"| {r['kind']} | {value} | {target} | {front} | {uni} | {gain} |")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, help="a searched run (default: a prepared quickstart run)")
+    parser.add_argument("--smoke", action="store_true", help="tiny digits runs prepared in-process, a minute")
+    parser.add_argument("--output", type=Path, help="where the JSON and the cache go (default: results/)")
+    parser.add_argument("--random", type=int, default=8, help="random subnets, one per MAC stratum")
+    parser.add_argument("--finetune-images", type=int, default=6000, help="training images of the short fine-tune")
+    parser.add_argument("--finetune-epochs", type=int, default=1, help="epochs of the short fine-tune")
+    parser.add_argument("--eval-images", type=int, help="search images per inherited accuracy (default: the run's)")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random subnets")
+    parser.add_argument("--front-trials", type=int, default=120, help="NSGA-II trials for a run with no front yet")
+    args = parser.parse_args()
+    if args.smoke:
+        args.random, args.finetune_images, args.resamples, args.front_trials = 4, 400, 200, 16
+    args.output = args.output or (ROOT / "runs" / SMOKE_RUN if args.smoke else RESULTS)
+    args.settings = f"ft{args.finetune_epochs}x{args.finetune_images}/ev{args.eval_images}"
+    return args
+
+
+def summarise_variant(name: str, run_dir: Path, rows: list[dict], resamples: int) -> dict[str, Any]:
+    cfg = run_config(run_dir)
+    return {
+        "run_dir": str(run_dir),
+        "sampler": cfg.train.sampler,
+        "space": "unfiltered" if name == "no_filter" else "filtered",
+        "inherited_vs_finetuned": correlations(rows, "inherited", "test_after", resamples),
+        "inherited_vs_test_before": correlations(rows, "inherited", "test_before", resamples),
+        "mean_finetune_gain": float(np.mean([r["test_after"] - r["test_before"] for r in rows])),
+        "rows": rows,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    started, load_start = time.perf_counter(), os.getloadavg()
+    base = prepare_base_run(args.run_dir, args.smoke, args.output).resolve()
+    torch.set_num_threads(max(os.cpu_count() or 1, 1))
+    dirs = {name: base if spec is None else prepare_ablation(base, name, base.parent, args.smoke, spec)
+            for name, spec in VARIANTS.items() if name in args.variants}  # fmt: skip
+    evaluate = build_evaluator(run_config(base), base, args.eval_images or run_config(base).search.eval_images)
+    space, cost = evaluate.space, evaluate.evaluator.supernet.cost
+    subnets = choose_subnets(base, evaluate, args)
+    print(f"{len(subnets)} subnets ({', '.join(s['name'] for s in subnets)}) on {len(dirs)} supernets", flush=True)
+    cache = read_json(args.output / CACHE_FILE) if (args.output / CACHE_FILE).is_file() else {}
+    variants = {}
+    for name, run_dir in dirs.items():
+        rows = measure_variant(run_dir, subnets, args, cache)
+        variants[name] = summarise_variant(name, run_dir, rows, args.resamples)
+    teacher_search, teacher_test = teacher_accuracies(base, args)
+    dense_cost = cost.macs(evaluate.full_rank())
+    main_rows = variants.get("lowrank", next(iter(variants.values())))["rows"]
+    cfg = run_config(base)
+    out = {
+        "benchmark": "ranking_fidelity",
+        "date": time.strftime("%Y-%m-%d"),
+        "run": str(base),
+        "model": cfg.model.name,
+        "model_kwargs": cfg.model.kwargs,
+        "dataset": cfg.data.name,
+        "ratios": list(space.ratios),
+        "subnets": len(subnets),
+        "finetune": {
+            "epochs": args.finetune_epochs,
+            "train_images": args.finetune_images,
+            "recipe": dataclasses.asdict(cfg.finetune),
+        },
+        "eval_images": args.eval_images or cfg.search.eval_images,
+        "resamples": args.resamples,
+        "teacher": {"search_accuracy": teacher_search, "test_accuracy": teacher_test, "macs": dense_cost},
+        "variants": variants,
+        "filter_score_fidelity": filter_score_fidelity(base, main_rows, args.resamples),
+        "gains": gains(main_rows, dense_cost, teacher_search, teacher_test),
+        "gain_reference": {
+            "inherited": f"search images, teacher {teacher_search:.2f}%",
+            "finetuned": f"test split, teacher {teacher_test:.2f}%",
+        },
+        "wall_seconds": time.perf_counter() - started,
+        "loadavg_start": list(load_start),
+        "loadavg_end": list(os.getloadavg()),
+    }
+    print_tables(out)
+    print(f"\nwall {out['wall_seconds']:.0f} s; load average {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}")
+    write_json(args.output / "ranking_fidelity.json", out)
+    print(f"wrote {args.output / 'ranking_fidelity.json'}")
+
+
+if __name__ == "__main__":
+    main()
