@@ -8,9 +8,10 @@ token is never merged. Token sizes are tracked through the blocks and the attent
 added to the logits). No maintained ToMe package installs from PyPI (the official repository is not published
 there), hence this port.
 
-``apply_token_merging(model, r)`` turns a timm ``VisionTransformer`` into a ``ToMeVisionTransformer`` by swapping
-its class (no module, parameter or FQN changes, so surgery, extraction and checkpoints work unchanged); only
-``forward_features`` differs. ``token_schedule`` gives the tokens each block sees, for the cost model.
+``apply_token_merging(model, r)`` turns a timm ``VisionTransformer`` into a ``ToMeVisionTransformer`` and its
+blocks into ``ToMeBlock``s by swapping their classes, as the official code does (no module, parameter or FQN
+changes, so surgery, extraction and checkpoints work unchanged); only ``forward_features`` and the blocks' forward
+differ. ``token_schedule`` gives the tokens each block sees, for the cost model.
 """
 
 from __future__ import annotations
@@ -112,8 +113,19 @@ def tome_block(
     return x, size
 
 
+class ToMeBlock(Block):
+    """A timm ``Block`` merging ``tome_r`` tokens (``tome_block``); called as ``block(x, size) -> (x, size)``, so
+    that hooks on blocks (the latency profile's) see the token sizes too."""
+
+    tome_r: int = 0
+    class_token: bool = True
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return tome_block(self, x, size, self.tome_r, self.class_token)
+
+
 class ToMeVisionTransformer(VisionTransformer):
-    """A timm ``VisionTransformer`` merging ``tome_r`` tokens per block (made by ``apply_token_merging``)."""
+    """A timm ``VisionTransformer`` of ``ToMeBlock``s merging ``tome_r`` tokens each (``apply_token_merging``)."""
 
     tome_r: int = 0
 
@@ -123,9 +135,8 @@ class ToMeVisionTransformer(VisionTransformer):
             raise ValueError("token merging (model.tome_r) does not support attention masks")
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         size = None
-        class_token = self.num_prefix_tokens == 1
         for block in self.blocks:
-            x, size = tome_block(block, x, size, self.tome_r, class_token)
+            x, size = block(x, size)
         return self.norm(x)
 
 
@@ -169,7 +180,7 @@ def _check_mergeable(model: nn.Module, r: int) -> None:
             f"token merging ({where}) needs a ViT with at most a class token as prefix and no attention pooling "
             f"(this one has {model.num_prefix_tokens} prefix tokens); set model.tome_r=0"
         )
-    odd = [i for i, b in enumerate(model.blocks) if type(b) is not Block or type(b.attn) is not Attention
+    odd = [i for i, b in enumerate(model.blocks) if type(b) not in (Block, ToMeBlock) or type(b.attn) is not Attention
            or b.attn.gate is not None]  # fmt: skip
     if odd:
         raise ValueError(f"token merging ({where}) needs timm's plain Block and Attention; block {odd[0]} is not")
@@ -200,4 +211,7 @@ def apply_token_merging(model: nn.Module, r: int) -> nn.Module:
         )
     model.__class__ = ToMeVisionTransformer
     model.tome_r = r
+    for block in model.blocks:
+        block.__class__ = ToMeBlock
+        block.tome_r, block.class_token = r, protected == 1
     return model

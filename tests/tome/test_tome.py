@@ -12,6 +12,7 @@ import flora_ray as fr
 from flora_ray.core.cost import build_cost_model
 from flora_ray.core.models import ModelSpec
 from flora_ray.core.tome import (
+    ToMeBlock,
     ToMeVisionTransformer,
     bipartite_soft_matching,
     max_tome_r,
@@ -76,6 +77,8 @@ def test_r_zero_is_the_identity(fused):
     with torch.no_grad():
         expected = dense(x)
         dense.__class__, dense.tome_r = ToMeVisionTransformer, 0  # ToMe's forward path, merging nothing
+        for block in dense.blocks:
+            block.__class__, block.tome_r = ToMeBlock, 0
         assert torch.allclose(dense(x), expected, atol=1e-6, rtol=0)
 
 
