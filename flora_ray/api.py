@@ -269,8 +269,8 @@ class Run:
         address: str | None = None,
     ) -> dict[str, Any]:
         """Export a trial (or the best front point within ``max_macs`` / ``max_latency_ms``) as ``flora-ray
-        export`` does, in ``formats`` (``safetensors``, ``pt2``, ``onnx``); ``evaluate=False`` skips the accuracy
-        and latency passes. Returns the figures written to ``export.json`` (``directory``: where the files are)."""
+        export`` does, in ``formats`` (``safetensors``, ``pt2``, ``onnx``, ``int8``); ``evaluate=False`` skips the
+        accuracy and latency passes. Returns the figures written to ``export.json`` (``directory``: where the files are)."""
         from flora_ray.stages.export import check_export, export_from_run
 
         number = None if trial is None else _trial_number(trial)

@@ -74,6 +74,9 @@ class ModelConfig:
         include_proj: Also factorise ``attn.proj``.
         targets: Regex over FQNs for other timm transformers.
         sv_placement: ``faithful`` or ``sqrt``.
+        tome_r: Tokens merged per block by ToMe token merging (``core.tome``) in the teacher, the supernet, the
+            search's evaluations and the exported subnet alike; 0 (the default) for none. timm ViT/DeiT with at
+            most a class token only; it must leave every block at least ``2 r`` mergeable tokens.
     """
 
     name: str = "test_vit"
@@ -83,9 +86,11 @@ class ModelConfig:
     include_proj: bool = False
     targets: str | None = None
     sv_placement: str = "faithful"
+    tome_r: int = 0
 
     def __post_init__(self) -> None:
         _check(self.sv_placement in ("faithful", "sqrt"), "model.sv_placement", self.sv_placement, "faithful or sqrt")
+        _check(_is_int(self.tome_r) and self.tome_r >= 0, "model.tome_r", self.tome_r, "a whole number of tokens >= 0")
         if self.ratios is not None:
             _check(
                 len(self.ratios) > 0 and all(0 < r <= 1 for r in self.ratios),

@@ -25,6 +25,7 @@ from flora_ray.config import Config, build_dataclass
 from flora_ray.core.cost import build_cost_model
 from flora_ray.core.latency import LatencyModel
 from flora_ray.core.models import ModelSpec
+from flora_ray.core.quantize import SCHEME
 from flora_ray.core.space import RankSpace
 from flora_ray.core.subnet import load_subnet, package_versions, save_subnet
 from flora_ray.data.datasets import build_datasets, norm_stats
@@ -144,6 +145,7 @@ def export_task(
         x = _check_batch(model, supernet.spec, splits)
         figures["formats"] = write_formats(model, x, Path(tmp), formats)
         files = {path.name: path.read_bytes() for path in sorted(Path(tmp).iterdir()) if path.is_file()}
+        int8 = load_subnet(tmp, int8=True) if "int8" in formats and evaluate else None
     if not evaluate:
         return files, {**figures, "evaluated": False}
     device = device_for(cfg.scaling.accelerator, cfg.search.gpus_per_trial > 0)  # accuracy; latency is on CPU
@@ -156,7 +158,37 @@ def export_task(
         "threads": threads,
         "device": str(device),
     })  # fmt: skip
+    if int8 is not None:
+        figures["int8"] = int8_figures(int8, model.cpu(), splits.test, x, threads, figures["test_accuracy"])
     return files, figures
+
+
+def int8_figures(
+    int8: nn.Module, fp32: nn.Module, test, x: torch.Tensor, threads: int, fp32_accuracy: float
+) -> dict[str, Any]:
+    """The int8 subnet (``--format int8``) against the fp32 one: test accuracy (on CPU, where int8 runs) and CPU
+    latency, both models timed with the same batches, threads and timer (``cpu_latency_ms``)."""
+    int8_accuracy = accuracy(int8, test, torch.device("cpu"))
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        timed = {
+            f"{name}_{label}_ms": cpu_latency_ms(net, batch)
+            for label, batch in (("batch1", x[:1]), ("batch32", x))
+            for name, net in (("int8", int8), ("fp32", fp32))
+        }
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {
+        "scheme": SCHEME,
+        "test_accuracy": int8_accuracy,
+        "fp32_test_accuracy": fp32_accuracy,
+        "accuracy_drop": fp32_accuracy - int8_accuracy,
+        "latency": timed,
+        "speedup_batch1": timed["fp32_batch1_ms"] / timed["int8_batch1_ms"],
+        "speedup_batch32": timed["fp32_batch32_ms"] / timed["int8_batch32_ms"],
+        "threads": threads,
+    }
 
 
 def _check_batch(model: nn.Module, spec: ModelSpec, splits) -> torch.Tensor:
