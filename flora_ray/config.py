@@ -405,7 +405,7 @@ class SearchConfig:
     min_params: float | str | None = None
     min_latency_ms: float | str | None = None
     eval_images: int = 2000
-    bn_recalibration_images: int = 2000
+    bn_recalibration_images: int = 500
     batch_size: int = field(default=500, metadata=SPEED_ONLY)
     concurrency: int = field(default=2, metadata=SPEED_ONLY)
     cpus_per_trial: float = field(default=1.0, metadata=SPEED_ONLY)
