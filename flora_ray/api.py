@@ -250,10 +250,19 @@ class Run:
 
     def subnet(self, trial: int | pd.Series | Mapping[str, Any]) -> nn.Module:
         """A completed trial's subnet as a standalone timm model with the supernet's weights, in eval mode on
-        CPU; nothing is evaluated."""
+        CPU; nothing is evaluated. Its BatchNorm statistics, if it has any, are recalibrated as the search and
+        the export do (``search.bn_recalibration_images``); the supernet's own are left as they were."""
+        from flora_ray.core.batchnorm import batchnorm_state, load_batchnorm_state
         from flora_ray.core.subnet import extract_subnet
+        from flora_ray.stages.export import calibrate_subnet
 
-        return extract_subnet(self.supernet, self.ranks(trial)).eval()
+        supernet, ranks = self.supernet, self.ranks(trial)
+        shared = batchnorm_state(supernet.model)
+        try:
+            calibrate_subnet(supernet, ranks, self.config)
+            return extract_subnet(supernet, ranks).eval()
+        finally:
+            load_batchnorm_state(supernet.model, shared)
 
     def export(
         self,

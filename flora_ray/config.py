@@ -449,6 +449,11 @@ class SearchConfig:
             paired difference of two subnets that disagree on a share ``q`` of the images, about
             ``100 sqrt(q / n)``; resolving ``d`` points at 2 standard errors needs ``n >= 4 q / (d / 100)^2``
             (README, "Accuracy noise").
+        bn_recalibration_images: Training images (un-augmented, class-stratified, seeded by ``data.seed``, the
+            same for every subnet) on which each subnet's BatchNorm running statistics are recalibrated before it
+            is scored (filtering, search, uniform baselines) and exported, in batches of ``train.batch_size``
+            (``core.batchnorm``); 0: off, every subnet uses the supernet's shared statistics. Models without
+            BatchNorm (ViT, Swin) are not affected and load no images for it.
         batch_size: Evaluation batch size.
         concurrency: Trials evaluated at once (evaluator actors).
         cpus_per_trial: CPUs an evaluator reserves.
@@ -468,6 +473,7 @@ class SearchConfig:
     min_params: float | str | None = None
     min_latency_ms: float | str | None = None
     eval_images: int = 2000
+    bn_recalibration_images: int = 500
     batch_size: int = field(default=500, metadata=SPEED_ONLY)
     concurrency: int = field(default=2, metadata=SPEED_ONLY)
     cpus_per_trial: float = field(default=1.0, metadata=SPEED_ONLY)
@@ -494,6 +500,12 @@ class SearchConfig:
             value = getattr(self, bound)
             _check(value is None or parse_budget(value) is not None, f"search.{bound}", value, BUDGET_HELP)
         _check(self.eval_images >= 1, "search.eval_images", self.eval_images, "must be at least 1")
+        _check(
+            _is_int(self.bn_recalibration_images) and self.bn_recalibration_images >= 0,
+            "search.bn_recalibration_images",
+            self.bn_recalibration_images,
+            "an integer >= 0 (0: off)",
+        )
         _check(self.batch_size >= 1, "search.batch_size", self.batch_size, "must be at least 1")
         _check(self.concurrency >= 1, "search.concurrency", self.concurrency, "must be at least 1")
         _check(self.cpus_per_trial >= 0, "search.cpus_per_trial", self.cpus_per_trial, "must be >= 0")

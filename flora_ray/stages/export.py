@@ -28,9 +28,10 @@ from flora_ray.core.models import ModelSpec
 from flora_ray.core.quantize import SCHEME
 from flora_ray.core.space import RankSpace
 from flora_ray.core.subnet import load_subnet, package_versions, save_subnet
+from flora_ray.core.supernet import Supernet
 from flora_ray.data.datasets import build_datasets, norm_stats
 from flora_ray.results import best_under, cost_axis, format_cost, knee_point, load_front, load_trials
-from flora_ray.search.evaluator import supernet_from_numpy
+from flora_ray.search.evaluator import batchnorm_calibration, supernet_from_numpy
 from flora_ray.stages.formats import CARD_FILE, CONFIG_FILE, check_formats, hf_config, model_card, write_formats
 from flora_ray.stages.inputs import load_teacher, open_run, working_dir
 from flora_ray.stages.profile import (
@@ -130,6 +131,7 @@ def export_task(
     ranks = json.loads(row["ranks"])
     tensors, header = store.read_checkpoint(ARTEFACTS.supernet)
     supernet = supernet_from_numpy(header, {k: v.numpy() for k, v in tensors.items()})
+    recalibrated = calibrate_subnet(supernet, ranks, cfg)
     splits = build_datasets(cfg.data) if evaluate else None
     figures: dict[str, Any] = {
         "trial": int(row["trial"]),
@@ -137,6 +139,7 @@ def export_task(
         "dense_macs": supernet.cost.dense_macs,
         "params": supernet.cost.params(ranks),
         "search_accuracy": float(row["accuracy"]),
+        "bn_recalibration_images": cfg.search.bn_recalibration_images if recalibrated else 0,
         "versions": package_versions(),
     }
     with tempfile.TemporaryDirectory(prefix="flora-export-") as tmp:
@@ -189,6 +192,15 @@ def int8_figures(
         "speedup_batch32": timed["fp32_batch32_ms"] / timed["int8_batch32_ms"],
         "threads": threads,
     }
+
+
+def calibrate_subnet(supernet: Supernet, ranks: dict[str, int], cfg: Config) -> bool:
+    """Set the supernet to ``ranks`` and, when the run recalibrates BatchNorm (``search.bn_recalibration_images``)
+    and the model has any, give it that subnet's statistics on the run's recalibration images, as the search
+    scored it: the exported weights then carry them. Returns whether anything was recalibrated."""
+    supernet.set_ranks(ranks, within_candidates=False)
+    calibration = batchnorm_calibration(cfg, supernet.model)
+    return calibration is not None and calibration(supernet.model)
 
 
 def _check_batch(model: nn.Module, spec: ModelSpec, splits) -> torch.Tensor:
