@@ -250,10 +250,19 @@ class Run:
 
     def subnet(self, trial: int | pd.Series | Mapping[str, Any]) -> nn.Module:
         """A completed trial's subnet as a standalone timm model with the supernet's weights, in eval mode on
-        CPU; nothing is evaluated."""
+        CPU; nothing is evaluated. Its BatchNorm statistics, if it has any, are recalibrated as the search and
+        the export do (``search.bn_recalibration_images``); the supernet's own are left as they were."""
+        from flora_ray.core.batchnorm import batchnorm_state, load_batchnorm_state
         from flora_ray.core.subnet import extract_subnet
+        from flora_ray.stages.export import calibrate_subnet
 
-        return extract_subnet(self.supernet, self.ranks(trial)).eval()
+        supernet, ranks = self.supernet, self.ranks(trial)
+        shared = batchnorm_state(supernet.model)
+        try:
+            calibrate_subnet(supernet, ranks, self.config)
+            return extract_subnet(supernet, ranks).eval()
+        finally:
+            load_batchnorm_state(supernet.model, shared)
 
     def export(
         self,
@@ -269,8 +278,8 @@ class Run:
         address: str | None = None,
     ) -> dict[str, Any]:
         """Export a trial (or the best front point within ``max_macs`` / ``max_latency_ms``) as ``flora-ray
-        export`` does, in ``formats`` (``safetensors``, ``pt2``, ``onnx``); ``evaluate=False`` skips the accuracy
-        and latency passes. Returns the figures written to ``export.json`` (``directory``: where the files are)."""
+        export`` does, in ``formats`` (``safetensors``, ``pt2``, ``onnx``, ``int8``); ``evaluate=False`` skips the
+        accuracy and latency passes. Returns the figures written to ``export.json`` (``directory``: where the files are)."""
         from flora_ray.stages.export import check_export, export_from_run
 
         number = None if trial is None else _trial_number(trial)

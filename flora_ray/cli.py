@@ -159,7 +159,8 @@ def _add_export_parser(sub: Any) -> None:
         nargs="+",
         default=["safetensors"],
         metavar="FORMAT",
-        help="safetensors (always written), pt2 (torch.export), onnx (onnxruntime); several at once",
+        help="safetensors (always written), pt2 (torch.export), onnx (onnxruntime), int8 (Linear layers quantized "
+        "to int8, CPU: accuracy and latency against fp32); several at once",
     )
     export.add_argument("--no-eval", action="store_true", help="skip the test-accuracy and latency passes")
     export.add_argument("--threads", type=_positive_int, default=1, help="CPU threads for the latency measurement")
@@ -247,6 +248,14 @@ def format_export(report: dict[str, Any]) -> str:
         )
     for name, f in report.get("formats", {}).items():
         lines.append(f"  {name}: {f['file']}, max abs difference to PyTorch {f['max_abs_diff']:.2e}")
+    int8 = report.get("int8")
+    if int8:
+        lat = int8["latency"]
+        lines.append(
+            f"  int8: test acc {int8['test_accuracy']:.2f}% (fp32 {int8['fp32_test_accuracy']:.2f}%), CPU batch 1: "
+            f"{lat['int8_batch1_ms']:.2f} ms (fp32 {lat['fp32_batch1_ms']:.2f}), batch 32: {lat['int8_batch32_ms']:.2f}"
+            f" ms (fp32 {lat['fp32_batch32_ms']:.2f})"
+        )
     return "\n".join([*lines, f"  {report['directory']}"])
 
 

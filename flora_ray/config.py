@@ -74,6 +74,9 @@ class ModelConfig:
         include_proj: Also factorise ``attn.proj``.
         targets: Regex over FQNs for other timm transformers.
         sv_placement: ``faithful`` or ``sqrt``.
+        tome_r: Tokens merged per block by ToMe token merging (``core.tome``) in the teacher, the supernet, the
+            search's evaluations and the exported subnet alike; 0 (the default) for none. timm ViT/DeiT with at
+            most a class token only; it must leave every block at least ``2 r`` mergeable tokens.
     """
 
     name: str = "test_vit"
@@ -83,9 +86,11 @@ class ModelConfig:
     include_proj: bool = False
     targets: str | None = None
     sv_placement: str = "faithful"
+    tome_r: int = 0
 
     def __post_init__(self) -> None:
         _check(self.sv_placement in ("faithful", "sqrt"), "model.sv_placement", self.sv_placement, "faithful or sqrt")
+        _check(_is_int(self.tome_r) and self.tome_r >= 0, "model.tome_r", self.tome_r, "a whole number of tokens >= 0")
         if self.ratios is not None:
             _check(
                 len(self.ratios) > 0 and all(0 < r <= 1 for r in self.ratios),
@@ -444,6 +449,11 @@ class SearchConfig:
             paired difference of two subnets that disagree on a share ``q`` of the images, about
             ``100 sqrt(q / n)``; resolving ``d`` points at 2 standard errors needs ``n >= 4 q / (d / 100)^2``
             (README, "Accuracy noise").
+        bn_recalibration_images: Training images (un-augmented, class-stratified, seeded by ``data.seed``, the
+            same for every subnet) on which each subnet's BatchNorm running statistics are recalibrated before it
+            is scored (filtering, search, uniform baselines) and exported, in batches of ``train.batch_size``
+            (``core.batchnorm``); 0: off, every subnet uses the supernet's shared statistics. Models without
+            BatchNorm (ViT, Swin) are not affected and load no images for it.
         batch_size: Evaluation batch size.
         concurrency: Trials evaluated at once (evaluator actors).
         cpus_per_trial: CPUs an evaluator reserves.
@@ -463,6 +473,7 @@ class SearchConfig:
     min_params: float | str | None = None
     min_latency_ms: float | str | None = None
     eval_images: int = 2000
+    bn_recalibration_images: int = 500
     batch_size: int = field(default=500, metadata=SPEED_ONLY)
     concurrency: int = field(default=2, metadata=SPEED_ONLY)
     cpus_per_trial: float = field(default=1.0, metadata=SPEED_ONLY)
@@ -489,6 +500,12 @@ class SearchConfig:
             value = getattr(self, bound)
             _check(value is None or parse_budget(value) is not None, f"search.{bound}", value, BUDGET_HELP)
         _check(self.eval_images >= 1, "search.eval_images", self.eval_images, "must be at least 1")
+        _check(
+            _is_int(self.bn_recalibration_images) and self.bn_recalibration_images >= 0,
+            "search.bn_recalibration_images",
+            self.bn_recalibration_images,
+            "an integer >= 0 (0: off)",
+        )
         _check(self.batch_size >= 1, "search.batch_size", self.batch_size, "must be at least 1")
         _check(self.concurrency >= 1, "search.concurrency", self.concurrency, "must be at least 1")
         _check(self.cpus_per_trial >= 0, "search.cpus_per_trial", self.cpus_per_trial, "must be >= 0")

@@ -246,7 +246,7 @@ def model_spec(cfg: Config, classes: int | None) -> Any:
             "(--classes 1000 --train-images 1281167 for ImageNet-1k)"
         )
     return ModelSpec(cfg.model.name, {"img_size": cfg.data.img_size, "in_chans": cfg.data.in_chans,
-                                      "num_classes": classes, **cfg.model.kwargs})  # fmt: skip
+                                      "num_classes": classes, **cfg.model.kwargs}, cfg.model.tome_r)  # fmt: skip
 
 
 def count_train_images(cfg: Config, given: int | None) -> int:

@@ -22,6 +22,7 @@ import timm
 import torch
 from torch import nn
 
+from flora_ray.core.tome import apply_token_merging
 from flora_ray.storage.files import read_checkpoint, read_checkpoint_header
 
 logger = logging.getLogger(__name__)
@@ -94,28 +95,38 @@ def _jsonable(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A timm model name plus the kwargs passed to ``timm.create_model`` (``img_size``, ``num_classes``, ...)."""
+    """A timm model name plus the kwargs passed to ``timm.create_model`` (``img_size``, ``num_classes``, ...), and
+    the tokens merged per block (``tome_r``: ToMe token merging, ``core.tome``; 0 for none).
+
+    ``tome_r`` is part of how the model is built, so every artefact that records the spec (teacher, supernet,
+    exported subnet) rebuilds the same merging model; it does not change the weights.
+    """
 
     name: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    tome_r: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"model name must be a non-empty string, got {self.name!r}")
+        if isinstance(self.tome_r, bool) or not isinstance(self.tome_r, int) or self.tome_r < 0:
+            raise ValueError(f"model.tome_r={self.tome_r!r} is not allowed: give a whole number of tokens >= 0")
         object.__setattr__(self, "kwargs", _jsonable(dict(self.kwargs)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kwargs": dict(self.kwargs)}
+        """``name``, ``kwargs`` and, with token merging, ``tome_r`` (absent at 0, as in artefacts made before it)."""
+        return {"name": self.name, "kwargs": dict(self.kwargs), **({"tome_r": self.tome_r} if self.tome_r else {})}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
         if not isinstance(data, Mapping) or "name" not in data:
             raise ValueError(f"a model spec needs a 'name' (and optional 'kwargs'), got {data!r}")
-        return cls(data["name"], data.get("kwargs") or {})
+        return cls(data["name"], data.get("kwargs") or {}, data.get("tome_r", 0))
 
     def create(self, pretrained: bool | str | os.PathLike = False, device: str | torch.device = "cpu") -> nn.Module:
-        """Build the model; see ``create_model``."""
-        return create_model(self.name, pretrained=pretrained, device=device, **self.kwargs)
+        """Build the model (see ``create_model``), merging ``tome_r`` tokens per block (``apply_token_merging``)."""
+        model = create_model(self.name, pretrained=pretrained, device=device, **self.kwargs)
+        return apply_token_merging(model, self.tome_r)
 
 
 def check_model_name(name: str) -> None:
@@ -253,7 +264,7 @@ def _load_dense_checkpoint(
 ) -> nn.Module:
     saved = ModelSpec.from_dict(meta.get("model", {}))
     wanted = ModelSpec(name, kwargs)
-    if saved != wanted:
+    if (saved.name, saved.kwargs) != (wanted.name, wanted.kwargs):  # token merging does not change the weights
         raise ValueError(
             f"checkpoint {str(path)!r} holds {json.dumps(saved.to_dict())}, not {json.dumps(wanted.to_dict())}; "
             "use the checkpoint made for this model or change the model config"

@@ -21,12 +21,14 @@ from torch import nn
 from flora_ray import __version__
 from flora_ray.core.lowrank import build_static_layer, low_rank_is_cheaper
 from flora_ray.core.models import ModelSpec, load_state_dict_strict
+from flora_ray.core.quantize import load_int8
 from flora_ray.core.supernet import Supernet
 from flora_ray.core.surgery import swap_modules
 from flora_ray.storage.files import read_checkpoint, read_json, sha256_file, write_checkpoint, write_json
 
 SUBNET_FORMAT = "flora-ray/subnet"
 WEIGHTS_FILE = "model.safetensors"
+INT8_WEIGHTS_FILE = "model.int8.safetensors"  # --format int8 (core.quantize)
 SPEC_FILE = "subnet.json"
 
 
@@ -118,20 +120,40 @@ def save_subnet(
     return out
 
 
-def load_subnet(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+def load_subnet(directory: str | os.PathLike, device: str | torch.device = "cpu", int8: bool = False) -> nn.Module:
     """Load an exported subnet in any process: timm builds the architecture, the saved layer forms replace the
-    factorised Linear layers, and the weights load strictly."""
+    factorised Linear layers, and the weights load strictly.
+
+    Args:
+        directory: The export folder (``subnet.json``, ``model.safetensors``).
+        device: Where to load it; the int8 model runs on CPU only.
+        int8: Load the int8 model of ``--format int8`` (``model.int8.safetensors``, ``core.quantize``) instead.
+    """
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"subnet directory {str(d)!r} does not exist")
     spec = read_json(d / SPEC_FILE, "subnet spec")
     if not isinstance(spec, dict) or spec.get("format") != SUBNET_FORMAT:
         raise ValueError(f"{str(d / SPEC_FILE)!r} is not a flora-ray subnet spec")
-    weights = d / WEIGHTS_FILE
+    weights = d / (INT8_WEIGHTS_FILE if int8 else WEIGHTS_FILE)
     if not weights.is_file():
-        raise FileNotFoundError(f"subnet weights {str(weights)!r} are missing; export the subnet again")
+        hint = "export it with --format int8" if int8 else "export the subnet again"
+        raise FileNotFoundError(f"subnet weights {str(weights)!r} are missing; {hint}")
+    if int8:
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"the int8 subnet runs on CPU only, not {str(device)!r}")
+        return load_int8(subnet_skeleton(spec, "cpu"), weights)
     if spec.get("weights_sha256") and sha256_file(weights) != spec["weights_sha256"]:
         raise ValueError(f"{str(weights)!r} does not match {SPEC_FILE} (checksum differs); export the subnet again")
+    model = subnet_skeleton(spec, device)
+    tensors, _ = read_checkpoint(weights, device=device)
+    load_state_dict_strict(model, tensors, weights)
+    return model.eval()
+
+
+def subnet_skeleton(spec: Mapping[str, Any], device: str | torch.device = "cpu") -> nn.Module:
+    """The model a subnet spec (``subnet.json``) describes, with freshly initialised weights: timm's model (with
+    its token merging) whose factorised layers have the saved forms."""
     model = ModelSpec.from_dict(spec["model"]).create(device=device)
     layers = spec["layers"]
     swap_modules(
@@ -145,6 +167,4 @@ def load_subnet(directory: str | os.PathLike, device: str | torch.device = "cpu"
             device=device,
         ),
     )
-    tensors, _ = read_checkpoint(weights, device=device)
-    load_state_dict_strict(model, tensors, weights)
-    return model.eval()
+    return model

@@ -21,6 +21,7 @@ from flora_ray.core.lowrank import SV_PLACEMENTS, ElasticLowRankLinear
 from flora_ray.core.models import ModelSpec, load_state_dict_strict
 from flora_ray.core.space import RankConfig, RankSpace
 from flora_ray.core.surgery import find_targets, swap_modules
+from flora_ray.core.tome import token_merging_r
 from flora_ray.storage.files import read_checkpoint, read_checkpoint_header, write_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ def build_supernet(
     sv_placement: str = "faithful",
     merge_above_break_even: bool = True,
     device: str | torch.device = "cpu",
+    tome_r: int = 0,
 ) -> Supernet:
     """Build a FLORA supernet by SVD surgery on a live timm model.
 
@@ -134,16 +136,18 @@ def build_supernet(
         sv_placement: ``"faithful"`` (all singular values in one factor, the reference) or ``"sqrt"``.
         merge_above_break_even: See ``ElasticLowRankLinear``.
         device: Device to build a named model on.
+        tome_r: Tokens merged per block (ToMe, ``core.tome``) in a named model; a module's own setting is read off
+            it (``tome.token_merging_r``).
     """
     if sv_placement not in SV_PLACEMENTS:
         raise ValueError(f"sv_placement={sv_placement!r} is not supported; use one of {SV_PLACEMENTS}")
     if isinstance(model, str):
-        spec = ModelSpec(model, model_kwargs or {})
+        spec = ModelSpec(model, model_kwargs or {}, tome_r)
         module = spec.create(pretrained=pretrained, device=device)
     elif isinstance(model, nn.Module):
         if model_kwargs and not model_name:
             raise ValueError("model_kwargs is for a model name; for a module pass model_name= with it")
-        spec = ModelSpec(model_name, model_kwargs or {}) if model_name else None
+        spec = ModelSpec(model_name, model_kwargs or {}, token_merging_r(model)) if model_name else None
         module = model
     else:
         raise TypeError(f"model must be a timm model name or an nn.Module, got {type(model).__name__}")

@@ -18,6 +18,7 @@ and timm's eval transform otherwise.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -144,6 +145,17 @@ def eval_subset(dataset: Dataset, max_images: int | None, seed: int) -> Dataset:
     if max_images is None or max_images >= len(dataset):
         return dataset
     return LabelledSubset(dataset, stratified_indices(labels_of(dataset), max_images, seed).tolist())
+
+
+def calibration_images(cfg: DataConfig, n_images: int, workers: int = 0) -> tuple[torch.Tensor, Preprocess]:
+    """``n_images`` of the train split for BatchNorm recalibration (``core.batchnorm``), and what makes them model
+    inputs: un-augmented, class-stratified and seeded by ``data.seed`` (the same images for every subnet and every
+    process), as uint8 pixels ``(N, C, H, W)`` decoded by ``workers`` loader processes. Never search or test
+    images: those score the subnets."""
+    clean = dataclasses.replace(cfg, augment=False)
+    subset = eval_subset(build_datasets(clean, pixels=("train",)).train, n_images, cfg.seed)
+    batches = [x for x, _ in DataLoader(subset, batch_size=256, num_workers=workers)]
+    return torch.cat(batches), preprocess_for(clean)
 
 
 def class_balanced_split(

@@ -1,7 +1,10 @@
 """The timm ``VisionTransformer`` family: ViT, DeiT and distilled DeiT.
 
 Blocks are ``blocks.i``; every Linear layer of a block sees the whole sequence (patches plus prefix tokens), the
-head (and the distillation head) one token under pooling, the whole sequence without.
+head (and the distillation head) one token under pooling, the whole sequence without. With ToMe token merging
+(``core.tome``, ``r`` tokens per block) block ``i`` sees ``t_i`` tokens in its attention (``qkv``, ``proj``) and
+``t_i - r`` in its MLP, ``t_{i+1} = t_i - r``, and the matching adds one ``ceil(t_i/2) x floor(t_i/2)`` similarity
+product over the head dimension per block.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from flora_ray.core.tome import token_merging_r, token_schedule
 from flora_ray.families import ModelFamily, Split, TokenGeometry, conv_macs, linear_fqns, register_family
 
 BLOCKS = r"blocks\.\d+"  # the FQN of one transformer block
@@ -29,15 +33,19 @@ def vit_token_geometry(model: nn.Module) -> TokenGeometry:
     if getattr(model, "attn_pool", None) is not None:
         raise ValueError("no analytic cost model for ViTs with attention pooling (global_pool='map')")
     grid_h, grid_w = model.patch_embed.grid_size
-    seq_len = grid_h * grid_w + model.num_prefix_tokens
+    r, prefix = token_merging_r(model), model.num_prefix_tokens
+    schedule = token_schedule(grid_h * grid_w + prefix, len(model.blocks) + 1, r, prefix)
     other = conv_macs(model.patch_embed.proj, grid_h, grid_w)
     tokens: dict[str, int] = {}
     for i, block in enumerate(model.blocks):
+        seq_len, merged = schedule[i], schedule[i + 1]
         for fqn in linear_fqns(block):
-            tokens[f"blocks.{i}.{fqn}"] = seq_len
+            tokens[f"blocks.{i}.{fqn}"] = seq_len if fqn.startswith("attn.") else merged
         attn_dim = block.attn.qkv.out_features // 3
         other += 2 * seq_len * seq_len * attn_dim  # q k^T and attn v over all heads
-    head_tokens = _head_tokens(model, seq_len)
+        if seq_len != merged:  # ToMe's bipartite matching: A tokens x B tokens x head_dim
+            other += ((seq_len + 1) // 2) * (seq_len // 2) * block.attn.head_dim
+    head_tokens = _head_tokens(model, schedule[-1])
     for name in ("head", "head_dist"):
         if isinstance(getattr(model, name, None), nn.Linear):
             tokens[name] = head_tokens
@@ -45,9 +53,10 @@ def vit_token_geometry(model: nn.Module) -> TokenGeometry:
 
 
 def vit_split_forward(model: nn.Module, block_name: str) -> Split | None:
-    """``(prefix, suffix)`` around block ``blocks.i``; ``None`` for any other name."""
+    """``(prefix, suffix)`` around block ``blocks.i``; ``None`` for any other name, and with token merging (the
+    token sizes would have to cross the split)."""
     parts = block_name.split(".")
-    if len(parts) != 2 or parts[0] != "blocks":
+    if len(parts) != 2 or parts[0] != "blocks" or token_merging_r(model):
         return None
     i = int(parts[1])
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flora_ray.core.batchnorm import BatchNormCalibration, has_batchnorm
 from flora_ray.core.models import ModelSpec
 from flora_ray.core.space import RankConfig, RankSpace
 from flora_ray.core.supernet import Supernet, elastic_skeleton
@@ -92,7 +93,9 @@ class Evaluator:
     """Accuracy of subnets with inherited supernet weights on a fixed set of search images.
 
     ``images`` may be uint8 pixels (one shared read-only copy per node from Ray's object store), turned into model
-    inputs batch by batch on the device by ``preprocess``; float images are used as they are.
+    inputs batch by batch on the device by ``preprocess``; float images are used as they are. With a
+    ``calibration``, each subnet's BatchNorm statistics are recalibrated on its training images before it is
+    scored (``core.batchnorm``); ``None`` (the default, and always for models without BatchNorm): the supernet's.
     """
 
     def __init__(
@@ -103,8 +106,10 @@ class Evaluator:
         device: torch.device | str = "cpu",
         batch_size: int = 500,
         preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        calibration: BatchNormCalibration | None = None,
     ) -> None:
         self.supernet = supernet.eval()
+        self.calibration = calibration
         self.device = torch.device(device)
         self.images = images
         self.labels = labels
@@ -130,6 +135,8 @@ class Evaluator:
     def accuracy(self, config: Mapping[str, int]) -> float:
         """Top-1 accuracy (%) of the subnet ``config``."""
         self.supernet.set_ranks(config, within_candidates=False)
+        if self.calibration is not None:
+            self.calibration(self.supernet.model)
         return self.model_accuracy(self.supernet)
 
     def model_metrics(self, model: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
@@ -172,7 +179,7 @@ def build_evaluator(
     the search images (uint8 pixels from ``search_images``, used in place: no copy)."""
     from flora_ray.config import Config, build_dataclass
     from flora_ray.data.datasets import preprocess_for
-    from flora_ray.training.worker import device_for, setup_worker
+    from flora_ray.training.worker import device_for, loader_workers, setup_worker
 
     cfg: Config = build_dataclass(Config, config, "")
     setup_worker(cfg.run.threads_per_worker)
@@ -181,7 +188,23 @@ def build_evaluator(
     with warnings.catch_warnings():  # object-store arrays are read-only; evaluation never writes to them
         warnings.simplefilter("ignore", UserWarning)
         pixels, targets = torch.from_numpy(images), torch.from_numpy(labels)
-    return Evaluator(supernet, pixels, targets, device, cfg.search.batch_size, preprocess_for(cfg.data))
+    calibration = batchnorm_calibration(
+        cfg, supernet.model, loader_workers(cfg.data.workers, cfg.search.cpus_per_trial)
+    )
+    return Evaluator(
+        supernet, pixels, targets, device, cfg.search.batch_size, preprocess_for(cfg.data), calibration=calibration
+    )
+
+
+def batchnorm_calibration(cfg, model: torch.nn.Module, workers: int = 0) -> BatchNormCalibration | None:
+    """The run's BatchNorm recalibration set for ``model`` (``search.bn_recalibration_images`` training images in
+    batches of ``train.batch_size``); ``None``, with no data loaded, when that is 0 or ``model`` has no BatchNorm."""
+    from flora_ray.data.datasets import calibration_images
+
+    if cfg.search.bn_recalibration_images == 0 or not has_batchnorm(model):
+        return None
+    images, preprocess = calibration_images(cfg.data, cfg.search.bn_recalibration_images, workers)
+    return BatchNormCalibration(images, cfg.train.batch_size, preprocess)
 
 
 def search_images(config: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:

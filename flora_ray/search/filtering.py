@@ -25,6 +25,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from flora_ray.config import UNIFORM_MIN, FilterConfig, parse_budget
+from flora_ray.core.batchnorm import (
+    BatchNormCalibration,
+    batchnorm_state,
+    has_batchnorm,
+    load_batchnorm_state,
+)
 from flora_ray.core.cost import CostModel
 from flora_ray.core.space import RankSpace
 from flora_ray.core.supernet import Supernet
@@ -96,12 +102,19 @@ def train_local_supernet(
 
 @torch.no_grad()
 def score_candidates(
-    supernet: Supernet, block_index: int, dataset, device: torch.device, batch_size: int = 500
+    supernet: Supernet,
+    block_index: int,
+    dataset,
+    device: torch.device,
+    batch_size: int = 500,
+    calibration: BatchNormCalibration | None = None,
 ) -> list[float]:
     """Top-1 accuracy (%) of every candidate of block ``block_index`` (others at full rank) on ``dataset``.
 
     Batch by batch: the shared prefix (everything before the block) runs once per batch, then every candidate runs
-    the rest on it; memory stays at one batch's activations whatever the number of images.
+    the rest on it; memory stays at one batch's activations whatever the number of images. With a ``calibration``,
+    every candidate is scored with its own BatchNorm statistics (``candidate_batchnorm_states``), and the
+    supernet's own statistics are put back afterwards.
     """
     space = supernet.space
     block = space.blocks[block_index]
@@ -109,15 +122,41 @@ def score_candidates(
     supernet.eval()
     base = space.largest()
     configs = [{**base, **dict(zip(block.fqns, candidate, strict=True))} for candidate in block.candidates]
+    shared = batchnorm_state(supernet.model)  # {} without BatchNorm
+    states = candidate_batchnorm_states(supernet, [base, *configs], calibration)
     correct, total = [0] * len(configs), 0
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        supernet.set_ranks(base)
-        hidden, y = prefix(x.to(device)), y.to(device)
-        for index, config in enumerate(configs):
-            supernet.set_ranks(config)
-            correct[index] += (suffix(hidden).argmax(-1) == y).sum().item()
-        total += len(y)
+    try:
+        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            supernet.set_ranks(base)
+            if states:
+                load_batchnorm_state(supernet.model, states[0])
+            hidden, y = prefix(x.to(device)), y.to(device)
+            for index, config in enumerate(configs):
+                supernet.set_ranks(config)
+                if states:
+                    load_batchnorm_state(supernet.model, states[index + 1])
+                correct[index] += (suffix(hidden).argmax(-1) == y).sum().item()
+            total += len(y)
+    finally:
+        if states:  # the supernet keeps its own statistics
+            load_batchnorm_state(supernet.model, shared)
     return [100.0 * c / max(total, 1) for c in correct]
+
+
+def candidate_batchnorm_states(
+    supernet: Supernet, configs: list[dict[str, int]], calibration: BatchNormCalibration | None
+) -> list[dict[str, torch.Tensor]]:
+    """The BatchNorm statistics of each of ``configs`` recalibrated on ``calibration`` (``[]`` without one, or
+    when the model has no BatchNorm). Every configuration shares the full-rank prefix before the scored block, so
+    the prefix's statistics are the same in each, and the cached prefix output stays valid for all of them."""
+    if calibration is None or not has_batchnorm(supernet.model):
+        return []
+    states = []
+    for config in configs:
+        supernet.set_ranks(config)
+        calibration(supernet.model)
+        states.append(batchnorm_state(supernet.model))
+    return states
 
 
 def filter_block(
@@ -130,16 +169,18 @@ def filter_block(
     seed: int,
     device: torch.device,
     feed: Feed = PLAIN_FEED,
+    calibration: BatchNormCalibration | None = None,
 ) -> dict[str, Any]:
     """Train (unless zero-training) and score one block on all of ``search``; returns ``{"block", "rows",
-    "seconds", "losses"}``; ``feed``: how the local supernet's training is fed."""
+    "seconds", "losses"}``; ``feed``: how the local supernet's training is fed; ``calibration``: each candidate's
+    BatchNorm statistics (``score_candidates``)."""
     started = time.perf_counter()
     losses = []
     if cfg.mode == "local_supernet":
         losses = train_local_supernet(
             supernet, teacher, block_index, train_subset, cfg, seed + block_index, device, feed
         )
-    accuracies = score_candidates(supernet, block_index, search, device)
+    accuracies = score_candidates(supernet, block_index, search, device, calibration=calibration)
     block = supernet.space.blocks[block_index]
     base = supernet.space.largest()
     rows = []

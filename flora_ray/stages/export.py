@@ -25,11 +25,13 @@ from flora_ray.config import Config, build_dataclass
 from flora_ray.core.cost import build_cost_model
 from flora_ray.core.latency import LatencyModel
 from flora_ray.core.models import ModelSpec
+from flora_ray.core.quantize import SCHEME
 from flora_ray.core.space import RankSpace
 from flora_ray.core.subnet import load_subnet, package_versions, save_subnet
+from flora_ray.core.supernet import Supernet
 from flora_ray.data.datasets import build_datasets, norm_stats
 from flora_ray.results import best_under, cost_axis, format_cost, knee_point, load_front, load_trials
-from flora_ray.search.evaluator import supernet_from_numpy
+from flora_ray.search.evaluator import batchnorm_calibration, supernet_from_numpy
 from flora_ray.stages.formats import CARD_FILE, CONFIG_FILE, check_formats, hf_config, model_card, write_formats
 from flora_ray.stages.inputs import load_teacher, open_run, working_dir
 from flora_ray.stages.profile import (
@@ -129,6 +131,7 @@ def export_task(
     ranks = json.loads(row["ranks"])
     tensors, header = store.read_checkpoint(ARTEFACTS.supernet)
     supernet = supernet_from_numpy(header, {k: v.numpy() for k, v in tensors.items()})
+    recalibrated = calibrate_subnet(supernet, ranks, cfg)
     splits = build_datasets(cfg.data) if evaluate else None
     figures: dict[str, Any] = {
         "trial": int(row["trial"]),
@@ -136,6 +139,7 @@ def export_task(
         "dense_macs": supernet.cost.dense_macs,
         "params": supernet.cost.params(ranks),
         "search_accuracy": float(row["accuracy"]),
+        "bn_recalibration_images": cfg.search.bn_recalibration_images if recalibrated else 0,
         "versions": package_versions(),
     }
     with tempfile.TemporaryDirectory(prefix="flora-export-") as tmp:
@@ -144,6 +148,7 @@ def export_task(
         x = _check_batch(model, supernet.spec, splits)
         figures["formats"] = write_formats(model, x, Path(tmp), formats)
         files = {path.name: path.read_bytes() for path in sorted(Path(tmp).iterdir()) if path.is_file()}
+        int8 = load_subnet(tmp, int8=True) if "int8" in formats and evaluate else None
     if not evaluate:
         return files, {**figures, "evaluated": False}
     device = device_for(cfg.scaling.accelerator, cfg.search.gpus_per_trial > 0)  # accuracy; latency is on CPU
@@ -156,7 +161,46 @@ def export_task(
         "threads": threads,
         "device": str(device),
     })  # fmt: skip
+    if int8 is not None:
+        figures["int8"] = int8_figures(int8, model.cpu(), splits.test, x, threads, figures["test_accuracy"])
     return files, figures
+
+
+def int8_figures(
+    int8: nn.Module, fp32: nn.Module, test, x: torch.Tensor, threads: int, fp32_accuracy: float
+) -> dict[str, Any]:
+    """The int8 subnet (``--format int8``) against the fp32 one: test accuracy (on CPU, where int8 runs) and CPU
+    latency, both models timed with the same batches, threads and timer (``cpu_latency_ms``)."""
+    int8_accuracy = accuracy(int8, test, torch.device("cpu"))
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        timed = {
+            f"{name}_{label}_ms": cpu_latency_ms(net, batch)
+            for label, batch in (("batch1", x[:1]), ("batch32", x))
+            for name, net in (("int8", int8), ("fp32", fp32))
+        }
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {
+        "scheme": SCHEME,
+        "test_accuracy": int8_accuracy,
+        "fp32_test_accuracy": fp32_accuracy,
+        "accuracy_drop": fp32_accuracy - int8_accuracy,
+        "latency": timed,
+        "speedup_batch1": timed["fp32_batch1_ms"] / timed["int8_batch1_ms"],
+        "speedup_batch32": timed["fp32_batch32_ms"] / timed["int8_batch32_ms"],
+        "threads": threads,
+    }
+
+
+def calibrate_subnet(supernet: Supernet, ranks: dict[str, int], cfg: Config) -> bool:
+    """Set the supernet to ``ranks`` and, when the run recalibrates BatchNorm (``search.bn_recalibration_images``)
+    and the model has any, give it that subnet's statistics on the run's recalibration images, as the search
+    scored it: the exported weights then carry them. Returns whether anything was recalibrated."""
+    supernet.set_ranks(ranks, within_candidates=False)
+    calibration = batchnorm_calibration(cfg, supernet.model)
+    return calibration is not None and calibration(supernet.model)
 
 
 def _check_batch(model: nn.Module, spec: ModelSpec, splits) -> torch.Tensor:

@@ -24,6 +24,7 @@ from flora_ray.config import Config, build_dataclass, config_to_dict
 from flora_ray.core.cost import build_cost_model
 from flora_ray.core.space import RankSpace
 from flora_ray.data.datasets import build_datasets, eval_subset
+from flora_ray.search.evaluator import batchnorm_calibration
 from flora_ray.search.filtering import (
     as_numpy_state,
     cost_floor_macs,
@@ -80,10 +81,12 @@ def filter_task(shared: tuple[dict[str, Any], dict[str, Any]], block_index: int)
     dense.load_state_dict(state)
     supernet = factorize_model(cfg, dense)
     teacher.requires_grad_(False)
-    feed = Feed(loader_workers(cfg.data.workers, cfg.filter.cpus_per_task), splits.preprocess, cfg.data.augment)
+    workers = loader_workers(cfg.data.workers, cfg.filter.cpus_per_task)
+    feed = Feed(workers, splits.preprocess, cfg.data.augment)
+    calibration = batchnorm_calibration(cfg, supernet.model, workers)  # None without BatchNorm: nothing loaded
     return filter_block(
         supernet.to(device), teacher.eval().to(device), block_index, splits.train, search, cfg.filter,
-        cfg.run.seed, device, feed,
+        cfg.run.seed, device, feed, calibration,
     )  # fmt: skip
 
 

@@ -1,9 +1,12 @@
 """Deployable export formats of a subnet, and the Hugging Face folder layout around them.
 
 ``safetensors`` (always: ``model.safetensors`` + ``subnet.json``, loaded by ``flora_ray.load_subnet``), ``pt2``
-(``torch.export``, loaded by ``torch.export.load``: no flora-ray, no timm) and ``onnx`` (the dynamo ONNX exporter;
-run by onnxruntime). The batch dimension is dynamic in both. Each written file is loaded back and run on a batch
-against the PyTorch subnet; the largest absolute difference goes into ``export.json``. The folder also gets a
+(``torch.export``, loaded by ``torch.export.load``: no flora-ray, no timm), ``onnx`` (the dynamo ONNX exporter;
+run by onnxruntime) and ``int8`` (``model.int8.safetensors``: the subnet's Linear layers quantized to int8 after
+training, ``core.quantize``; ``flora_ray.load_subnet(folder, int8=True)``, CPU). The batch dimension is dynamic in
+pt2 and onnx. Each written file is loaded back and run on a batch against the PyTorch subnet; the largest absolute
+difference goes into ``export.json`` (for int8 a quantization error, not a check of the file, with the top-1
+agreement on the batch and both file sizes). The folder also gets a
 ``config.json`` (timm's hub keys plus the ranks) and a model card ``README.md``.
 """
 
@@ -18,8 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-FORMATS = ("safetensors", "pt2", "onnx")
-FORMAT_FILES = {"safetensors": "model.safetensors", "pt2": "model.pt2", "onnx": "model.onnx"}
+from flora_ray.core.quantize import save_int8
+from flora_ray.core.subnet import INT8_WEIGHTS_FILE, WEIGHTS_FILE, load_subnet
+
+FORMATS = ("safetensors", "pt2", "onnx", "int8")
+FORMAT_FILES = {"safetensors": "model.safetensors", "pt2": "model.pt2", "onnx": "model.onnx", "int8": INT8_WEIGHTS_FILE}
 NEEDS = {"onnx": ("onnx", "onnxscript", "onnxruntime")}  # modules of the optional extra `export`
 MAX_BATCH = 4096
 CONFIG_FILE = "config.json"
@@ -50,15 +56,20 @@ def write_formats(model: nn.Module, x: torch.Tensor, directory: Path, formats: I
     dynamic); per format: file name and max absolute difference."""
     model = model.eval()
     expected = model(x)
-    writers = {"pt2": _pt2, "onnx": _onnx}
+    writers = {"pt2": _pt2, "onnx": _onnx, "int8": _int8}
     out: dict[str, Any] = {}
     for name in formats:
         if name == "safetensors":
             continue
         path = directory / FORMAT_FILES[name]
         run = writers[name](model, x, path)
-        diff = max(float((run(x) - expected).abs().max()), float((run(x[:1]) - expected[:1]).abs().max()))
+        got = run(x)
+        diff = max(float((got - expected).abs().max()), float((run(x[:1]) - expected[:1]).abs().max()))
         out[name] = {"file": path.name, "max_abs_diff": diff, "checked_batches": [len(x), 1]}
+        if name == "int8":
+            agreement = float((got.argmax(-1) == expected.argmax(-1)).float().mean())
+            sizes = {"bytes": path.stat().st_size, "fp32_bytes": (directory / WEIGHTS_FILE).stat().st_size}
+            out[name].update({"top1_agreement": agreement, **sizes})
     return out
 
 
@@ -83,6 +94,12 @@ def _onnx(model: nn.Module, x: torch.Tensor, path: Path):
     return lambda batch: torch.from_numpy(session.run(None, {name: batch.cpu().numpy()})[0])
 
 
+def _int8(model: nn.Module, x: torch.Tensor, path: Path):
+    save_int8(model, path)
+    loaded = load_subnet(path.parent, int8=True)  # as a user loads it, from subnet.json and the int8 file
+    return lambda batch: loaded(batch.cpu())
+
+
 def hf_config(spec: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
     """``config.json``: timm's hub keys (architecture, classes, model arguments, input size and normalisation)
     plus the factorisation (``flora_ray``: ranks per layer and how to load the weights)."""
@@ -104,7 +121,8 @@ def hf_config(spec: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any
             "ranks": spec["ranks"],
             "macs": spec["macs"],
             "params": spec["params"],
-            "load": "flora_ray.load_subnet(folder); model.pt2: torch.export.load; model.onnx: onnxruntime",
+            "load": "flora_ray.load_subnet(folder); model.pt2: torch.export.load; model.onnx: onnxruntime; "
+            "model.int8.safetensors: flora_ray.load_subnet(folder, int8=True)",
         },
     }
 
@@ -135,6 +153,11 @@ def model_card(spec: Mapping[str, Any], figures: Mapping[str, Any], context: Map
     if figures.get("latency"):
         lat = figures["latency"]
         lines.append(f"| CPU latency, batch 1 | {lat['subnet_batch1_ms']:.2f} ms | {lat['dense_batch1_ms']:.2f} ms |")
+    if figures.get("int8"):
+        q = figures["int8"]
+        lines.append(f"| int8 (`model.int8.safetensors`): test accuracy, CPU batch 1 | {q['test_accuracy']:.2f}%, "
+                     f"{q['latency']['int8_batch1_ms']:.2f} ms | fp32 subnet: {q['fp32_test_accuracy']:.2f}%, "
+                     f"{q['latency']['fp32_batch1_ms']:.2f} ms |")  # fmt: skip
     for batch, b in ((figures.get("target_latency") or {}).get("batches") or {}).items():
         lines.append(f"| latency on {context['target_device']}, batch {batch} | {b['measured_ms']:.3f} ms "
                      f"(predicted {b['predicted_ms']:.3f}) | {b['dense_measured_ms']:.3f} ms |")  # fmt: skip

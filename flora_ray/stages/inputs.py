@@ -19,7 +19,6 @@ from flora_ray.config import Config, changed_result_keys, config_to_dict, dotted
 from flora_ray.core.models import (
     HUB_PREFIX,
     ModelSpec,
-    create_model,
     hub_weights,
     load_state_dict_strict,
     pretrained_num_classes,
@@ -51,7 +50,7 @@ def resolve_model_spec(cfg: Config) -> ModelSpec:
             f"model.kwargs.num_classes={kwargs['num_classes']} but the data ({cfg.data.name}) has {classes} classes; "
             "remove model.kwargs.num_classes: it comes from the data"
         )
-    return ModelSpec(name, kwargs)
+    return ModelSpec(name, kwargs, cfg.model.tome_r)
 
 
 def architecture(cfg: Config) -> tuple[str, dict[str, Any]]:
@@ -179,7 +178,7 @@ def full_space(cfg: Config) -> RankSpace:
     """The run's unfiltered rank space, from the model built on the meta device (no weights, no SVD)."""
     spec = resolve_model_spec(cfg)
     return build_space(
-        create_model(spec.name, device="meta", **spec.kwargs),
+        spec.create(device="meta"),
         ratios=cfg.model.ratios,
         include_proj=cfg.model.include_proj,
         targets=cfg.model.targets,

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from flora_ray.config import BOUNDS, Config
-from flora_ray.core.models import ModelSpec, create_model
+from flora_ray.core.models import ModelSpec
 from flora_ray.data.datasets import build_datasets
 from flora_ray.stages.inputs import (
     SMALL_DATASETS,
@@ -32,7 +32,7 @@ def check_geometry(spec: ModelSpec) -> None:
     BatchNorm in training mode (LeViT) rejects a batch of one pooled image."""
     import torch
 
-    model = create_model(spec.name, device="meta", **spec.kwargs)
+    model = spec.create(device="meta")  # token merging: a tome_r too large for the token count fails here
     size, chans = spec.kwargs["img_size"], spec.kwargs["in_chans"]
     try:
         with torch.no_grad():

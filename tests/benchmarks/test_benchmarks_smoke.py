@@ -186,3 +186,22 @@ def test_scaling_smoke_reports_both_worker_counts_and_efficiency(scaling):
         assert r["images_per_s"] == pytest.approx(r["throughput"] * r["eval_images"])
         assert 1 <= r["evaluator_builds"] <= r["workers"]  # each reused actor builds its supernet once
     assert "efficiency" in stdout
+
+
+def test_tome_int8_smoke_times_every_combination_at_exact_macs(tmp_path):
+    from itertools import product
+
+    from flora_ray.core.cost import build_cost_model
+    from flora_ray.core.models import ModelSpec
+
+    _, result = _run("tome_int8", tmp_path)
+    _check_environment(result)
+    rows = result["rows"]
+    assert sorted((r["tome_r"], r["form"], r["precision"], r["batch"]) for r in rows) == sorted(
+        product((0, 2), ("dense", "subnet"), ("fp32", "int8"), (1, 2))
+    )
+    macs = {(r["tome_r"], r["form"]): r["macs"] for r in rows}
+    for r in (0, 2):
+        assert macs[r, "dense"] == build_cost_model(ModelSpec("test_vit", {"img_size": 64}, r).create()).dense_macs
+    assert macs[2, "subnet"] < macs[0, "subnet"] < macs[0, "dense"] and macs[2, "dense"] < macs[0, "dense"]
+    assert all(r["ms"] > 0 and r["speedup"] > 0 for r in rows)

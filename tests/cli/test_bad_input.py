@@ -105,6 +105,24 @@ CASES = [
     (None, ["run", "{c}", "search.min_params=101%"], "search.min_params='101%' (1.84e+04) is above the dearest"),
     (None, ["search", "{c}", "search.max_latency_ms=5"], "latency_table.parquet' does not exist: run"),
     (None, ["profile", "{c}", "profile.dtype=float16"], "float16 needs profile.device=cuda"),
+    (None, ["run", "{c}", "model.tome_r=-1"], "model.tome_r=-1 is invalid: a whole number of tokens >= 0"),
+    (
+        None,
+        ["run", "{c}", "model.tome_r=9"],
+        "tome_r=9 is too large: block 0 of 2 sees 17 tokens and can merge at most 8",
+    ),
+    (None, ["run", "{c}", "model.name=deit_tiny_distilled_patch16_224", "model.tome_r=1"], "not VisionTransformerDist"),
+    (
+        None,
+        [
+            "run",
+            "{c}",
+            "model.name=swin_tiny_patch4_window7_224",
+            "model.kwargs={{patch_size: 2, depths: [2], num_heads: [2], window_size: 2}}",
+            "model.tome_r=1",
+        ],
+        "token merging (model.tome_r=1) supports timm VisionTransformer models (ViT, DeiT), not SwinTransformer",
+    ),
 ]
 
 

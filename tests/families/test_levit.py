@@ -1,6 +1,7 @@
 """The LeViT family: targets, exact cost against FlopCounterMode, full-rank and export equivalence with BatchNorm,
 the split forward, and one run of every pipeline stage on the in-process backend."""
 
+import json
 import random
 
 import pytest
@@ -156,5 +157,16 @@ def test_every_pipeline_stage_runs_for_levit_on_digits(digits_config):
     assert len(trials) == 6 and (trials["state"] == "COMPLETE").all()
     exported = [p.parent for p in run_dir.rglob("subnet.json")]
     assert exported
-    subnet = fr.load_subnet(exported[0])
+    subnet = fr.load_subnet(exported[0]).eval()
     assert subnet(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    # The export carries its own recalibrated BatchNorm statistics (search.bn_recalibration_images), the ones
+    # Run.subnet gives too, not the supernet's shared ones.
+    figures = json.loads((exported[0] / "export.json").read_text())
+    assert figures["bn_recalibration_images"] == cfg.search.bn_recalibration_images > 0
+    run = fr.Run.open(run_dir)
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(subnet(x), run.subnet(figures["trial"])(x), rtol=1e-5, atol=1e-5)
+        supernet = run.supernet
+        supernet.set_ranks(run.ranks(figures["trial"]), within_candidates=False)
+        assert (subnet(x) - supernet(x)).abs().max() > 1e-4
