@@ -41,6 +41,11 @@ PROFILE_DTYPES = ("float32", "bfloat16", "float16")
 # without the metadata affects the results.
 AFFECTS_RESULTS = "affects_results"
 SPEED_ONLY = types.MappingProxyType({AFFECTS_RESULTS: False})
+# A key added after runs were made: what a run whose recorded configuration lacks it did (so that upgrading
+# flora-ray does not turn every earlier run into "a different configuration"). On a section, ``SECTION_DEFAULTS``:
+# a run without the section behaved as its defaults say.
+ABSENT_MEANS = "flora_ray.absent_means"
+SECTION_DEFAULTS = "section defaults"
 
 
 def _check(condition: bool, name: str, value: Any, allowed: str) -> None:
@@ -86,7 +91,7 @@ class ModelConfig:
     include_proj: bool = False
     targets: str | None = None
     sv_placement: str = "faithful"
-    tome_r: int = 0
+    tome_r: int = field(default=0, metadata={ABSENT_MEANS: 0})
 
     def __post_init__(self) -> None:
         _check(self.sv_placement in ("faithful", "sqrt"), "model.sv_placement", self.sv_placement, "faithful or sqrt")
@@ -384,8 +389,8 @@ class FilterConfig(OptimConfig):
     subset: float = 0.35
     keep_fraction: float = 0.3
     score: str = "flops_aware"
-    cost_floor: float | str | None = None
-    cost_bins: int = 0
+    cost_floor: float | str | None = field(default=None, metadata={ABSENT_MEANS: None})
+    cost_bins: int = field(default=0, metadata={ABSENT_MEANS: 0})
     eval_images: int = 2000
     concurrency: int = field(default=2, metadata=SPEED_ONLY)
     cpus_per_task: float = field(default=1.0, metadata=SPEED_ONLY)
@@ -473,7 +478,7 @@ class SearchConfig:
     min_params: float | str | None = None
     min_latency_ms: float | str | None = None
     eval_images: int = 2000
-    bn_recalibration_images: int = 500
+    bn_recalibration_images: int = field(default=500, metadata={ABSENT_MEANS: 0})  # earlier runs: no recalibration
     batch_size: int = field(default=500, metadata=SPEED_ONLY)
     concurrency: int = field(default=2, metadata=SPEED_ONLY)
     cpus_per_trial: float = field(default=1.0, metadata=SPEED_ONLY)
@@ -678,7 +683,7 @@ class Config:
     filter: FilterConfig = field(default_factory=FilterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={ABSENT_MEANS: SECTION_DEFAULTS})
     scaling: ScalingConfig = field(default_factory=ScalingConfig, metadata=SPEED_ONLY)
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=SPEED_ONLY)
 
@@ -884,6 +889,10 @@ def changed_result_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[
     marked) never counts; a key the schema does not know always does.
     """
     before, after = _leaves(Config, old, ""), _leaves(Config, new, "")
+    for key in set(after) - set(before):  # keys added since ``old`` was recorded: what their absence meant
+        known, value = _absent_value(key)
+        if known:
+            before[key] = value
     keys = sorted(set(before) | set(after))
     return [k for k in keys if before.get(k) != after.get(k) and _affects_results(k)]
 
@@ -901,6 +910,50 @@ def _leaves(cls: type | None, data: Mapping[str, Any], prefix: str) -> dict[str,
         else:
             leaves[dotted] = value
     return leaves
+
+
+def describe_change(old: Mapping[str, Any], new: Mapping[str, Any], key: str) -> str:
+    """``key: old -> new`` for a message; a key ``old`` lacks shows what its absence meant (``changed_result_keys``)."""
+    before = dotted_value(old, key)
+    known, absent = _absent_value(key)
+    if before is None and known and not _present(old, key):
+        return (
+            f"{key}: not recorded (behaved as {absent!r}) -> {dotted_value(new, key)!r}; {key}={absent!r} continues it"
+        )
+    return f"{key}: {before!r} -> {dotted_value(new, key)!r}"
+
+
+def _present(data: Mapping[str, Any], key: str) -> bool:
+    *parents, last = key.split(".")
+    for part in parents:
+        data = data.get(part) if isinstance(data, Mapping) else None
+    return isinstance(data, Mapping) and last in data
+
+
+def _absent_value(key: str) -> tuple[bool, Any]:
+    """``(True, value)`` when a configuration recorded without ``key`` behaved as ``value`` (``ABSENT_MEANS`` on
+    the key or ``SECTION_DEFAULTS`` on its section), else ``(False, None)``."""
+    cls: Any = Config
+    section_defaults = False
+    for part in key.split("."):
+        known = {f.name: f for f in dataclasses.fields(cls)}.get(part) if dataclasses.is_dataclass(cls) else None
+        if known is None:
+            return False, None
+        marker = known.metadata.get(ABSENT_MEANS, _NOT_MARKED)
+        if marker == SECTION_DEFAULTS:
+            section_defaults = True
+        elif marker is not _NOT_MARKED:
+            return True, marker
+        cls = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(cls):
+            if not section_defaults:
+                return False, None
+            default = known.default_factory() if known.default is dataclasses.MISSING else known.default
+            return True, config_to_dict(default) if dataclasses.is_dataclass(default) else default
+    return False, None
+
+
+_NOT_MARKED = object()
 
 
 def _affects_results(key: str) -> bool:

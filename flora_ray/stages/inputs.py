@@ -15,7 +15,7 @@ import torch
 import yaml
 from torch import nn
 
-from flora_ray.config import Config, changed_result_keys, config_to_dict, dotted_value, dump_config
+from flora_ray.config import Config, changed_result_keys, config_to_dict, describe_change, dump_config
 from flora_ray.core.models import (
     HUB_PREFIX,
     ModelSpec,
@@ -214,7 +214,7 @@ def claim_run(cfg: Config, record: bool = True) -> RunStore:
             ) from None
         changed = changed_result_keys(stored, current)
         if changed:
-            shown = "; ".join(f"{k}: {dotted_value(stored, k)!r} -> {dotted_value(current, k)!r}" for k in changed[:3])
+            shown = "; ".join(describe_change(stored, current, k) for k in changed[:3])
             raise ValueError(
                 f"run directory {store.root!r} was made with a different configuration ({shown}"
                 f"{'; ...' if len(changed) > 3 else ''}): choose another run.name or --output, or remove it"

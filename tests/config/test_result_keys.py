@@ -109,6 +109,52 @@ def test_a_run_directory_refuses_result_changes_only(tmp_path):
         claim_run_dir(config("train.lr=0.01"))
 
 
+def _recorded_before_upgrade(**sections):
+    """A configuration as an earlier flora-ray recorded it: without the keys added since."""
+    old = config_to_dict(Config())
+    for key in ("model.tome_r", "filter.cost_floor", "filter.cost_bins", "search.bn_recalibration_images"):
+        section, name = key.split(".")
+        del old[section][name]
+    del old["finetune"]
+    for dotted, value in sections.items():
+        section, name = dotted.split("__")
+        old[section][name] = value
+    return old
+
+
+def test_keys_added_later_compare_by_what_their_absence_meant():
+    old = _recorded_before_upgrade()
+    # tome_r 0, no floor, no bins and no finetune stage are what earlier runs did; recalibration was off.
+    assert changed_result_keys(old, config_to_dict(Config())) == ["search.bn_recalibration_images"]
+    new = config_to_dict(load_config(None, ["search.bn_recalibration_images=0"]))
+    assert changed_result_keys(old, new) == []
+    enabled = config_to_dict(load_config(None, ["search.bn_recalibration_images=0", "finetune.enabled=true"]))
+    assert changed_result_keys(old, enabled) == ["finetune.enabled"]
+    floor = config_to_dict(load_config(None, ["search.bn_recalibration_images=0", "model.tome_r=2"]))
+    assert changed_result_keys(old, floor) == ["model.tome_r"]
+    # Recorded but different still counts, and a key without a recorded meaning still counts when absent.
+    old["model"]["tome_r"] = 1
+    del old["train"]["sampler"]
+    assert changed_result_keys(old, new) == ["model.tome_r", "train.sampler"]
+
+
+def test_an_upgraded_run_is_refused_with_the_value_that_continues_it(tmp_path):
+    import yaml
+
+    from flora_ray.stages.inputs import claim_run as claim_run_dir
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}"])
+    store = claim_run_dir(cfg)
+    path = tmp_path / cfg.run.name / "run_config.yaml"
+    assert path.is_file()
+    path.write_text(yaml.safe_dump(_recorded_before_upgrade()))
+    with pytest.raises(ValueError, match=r"search.bn_recalibration_images: not recorded \(behaved as 0\) -> 500; "
+                       r"search.bn_recalibration_images=0 continues it"):  # fmt: skip
+        claim_run_dir(cfg)
+    resumed = claim_run_dir(load_config(None, [f"run.output_dir={tmp_path}", "search.bn_recalibration_images=0"]))
+    assert resumed.root == store.root and "bn_recalibration_images" not in path.read_text()
+
+
 # --- the recipe keys of pretrain, filter and train ------------------------------------------------------------------
 
 
