@@ -54,7 +54,7 @@ from search_efficiency import (
     uniform_search,
 )
 
-from flora_ray.config import Config, config_to_dict
+from flora_ray.config import Config, changed_result_keys, config_to_dict
 from flora_ray.core.space import RankSpace
 from flora_ray.results import GAIN_DROPS, cheapest_within, gain_over_uniform
 from flora_ray.search.plots import pyplot, save_png
@@ -79,6 +79,17 @@ def variant_dir(base: Path, variant: str, runs_root: Path) -> Path:
     return runs_root / f"bench-{base.name.removeprefix('bench-')}-{variant.replace('_', '')}"
 
 
+def same_source(recorded: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether a prepared variant was trained from the same teacher, space and result-changing configuration
+    (paths and other speed-only keys may differ: the same runs reached through another path are reused, not
+    deleted and retrained)."""
+    return (
+        recorded.get("teacher_sha256") == wanted["teacher_sha256"]
+        and recorded.get("space") == wanted["space"]
+        and not changed_result_keys(recorded.get("config", {}), wanted["config"])
+    )
+
+
 def prepare_ablation(
     base: Path, variant: str, runs_root: Path, local: bool, ablation: tuple[tuple[str, ...], bool] | None = None
 ) -> Path:
@@ -96,7 +107,7 @@ def prepare_ablation(
     source = {"teacher_sha256": sha256_file(teacher), "space": space, "config": config_to_dict(cfg)}
     source = json.loads(json.dumps(source))  # as it reads back from the file (tuples become lists)
     marker = target / SOURCE_FILE
-    if (target / ARTEFACTS.supernet).is_file() and marker.is_file() and read_json(marker) == source:
+    if (target / ARTEFACTS.supernet).is_file() and marker.is_file() and same_source(read_json(marker), source):
         print(f"reusing {target} ({variant})", flush=True)
         return target
     if target.exists():
@@ -314,7 +325,7 @@ def parse_args() -> argparse.Namespace:
 def prepare_variants(args) -> dict[str, Path]:
     """The base run (given or prepared) and its ablation supernets, by variant name."""
     base = prepare_base_run(args.run_dir, args.smoke, args.output, args.set).resolve()
-    runs_root = args.output / "runs" if args.smoke else ROOT / "runs"
+    runs_root = base.parent  # beside the base run (ranking_fidelity.py puts them there too, and shares them)
     return {"flora": base, **{v: prepare_ablation(base, v, runs_root, local=args.smoke) for v in ABLATIONS}}
 
 
