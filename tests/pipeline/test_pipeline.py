@@ -21,6 +21,7 @@ from flora_ray.stages.report import build_report
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 PIPELINE_STAGES, RUN_CONFIG_FILE = list(STAGES), ARTEFACTS.run_config
+RAY_STARTED = "Started a local Ray instance"  # what ray.init logs when it starts one
 
 
 def stage_marker(run_dir, stage):
@@ -133,6 +134,7 @@ def test_pipeline_runs_every_stage_then_skips_and_resumes(digits_config, tmp_pat
     _interrupt_in_training(config_file, run_dir / "ray" / f"{cfg.run.name}-train", tmp_path / "first.log")
     assert not (run_dir / "supernet.safetensors").exists(), "the first run was not interrupted"
     out = _run(config_file)
+    assert RAY_STARTED in out  # work was left: the default backend started Ray
     _check_training_resumed(cfg, out)
     for stage in PIPELINE_STAGES:
         assert stage_marker(run_dir, stage) is not None, stage
@@ -148,11 +150,11 @@ def test_pipeline_runs_every_stage_then_skips_and_resumes(digits_config, tmp_pat
     assert set(figures["stage_seconds"]) == set(PIPELINE_STAGES) and figures["front_size"] == len(front)
     _check_mlflow(cfg, pd.read_parquet(run_dir / "trials.parquet"))
 
-    # Everything done: a second run skips every stage and rebuilds nothing (in-process: nothing is left to run; the
-    # same on Ray is checked by the cluster-true runs in tests/cluster).
+    # Everything done: a second run skips every stage and rebuilds nothing; with nothing left to run, the default
+    # (Ray) backend starts no Ray (on a cluster and on object storage: the cluster-true runs in tests/cluster).
     teacher_mtime = (run_dir / "teacher.safetensors").stat().st_mtime_ns
-    out = _run(config_file, "--backend", "local")
-    assert out.count("done earlier") == len(PIPELINE_STAGES)
+    out = _run(config_file)
+    assert out.count("done earlier") == len(PIPELINE_STAGES) and RAY_STARTED not in out
     assert (run_dir / "teacher.safetensors").stat().st_mtime_ns == teacher_mtime
 
     # Interrupted after training: the search continues from its journal, then export and report run again.
