@@ -74,6 +74,15 @@ def prepare_run(cfg: Config, stages: Sequence[str], address: str | None, backend
     return claim_run(cfg)
 
 
+def every_stage_done(store: RunStore) -> bool:
+    """Whether every stage of the run has finished: a re-run then skips them all, and needs no backend (no Ray to
+    start or join only to find nothing left to run)."""
+    from flora_ray.pipeline import stage_marker
+    from flora_ray.stages import STAGES
+
+    return all(stage_marker(store, stage) is not None for stage in STAGES)
+
+
 @contextlib.contextmanager
 def open_backend(backend: str = "ray", address: str | None = None) -> Iterator[Backend]:
     """The backend to run on: Ray (local on 127.0.0.1 unless ``address`` names a cluster; a Ray that this
@@ -121,6 +130,8 @@ def run(
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # local Ray binds to 127.0.0.1 only
     cfg = resolve_config(config, overrides, None if output is None else os.fspath(output))
     store = prepare_run(cfg, list(STAGES), address, backend)
+    if every_stage_done(store):
+        backend, address = "local", None  # every stage is skipped: nothing would run on Ray
     with open_backend(backend, address) as chosen:
         run_pipeline(cfg, chosen)
     return Run(store)

@@ -64,6 +64,28 @@ def digits_config(tmp_path):
     return make
 
 
+# A digits run of every stage in this process (the local backend), made once and shared read-only by the test of the
+# in-process pipeline (tests/pipeline) and the test of reproducibility (tests/api, which makes a second one).
+IN_PROCESS_OVERRIDES = [*DIGITS_OVERRIDES, "run.name=twice", "pretrain.epochs=3", "pretrain.lr=0.003",
+                        "filter.epochs=1", "filter.eval_images=100", "train.epochs=2", "search.trials=16",
+                        "search.population=4", "search.eval_images=150", "search.concurrency=1"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def in_process_run(tmp_path_factory):
+    """``(cfg, markers, ray_started)``: ``run_pipeline(cfg, LocalBackend())`` on ``IN_PROCESS_OVERRIDES``, its stage
+    markers, and whether Ray was initialised right after it. Read-only: copy the run directory to change it."""
+    import ray
+
+    from flora_ray.backends.local import LocalBackend
+    from flora_ray.pipeline import run_pipeline
+
+    output = tmp_path_factory.mktemp("in-process") / "runs"
+    cfg = load_config(None, [*IN_PROCESS_OVERRIDES, f"run.output_dir={output}"])
+    markers = run_pipeline(cfg, LocalBackend())
+    return cfg, markers, ray.is_initialized()
+
+
 @pytest.fixture
 def with_teacher():
     """Write a (randomly initialised) dense teacher checkpoint into the run directory of a config."""

@@ -32,6 +32,16 @@ def test_run_returns_the_run_and_open_finds_it_again(finished):
     assert run.report.startswith("# ") and "front" in run.report
 
 
+def test_running_a_finished_run_again_starts_no_ray(finished, monkeypatch):
+    """Every stage done: ``fr.run`` on the default (Ray) backend skips them all without starting Ray."""
+    run, base, overrides = finished
+    marker = run.store.read_json(ARTEFACTS.stage_marker("search"))
+    monkeypatch.setattr("flora_ray.backends.ray.init_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    sections = {"model": {"name": "test_vit"}, "data": {"name": "digits"}}
+    again = fr.run(sections, overrides=overrides, output=base / "runs")
+    assert again.location == run.location and again.store.read_json(ARTEFACTS.stage_marker("search")) == marker
+
+
 def test_frames_are_the_runs_files(finished):
     run, *_ = finished
     pd.testing.assert_frame_equal(run.trials, load_trials(run.location))

@@ -8,21 +8,24 @@ latency table that is itself timed). What another machine or backend may change 
 import pandas as pd
 import pytest
 import torch
-from conftest import DIGITS_OVERRIDES
+from conftest import IN_PROCESS_OVERRIDES
 
 import flora_ray as fr
 
 pytestmark = pytest.mark.slow
 
 TIMED = ["eval_seconds", "latency_ms"]
-OVERRIDES = [*DIGITS_OVERRIDES, "run.name=twice", "pretrain.epochs=3", "pretrain.lr=0.003", "filter.epochs=1",
-             "filter.eval_images=100", "train.epochs=2", "search.trials=16", "search.population=4",
-             "search.eval_images=150", "search.concurrency=1"]  # fmt: skip
 
 
-def test_the_same_config_and_seed_give_the_same_trials_and_front(tmp_path):
+def test_the_same_config_and_seed_give_the_same_trials_and_front(in_process_run, tmp_path):
+    """The shared in-process run (``run_pipeline`` in tests/conftest.py) and a second one made here by ``fr.run``
+    on the same overrides."""
+    cfg, _, _ = in_process_run
     sections = {"model": {"name": "test_vit"}, "data": {"name": "digits"}}
-    runs = [fr.run(sections, OVERRIDES, backend="local", output=tmp_path / name) for name in ("a", "b")]
+    runs = [
+        fr.Run.open(cfg.run.run_dir),
+        fr.run(sections, IN_PROCESS_OVERRIDES, backend="local", output=tmp_path / "b"),
+    ]
     first, second = (r.trials.drop(columns=TIMED) for r in runs)
     assert len(first) == 16
     pd.testing.assert_frame_equal(first, second)

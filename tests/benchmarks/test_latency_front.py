@@ -1,8 +1,10 @@
 """Smoke run of ``experiments/benchmarks/latency_front.py`` on a tiny digits run.
 
-The script runs as a subprocess with ``--smoke --output TMP`` (it prepares the digits run in-process, profiles
-batch 1 and 4, searches once by MACs and once by latency per batch, exports and times every front point). The
-checks recompute the comparison the JSON claims from the points it records.
+The script runs as a subprocess with ``--smoke --output TMP --run-dir RUN``, RUN being the digits run that
+``search_efficiency.py --smoke`` prepared (the session fixture ``efficiency`` of ``tests/benchmarks/conftest.py``:
+the run that ``--smoke`` alone would prepare, by the same code; only read here). It profiles batch 1 and 4, searches
+once by MACs and once by latency per batch, exports and times every front point. The checks recompute the
+comparison the JSON claims from the points it records.
 """
 
 import json
@@ -23,11 +25,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke(tmp_path_factory, efficiency):
     out = tmp_path_factory.mktemp("latency-front")
+    base = efficiency[0] / "runs" / "bench-smoke"
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--output", str(out)],
+        [sys.executable, str(SCRIPT), "--smoke", "--output", str(out), "--run-dir", str(base)],
         capture_output=True,
         text=True,
         timeout=600,

@@ -1,10 +1,11 @@
 """Smoke runs of the search benchmarks (``search_efficiency.py``, ``flora_vs_uniform.py``, ``ranking_fidelity.py``)
 on a tiny digits run.
 
-The scripts run as subprocesses with ``--smoke --output TMP``; search_efficiency prepares the digits run
-in-process (pretrain, zero-training filter, train) and flora_vs_uniform reuses it through ``--run-dir`` and trains
-its two ablation supernets beside it; ranking_fidelity reuses both and adds a sandwich-sampled supernet. The checks
-recompute what the JSON claims from the points it records.
+The scripts run as subprocesses with ``--smoke --output TMP``; search_efficiency (the session fixture
+``efficiency`` of ``tests/benchmarks/conftest.py``) prepares the digits run in-process (pretrain, zero-training
+filter, train) and flora_vs_uniform reuses it through ``--run-dir`` and trains its two ablation supernets beside it;
+ranking_fidelity reuses both and adds a sandwich-sampled supernet. The checks recompute what the JSON claims from
+the points it records.
 """
 
 import itertools
@@ -36,13 +37,6 @@ def _run(script: str, *args: str) -> str:
     )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
-
-
-@pytest.fixture(scope="module")
-def efficiency(tmp_path_factory):
-    out = tmp_path_factory.mktemp("search-bench")
-    stdout = _run("search_efficiency.py", "--output", str(out))
-    return out, stdout, json.loads((out / "search_efficiency.json").read_text())
 
 
 @pytest.fixture(scope="module")

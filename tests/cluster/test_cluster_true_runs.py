@@ -162,6 +162,8 @@ def test_a_run_on_object_storage(s3, tmp_path, monkeypatch):
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert (second.stdout + second.stderr).count("done earlier") == len(STAGES)
+    assert "Started a local Ray instance" not in second.stdout + second.stderr  # nothing left to run on Ray
+    assert "Started a local Ray instance" in first.stdout + first.stderr
     pd.testing.assert_frame_equal(load_front(uri), front)
     _check_run_object(uri, trials)
 

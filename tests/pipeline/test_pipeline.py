@@ -15,13 +15,13 @@ import yaml
 
 from flora_ray import pipeline
 from flora_ray.config import config_to_dict
-from flora_ray.pipeline import run_pipeline
 from flora_ray.stages import STAGES
 from flora_ray.stages.inputs import claim_run as claim_run_dir
 from flora_ray.stages.report import build_report
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 PIPELINE_STAGES, RUN_CONFIG_FILE = list(STAGES), ARTEFACTS.run_config
+RAY_STARTED = "Started a local Ray instance"  # what ray.init logs when it starts one
 
 
 def stage_marker(run_dir, stage):
@@ -134,6 +134,7 @@ def test_pipeline_runs_every_stage_then_skips_and_resumes(digits_config, tmp_pat
     _interrupt_in_training(config_file, run_dir / "ray" / f"{cfg.run.name}-train", tmp_path / "first.log")
     assert not (run_dir / "supernet.safetensors").exists(), "the first run was not interrupted"
     out = _run(config_file)
+    assert RAY_STARTED in out  # work was left: the default backend started Ray
     _check_training_resumed(cfg, out)
     for stage in PIPELINE_STAGES:
         assert stage_marker(run_dir, stage) is not None, stage
@@ -149,11 +150,11 @@ def test_pipeline_runs_every_stage_then_skips_and_resumes(digits_config, tmp_pat
     assert set(figures["stage_seconds"]) == set(PIPELINE_STAGES) and figures["front_size"] == len(front)
     _check_mlflow(cfg, pd.read_parquet(run_dir / "trials.parquet"))
 
-    # Everything done: a second run skips every stage and rebuilds nothing (in-process: nothing is left to run; the
-    # same on Ray is checked by the cluster-true runs in tests/cluster).
+    # Everything done: a second run skips every stage and rebuilds nothing; with nothing left to run, the default
+    # (Ray) backend starts no Ray (on a cluster and on object storage: the cluster-true runs in tests/cluster).
     teacher_mtime = (run_dir / "teacher.safetensors").stat().st_mtime_ns
-    out = _run(config_file, "--backend", "local")
-    assert out.count("done earlier") == len(PIPELINE_STAGES)
+    out = _run(config_file)
+    assert out.count("done earlier") == len(PIPELINE_STAGES) and RAY_STARTED not in out
     assert (run_dir / "teacher.safetensors").stat().st_mtime_ns == teacher_mtime
 
     # Interrupted after training: the search continues from its journal, then export and report run again.
@@ -166,32 +167,19 @@ def test_pipeline_runs_every_stage_then_skips_and_resumes(digits_config, tmp_pat
 
 
 @pytest.mark.slow
-def test_the_whole_pipeline_runs_in_process_without_ray(digits_config):
-    """The in-process backend: every stage, the same files, and no Ray started."""
-    import ray
-
-    from flora_ray.backends.local import LocalBackend
-
-    cfg = digits_config(
-        "pretrain.epochs=2",
-        "pretrain.lr=0.003",
-        "filter.epochs=1",
-        "filter.eval_images=100",
-        "train.epochs=1",
-        "search.trials=8",
-        "search.population=4",
-        "search.eval_images=150",
-    )
-    markers = run_pipeline(cfg, LocalBackend())
-    assert list(markers) == PIPELINE_STAGES and not ray.is_initialized()
+def test_the_whole_pipeline_runs_in_process_without_ray(in_process_run):
+    """The in-process backend: every stage, the same files, and no Ray started (the run of
+    ``run_pipeline(cfg, LocalBackend())`` that tests/conftest.py makes once for this and the reproducibility test)."""
+    cfg, markers, ray_started = in_process_run
+    assert list(markers) == PIPELINE_STAGES and not ray_started
     run_dir = cfg.run.run_dir
     for name in (ARTEFACTS.teacher, ARTEFACTS.space, ARTEFACTS.supernet, ARTEFACTS.trials, ARTEFACTS.report):
         assert (run_dir / name).is_file(), name
     trials = pd.read_parquet(run_dir / ARTEFACTS.trials)
-    assert len(trials) == 8 and (trials["state"] == "COMPLETE").all()
+    assert cfg.search.trials == 16 and len(trials) == 16 and (trials["state"] == "COMPLETE").all()
     from flora_ray.core.space import RankSpace
     from flora_ray.core.supernet import load_supernet
 
     # The supernet was trained on the filtered space (read from the artefacts, not a log line).
     assert load_supernet(run_dir / ARTEFACTS.supernet).space == RankSpace.load(run_dir / ARTEFACTS.space)
-    assert markers["train"]["summary"]["metrics"]["epoch"] == 1
+    assert cfg.train.epochs == 2 and markers["train"]["summary"]["metrics"]["epoch"] == 2

@@ -1,8 +1,10 @@
 """Search: genes, the evaluator and its cache, the Ray Tune + NSGA-II search end to end, the in-process search."""
 
 import contextlib
+import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from conftest import DIGITS_OVERRIDES
 from helpers import TINY_MODELS, input_for
 
 import flora_ray as fr
-from flora_ray.config import config_to_dict
+from flora_ray.config import config_to_dict, load_config
 from flora_ray.results import binomial_se, unpack_correct
 from flora_ray.search.evaluator import (
     Evaluator,
@@ -128,26 +131,35 @@ def test_uniform_rows_carry_their_noise_in_the_trial_columns():
     np.testing.assert_array_equal(unpack_correct(frame["correct"].iloc[0], 10), correct)
 
 
-@pytest.fixture
-def searched_run(digits_config, tmp_path):
-    """A run directory with a digits teacher trained for a few seconds and its SVD supernet."""
-    cfg = digits_config(
-        "pretrain.epochs=8",
-        "pretrain.batch_size=32",
-        "pretrain.lr=0.003",
-        "search.trials=30",
-        "search.population=8",
-        "search.eval_images=150",
-        "search.concurrency=2",
-    )
-    session = LocalSession(tmp_path / "ckpt")
+SEARCHED = ["pretrain.epochs=8", "pretrain.batch_size=32", "pretrain.lr=0.003", "search.trials=30",
+            "search.population=8", "search.eval_images=150", "search.concurrency=2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def _searched_template(tmp_path_factory):
+    """A digits teacher trained for a few seconds and its SVD supernet, made once for the module (read-only: each
+    test gets its own copy through ``searched_run``)."""
+    base = tmp_path_factory.mktemp("searched")
+    cfg = load_config(None, [*DIGITS_OVERRIDES, f"run.output_dir={base / 'runs'}", *SEARCHED])
+    torch.manual_seed(0)
+    session = LocalSession(base / "ckpt")
     payload = {"config": config_to_dict(cfg), "stage": "pretrain", "run": str(cfg.run.run_dir)}
     train_worker(payload, session)
     store = RunStore(cfg.run.run_dir)
-    save_stage_outputs(tmp_path / "ckpt" / "latest", store, "pretrain")
+    save_stage_outputs(base / "ckpt" / "latest", store, "pretrain")
     supernet, _ = build_run_supernet(cfg, store)
     fr.save_supernet(supernet, cfg.run.run_dir / ARTEFACTS.supernet)
-    return cfg, supernet
+    return cfg.run.run_dir, supernet
+
+
+@pytest.fixture
+def searched_run(_searched_template, digits_config):
+    """A run directory with a digits teacher trained for a few seconds and its SVD supernet: a copy of the module's
+    template in this test's own directory (the tests search, interrupt and fail in it)."""
+    template_dir, supernet = _searched_template
+    cfg = digits_config(*SEARCHED)
+    shutil.copytree(template_dir, cfg.run.run_dir)
+    return cfg, copy.deepcopy(supernet)
 
 
 def _brute_force_front(df):
