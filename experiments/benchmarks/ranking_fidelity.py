@@ -106,13 +106,12 @@ def choose_subnets(base: Path, evaluate: CachedEvaluator, args) -> list[dict[str
     for i, stratum in enumerate(np.array_split(np.arange(len(draws)), n_random)):
         _, ranks = draws[int(rng.choice(stratum))]
         subnets.append({"kind": "random", "name": f"random {i}", "ranks": dict(ranks)})
-    distinct, seen = [], set()
-    for subnet in subnets:  # a front point may be a uniform configuration
+    seen: set[tuple] = set()
+    for subnet in subnets:  # a front point may be a uniform configuration: it stays in both (measured once, cached)
         key = tuple(sorted(subnet["ranks"].items()))
-        if key not in seen:
-            seen.add(key)
-            distinct.append(subnet)
-    return distinct
+        subnet["repeat"] = key in seen  # left out of the rank correlations, which count each subnet once
+        seen.add(key)
+    return subnets
 
 
 # --- one supernet ---------------------------------------------------------------------------------------------------
@@ -152,7 +151,9 @@ def measure_variant(run_dir: Path, subnets: list[dict[str, Any]], args, cache: d
 
 
 def correlations(rows: list[dict], x: str, y: str, resamples: int) -> dict[str, Any]:
-    """Kendall tau and Spearman rho of columns ``x`` and ``y`` with their bootstrap 95% intervals."""
+    """Kendall tau and Spearman rho of columns ``x`` and ``y`` with their bootstrap 95% intervals, each distinct
+    subnet counted once."""
+    rows = [r for r in rows if not r.get("repeat")]
     a, b = [r[x] for r in rows], [r[y] for r in rows]
     return {
         "n": len(rows),
@@ -180,7 +181,7 @@ def filter_score_fidelity(base: Path, rows: list[dict], resamples: int) -> list[
             tuple(json.loads(r)[f] for f in fqns): s for r, s in zip(table["ranks_by_fqn"], table["score"], strict=True)
         }
         used: dict[tuple[int, ...], list[float]] = {}
-        for row in rows:
+        for row in (r for r in rows if not r["repeat"]):
             triple = tuple(row["ranks"][f] for f in fqns)
             if triple in score:
                 used.setdefault(triple, []).append(row["test_after"])
@@ -227,7 +228,7 @@ def _ci(value: float, interval: tuple[float, float]) -> str:
 
 def print_tables(out: dict[str, Any]) -> None:
     """The fidelity table per supernet, the filter's per-block score fidelity and the gains."""
-    print(f"\nRanking fidelity ({out['subnets']} subnets; inherited search accuracy vs test accuracy after the same "
+    print(f"\nRanking fidelity ({out['distinct_subnets']} distinct subnets; inherited search accuracy vs test accuracy after the same "
           f"fine-tune; 95% bootstrap intervals over {out['resamples']} resamples):")  # fmt: skip
     print("| supernet | sampler | space | Kendall tau [95% CI] | Spearman rho [95% CI] | inherited vs test before "
           "fine-tune (tau) | fine-tune gain (pts, mean) |")  # fmt: skip
@@ -287,7 +288,7 @@ def summarise_variant(name: str, run_dir: Path, rows: list[dict], resamples: int
         "space": "unfiltered" if name == "no_filter" else "filtered",
         "inherited_vs_finetuned": correlations(rows, "inherited", "test_after", resamples),
         "inherited_vs_test_before": correlations(rows, "inherited", "test_before", resamples),
-        "mean_finetune_gain": float(np.mean([r["test_after"] - r["test_before"] for r in rows])),
+        "mean_finetune_gain": float(np.mean([r["test_after"] - r["test_before"] for r in rows if not r["repeat"]])),
         "rows": rows,
     }
 
@@ -321,6 +322,7 @@ def main() -> None:
         "dataset": cfg.data.name,
         "ratios": list(space.ratios),
         "subnets": len(subnets),
+        "distinct_subnets": sum(not s["repeat"] for s in subnets),
         "finetune": {
             "epochs": args.finetune_epochs,
             "train_images": args.finetune_images,

@@ -90,6 +90,7 @@ def test_interrupted_finetune_resumes_to_the_uninterrupted_result(finished, weak
     assert not run.store.exists(ARTEFACTS.finetune_dir(weakest_trial))
     (state,) = run.store.local_path(ARTEFACTS.ray).glob(f"*-finetune-trial{weakest_trial}-*/latest/state.pt")
     assert torch.load(state, weights_only=True)["epoch"] == 1
+    caplog.clear()  # only the resumed run's lines (an earlier test may have set flora_ray's loggers to INFO)
     with caplog.at_level(logging.INFO, logger="flora_ray"):
         report = finetune_from_run(run.store, trial=weakest_trial, overrides=RECIPE, backend=backend)
     assert "finetune: resumed from the checkpoint at epoch 1 step 0" in caplog.text
