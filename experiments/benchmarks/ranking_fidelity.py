@@ -209,10 +209,10 @@ def gains(rows: list[dict], dense_cost: float, teacher_search: float, teacher_te
 
 
 @torch.no_grad()
-def teacher_accuracies(base: Path, args) -> tuple[float, float]:
-    """The dense teacher's accuracy (%) on the search images and on the test split."""
+def teacher_accuracies(base: Path, evaluate: CachedEvaluator) -> tuple[float, float]:
+    """The dense teacher's accuracy (%) on the search images (``evaluate``'s, the base run's evaluator) and on the
+    test split."""
     cfg = run_config(base)
-    evaluate = build_evaluator(cfg, base, args.eval_images or cfg.search.eval_images)
     (teacher,) = load_teacher(cfg, RunStore(base))
     teacher.eval()
     search = evaluate.evaluator.model_accuracy(teacher)
@@ -309,7 +309,7 @@ def main() -> None:
     for name, run_dir in dirs.items():
         rows = measure_variant(run_dir, subnets, args, cache)
         variants[name] = summarise_variant(name, run_dir, rows, args.resamples)
-    teacher_search, teacher_test = teacher_accuracies(base, args)
+    teacher_search, teacher_test = teacher_accuracies(base, evaluate)
     dense_cost = cost.macs(evaluate.full_rank())
     main_rows = variants.get("lowrank", next(iter(variants.values())))["rows"]
     cfg = run_config(base)
