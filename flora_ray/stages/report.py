@@ -159,8 +159,8 @@ def _budget_section(
         key = f"{share:.4g}"
         if ours is None or theirs is None:
             advantages[key] = None
-            missing = "the front" if ours is None else "no uniform configuration"
-            lines.append(f"- at most {100 * share:.0f}% of dense ({format_cost(axis, limit)}): {missing} reaches it")
+            missing = "nothing on the front" if ours is None else "no uniform configuration"
+            lines.append(f"- at most {100 * share:.0f}% of dense ({format_cost(axis, limit)}): {missing} is that cheap")
             continue
         advantage = float(ours["accuracy"]) - float(theirs["accuracy"])
         paired = compare_paired(ours, theirs)
