@@ -153,12 +153,15 @@ class Evaluator:
         }
 
     def evaluate(self, config: Mapping[str, int]) -> dict[str, Any]:
-        """``model_metrics``, ``macs``, ``params`` and ``eval_seconds`` of the subnet ``config``."""
+        """``model_metrics``, ``macs``, ``params`` and ``eval_seconds`` of the subnet ``config`` (its BatchNorm
+        statistics recalibrated first, as in ``accuracy``, when the evaluator has a ``calibration``)."""
         config = self.supernet.space.validate(config, complete=False)
         if len(config) != len(self.supernet.space.fqns):
             raise ValueError(f"configuration has {len(config)} of {len(self.supernet.space.fqns)} layers")
         started = time.perf_counter()
         self.supernet.set_ranks(config, within_candidates=False)
+        if self.calibration is not None:
+            self.calibration(self.supernet.model)
         metrics = self.model_metrics(self.supernet)
         return {
             **metrics,

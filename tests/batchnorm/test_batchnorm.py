@@ -12,7 +12,14 @@ from torch.utils.data import TensorDataset
 
 import flora_ray as fr
 from flora_ray.config import load_config
-from flora_ray.core.batchnorm import BatchNormCalibration, batchnorm_layers, has_batchnorm, recalibrate_batchnorm
+from flora_ray.core.batchnorm import (
+    BatchNormCalibration,
+    batchnorm_layers,
+    batchnorm_state,
+    has_batchnorm,
+    load_batchnorm_state,
+    recalibrate_batchnorm,
+)
 from flora_ray.search import evaluator as evaluator_module
 from flora_ray.search.evaluator import Evaluator, batchnorm_calibration
 from flora_ray.search.filtering import score_candidates
@@ -135,6 +142,30 @@ def test_levit_low_rank_subnet_changes_and_its_export_carries_the_statistics(tmp
     )
     loaded = fr.load_subnet(fr.save_subnet(supernet, config, tmp_path / "smallest"))
     torch.testing.assert_close(loaded(x), supernet(x), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_levit_search_trials_score_each_subnet_with_its_own_statistics():
+    """``Evaluator.evaluate`` (search trials, uniform baselines) recalibrates like ``accuracy``: a subnet's per-image
+    results are those of its recalibrated extracted model, whichever subnet was scored before it."""
+    supernet = _levit_supernet()
+    statistics = batchnorm_state(supernet.model)
+    images = input_for(supernet.model, batch=64) * 2 + 0.5
+    calibration = BatchNormCalibration(images[:32], batch_size=8)
+    smallest, largest = supernet.space.smallest(), supernet.space.largest()
+    supernet.set_ranks(smallest)
+    calibration(supernet.model)
+    labels = supernet(images).argmax(-1)  # the recalibrated smallest subnet's own answers: 100% for it alone
+    subnet = fr.core.subnet.extract_subnet(supernet, smallest).eval()
+    load_batchnorm_state(supernet.model, statistics)  # the supernet's shared statistics again
+    shared = Evaluator(supernet, images, labels, batch_size=16).evaluate(smallest)
+    evaluator = Evaluator(supernet, images, labels, batch_size=16, calibration=calibration)
+    assert shared["accuracy"] < 90.0  # the shared statistics answer otherwise: the check below can fail
+    before = evaluator.evaluate(smallest)
+    evaluator.evaluate(largest)
+    again = evaluator.evaluate(smallest)
+    assert before["accuracy"] == again["accuracy"] == 100.0  # not the statistics the previous trial left behind
+    assert evaluator.model_metrics(subnet)["correct"] == before["correct"]
 
 
 def test_levit_filter_scores_each_candidate_with_its_own_statistics():
