@@ -1,0 +1,375 @@
+"""Orthogonality: the extra MACs and latency a FLORA front saves on top of another compression technique.
+
+FLORA's paper (WACV 2024) reports 21%-26% extra FLOPs reduction when its ranks are combined with other compression
+techniques or compact hybrid structures. Here, for each technique:
+
+- ``hybrid``: LeViT, a compact conv/attention hybrid (``experiments/levit_fashion_mnist.yaml``); the technique alone
+  is the dense LeViT (the run's teacher);
+- ``tome``: token merging at a fixed ``r`` (``model.tome_r``; ``--tome-r``, default 2: the quickstart ViT's 17 tokens
+  shrink to 9 over its 4 blocks, about the share ToMe's r = 8 removes from DeiT's 197 over 12 blocks) on the
+  quickstart; the technique alone is the dense ViT merging tokens (the run's teacher, trained with merging), and
+  the supernet, search and subnets merge alike;
+- ``int8``: dynamic int8 quantization of every Linear layer (``core.quantize``, what ``--format int8`` exports) of
+  the quickstart run; the technique alone is the int8 dense teacher; every searched subnet is quantized and
+  scored, and the front is made again from the int8 accuracies (dynamic int8 scales activations per batch, so
+  its accuracy depends a little on how the images are batched: ``search.batch_size`` here, as in the search);
+
+a whole flora-ray run (``flora_ray.run``: every stage, on local Ray unless ``--smoke``) in ``runs/bench-orth-*``,
+reused when it is finished, gives the searched subnets. The technique-alone model is scored on the run's own search
+images, paired image by image with every subnet. At 0.5 and 1 point below its accuracy the cheapest front subnet
+that reaches it gives the extra MAC reduction ``1 - subnet MACs / technique-alone MACs`` (exact, from the cost
+model) and the extra latency reduction, measured on CPU with one thread at batch 1 and 32 (``cpu_latency_ms``, a
+median, in ``--rounds`` interleaved rounds of which the fastest is kept, so that other work on the core falls on
+every model alike). Both models are also scored on the test split. ``reference`` is the model without the
+technique (the quickstart's dense ViT for ``tome``, the fp32 teacher for ``int8``), for the technique's own effect.
+Prints a table, writes ``results/orthogonality.json``.
+
+    taskset -c 0 .venv/bin/python experiments/benchmarks/orthogonality.py          # prepares the 3 runs (about 40 min)
+    .venv/bin/python experiments/benchmarks/orthogonality.py --techniques int8      # one technique
+    .venv/bin/python experiments/benchmarks/orthogonality.py --smoke --output /tmp/x  # digits, in process, a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import numpy as np
+import pandas as pd
+import torch
+from bench_env import environment
+from torch import nn
+
+import flora_ray as fr
+from flora_ray.config import config_to_dict
+from flora_ray.core.quantize import SCHEME, quantize_int8
+from flora_ray.data.datasets import build_datasets
+from flora_ray.results import binomial_se, cheapest_within, paired_difference, pareto_mask, unpack_correct
+from flora_ray.search.evaluator import Evaluator, build_evaluator, search_batch, search_images
+from flora_ray.stages.export import cpu_latency_ms
+from flora_ray.stages.inputs import load_teacher
+from flora_ray.storage.files import write_json
+from flora_ray.storage.run_store import ARTEFACTS
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENTS = ROOT / "experiments"
+RESULTS = Path(__file__).resolve().parent / "results"
+PAPER = (0.21, 0.26)  # FLORA's extra FLOPs reduction on top of other compression (WACV 2024)
+DROPS = (0.5, 1.0)  # accuracy points below the technique alone
+BATCHES = (1, 32)
+BASE_RUN = "bench-orth-quickstart"
+# The smoke mode: a tiny digits run per technique, every stage in process (seconds each).
+SMOKE_OVERRIDES = (
+    "model.kwargs={patch_size: 2, embed_dim: 32, depth: 2, num_heads: 2, mlp_ratio: 2}",
+    "model.ratios=[0.25, 0.5, 1.0]",
+    "pretrain.epochs=8",
+    "filter.mode=zero_training",
+    "filter.eval_images=100",
+    "filter.keep_fraction=0.5",
+    "train.epochs=2",
+    "train.eval_images=100",
+    "search.trials=12",
+    "search.population=4",
+    "search.eval_images=200",
+    "search.concurrency=1",
+)
+SMOKE_LEVIT = (
+    "model.name=levit_128s",
+    "model.kwargs={embed_dim: [32, 48, 64], key_dim: 8, num_heads: [2, 3, 4], depth: [1, 2, 1]}",
+    "model.ratios=[0.5, 1.0]",
+    "data.img_size=32",  # LeViT's stem divides by 16: a 2x2 grid
+    "search.bn_recalibration_images=200",
+)
+
+
+@dataclass(frozen=True)
+class Technique:
+    """One technique: the experiment its run is made from and whether subnets are quantized after the search."""
+
+    name: str
+    label: str
+    run: str
+    config: str
+    overrides: tuple[str, ...] = ()
+    int8: bool = False
+
+
+def techniques(tome_r: int, smoke: bool) -> dict[str, Technique]:
+    """The three techniques, on the full experiments or (``smoke``) on tiny digits runs."""
+    vit = "digits_tiny.yaml" if smoke else "quickstart.yaml"
+    common = SMOKE_OVERRIDES if smoke else ()
+    levit = ("digits_tiny.yaml", (*SMOKE_OVERRIDES, *SMOKE_LEVIT)) if smoke else ("levit_fashion_mnist.yaml", ())
+    tome = (*common, f"model.tome_r={tome_r}")
+    return {
+        "hybrid": Technique("hybrid", "LeViT (compact hybrid)", "bench-orth-levit", *levit),
+        "tome": Technique("tome", f"token merging r={tome_r}", f"bench-orth-tome{tome_r}", vit, tome),
+        "int8": Technique("int8", f"int8 ({SCHEME})", BASE_RUN, vit, common, int8=True),
+    }
+
+
+def prepare(technique: Technique, output: Path, smoke: bool) -> fr.Run:
+    """The technique's finished run (every stage), made or continued with ``flora_ray.run``."""
+    overrides = [*technique.overrides, f"run.name={technique.run}"]
+    print(f"{technique.name}: run {output / technique.run}", flush=True)
+    return fr.run(EXPERIMENTS / technique.config, overrides, backend="local" if smoke else "ray", output=output)
+
+
+# --- scoring ------------------------------------------------------------------------------------------------------
+
+
+class Scorer:
+    """A run's search images (the ones its trials were scored on) and its test split, for standalone models."""
+
+    def __init__(self, run: fr.Run) -> None:
+        config = config_to_dict(run.config)
+        images, labels = search_images(config)
+        tensors, header = run.store.read_checkpoint(ARTEFACTS.supernet)
+        self.search = build_evaluator(header, {k: v.numpy() for k, v in tensors.items()}, config, images, labels)
+        test_images, test_labels = search_batch(build_datasets(run.config.data).test, 10**9)
+        self.test = Evaluator(self.search.supernet, test_images, test_labels, "cpu", self.search.batch_size)
+        self.input_shape = tuple(test_images.shape[1:])
+
+    def metrics(self, model: nn.Module) -> dict[str, Any]:
+        """Accuracy, its SE and per-image results of ``model`` (CPU, eval mode) on the search and the test images."""
+        model = model.cpu().eval()
+        out = {}
+        for split, evaluator in (("search", self.search), ("test", self.test)):
+            correct = evaluator.model_correct(model)
+            accuracy = 100.0 * float(correct.mean())
+            out[split] = {"accuracy": accuracy, "accuracy_se": binomial_se(accuracy, len(correct)), "correct": correct}
+        return out
+
+
+def candidates(run: fr.Run, technique: Technique, scorer: Scorer) -> tuple[pd.DataFrame, dict[int, nn.Module]]:
+    """The front the technique's subnets form (``trial``, ``macs``, ``accuracy``, ``correct``) and its subnets
+    by trial: the run's own front, or for int8 every searched subnet quantized and scored, then its front."""
+    if not technique.int8:
+        front = run.front.copy()
+        front["correct"] = [unpack_correct(c, n) for c, n in zip(front["correct"], front["eval_images"], strict=True)]
+        return front, {}
+    trials = run.trials
+    trials = trials[trials["state"] == "COMPLETE"].drop_duplicates("ranks").reset_index(drop=True)
+    rows, models = [], {}
+    for i, row in trials.iterrows():
+        model = quantize_int8(run.subnet(int(row["trial"])))
+        correct = scorer.search.model_correct(model)
+        rows.append({"trial": int(row["trial"]), "macs": float(row["macs"]), "accuracy": 100.0 * correct.mean(),
+                     "fp32_accuracy": float(row["accuracy"]), "correct": correct})  # fmt: skip
+        models[int(row["trial"])] = model
+        if (i + 1) % 20 == 0 or i + 1 == len(trials):
+            print(f"  int8: {i + 1}/{len(trials)} subnets quantized and scored", flush=True)
+    frame = pd.DataFrame(rows)
+    front = frame[pareto_mask(frame)].sort_values("macs").reset_index(drop=True)
+    return front, {t: models[t] for t in front["trial"]}
+
+
+def alone_models(run: fr.Run, technique: Technique, base: fr.Run | None) -> tuple[nn.Module, nn.Module | None]:
+    """The technique alone (the run's dense teacher, quantized for int8) and the model without it (``None``
+    for the hybrid, which is a model of its own)."""
+    (teacher,) = load_teacher(run.config, run.store)
+    teacher = teacher.eval()
+    if technique.int8:
+        return quantize_int8(teacher), teacher
+    if technique.name == "tome" and base is not None:
+        (plain,) = load_teacher(base.config, base.store)
+        return teacher, plain.eval()
+    return teacher, None
+
+
+# --- latency ------------------------------------------------------------------------------------------------------
+
+
+def measure_latency(models: dict[str, nn.Module], shape: tuple[int, ...], rounds: int) -> dict[str, dict[int, float]]:
+    """Median ms per forward of every model at every batch of ``BATCHES`` (one thread); every model is timed once
+    per round, the rounds interleaved, and the fastest round is kept."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    timed = {name: dict.fromkeys(BATCHES, float("inf")) for name in models}
+    try:
+        for batch in BATCHES:
+            x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+            for _ in range(rounds):
+                for name, model in models.items():
+                    timed[name][batch] = min(timed[name][batch], cpu_latency_ms(model, x, runs=20, warmup=3))
+    finally:
+        torch.set_num_threads(previous)
+    return timed
+
+
+# --- one technique ------------------------------------------------------------------------------------------------
+
+
+def summary(metrics: dict[str, Any], macs: float) -> dict[str, Any]:
+    """A model's figures without its per-image arrays."""
+    return {"macs": macs, **{f"{split}_{k}": v for split, m in metrics.items() for k, v in m.items() if k != "correct"}}
+
+
+def drop_row(drop: float, alone: dict[str, Any], front: pd.DataFrame, scorer: Scorer, subnets) -> dict[str, Any]:
+    """The cheapest front subnet within ``drop`` points of the technique alone, and what it saves."""
+    target = alone["search"]["accuracy"] - drop
+    row = cheapest_within(front, target)
+    out: dict[str, Any] = {"drop": drop, "target": target, "reached": row is not None}
+    if row is None:
+        return out
+    trial = int(row["trial"])
+    metrics = scorer.metrics(subnets[trial])
+    disagree = float(np.mean(metrics["search"]["correct"] != row["correct"]))
+    if disagree > 0.005:  # the extracted subnet against the supernet at its ranks: float rounding flips a few
+        raise RuntimeError(f"trial {trial}: the extracted subnet disagrees with its search result on {disagree:.1%}")
+    search_diff = paired_difference(metrics["search"]["correct"], alone["search"]["correct"])
+    test_diff = paired_difference(metrics["test"]["correct"], alone["test"]["correct"])
+    return {
+        **out,
+        "trial": trial,
+        **summary(metrics, float(row["macs"])),
+        "search_difference": search_diff[0],
+        "search_difference_se": search_diff[1],
+        "test_difference": test_diff[0],
+        "test_difference_se": test_diff[1],
+    }
+
+
+def check_alone(run: fr.Run, alone: dict[str, Any], macs: float, technique: Technique) -> None:
+    """The technique alone scores and costs here what the run's search recorded for its dense model (int8: the
+    cost only; its accuracy is the quantized model's)."""
+    recorded = run.store.read_json(ARTEFACTS.search_summary)
+    if abs(recorded["dense_macs"] - macs) > 1e-6 * macs:
+        raise RuntimeError(f"{technique.name}: dense MACs {macs} here, {recorded['dense_macs']} in the run")
+    if not technique.int8 and abs(recorded["dense_accuracy"] - alone["search"]["accuracy"]) > 1e-9:
+        raise RuntimeError(f"{technique.name}: dense accuracy {alone['search']['accuracy']} here, "
+                           f"{recorded['dense_accuracy']} in the run's search")  # fmt: skip
+
+
+def measure_technique(technique: Technique, run: fr.Run, base: fr.Run | None, rounds: int) -> dict[str, Any]:
+    """Everything the table reports for one technique."""
+    scorer = Scorer(run)
+    alone_model, reference_model = alone_models(run, technique, base)
+    dense_macs = float(run.supernet.cost.dense_macs)
+    alone = scorer.metrics(alone_model)
+    check_alone(run, alone, dense_macs, technique)
+    front, subnets = candidates(run, technique, scorer)
+    if not technique.int8:
+        subnets = {int(t): run.subnet(int(t)) for t in front["trial"]}
+    rows = [drop_row(drop, alone, front, scorer, subnets) for drop in DROPS]
+    models = {"alone": alone_model, **{f"trial {r['trial']}": subnets[r["trial"]] for r in rows if r["reached"]}}
+    reference = None
+    if reference_model is not None:
+        models["reference"] = reference_model
+        reference_macs = dense_macs if technique.int8 else float(base.supernet.cost.dense_macs)
+        reference = summary(scorer.metrics(reference_model), reference_macs)
+    latency = measure_latency(models, scorer.input_shape, rounds)
+    for row in rows:
+        if row["reached"]:
+            row["extra_mac_reduction"] = 1.0 - row["macs"] / dense_macs
+            row["latency_ms"] = latency[f"trial {row['trial']}"]
+            row["extra_latency_reduction"] = {b: 1.0 - row["latency_ms"][b] / latency["alone"][b] for b in BATCHES}
+    if reference is not None:
+        reference["latency_ms"] = latency["reference"]
+    return {
+        "label": technique.label,
+        "run": str(run.store.root),
+        "overrides": list(technique.overrides),
+        "alone": {**summary(alone, dense_macs), "latency_ms": latency["alone"]},
+        "reference": reference,
+        "front": front[[c for c in FRONT_COLUMNS if c in front.columns]].to_dict("records"),
+        "rows": rows,
+    }
+
+
+FRONT_COLUMNS = ("trial", "macs", "accuracy", "fp32_accuracy", "accuracy_se", "latency_ms")
+
+
+def plain(data: Any) -> Any:
+    """``data`` with numpy scalars as Python ones (for JSON)."""
+    return json.loads(json.dumps(data, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
+
+
+# --- report -------------------------------------------------------------------------------------------------------
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None or np.isnan(value) else f"{100 * value:+.1f}%"
+
+
+def table(results: dict[str, Any]) -> str:
+    """The markdown table of every technique and drop."""
+    lines = [
+        "| technique | alone: MMACs, search acc, test acc, ms b1/b32 | drop | FLORA subnet: MMACs, search acc "
+        "(paired vs alone), test acc (paired) | extra MAC reduction | extra latency reduction b1 / b32 | paper |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for result in results.values():
+        a = result["alone"]
+        alone = (f"{a['macs'] / 1e6:.2f}, {a['search_accuracy']:.2f}%, {a['test_accuracy']:.2f}%, "
+                 f"{a['latency_ms'][1]:.3f}/{a['latency_ms'][32]:.2f} ms")  # fmt: skip
+        for row in result["rows"]:
+            if not row["reached"]:
+                lines.append(f"| {result['label']} | {alone} | {row['drop']} pt | no front subnet reaches "
+                             f"{row['target']:.2f}% | n/a | n/a | 21-26% |")  # fmt: skip
+                continue
+            subnet = (f"{row['macs'] / 1e6:.2f} (trial {row['trial']}), {row['search_accuracy']:.2f}% "
+                      f"({row['search_difference']:+.2f} ± {row['search_difference_se']:.2f}), "
+                      f"{row['test_accuracy']:.2f}% ({row['test_difference']:+.2f} ± {row['test_difference_se']:.2f})")  # fmt: skip
+            latency = " / ".join(_pct(row["extra_latency_reduction"][b]) for b in BATCHES)
+            lines.append(f"| {result['label']} | {alone} | {row['drop']} pt | {subnet} | "
+                         f"{_pct(row['extra_mac_reduction'])} | {latency} | 21-26% |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def reference_lines(results: dict[str, Any]) -> list[str]:
+    """The technique's own effect: the technique alone against the model without it."""
+    lines = []
+    for result in results.values():
+        ref, alone = result["reference"], result["alone"]
+        if ref is None:
+            continue
+        lines.append(
+            f"- {result['label']} alone vs without it: {alone['macs'] / 1e6:.2f} vs {ref['macs'] / 1e6:.2f} MMACs, "
+            f"search {alone['search_accuracy']:.2f}% vs {ref['search_accuracy']:.2f}%, test "
+            f"{alone['test_accuracy']:.2f}% vs {ref['test_accuracy']:.2f}%, latency b1 "
+            f"{alone['latency_ms'][1]:.3f} vs {ref['latency_ms'][1]:.3f} ms, b32 "
+            f"{alone['latency_ms'][32]:.2f} vs {ref['latency_ms'][32]:.2f} ms"
+        )
+    return lines
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--techniques", nargs="+", choices=("hybrid", "tome", "int8"), default=["hybrid", "tome", "int8"]
+    )
+    parser.add_argument("--tome-r", type=int, default=2, help="tokens merged per block (default 2)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds (fastest kept)")
+    parser.add_argument("--runs-dir", type=Path, default=None, help="where the runs live (default: ./runs)")
+    parser.add_argument("--smoke", action="store_true", help="tiny digits runs in process: about a minute")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.tome_r < 1:
+        raise SystemExit(f"error: --tome-r {args.tome_r}: token merging needs r >= 1 token per block")
+    runs_dir = args.runs_dir or (args.output / "runs" if args.smoke else ROOT / "runs")
+    chosen = techniques(args.tome_r, args.smoke)
+    base = prepare(chosen["int8"], runs_dir, args.smoke) if {"tome", "int8"} & set(args.techniques) else None
+    results = {}
+    for name in args.techniques:
+        run = base if name == "int8" else prepare(chosen[name], runs_dir, args.smoke)
+        print(f"{name}: scoring and timing", flush=True)
+        results[name] = measure_technique(chosen[name], run, base, 1 if args.smoke else args.rounds)
+    print(table(results))
+    print("\n".join(reference_lines(results)))
+    out = {**environment(1), "smoke": args.smoke, "paper": PAPER, "drops": DROPS, "batches": BATCHES,
+           "rounds": 1 if args.smoke else args.rounds, "techniques": results}  # fmt: skip
+    write_json(args.output / "orthogonality.json", plain(out))
+
+
+if __name__ == "__main__":
+    main()
