@@ -48,11 +48,13 @@ from torch import nn
 
 import flora_ray as fr
 from flora_ray.config import config_to_dict
+from flora_ray.core.batchnorm import batchnorm_state, load_batchnorm_state
 from flora_ray.core.quantize import SCHEME, quantize_int8
+from flora_ray.core.subnet import extract_subnet
 from flora_ray.data.datasets import build_datasets
 from flora_ray.results import binomial_se, cheapest_within, paired_difference, pareto_mask, unpack_correct
 from flora_ray.search.evaluator import Evaluator, build_evaluator, search_batch, search_images
-from flora_ray.stages.export import cpu_latency_ms
+from flora_ray.stages.export import calibrate_subnet, cpu_latency_ms
 from flora_ray.stages.inputs import load_teacher
 from flora_ray.storage.files import write_json
 from flora_ray.storage.run_store import ARTEFACTS
@@ -169,6 +171,31 @@ def candidates(run: fr.Run, technique: Technique, scorer: Scorer) -> tuple[pd.Da
     return front, {t: models[t] for t in front["trial"]}
 
 
+def ranks_subnet(run: fr.Run, ranks: dict[str, int]) -> nn.Module:
+    """The standalone subnet of any ``ranks`` (inside the filtered space or not), BatchNorm statistics recalibrated
+    as the search scored it (``Run.subnet`` for a configuration that is not a trial)."""
+    supernet = run.supernet
+    shared = batchnorm_state(supernet.model)
+    try:
+        calibrate_subnet(supernet, ranks, run.config)
+        return extract_subnet(supernet, ranks, within_candidates=False).eval()
+    finally:
+        load_batchnorm_state(supernet.model, shared)
+
+
+def uniform_candidates(run: fr.Run, technique: Technique, scorer: Scorer) -> pd.DataFrame:
+    """Every uniform-rank configuration (``ratio``, ``macs``, ``accuracy``) on top of the technique: the run's own
+    baseline, or for int8 each one quantized and scored."""
+    uniform = run.uniform.sort_values("macs").reset_index(drop=True)
+    if not technique.int8:
+        return uniform[["ratio", "macs", "accuracy"]]
+    accuracy = [
+        100.0 * scorer.search.model_correct(quantize_int8(ranks_subnet(run, json.loads(r)))).mean()
+        for r in uniform["ranks"]
+    ]
+    return uniform[["ratio", "macs"]].assign(accuracy=accuracy, fp32_accuracy=uniform["accuracy"])
+
+
 def alone_models(run: fr.Run, technique: Technique, base: fr.Run | None) -> tuple[nn.Module, nn.Module | None]:
     """The technique alone (the run's dense teacher, quantized for int8) and the model without it (``None``
     for the hybrid, which is a model of its own)."""
@@ -210,11 +237,18 @@ def summary(metrics: dict[str, Any], macs: float) -> dict[str, Any]:
     return {"macs": macs, **{f"{split}_{k}": v for split, m in metrics.items() for k, v in m.items() if k != "correct"}}
 
 
-def drop_row(drop: float, alone: dict[str, Any], front: pd.DataFrame, scorer: Scorer, subnets) -> dict[str, Any]:
-    """The cheapest front subnet within ``drop`` points of the technique alone, and what it saves."""
+def drop_row(drop: float, alone: dict[str, Any], front: pd.DataFrame, uniform: pd.DataFrame, scorer: Scorer,
+             subnets: dict[int, nn.Module]) -> dict[str, Any]:  # fmt: skip
+    """The cheapest front subnet within ``drop`` points of the technique alone (``alone``: its metrics and
+    ``macs``), what it saves, and the cheapest uniform-rank configuration within it."""
     target = alone["search"]["accuracy"] - drop
     row = cheapest_within(front, target)
     out: dict[str, Any] = {"drop": drop, "target": target, "reached": row is not None}
+    uniform = cheapest_within(uniform, target)
+    if uniform is not None:  # uniform ranks on top of the technique: what low rank alone gives, without the search
+        out["uniform"] = {"ratio": float(uniform["ratio"]), "macs": float(uniform["macs"]),
+                          "accuracy": float(uniform["accuracy"]),
+                          "extra_mac_reduction": 1.0 - float(uniform["macs"]) / alone["macs"]}  # fmt: skip
     if row is None:
         return out
     trial = int(row["trial"])
@@ -228,6 +262,7 @@ def drop_row(drop: float, alone: dict[str, Any], front: pd.DataFrame, scorer: Sc
         **out,
         "trial": trial,
         **summary(metrics, float(row["macs"])),
+        "extra_mac_reduction": 1.0 - float(row["macs"]) / alone["macs"],
         "search_difference": search_diff[0],
         "search_difference_se": search_diff[1],
         "test_difference": test_diff[0],
@@ -256,7 +291,8 @@ def measure_technique(technique: Technique, run: fr.Run, base: fr.Run | None, ro
     front, subnets = candidates(run, technique, scorer)
     if not technique.int8:
         subnets = {int(t): run.subnet(int(t)) for t in front["trial"]}
-    rows = [drop_row(drop, alone, front, scorer, subnets) for drop in DROPS]
+    uniform = uniform_candidates(run, technique, scorer)
+    rows = [drop_row(drop, {**alone, "macs": dense_macs}, front, uniform, scorer, subnets) for drop in DROPS]
     models = {"alone": alone_model, **{f"trial {r['trial']}": subnets[r["trial"]] for r in rows if r["reached"]}}
     reference = None
     if reference_model is not None:
@@ -266,7 +302,6 @@ def measure_technique(technique: Technique, run: fr.Run, base: fr.Run | None, ro
     latency = measure_latency(models, scorer.input_shape, rounds)
     for row in rows:
         if row["reached"]:
-            row["extra_mac_reduction"] = 1.0 - row["macs"] / dense_macs
             row["latency_ms"] = latency[f"trial {row['trial']}"]
             row["extra_latency_reduction"] = {b: 1.0 - row["latency_ms"][b] / latency["alone"][b] for b in BATCHES}
     if reference is not None:
@@ -278,6 +313,7 @@ def measure_technique(technique: Technique, run: fr.Run, base: fr.Run | None, ro
         "alone": {**summary(alone, dense_macs), "latency_ms": latency["alone"]},
         "reference": reference,
         "front": front[[c for c in FRONT_COLUMNS if c in front.columns]].to_dict("records"),
+        "uniform": uniform.to_dict("records"),
         "rows": rows,
     }
 
@@ -297,28 +333,34 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None or np.isnan(value) else f"{100 * value:+.1f}%"
 
 
+def _cells(row: dict[str, Any]) -> list[str]:
+    """The FLORA subnet, its savings and the uniform configuration of one drop, as table cells."""
+    uniform = row.get("uniform")
+    uniform_cell = "none" if uniform is None else f"{_pct(uniform['extra_mac_reduction'])} (1/{1 / uniform['ratio']:g})"
+    if not row["reached"]:
+        return [f"no front subnet reaches {row['target']:.2f}%", "n/a", "n/a", uniform_cell]
+    subnet = (f"{row['macs'] / 1e6:.2f} (trial {row['trial']}), {row['search_accuracy']:.2f}% "
+              f"({row['search_difference']:+.2f} ± {row['search_difference_se']:.2f}), "
+              f"{row['test_accuracy']:.2f}% ({row['test_difference']:+.2f} ± {row['test_difference_se']:.2f})")  # fmt: skip
+    latency = " / ".join(_pct(row["extra_latency_reduction"][b]) for b in BATCHES)
+    return [subnet, f"**{_pct(row['extra_mac_reduction'])}**", latency, uniform_cell]
+
+
 def table(results: dict[str, Any]) -> str:
     """The markdown table of every technique and drop."""
     lines = [
         "| technique | alone: MMACs, search acc, test acc, ms b1/b32 | drop | FLORA subnet: MMACs, search acc "
-        "(paired vs alone), test acc (paired) | extra MAC reduction | extra latency reduction b1 / b32 | paper |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "(paired vs alone), test acc (paired) | extra MAC reduction | extra latency reduction b1 / b32 | "
+        "uniform ranks instead (ratio) | paper |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for result in results.values():
         a = result["alone"]
         alone = (f"{a['macs'] / 1e6:.2f}, {a['search_accuracy']:.2f}%, {a['test_accuracy']:.2f}%, "
                  f"{a['latency_ms'][1]:.3f}/{a['latency_ms'][32]:.2f} ms")  # fmt: skip
         for row in result["rows"]:
-            if not row["reached"]:
-                lines.append(f"| {result['label']} | {alone} | {row['drop']} pt | no front subnet reaches "
-                             f"{row['target']:.2f}% | n/a | n/a | 21-26% |")  # fmt: skip
-                continue
-            subnet = (f"{row['macs'] / 1e6:.2f} (trial {row['trial']}), {row['search_accuracy']:.2f}% "
-                      f"({row['search_difference']:+.2f} ± {row['search_difference_se']:.2f}), "
-                      f"{row['test_accuracy']:.2f}% ({row['test_difference']:+.2f} ± {row['test_difference_se']:.2f})")  # fmt: skip
-            latency = " / ".join(_pct(row["extra_latency_reduction"][b]) for b in BATCHES)
-            lines.append(f"| {result['label']} | {alone} | {row['drop']} pt | {subnet} | "
-                         f"{_pct(row['extra_mac_reduction'])} | {latency} | 21-26% |")  # fmt: skip
+            cells = [result["label"], alone, f"{row['drop']} pt", *_cells(row), "21-26%"]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -63,6 +63,13 @@ def test_the_subnet_is_the_cheapest_searched_one_within_the_drop(orthogonality):
         for row in technique["rows"]:
             assert row["target"] == pytest.approx(alone["search_accuracy"] - row["drop"])
             qualifying = trials[trials["accuracy"] >= row["target"]]
+            uniform = run.uniform[run.uniform["accuracy"] >= row["target"]]
+            assert ("uniform" in row) == (not uniform.empty)
+            if not uniform.empty:
+                assert row["uniform"]["macs"] == uniform["macs"].min()
+                assert row["uniform"]["extra_mac_reduction"] == pytest.approx(
+                    1 - row["uniform"]["macs"] / alone["macs"]
+                )
             assert row["reached"] == (not qualifying.empty)
             if row["reached"]:
                 assert row["macs"] == qualifying["macs"].min()
@@ -110,7 +117,11 @@ def test_int8_front_is_made_of_quantized_subnets(orthogonality):
         technique["alone"]["test_accuracy"]
     )
     assert accuracy(teacher, test, cpu, batch_size=batch) == pytest.approx(technique["reference"]["test_accuracy"])
+    uniform = pd.DataFrame(technique["uniform"])
+    assert len(uniform) == len(run.uniform) and (uniform["fp32_accuracy"] == run.uniform["accuracy"].values).all()
     for row in technique["rows"]:
+        if "uniform" in row:
+            assert row["uniform"]["macs"] == uniform[uniform["accuracy"] >= row["target"]]["macs"].min()
         if row["reached"]:
             assert row["trial"] in set(front["trial"])
             model = quantize_int8(run.subnet(row["trial"]))
