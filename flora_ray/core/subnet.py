@@ -21,7 +21,7 @@ from torch import nn
 from flora_ray import __version__
 from flora_ray.core.lowrank import build_static_layer, low_rank_is_cheaper
 from flora_ray.core.models import ModelSpec, load_state_dict_strict
-from flora_ray.core.quantize import load_int8
+from flora_ray.core.quantize import load_int8, save_int8
 from flora_ray.core.supernet import Supernet
 from flora_ray.core.surgery import swap_modules
 from flora_ray.storage.files import read_checkpoint, read_json, sha256_file, write_checkpoint, write_json
@@ -120,6 +120,17 @@ def save_subnet(
     return out
 
 
+def save_subnet_int8(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Quantize an exported subnet (``model``, loaded from ``directory``) to int8 (``core.quantize``), write
+    ``model.int8.safetensors`` beside it and record the file's SHA-256 in ``subnet.json`` (both atomically), so that
+    an int8 file of another subnet of the same shapes is refused at load time. Returns the quantized model."""
+    d = Path(directory)
+    quantized = save_int8(model, d / INT8_WEIGHTS_FILE)
+    spec = read_json(d / SPEC_FILE, "subnet spec")
+    write_json(d / SPEC_FILE, {**spec, "int8_weights_sha256": sha256_file(d / INT8_WEIGHTS_FILE)})
+    return quantized
+
+
 def load_subnet(directory: str | os.PathLike, device: str | torch.device = "cpu", int8: bool = False) -> nn.Module:
     """Load an exported subnet in any process: timm builds the architecture, the saved layer forms replace the
     factorised Linear layers, and the weights load strictly.
@@ -139,12 +150,13 @@ def load_subnet(directory: str | os.PathLike, device: str | torch.device = "cpu"
     if not weights.is_file():
         hint = "export it with --format int8" if int8 else "export the subnet again"
         raise FileNotFoundError(f"subnet weights {str(weights)!r} are missing; {hint}")
+    expected = spec.get("int8_weights_sha256" if int8 else "weights_sha256")
+    if expected and sha256_file(weights) != expected:
+        raise ValueError(f"{str(weights)!r} does not match {SPEC_FILE} (checksum differs); export the subnet again")
     if int8:
         if torch.device(device).type != "cpu":
             raise ValueError(f"the int8 subnet runs on CPU only, not {str(device)!r}")
         return load_int8(subnet_skeleton(spec, "cpu"), weights)
-    if spec.get("weights_sha256") and sha256_file(weights) != spec["weights_sha256"]:
-        raise ValueError(f"{str(weights)!r} does not match {SPEC_FILE} (checksum differs); export the subnet again")
     model = subnet_skeleton(spec, device)
     tensors, _ = read_checkpoint(weights, device=device)
     load_state_dict_strict(model, tensors, weights)

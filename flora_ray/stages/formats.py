@@ -21,8 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flora_ray.core.quantize import save_int8
-from flora_ray.core.subnet import INT8_WEIGHTS_FILE, WEIGHTS_FILE, load_subnet
+from flora_ray.core.subnet import INT8_WEIGHTS_FILE, WEIGHTS_FILE, load_subnet, save_subnet_int8
 
 FORMATS = ("safetensors", "pt2", "onnx", "int8")
 FORMAT_FILES = {"safetensors": "model.safetensors", "pt2": "model.pt2", "onnx": "model.onnx", "int8": INT8_WEIGHTS_FILE}
@@ -95,7 +94,7 @@ def _onnx(model: nn.Module, x: torch.Tensor, path: Path):
 
 
 def _int8(model: nn.Module, x: torch.Tensor, path: Path):
-    save_int8(model, path)
+    save_subnet_int8(model, path.parent)  # model.int8.safetensors, its checksum into subnet.json
     loaded = load_subnet(path.parent, int8=True)  # as a user loads it, from subnet.json and the int8 file
     return lambda batch: loaded(batch.cpu())
 

@@ -2,6 +2,8 @@
 within ``INT8_TOLERANCE``, loads from its file, and is timed against fp32 as ``flora-ray export --format int8``
 records it (``stages.export.int8_figures``)."""
 
+import json
+
 import pytest
 import torch
 from conftest import DIGITS_OVERRIDES
@@ -53,4 +55,7 @@ def test_int8_subnet_keeps_the_fp32_accuracy_on_digits(tmp_path, tome_r):
     assert fp32_accuracy >= 75, "the model did not train: the tolerance would say nothing"
     assert abs(figures["accuracy_drop"]) <= INT8_TOLERANCE, figures
     assert formats["int8"]["bytes"] < 0.6 * formats["int8"]["fp32_bytes"]
+    assert json.loads((tmp_path / "subnet.json").read_text())[
+        "int8_weights_sha256"
+    ]  # the export's file, checked at load
     assert all(ms > 0 for ms in figures["latency"].values())

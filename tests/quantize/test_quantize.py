@@ -9,7 +9,7 @@ from helpers import input_for, random_config
 
 import flora_ray as fr
 from flora_ray.core.quantize import load_int8, quantize_int8, save_int8
-from flora_ray.core.subnet import INT8_WEIGHTS_FILE, WEIGHTS_FILE, subnet_skeleton
+from flora_ray.core.subnet import INT8_WEIGHTS_FILE, WEIGHTS_FILE, save_subnet_int8, subnet_skeleton
 from flora_ray.storage.files import read_json
 
 
@@ -68,3 +68,25 @@ def test_a_foreign_or_missing_file_is_refused(export, tmp_path):
         fr.load_subnet(empty, int8=True)
     with pytest.raises(ValueError, match="CPU only"):
         fr.load_subnet(directory, device="meta", int8=True)
+
+
+def test_the_export_records_the_int8_files_checksum(export, tmp_path):
+    """``save_subnet_int8`` (what ``--format int8`` writes) records the file's SHA-256; an int8 file of the same
+    shapes but other weights, which the layer checks cannot tell apart, is refused."""
+    directory, fp32 = export
+    copy = tmp_path / "export"
+    copy.mkdir()
+    for name in ("subnet.json", WEIGHTS_FILE):
+        (copy / name).write_bytes((directory / name).read_bytes())
+    save_subnet_int8(fp32, copy)
+    assert read_json(copy / "subnet.json")["int8_weights_sha256"]
+    x = input_for(fp32, batch=2)
+    with torch.no_grad():
+        assert torch.equal(fr.load_subnet(copy, int8=True)(x), quantize_int8(fp32)(x))
+        other = fr.load_subnet(copy)
+        for p in other.parameters():
+            p.add_(0.01)
+    save_int8(other, copy / INT8_WEIGHTS_FILE)  # the same shapes, other weights, spec not updated
+    with pytest.raises(ValueError, match="checksum differs"):
+        fr.load_subnet(copy, int8=True)
+    assert fr.load_subnet(copy) is not None  # the fp32 weights still load
