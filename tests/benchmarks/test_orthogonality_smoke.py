@@ -37,7 +37,7 @@ def orthogonality(tmp_path_factory):
         capture_output=True, text=True, timeout=900, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, f"orthogonality.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return out, proc.stdout, json.loads((out / "orthogonality.json").read_text())
+    return out, proc.stdout, json.loads((out / "orthogonality_smoke.json").read_text())
 
 
 def test_every_technique_is_reported_next_to_the_paper(orthogonality):
