@@ -126,3 +126,25 @@ def test_int8_front_is_made_of_quantized_subnets(orthogonality):
             assert row["trial"] in set(front["trial"])
             model = quantize_int8(run.subnet(row["trial"]))
             assert accuracy(model, test, cpu, batch_size=batch) == pytest.approx(row["test_accuracy"])
+
+
+def test_retime_replaces_only_the_latencies(orthogonality):
+    out, _, result = orthogonality
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    command = [sys.executable, str(BENCHMARKS / "orthogonality.py"), "--smoke", "--output", str(out), "--retime"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((out / "orthogonality_smoke.json").read_text())
+    assert again["retimed"]["rounds"] == 5 and again["date"] == result["date"]
+    for name, technique in again["techniques"].items():
+        before = result["techniques"][name]
+        assert technique["front"] == before["front"] and technique["alone"]["macs"] == before["alone"]["macs"]
+        for row, old in zip(technique["rows"], before["rows"], strict=True):
+            assert {k: v for k, v in row.items() if "latency" not in k} == {
+                k: v for k, v in old.items() if "latency" not in k
+            }
+            if row["reached"]:
+                assert row["latency_ms"] != old["latency_ms"]  # measured again
+                for batch, ms in row["latency_ms"].items():
+                    expected = 1 - ms / technique["alone"]["latency_ms"][batch]
+                    assert row["extra_latency_reduction"][batch] == pytest.approx(expected)
