@@ -66,6 +66,7 @@ PAPER = (0.21, 0.26)  # FLORA's extra FLOPs reduction on top of other compressio
 DROPS = (0.5, 1.0)  # accuracy points below the technique alone
 BATCHES = (1, 32)
 BASE_RUN = "bench-orth-quickstart"
+TECHNIQUES = ("hybrid", "tome", "int8")
 # The smoke mode: a tiny digits run per technique, every stage in process (seconds each).
 SMOKE_OVERRIDES = (
     "model.kwargs={patch_size: 2, embed_dim: 32, depth: 2, num_heads: 2, mlp_ratio: 2}",
@@ -442,9 +443,7 @@ def reference_lines(results: dict[str, Any]) -> list[str]:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--techniques", nargs="+", choices=("hybrid", "tome", "int8"), default=["hybrid", "tome", "int8"]
-    )
+    parser.add_argument("--techniques", nargs="+", choices=TECHNIQUES, default=list(TECHNIQUES))
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="proving_ground",
                         help="the runs' schedule (default: proving_ground; quickstart: shorter)")  # fmt: skip
     parser.add_argument("--tome-r", type=int, default=2, help="tokens merged per block (default 2)")
@@ -477,8 +476,12 @@ def main() -> None:
         run = base if name == "int8" else prepare(chosen[name], runs_dir, args.smoke)
         print(f"{name}: scoring and timing", flush=True)
         results[name] = measure_technique(chosen[name], run, base, 1 if args.smoke else args.rounds)
+        results[name]["measured"] = environment(1)  # per technique: a later call may add another one
     print(table(results))
     print("\n".join(reference_lines(results)))
+    earlier = read_json(path)["techniques"] if path.is_file() else {}  # the techniques not measured this time
+    merged = {**earlier, **results}
+    results = {name: merged[name] for name in TECHNIQUES if name in merged}
     out = {**environment(1), "smoke": args.smoke, "recipe": recipe, "paper": PAPER, "drops": DROPS, "batches": BATCHES,
            "rounds": 1 if args.smoke else args.rounds, "techniques": results}  # fmt: skip
     write_json(path, plain(out))
