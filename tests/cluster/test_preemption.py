@@ -1,13 +1,14 @@
 """Spot preemption on a real two-node cluster (``flora_ray.testing.multinode``): nothing lost, little repeated.
 
-One run (a module fixture, shared by every test; a random teacher stands in for pretraining) goes through filter,
-train and search on a head without CPUs and one worker node that shares only the storage directory; the worker node
-is killed (SIGKILL to all its processes) once during ``filter``, once during ``train`` and once during ``search``,
-each time at a seeded random point after the stage's first durable progress with work in flight, and a replacement
-node joins a few seconds later (``flora_ray.testing.preemption``). Later in ``train``, once the restarted worker group
-has passed a checkpoint of its own, the head itself is lost: driver, head and worker processes are SIGKILLed and the
-head's disk is deleted; a new cluster with the same ``run.storage`` resumes the run from storage and goes on to the
-search (with its own reclaim). The guarantees are checked from the artefacts in storage and the event logs.
+One run (a module fixture, shared by every test; a random teacher stands in for pretraining, and the profile stage is
+switched off: no latency table) goes through filter, train and search on a head without CPUs and one worker node that
+shares only the storage directory; the worker node is killed (SIGKILL to all its processes) once during ``filter``, once
+during ``train`` and once during ``search``, each time at a seeded random point after the stage's first durable progress
+with work in flight, and a replacement node joins a few seconds later (``flora_ray.testing.preemption``). Later in
+``train``, once the restarted worker group has passed a checkpoint of its own, the head itself is lost: driver, head and
+worker processes are SIGKILLed and the head's disk is deleted; a new cluster with the same ``run.storage`` resumes the
+run from storage and goes on to the search (with its own reclaim). The guarantees are checked from the artefacts in
+storage and the event logs.
 """
 
 import contextlib
@@ -52,10 +53,14 @@ def cluster_dirs():
     shutil.rmtree(base, ignore_errors=True)
 
 
+# No latency table: no test here reads one, and the profile stage (a Ray task before filter) is never reclaimed.
+NO_PROFILE = ["profile.enabled=false"]
+
+
 def _config(base: Path, name: str, *overrides: str):
     cfg = load_config(
         None,
-        [*SMALL_RUN, f"run.name={name}", f"run.output_dir={base / name / 'head' / 'runs'}",
+        [*SMALL_RUN, *NO_PROFILE, f"run.name={name}", f"run.output_dir={base / name / 'head' / 'runs'}",
          f"run.storage={base / name / 'storage'}", f"data.root={base / 'data'}", *overrides],
     )  # fmt: skip
     (base / name / "head").mkdir(parents=True)

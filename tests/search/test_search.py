@@ -176,10 +176,54 @@ def _brute_force_front(df):
 
 
 @pytest.mark.slow
-def test_search_end_to_end_with_budget_and_export(searched_run, monkeypatch):
+def test_interrupted_search_continues_without_duplicates(searched_run, tmp_path):
+    cfg, _ = searched_run
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    command = [sys.executable, "-m", "flora_ray.cli", "search", str(config_file), "search.concurrency=1"]
+    journal = cfg.run.run_dir / "search_journal.log"
+    first = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline and first.poll() is None:
+        if journal.is_file() and journal.read_text().count('"state":1,') >= 8:  # 8 completed trials
+            break
+        time.sleep(0.3)
+    first.send_signal(signal.SIGINT)
+    try:
+        first.wait(timeout=90)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+    completed_first = journal.read_text().count('"state":1,')
+    assert 8 <= completed_first < 30, f"the first search was not interrupted mid-way ({completed_first} trials)"
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "search: continuing" in second.stdout + second.stderr
+    trials = pd.read_parquet(cfg.run.run_dir / TRIALS_FILE)
+    assert len(trials) == 30 and trials["trial"].is_unique and (trials["state"] == "COMPLETE").all()
+    front = trials[trials["is_pareto"]]
+    np.testing.assert_array_equal(trials["is_pareto"].to_numpy(), _brute_force_front(trials))
+    assert len(front) >= 1
+
+
+@pytest.fixture(scope="module")
+def module_ray():
+    """One local 2-CPU Ray for this module's in-process Ray searches (started at the first, stopped after the
+    module): each test searches its own copy of the run, so one instance serves them all."""
     import ray
 
-    from flora_ray.backends.ray import RayBackend, init_ray
+    from flora_ray.backends.ray import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_search_end_to_end_with_budget_and_export(module_ray, searched_run, monkeypatch):
+    from flora_ray.backends.ray import RayBackend
     from flora_ray.stages.export import export_from_run
     from flora_ray.stages.search import search_stage
 
@@ -188,22 +232,18 @@ def test_search_end_to_end_with_budget_and_export(searched_run, monkeypatch):
 
     budget = 0.8 * supernet.cost.dense_macs
     cfg = replace(cfg, search=replace(cfg.search, max_macs=budget))
-    init_ray(num_cpus=2)
-    try:
-        summary = search_stage(cfg, RayBackend())
-        # Export: the extraction and every inference pass run in a Ray task; this (driver) process loads no
-        # weights at all: each way of loading them raises here (Ray's worker processes do not see the patches).
-        for where in (
-            "flora_ray.storage.run_store.RunStore.read_checkpoint",
-            "flora_ray.stages.export.load_teacher",
-            "flora_ray.stages.export.load_subnet",
-            "flora_ray.stages.export.supernet_from_numpy",
-        ):
-            monkeypatch.setattr(where, lambda *a, **k: pytest.fail("the driver loaded weights"))
-        report = export_from_run(cfg.run.run_dir, max_macs=0.8 * supernet.cost.dense_macs, backend=RayBackend())
-        monkeypatch.undo()
-    finally:
-        ray.shutdown()
+    summary = search_stage(cfg, RayBackend())
+    # Export: the extraction and every inference pass run in a Ray task; this (driver) process loads no
+    # weights at all: each way of loading them raises here (Ray's worker processes do not see the patches).
+    for where in (
+        "flora_ray.storage.run_store.RunStore.read_checkpoint",
+        "flora_ray.stages.export.load_teacher",
+        "flora_ray.stages.export.load_subnet",
+        "flora_ray.stages.export.supernet_from_numpy",
+    ):
+        monkeypatch.setattr(where, lambda *a, **k: pytest.fail("the driver loaded weights"))
+    report = export_from_run(cfg.run.run_dir, max_macs=0.8 * supernet.cost.dense_macs, backend=RayBackend())
+    monkeypatch.undo()
     run_dir = cfg.run.run_dir
     trials = pd.read_parquet(run_dir / TRIALS_FILE)
     assert set(trials.columns) >= DOCUMENTED_COLUMNS
@@ -247,43 +287,7 @@ def test_search_end_to_end_with_budget_and_export(searched_run, monkeypatch):
 
 
 @pytest.mark.slow
-def test_interrupted_search_continues_without_duplicates(searched_run, tmp_path):
-    cfg, _ = searched_run
-    config_file = tmp_path / "run.yaml"
-    config_file.write_text(yaml.safe_dump(config_to_dict(cfg)))
-    command = [sys.executable, "-m", "flora_ray.cli", "search", str(config_file), "search.concurrency=1"]
-    journal = cfg.run.run_dir / "search_journal.log"
-    first = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    deadline = time.time() + 180
-    while time.time() < deadline and first.poll() is None:
-        if journal.is_file() and journal.read_text().count('"state":1,') >= 8:  # 8 completed trials
-            break
-        time.sleep(0.3)
-    first.send_signal(signal.SIGINT)
-    try:
-        first.wait(timeout=90)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(first.pid, signal.SIGKILL)
-    completed_first = journal.read_text().count('"state":1,')
-    assert 8 <= completed_first < 30, f"the first search was not interrupted mid-way ({completed_first} trials)"
-    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "search: continuing" in second.stdout + second.stderr
-    trials = pd.read_parquet(cfg.run.run_dir / TRIALS_FILE)
-    assert len(trials) == 30 and trials["trial"].is_unique and (trials["state"] == "COMPLETE").all()
-    front = trials[trials["is_pareto"]]
-    np.testing.assert_array_equal(trials["is_pareto"].to_numpy(), _brute_force_front(trials))
-    assert len(front) >= 1
-
-
-@pytest.mark.slow
-def test_failing_and_nan_trials_are_marked_failed_and_the_search_goes_on(searched_run):
-    import ray
-
-    from flora_ray.backends.ray import init_ray
+def test_failing_and_nan_trials_are_marked_failed_and_the_search_goes_on(module_ray, searched_run):
     from flora_ray.stages.search import search_stage
     from flora_ray.testing.faults import FaultyRayBackend
 
@@ -296,11 +300,7 @@ def test_failing_and_nan_trials_are_marked_failed_and_the_search_goes_on(searche
     # The enqueued uniform configurations are always evaluated: make the 0.5 one raise and the 0.25 one yield NaN.
     raising = config_to_genes(space, space.uniform(0.5))[first_block]
     nan = config_to_genes(space, space.uniform(0.25))[first_block]
-    init_ray(num_cpus=2)
-    try:
-        summary = search_stage(cfg, FaultyRayBackend(raise_if_first_gene=raising, nan_if_first_gene=nan))
-    finally:
-        ray.shutdown()
+    summary = search_stage(cfg, FaultyRayBackend(raise_if_first_gene=raising, nan_if_first_gene=nan))
     trials = pd.read_parquet(cfg.run.run_dir / TRIALS_FILE)
     assert len(trials) == 12 and trials["trial"].is_unique
     genes = trials["ranks"].map(lambda r: config_to_genes(space, json.loads(r))[first_block])
@@ -322,12 +322,10 @@ def test_uniform_baselines_outside_a_filtered_space_are_evaluated():
 
 
 @pytest.mark.slow
-def test_in_process_search_equals_ray_tune_at_concurrency_one(searched_run, tmp_path):
+def test_in_process_search_equals_ray_tune_at_concurrency_one(module_ray, searched_run, tmp_path):
     """Both backends ask and tell the same study in the same order: same trials, same accuracies."""
-    import ray
-
     from flora_ray.backends.local import LocalBackend
-    from flora_ray.backends.ray import RayBackend, init_ray
+    from flora_ray.backends.ray import RayBackend
     from flora_ray.stages.search import search_stage
 
     cfg, _ = searched_run
@@ -340,11 +338,7 @@ def test_in_process_search_equals_ray_tune_at_concurrency_one(searched_run, tmp_
     assert summary["complete"] == 14 and summary["evaluator_builds"] == {str(os.getpid()): before + 1}
     for name in (TRIALS_FILE, PARETO_FILE, UNIFORM_FILE, ARTEFACTS.journal, ARTEFACTS.search_summary):
         (cfg.run.run_dir / name).unlink()
-    init_ray(num_cpus=2)
-    try:
-        search_stage(cfg, RayBackend())
-    finally:
-        ray.shutdown()
+    search_stage(cfg, RayBackend())
     tuned = pd.read_parquet(cfg.run.run_dir / TRIALS_FILE)
     columns = ["trial", "generation", "state", "ranks", "accuracy", "macs", "params", "is_pareto"]
     pd.testing.assert_frame_equal(local[columns], tuned[columns])
