@@ -263,15 +263,20 @@ class Run:
         """A completed trial's subnet as a standalone timm model with the supernet's weights, in eval mode on
         CPU; nothing is evaluated. Its BatchNorm statistics, if it has any, are recalibrated as the search and
         the export do (``search.bn_recalibration_images``); the supernet's own are left as they were."""
+        return self.subnet_at(self.ranks(trial))
+
+    def subnet_at(self, ranks: Mapping[str, int]) -> nn.Module:
+        """The subnet of any per-layer ``ranks`` of the supernet's layers (a configuration no trial evaluated, a
+        uniform one the filter dropped), built as ``subnet`` builds a trial's."""
         from flora_ray.core.batchnorm import batchnorm_state, load_batchnorm_state
         from flora_ray.core.subnet import extract_subnet
         from flora_ray.stages.export import calibrate_subnet
 
-        supernet, ranks = self.supernet, self.ranks(trial)
+        supernet, ranks = self.supernet, dict(ranks)
         shared = batchnorm_state(supernet.model)
         try:
             calibrate_subnet(supernet, ranks, self.config)
-            return extract_subnet(supernet, ranks).eval()
+            return extract_subnet(supernet, ranks, within_candidates=False).eval()
         finally:
             load_batchnorm_state(supernet.model, shared)
 

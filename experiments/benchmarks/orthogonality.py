@@ -48,13 +48,11 @@ from torch import nn
 
 import flora_ray as fr
 from flora_ray.config import config_to_dict
-from flora_ray.core.batchnorm import batchnorm_state, load_batchnorm_state
 from flora_ray.core.quantize import SCHEME, quantize_int8
-from flora_ray.core.subnet import extract_subnet
 from flora_ray.data.datasets import build_datasets
 from flora_ray.results import binomial_se, cheapest_within, paired_difference, pareto_mask, unpack_correct
 from flora_ray.search.evaluator import Evaluator, build_evaluator, search_batch, search_images
-from flora_ray.stages.export import calibrate_subnet, cpu_latency_ms
+from flora_ray.stages.export import cpu_latency_ms
 from flora_ray.stages.inputs import load_teacher
 from flora_ray.storage.files import read_json, write_json
 from flora_ray.storage.run_store import ARTEFACTS
@@ -208,18 +206,6 @@ def candidates(run: fr.Run, technique: Technique, scorer: Scorer) -> tuple[pd.Da
     return front, {t: models[t] for t in front["trial"]}
 
 
-def ranks_subnet(run: fr.Run, ranks: dict[str, int]) -> nn.Module:
-    """The standalone subnet of any ``ranks`` (inside the filtered space or not), BatchNorm statistics recalibrated
-    as the search scored it (``Run.subnet`` for a configuration that is not a trial)."""
-    supernet = run.supernet
-    shared = batchnorm_state(supernet.model)
-    try:
-        calibrate_subnet(supernet, ranks, run.config)
-        return extract_subnet(supernet, ranks, within_candidates=False).eval()
-    finally:
-        load_batchnorm_state(supernet.model, shared)
-
-
 def uniform_candidates(run: fr.Run, technique: Technique, scorer: Scorer) -> pd.DataFrame:
     """Every uniform-rank configuration (``ratio``, ``macs``, ``accuracy``) on top of the technique: the run's own
     baseline, or for int8 each one quantized and scored."""
@@ -227,7 +213,7 @@ def uniform_candidates(run: fr.Run, technique: Technique, scorer: Scorer) -> pd.
     if not technique.int8:
         return uniform[["ratio", "macs", "accuracy"]]
     accuracy = [
-        100.0 * scorer.search.model_correct(quantize_int8(ranks_subnet(run, json.loads(r)))).mean()
+        100.0 * scorer.search.model_correct(quantize_int8(run.subnet_at(json.loads(r)))).mean()
         for r in uniform["ranks"]
     ]
     return uniform[["ratio", "macs"]].assign(accuracy=accuracy, fp32_accuracy=uniform["accuracy"])

@@ -92,6 +92,10 @@ def test_a_subnet_is_the_supernet_at_the_trials_ranks(finished):
     assert not subnet.training and sum(p.numel() for p in subnet.parameters()) < sum(
         p.numel() for p in supernet.model.parameters()
     )
+    uniform = json.loads(run.uniform.sort_values("macs").iloc[0]["ranks"])  # a uniform one: the filter may drop it
+    with torch.no_grad():
+        supernet.set_ranks(uniform, within_candidates=False)
+        torch.testing.assert_close(run.subnet_at(uniform)(x), supernet.model(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="is not a completed trial"):
         run.subnet(999)
     with pytest.raises(TypeError, match="trial number"):
