@@ -20,19 +20,19 @@ from optuna.trial import TrialState
 from flora_ray.backends.base import Backend, SearchJob, TaskMap, TrainJob
 from flora_ray.search.study import (
     DIRECTIONS,
-    DUPLICATE_OF,
     MAX_REPEATS,
+    RETRY_OF,
     EvaluatedConfigs,
     SearchProblem,
+    finished_trials,
     log_progress,
     record_result,
 )
 from flora_ray.training.trainer import LocalSession
-from flora_ray.training.worker import device_for
+from flora_ray.training.worker import run_device
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-RETRY_OF = "flora_ray:retry_of"
 
 
 class LocalBackend(Backend):
@@ -49,7 +49,7 @@ class LocalBackend(Backend):
             raise ValueError(
                 "data.pipeline=ray_data streams from Ray Data: use the Ray backend, or data.pipeline=loader"
             )
-        device = device_for(job.cfg.scaling.accelerator, job.cfg.scaling.use_gpu)
+        device = run_device(job.cfg, "scaling.use_gpu")
         session = LocalSession(Path(job.storage_path) / job.name, device=str(device))
         job.worker(job.payload, self.worker_session(session))
         latest = session.directory / "latest"
@@ -114,12 +114,3 @@ class LocalBackend(Backend):
         except Exception as exc:  # a failing evaluation fails its trial, as a failing Tune trial does
             logger.warning("search: trial with genes %s failed: %s", genes, exc)
             return None
-
-
-def finished_trials(study: optuna.Study) -> int:
-    """Complete and failed trials, not counting failed ones that were evaluated again nor proposals answered from
-    an earlier evaluation of their configuration."""
-    trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
-    ended = (TrialState.COMPLETE, TrialState.FAIL)
-    return sum(1 for t in trials if t.state in ended and t.number not in retried and DUPLICATE_OF not in t.user_attrs)

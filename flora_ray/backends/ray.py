@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from flora_ray.backends.base import Backend, SearchJob, TaskMap, TrainJob
+from flora_ray.errors import InputError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,7 +38,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     try:
         ray.init(address=address, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ValueError(f"cannot reach the Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from exc
+        raise InputError(f"cannot reach the Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from exc
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -47,11 +48,11 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     target = address.removeprefix("ray://")
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit():
-        raise ValueError(f"Ray address {address!r} is not auto, host:port or ray://host:port")
+        raise InputError(f"Ray address {address!r} is not auto, host:port or ray://host:port")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as exc:
-        raise ValueError(
+        raise InputError(
             f"cannot reach the Ray cluster at {address!r} ({exc.strerror or exc}): start it (`ray start --head`) "
             "or fix --address"
         ) from None
@@ -220,7 +221,15 @@ class RayBackend(Backend):
         from ray import tune
         from ray.tune.search import ConcurrencyLimiter
 
-        from flora_ray.backends.ray_tune import builds_per_process, optuna_searcher, progress_callback, tune_trial
+        from flora_ray.backends.ray_tune import (
+            builds_per_process,
+            optuna_searcher,
+            progress_callback,
+            remaining_trials,
+            restore_tuner,
+            start_tuner,
+            tune_trial,
+        )
         from flora_ray.tracking import trial_callbacks
 
         problem, fs = job.problem, job.storage_filesystem
@@ -229,15 +238,15 @@ class RayBackend(Backend):
         experiment = f"{job.storage_path.rstrip('/')}/{problem.study_name}"
         callbacks = [progress_callback(problem.trials, job.after_trial, problem.objectives.cost)]
         callbacks += trial_callbacks(problem.config, problem.study_name)  # MLflow: one run per trial, when tracking
-        if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
-            logger.info("search: continuing %s", experiment)
-            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True, storage_filesystem=fs)
-        else:
-            tuner = tune.Tuner(
+        tuner = restore_tuner(experiment, trainable, fs)
+        if tuner is None and (remaining := remaining_trials(problem)) == 0:
+            return {}  # the journal holds the whole budget already
+        if tuner is None:
+            tuner = start_tuner(experiment, fs, lambda: tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
                     search_alg=ConcurrencyLimiter(optuna_searcher(problem), max_concurrent=job.concurrency),
-                    num_samples=problem.trials,
+                    num_samples=remaining,
                     reuse_actors=True,
                 ),
                 run_config=tune.RunConfig(
@@ -249,5 +258,5 @@ class RayBackend(Backend):
                     # a trial errors only when its evaluator is lost (tune_trial reports its own errors as results)
                     failure_config=tune.FailureConfig(max_failures=job.retries),
                 ),
-            )
+            ))  # fmt: skip
         return builds_per_process(tuner.fit())

@@ -7,11 +7,19 @@ attributes and the budget constraint; that private attribute is why ``pyproject.
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from collections.abc import Callable
 from typing import Any
 
-from flora_ray.search.study import MAX_REPEATS, EvaluatedConfigs, SearchProblem, log_progress, record_result
+from flora_ray.search.study import (
+    MAX_REPEATS,
+    EvaluatedConfigs,
+    SearchProblem,
+    finished_trials,
+    log_progress,
+    record_result,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -117,3 +125,67 @@ def builds_per_process(grid) -> dict[int, int]:
         if "pid" in metrics and "evaluator_builds" in metrics:  # failed trials report nothing
             builds[int(metrics["pid"])] = max(builds.get(int(metrics["pid"]), 0), int(metrics["evaluator_builds"]))
     return builds
+
+
+TUNER_STATE = "tuner.pkl"  # what Tune writes first into an experiment, and what ``Tuner.can_restore`` looks for
+
+
+def restore_tuner(experiment: str, trainable: Any, fs: Any = None):
+    """The Tune experiment at ``experiment`` continued, or ``None`` when there is none to continue.
+
+    A ``tuner.pkl`` that cannot be read (a start that failed while writing it) is removed with a warning and
+    ``None`` returned: the search then starts a new Tune experiment over the same Optuna journal, which holds every
+    finished trial, so nothing is evaluated twice.
+    """
+    from ray import tune
+
+    if not tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        return None
+    try:
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True, storage_filesystem=fs)
+    except (EOFError, pickle.UnpicklingError) as exc:
+        logger.warning(
+            "search: Tune's state %s/%s is unreadable (%s: a start that failed while writing it); starting Tune "
+            "again on the same Optuna journal", experiment, TUNER_STATE, type(exc).__name__,
+        )  # fmt: skip
+        remove_tuner_state(experiment, fs)
+        return None
+    logger.info("search: continuing %s", experiment)
+    return tuner
+
+
+def start_tuner(experiment: str, fs: Any, build: Callable[[], Any]):
+    """``build()`` (a new ``tune.Tuner``), removing the ``tuner.pkl`` it may have begun to write when it fails:
+    Tune opens that file before it pickles the search algorithm into it, so a failed start would otherwise leave
+    an empty file that every later run tries, and fails, to restore."""
+    from ray import tune
+
+    existed = tune.Tuner.can_restore(experiment, storage_filesystem=fs)
+    try:
+        return build()
+    except BaseException:
+        if not existed:
+            remove_tuner_state(experiment, fs)
+        raise
+
+
+def remove_tuner_state(experiment: str, fs: Any = None) -> None:
+    """Delete ``experiment``'s ``tuner.pkl`` (on ``fs``, or the local or URI path ``experiment`` names)."""
+    import pyarrow.fs as pafs
+
+    if fs is None:
+        fs, experiment = pafs.FileSystem.from_uri(experiment) if "://" in experiment else (pafs.LocalFileSystem(),
+                                                                                         experiment)  # fmt: skip
+    path = f"{experiment.rstrip('/')}/{TUNER_STATE}"
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_file(path)
+
+
+def remaining_trials(problem: SearchProblem) -> int:
+    """Trials a new Tune experiment runs: the budget less what the study's journal already holds (none for a new
+    study; a Tune experiment started again over an existing journal, see ``restore_tuner``, runs only the rest)."""
+    try:
+        study = problem.load_study()
+    except KeyError:  # no such study yet
+        return problem.trials
+    return max(problem.trials - finished_trials(study), 0)

@@ -72,10 +72,10 @@ class SearchProblem:
     labels: Any = None
 
     def sampler(self):
-        """Optuna's NSGA-II sampler with the run's settings."""
-        import optuna
+        """Optuna's NSGA-II sampler with the run's settings, in the form that pickles (``search.sampler``)."""
+        from flora_ray.search.sampler import NSGAIISampler
 
-        return optuna.samplers.NSGAIISampler(**self.sampler_args)
+        return NSGAIISampler(**self.sampler_args)
 
     def storage(self):
         """The study's journal storage (a local file, appended by every trial)."""
@@ -195,3 +195,23 @@ class EvaluatedConfigs:
 def space_size(genes: dict[str, int]) -> int:
     """How many configurations the search space holds (the product of the candidates per block)."""
     return math.prod(genes.values())
+
+
+def search_budget(requested: int, genes: dict[str, int]) -> int:
+    """The trials a search runs: ``search.trials``, but never more than the space's distinct configurations. The
+    one rule for the search and for the check that it finished (``stages.STAGES``)."""
+    return min(requested, space_size(genes))
+
+
+RETRY_OF = "flora_ray:retry_of"  # user attribute: the failed trial (of an interrupted session) this one evaluates again
+
+
+def finished_trials(study) -> int:
+    """Trials spent from the budget: complete and failed ones, not counting failed ones that were evaluated again
+    nor proposals answered from an earlier evaluation of their configuration."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
+    ended = (TrialState.COMPLETE, TrialState.FAIL)
+    return sum(1 for t in trials if t.state in ended and t.number not in retried and DUPLICATE_OF not in t.user_attrs)

@@ -21,9 +21,13 @@ from flora_ray.stages.training import pretrain, train
 
 
 def _search_left_work(cfg: Any, summary: dict[str, Any]) -> str | None:
-    done = summary["complete"] + summary["failed"]
-    if done < cfg.search.trials:
-        return f"search stopped after {done} of {cfg.search.trials} trials; re-run the same command to continue"
+    """The search's budget (``search.study.search_budget``: ``search.trials`` capped at the space's size) not spent."""
+    done = summary.get(
+        "finished", summary["complete"] + summary["failed"]
+    )  # summaries before 2026-12-07: no "finished"
+    budget = summary.get("budget", cfg.search.trials)
+    if done < budget:
+        return f"search stopped after {done} of {budget} trials; re-run the same command to continue"
     return None
 
 

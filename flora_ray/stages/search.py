@@ -23,7 +23,7 @@ from flora_ray.search.evaluator import anchor_points, module_from_numpy, search_
 from flora_ray.search.frames import trials_frame, uniform_frame
 from flora_ray.search.objectives import Objectives, dense_value, latency_predictor, resolve_bounds, subnet_costs
 from flora_ray.search.plots import front_figure, hypervolume_figure
-from flora_ray.search.study import DUPLICATE_OF, SearchProblem, space_size
+from flora_ray.search.study import DUPLICATE_OF, SearchProblem, finished_trials, search_budget
 from flora_ray.stages.inputs import load_teacher, open_run, provenance, ray_storage, working_dir
 from flora_ray.stages.preflight import preflight
 from flora_ray.stages.profile import run_latency_model
@@ -60,7 +60,7 @@ def search_problem(cfg: Config, store: RunStore, journal: JournalSync | None = N
         key=f"{info.path}:{info.mtime_ns}:{cfg.data.name}:{cfg.data.seed}:{cfg.search.eval_images}:{cfg.search.bn_recalibration_images}",
         genes=genes,
         anchors=anchor_points(space),
-        trials=min(cfg.search.trials, space_size(genes)),  # never more trials than distinct configurations
+        trials=search_budget(cfg.search.trials, genes),
         study_name=f"{cfg.run.name}-search",
         journal=str(journal.local),
         objectives=objectives,
@@ -151,6 +151,7 @@ def search_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
     summary.update(
         dense_accuracy=dense_metrics["accuracy"], dense_accuracy_se=dense_metrics["accuracy_se"],
         eval_images=dense_metrics["eval_images"], seconds=seconds, evaluator_builds={str(k): v for k, v in builds.items()},
+        budget=problem.trials,
     )  # fmt: skip
     # The dense model's per-image correctness pairs with every trial's; in the file, not in the printed summary.
     store.write_json(ARTEFACTS.search_summary, {**summary, "dense_correct": dense_metrics["correct"]})
@@ -194,4 +195,5 @@ def write_search_outputs(cfg: Config, store: RunStore, study, trials, uniform) -
         "trials_per_second": len(finished) / span if span else 0.0,  # the whole study, all sessions
         "distinct_configurations": int(trials.loc[trials["state"] == "COMPLETE", "ranks"].nunique()),
         "repeats_answered": sum(DUPLICATE_OF in t.user_attrs for t in study.trials),  # no evaluation, no budget
+        "finished": finished_trials(study),  # the trials spent from the budget
     }

@@ -346,7 +346,8 @@ def test_in_process_search_equals_ray_tune_at_concurrency_one(module_ray, search
 
 @pytest.mark.slow
 def test_in_process_search_marks_failures_and_continues_an_interrupted_study(searched_run):
-    from flora_ray.backends.local import RETRY_OF, LocalBackend
+    from flora_ray.backends.local import LocalBackend
+    from flora_ray.search.study import RETRY_OF
     from flora_ray.stages.search import search_problem, search_stage
     from flora_ray.testing.faults import FaultyLocalBackend
 
