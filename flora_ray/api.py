@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flora_ray.config import Config, apply_override, build_dataclass, config_to_dict, load_config
+from flora_ray.errors import InputError, MissingInput
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 if TYPE_CHECKING:
@@ -59,13 +60,15 @@ def prepare_run(cfg: Config, stages: Sequence[str], address: str | None, backend
     from flora_ray.pipeline import stage_marker
     from flora_ray.stages import STAGES
     from flora_ray.stages.inputs import claim_run
-    from flora_ray.stages.preflight import check_run_storage, preflight
+    from flora_ray.stages.preflight import check_devices, check_run_storage, preflight
     from flora_ray.tracking import ensure_experiment
 
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
+        raise InputError(f"backend={backend!r} is not one of {list(BACKENDS)}")
     check_run_storage(cfg, cluster=address is not None, local_backend=backend == "local")
     store = claim_run(cfg, record=False)
+    if not every_stage_done(store):  # a finished run re-run needs no device
+        check_devices(cfg, on_this_machine=address is None)
     checked = [s for s in stages if STAGES[s].preflight]
     unfinished = [s for s in checked if stage_marker(store, s) is None]
     if checked:
@@ -88,10 +91,10 @@ def open_backend(backend: str = "ray", address: str | None = None) -> Iterator[B
     """The backend to run on: Ray (local on 127.0.0.1 unless ``address`` names a cluster; a Ray that this
     function starts is shut down at the end, one already running is left alone) or ``local`` (this process)."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
+        raise InputError(f"backend={backend!r} is not one of {list(BACKENDS)}")
     if backend == "local":
         if address:
-            raise ValueError("an address (--address) joins a Ray cluster; it cannot be combined with the local backend")
+            raise InputError("an address (--address) joins a Ray cluster; it cannot be combined with the local backend")
         from flora_ray.backends.local import LocalBackend
 
         yield LocalBackend()
@@ -149,7 +152,7 @@ class Run:
         """The run at ``location``: a run directory (``runs/quickstart``) or a storage URI (``s3://bucket/p/name``)."""
         store = location if isinstance(location, RunStore) else RunStore(location)
         if not store.is_file(ARTEFACTS.run_config):
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"{store.location(ARTEFACTS.run_config)!r} does not exist: {store.root!r} is not a flora-ray run"
             )
         return cls(store)
@@ -214,7 +217,7 @@ class Run:
         import optuna
 
         if not self.store.is_file(ARTEFACTS.journal):
-            raise FileNotFoundError(f"{self.store.location(ARTEFACTS.journal)!r} does not exist: run the search first")
+            raise MissingInput(f"{self.store.location(ARTEFACTS.journal)!r} does not exist: run the search first")
         folder = tempfile.mkdtemp(prefix="flora-study-")
         weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
         copy = Path(folder) / ARTEFACTS.journal
@@ -239,10 +242,10 @@ class Run:
         budgets = {"macs": max_macs, "params": max_params, "latency_ms": max_latency_ms}
         given = {axis: value for axis, value in budgets.items() if value is not None}
         if len(given) != 1:
-            raise ValueError("give exactly one budget: max_macs, max_params or max_latency_ms")
+            raise InputError("give exactly one budget: max_macs, max_params or max_latency_ms")
         (axis, value), front = next(iter(given.items())), self.front
         if front[axis].isna().all():
-            raise ValueError(f"the run's front has no {axis}: it was searched without a latency table")
+            raise InputError(f"the run's front has no {axis}: it was searched without a latency table")
         return best_under(front, value, axis)
 
     @cached_property

@@ -1,7 +1,8 @@
 """The ``flora-ray`` command line.
 
-Every subcommand turns a library error caused by bad input (``ValueError``, ``TypeError``, a missing file) into
-one line on stderr, ``flora-ray: error: ...``, and exit code 2, with no traceback.
+Every subcommand turns input the user can fix (``errors.InputError``) into one line on stderr,
+``flora-ray: error: ...``, and exit code 2, with no traceback; any other exception is reported with its type, the
+stage it happened in and the hint to re-run with ``-v`` for the traceback, exit code 1.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any
+
+from flora_ray.errors import InputError, StageUnfinished, stage_of
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -315,7 +319,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     prices = parse_prices(args.price)
     cluster = read_cluster(args.cluster) if args.cluster else None
     if prices and cluster is None:
-        raise ValueError("--price needs --cluster: prices are per node type of a cluster file")
+        raise InputError("--price needs --cluster: prices are per node type of a cluster file")
     plans, totals = make_plan(cfg, cluster, prices, args.mfu, args.train_images, args.classes)
     if args.json:
         print(json.dumps({"stages": [dataclasses.asdict(p) for p in plans], "totals": totals}))
@@ -329,8 +333,18 @@ def cmd_config(args: argparse.Namespace) -> int:
     from flora_ray.config import config_to_dict, dump_config
 
     cfg = _load_run_config(args)
+    _check_model(cfg)
     print(json.dumps(config_to_dict(cfg)) if args.json else dump_config(cfg), end="" if not args.json else "\n")
     return 0
+
+
+def _check_model(cfg: Any) -> None:
+    """The model a configuration names exists (timm's registry, or a ``hf-hub:`` repo in the local hub cache), as
+    ``plan`` and every run check; the data need not be on this machine."""
+    from flora_ray.core.models import check_model_name
+    from flora_ray.stages.inputs import architecture
+
+    check_model_name(architecture(cfg)[0])
 
 
 def _load_run_config(args: argparse.Namespace):
@@ -446,23 +460,39 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    """Run the command; a library error becomes one line and an exit code."""
+    """Run the command. Input the user can fix (``InputError``) is one line and exit code 2; a stage left with work
+    (``StageUnfinished``) is its one line and exit code 1; anything else is a failure of flora-ray or of what it runs
+    on: its type, the stage it happened in and the way to its traceback (``-v``), exit code 1."""
     try:
         return args.func(args)
-    except RuntimeError as exc:
+    except InputError as exc:
         if args.verbose:
-            logger.exception("failed")
-        print(f"flora-ray: error: {' '.join(str(exc).split())[:1000]}", file=sys.stderr)
-        return EXIT_FAILED
-    except (ValueError, TypeError, OSError) as exc:
-        if args.verbose:
-            logger.exception("failed")
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"flora-ray: error: {message}", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
+        print(f"flora-ray: error: {first_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StageUnfinished as exc:
+        print(f"flora-ray: error: {first_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("flora-ray: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.verbose:
+            traceback.print_exc(file=sys.stderr)
+        where = stage_of(exc) or args.command
+        hint = (
+            "the traceback is above"
+            if args.verbose
+            else f"re-run with -v ('flora-ray -v {args.command} ...') for the traceback"
+        )
+        print(f"flora-ray: error: {type(exc).__name__} in {where}: {first_line(exc)} ({hint})", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def first_line(exc: BaseException, limit: int = 1000) -> str:
+    """An exception's message on one line (its first non-empty line, whitespace folded), or its type's name."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return " ".join(lines[0].split())[:limit] if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

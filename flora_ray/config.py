@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from flora_ray.errors import InputError, MissingInput
+
 SAMPLERS = ("lowrank", "uniform", "sandwich")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 DATASET_NAMES = ("fashion_mnist", "digits", "imagefolder")
@@ -50,7 +52,7 @@ SECTION_DEFAULTS = "section defaults"
 
 def _check(condition: bool, name: str, value: Any, allowed: str) -> None:
     if not condition:
-        raise ValueError(f"{name}={value!r} is invalid: {allowed}")
+        raise InputError(f"{name}={value!r} is invalid: {allowed}")
 
 
 def _section(config: Any) -> str:
@@ -597,6 +599,9 @@ class ScalingConfig:
         cpus_per_worker: CPUs each worker reserves.
         accelerator: Resource name a worker asks for when ``use_gpu`` (``GPU``, or a custom resource).
         resources_per_worker: Extra Ray resources per worker.
+        allow_cpu: Run on CPU where a GPU was asked for (``use_gpu``, ``search.gpus_per_trial``) but torch sees no
+            CUDA device. ``false`` (the default): such a run is refused before it starts (on this machine) or its
+            work fails (on a cluster node), instead of running silently on CPU.
     """
 
     num_workers: int = 2
@@ -604,6 +609,7 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     accelerator: str = "GPU"
     resources_per_worker: dict[str, float] = field(default_factory=dict)
+    allow_cpu: bool = False
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "scaling.num_workers", self.num_workers, "must be at least 1")
@@ -709,7 +715,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     if path is not None:
         missing = [key for key in REQUIRED_KEYS if dotted_value(data, key) is None]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"config file {str(path)!r} does not set {' and '.join(missing)}: name the timm model to compress "
                 f"(model.name, e.g. deit_small_patch16_224) and the data (data.name: {', '.join(DATASET_NAMES)}), "
                 "in the file, a base file or as overrides (see experiments/)"
@@ -724,22 +730,22 @@ def read_config_file(path: str | os.PathLike, chain: tuple[Path, ...] = ()) -> d
     named_by = f" (the base of {str(chain[-1])!r})" if chain else ""
     if p.resolve() in chain:
         cycle = " -> ".join(str(c) for c in (*chain, p.resolve()))
-        raise ValueError(f"config files extend each other in a cycle: {cycle}; remove one of these base: keys")
+        raise InputError(f"config files extend each other in a cycle: {cycle}; remove one of these base: keys")
     if not p.is_file():
-        raise FileNotFoundError(f"config file {str(p)!r}{named_by} does not exist")
+        raise MissingInput(f"config file {str(p)!r}{named_by} does not exist")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"config file {str(p)!r} is not valid YAML: {' '.join(str(exc).split())}") from exc
+        raise InputError(f"config file {str(p)!r} is not valid YAML: {' '.join(str(exc).split())}") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}")
+        raise InputError(f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}")
     bases = data.pop(BASE_KEY, None)
     if bases is None:
         return data
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not bases or not all(isinstance(b, str) for b in bases):
-        raise ValueError(f"config file {str(p)!r}: base={bases!r} must be a file name or a list of file names")
+        raise InputError(f"config file {str(p)!r}: base={bases!r} must be a file name or a list of file names")
     merged: dict[str, Any] = {}
     for base in bases:  # later bases override earlier ones, the file itself overrides them all
         merged = merge_configs(merged, read_config_file(p.parent / base, (*chain, p.resolve())))
@@ -762,7 +768,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     """Apply one ``a.b.c=value`` override (value parsed as YAML) to a nested dict, in place."""
     key, sep, raw = item.partition("=")
     if not sep or not key:
-        raise ValueError(f"override {item!r} is not of the form section.key=value")
+        raise InputError(f"override {item!r} is not of the form section.key=value")
     try:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
@@ -772,7 +778,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ValueError(f"override {item!r}: {part!r} is not a section")
+            raise InputError(f"override {item!r}: {part!r} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -783,7 +789,7 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ValueError(f"{where} must be a mapping, got {data!r}")
+        raise InputError(f"{where} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
@@ -792,12 +798,12 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else f"; valid: {names}"
-            raise ValueError(f"unknown config key '{dotted}'{hint}")
+            raise InputError(f"unknown config key '{dotted}'{hint}")
         kwargs[key] = _coerce(hints[key], value, dotted)
     try:
         return cls(**kwargs)
     except TypeError as exc:
-        raise ValueError(f"{where}: {exc}") from exc
+        raise InputError(f"{where}: {exc}") from exc
 
 
 def _coerce(hint: Any, value: Any, dotted: str) -> Any:
@@ -813,37 +819,37 @@ def _coerce(hint: Any, value: Any, dotted: str) -> Any:
                 return _coerce(arg, value, dotted)
             except ValueError as exc:
                 errors.append(str(exc))
-        raise ValueError(errors[-1] if len(errors) == 1 else f"{dotted}={value!r} has the wrong type ({hint})")
+        raise InputError(errors[-1] if len(errors) == 1 else f"{dotted}={value!r} has the wrong type ({hint})")
     if hint is Any:
         return value
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise ValueError(f"{dotted}={value!r} must be a list")
+            raise InputError(f"{dotted}={value!r} must be a list")
         return tuple(_coerce(args[0], v, f"{dotted}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise ValueError(f"{dotted}={value!r} must be a mapping")
+            raise InputError(f"{dotted}={value!r} must be a mapping")
         return {str(k): _coerce(args[1], v, f"{dotted}.{k}") for k, v in value.items()}
     if hint is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{dotted}={value!r} must be true or false")
+            raise InputError(f"{dotted}={value!r} must be true or false")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{dotted}={value!r} must be an integer")
+            raise InputError(f"{dotted}={value!r} must be an integer")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
                 value = float(value)
             except ValueError:
-                raise ValueError(f"{dotted}={value!r} must be a number") from None
+                raise InputError(f"{dotted}={value!r} must be a number") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{dotted}={value!r} must be a number")
+            raise InputError(f"{dotted}={value!r} must be a number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ValueError(f"{dotted}={value!r} must be a string")
+            raise InputError(f"{dotted}={value!r} must be a string")
         return value
     raise TypeError(f"unsupported config type {hint} for {dotted}")
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from flora_ray.backends.base import Backend
 from flora_ray.config import Config
+from flora_ray.errors import StageUnfinished, note_stage
 from flora_ray.stages import STAGES
 from flora_ray.stages.inputs import claim_run
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
@@ -30,10 +31,14 @@ def stage_marker(store: RunStore, stage: str) -> dict[str, Any] | None:
 def run_stage(cfg: Config, stage: str, backend: Backend) -> dict[str, Any]:
     """Run one stage and record it as done; returns its completion record."""
     started = time.perf_counter()
-    summary = STAGES[stage].run(cfg, backend)
+    try:
+        summary = STAGES[stage].run(cfg, backend)
+    except Exception as exc:
+        note_stage(exc, stage)
+        raise
     unfinished = STAGES[stage].left_work(cfg, summary)
     if unfinished:
-        raise RuntimeError(unfinished)
+        raise StageUnfinished(unfinished)
     marker = {
         "stage": stage,
         "seconds": time.perf_counter() - started,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from flora_ray.config import Config
+from flora_ray.errors import InputError, MissingInput
 
 # Published peak dense FP16/BF16 tensor throughput (TFLOPS) of accelerators in common cloud node types.
 PUBLISHED_TFLOPS = {
@@ -211,10 +212,10 @@ def read_cluster(path: str | Path) -> dict[str, Any]:
 
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"cluster file {str(p)!r} does not exist")
+        raise MissingInput(f"cluster file {str(p)!r} does not exist")
     data = yaml.safe_load(p.read_text())
     if not isinstance(data, dict) or "available_node_types" not in data:
-        raise ValueError(f"{str(p)!r} is not a Ray cluster launcher file (no available_node_types)")
+        raise InputError(f"{str(p)!r} is not a Ray cluster launcher file (no available_node_types)")
     return worker_nodes(data)
 
 
@@ -226,9 +227,9 @@ def parse_prices(items: list[str]) -> dict[str, float]:
         try:
             prices[name or "*"] = float(value)
         except ValueError:
-            raise ValueError(f"--price {item!r}: give USD per node-hour, as 1.62 or NODE_TYPE=1.62") from None
+            raise InputError(f"--price {item!r}: give USD per node-hour, as 1.62 or NODE_TYPE=1.62") from None
         if not math.isfinite(prices[name or "*"]) or prices[name or "*"] < 0:
-            raise ValueError(f"--price {item!r}: a price must be a number >= 0")
+            raise InputError(f"--price {item!r}: a price must be a number >= 0")
     return prices
 
 
@@ -241,7 +242,7 @@ def model_spec(cfg: Config, classes: int | None) -> Any:
     if folder_here:
         return resolve_model_spec(cfg)
     if classes is None:
-        raise ValueError(
+        raise InputError(
             f"data.root {cfg.data.root!r} is not on this machine: give its class count and training images "
             "(--classes 1000 --train-images 1281167 for ImageNet-1k)"
         )
@@ -256,7 +257,7 @@ def count_train_images(cfg: Config, given: int | None) -> int:
     if cfg.data.name == "imagefolder":
         root = Path(cfg.data.root or "")
         if not root.is_dir():
-            raise ValueError(f"data.root {cfg.data.root!r} is not on this machine: give --train-images N")
+            raise InputError(f"data.root {cfg.data.root!r} is not on this machine: give --train-images N")
         return sum(1 for p in (root / "train").rglob("*") if p.is_file())
     from flora_ray.data.datasets import build_datasets
 
@@ -294,7 +295,7 @@ def make_plan(
     from flora_ray.storage.run_store import RunStore
 
     if not 0 < mfu <= 1:
-        raise ValueError(f"--mfu {mfu}: the assumed model-FLOPs utilisation must be in (0, 1]")
+        raise InputError(f"--mfu {mfu}: the assumed model-FLOPs utilisation must be in (0, 1]")
     spec = model_spec(cfg, classes)
     check_geometry(spec)
     work = build_workload(cfg, spec, count_train_images(cfg, train_images))
@@ -348,7 +349,7 @@ def accelerator_rate(cluster: dict[str, Any], nodes: dict[str, int], mfu: float)
     """MACs per second of one accelerator of the node types started (the slowest), and where the number is from."""
     models = {gpu_model(cluster["available_node_types"][t]) for t in nodes} - {None}
     if not models:
-        raise ValueError("the cluster file's node types for this stage name no known accelerator; plan with a "
+        raise InputError("the cluster file's node types for this stage name no known accelerator; plan with a "
                          f"node type of one of {sorted(PUBLISHED_TFLOPS)}")  # fmt: skip
     model = min(models, key=lambda m: PUBLISHED_TFLOPS[m][0])
     tflops, source = PUBLISHED_TFLOPS[model]
@@ -360,7 +361,7 @@ def price(plan: StagePlan, cluster, prices: dict[str, float]) -> None:
         return
     missing = [t for t in plan.nodes if t not in prices and "*" not in prices]
     if missing:
-        raise ValueError(f"no price for node type {missing[0]!r}: give --price {missing[0]}=USD or --price USD")
+        raise InputError(f"no price for node type {missing[0]!r}: give --price {missing[0]}=USD or --price USD")
     plan.cost = sum(n * prices.get(t, prices.get("*", 0.0)) for t, n in plan.nodes.items()) * plan.seconds / 3600
 
 

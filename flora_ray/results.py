@@ -14,6 +14,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from flora_ray.errors import MissingInput
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 LATENCY_DEVICE_KEY = "flora_ray.latency_device"  # the latency table's metadata: where it was measured
@@ -329,7 +330,7 @@ def _read(run: str | os.PathLike | RunStore, name: str) -> pd.DataFrame:
 
     store = run if isinstance(run, RunStore) else RunStore(run)
     if not store.is_file(name):
-        raise FileNotFoundError(f"{store.location(name)!r} does not exist; run `flora-ray search` for this run first")
+        raise MissingInput(f"{store.location(name)!r} does not exist; run `flora-ray search` for this run first")
     frame = store.read_parquet(name)
     metadata = pq.read_schema(store.location(name), filesystem=store.filesystem).metadata or {}
     frame.attrs["cost_axis"] = metadata.get(b"flora_ray.cost_axis", b"macs").decode()
@@ -361,6 +362,6 @@ def load_latency_table(run: str | os.PathLike | RunStore) -> tuple[pd.DataFrame,
     store = run if isinstance(run, RunStore) else RunStore(run)
     name = ARTEFACTS.latency_table
     if not store.is_file(name):
-        raise FileNotFoundError(f"{store.location(name)!r} does not exist; run `flora-ray profile` for this run first")
+        raise MissingInput(f"{store.location(name)!r} does not exist; run `flora-ray profile` for this run first")
     metadata = pq.read_schema(store.location(name), filesystem=store.filesystem).metadata or {}
     return store.read_parquet(name), json.loads(metadata.get(LATENCY_DEVICE_KEY.encode(), b"{}"))

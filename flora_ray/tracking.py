@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flora_ray.config import Config, config_to_dict
+from flora_ray.errors import InputError
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.training.trainer import Callback
 
@@ -35,7 +36,7 @@ def enabled(cfg: Config) -> bool:
 def check_tracking(cfg: Config) -> None:
     """Preflight: a configured tracking URI needs mlflow installed."""
     if enabled(cfg) and importlib.util.find_spec("mlflow") is None:
-        raise ValueError(
+        raise InputError(
             "tracking.mlflow_uri is set but mlflow is not installed: pip install 'flora-ray[tracking]', or unset it"
         )
 

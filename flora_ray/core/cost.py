@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from flora_ray.core.lowrank import low_rank_is_cheaper
+from flora_ray.errors import InputError
 from flora_ray.families import describe_families, family_of, is_linear
 
 
@@ -112,7 +113,7 @@ def build_cost_model(model: nn.Module) -> CostModel:
     """
     family = family_of(model)
     if family is None:
-        raise ValueError(
+        raise InputError(
             f"no analytic cost model for {type(model).__name__}: no registered model family matches it "
             f"(registered: {describe_families()})"
         )

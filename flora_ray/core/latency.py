@@ -33,6 +33,7 @@ import pandas as pd
 from flora_ray.core.cost import CostModel
 from flora_ray.core.lowrank import low_rank_is_cheaper
 from flora_ray.core.space import RankSpace
+from flora_ray.errors import InputError
 
 TABLE_COLUMNS = (
     "kind", "scope", "batch", "in_features", "out_features", "tokens", "bias", "form", "rank", "ranks", "ms",
@@ -145,13 +146,13 @@ class LatencyModel:
         measured = {item_key(row): float(row["ms"]) for row in rows.to_dict("records")}
         if not measured:
             batches = sorted(int(b) for b in table["batch"].unique())
-            raise ValueError(f"the latency table has no rows at batch {batch} (measured: {batches})")
+            raise InputError(f"the latency table has no rows at batch {batch} (measured: {batches})")
 
         def ms(item: Mapping[str, Any]) -> float:
             try:
                 return measured[item_key(item)]
             except KeyError:
-                raise ValueError(
+                raise InputError(
                     f"the latency table has no row for {describe_item(item)} at batch {batch}: run `flora-ray "
                     "profile` for this run's model and space"
                 ) from None
@@ -178,7 +179,7 @@ class LatencyModel:
             elif ranks[fqn] in by_rank:
                 total += by_rank[ranks[fqn]]
             else:
-                raise ValueError(
+                raise InputError(
                     f"rank {ranks[fqn]!r} of layer {fqn!r} is not in the latency table ({sorted(by_rank)})"
                 )
         return total

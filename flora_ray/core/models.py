@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from flora_ray.core.tome import apply_token_merging
+from flora_ray.errors import InputError, MissingInput
 from flora_ray.storage.files import read_checkpoint, read_checkpoint_header
 
 logger = logging.getLogger(__name__)
@@ -59,13 +60,13 @@ def resolve_hub_model(name: str) -> HubModel:
     cache = hub_cache_dir()
     found = try_to_load_from_cache(repo, "config.json", cache_dir=str(cache))
     if not isinstance(found, str):
-        raise ValueError(
+        raise InputError(
             f"model {name!r} is not in the local Hugging Face cache ({cache}): download it once where there is "
             f"network (huggingface-cli download {repo}) or point HF_HUB_CACHE/HF_HOME at a cache that has it"
         )
     config = json.loads(Path(found).read_text())
     if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
-        raise ValueError(f"{found!r} is not a timm hub config (no 'architecture'); is {repo!r} a timm model?")
+        raise InputError(f"{found!r} is not a timm hub config (no 'architecture'); is {repo!r} a timm model?")
     weights = next((Path(w) for f in HUB_WEIGHTS
                     if isinstance(w := try_to_load_from_cache(repo, f, cache_dir=str(cache)), str)), None)  # fmt: skip
     classes = config.get("num_classes", (config.get("pretrained_cfg") or {}).get("num_classes"))
@@ -76,7 +77,7 @@ def hub_weights(name: str) -> str:
     """The cached weight file of a ``hf-hub:`` model (its pretrained weights)."""
     hub = resolve_hub_model(name)
     if hub.weights is None:
-        raise ValueError(
+        raise InputError(
             f"the local Hugging Face cache has {hub.repo!r}'s config.json but none of {list(HUB_WEIGHTS)}: download "
             f"the weights (huggingface-cli download {hub.repo}) or give model.pretrained a weight file"
         )
@@ -108,9 +109,9 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"model name must be a non-empty string, got {self.name!r}")
+            raise InputError(f"model name must be a non-empty string, got {self.name!r}")
         if isinstance(self.tome_r, bool) or not isinstance(self.tome_r, int) or self.tome_r < 0:
-            raise ValueError(f"model.tome_r={self.tome_r!r} is not allowed: give a whole number of tokens >= 0")
+            raise InputError(f"model.tome_r={self.tome_r!r} is not allowed: give a whole number of tokens >= 0")
         object.__setattr__(self, "kwargs", _jsonable(dict(self.kwargs)))
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,7 +121,7 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
         if not isinstance(data, Mapping) or "name" not in data:
-            raise ValueError(f"a model spec needs a 'name' (and optional 'kwargs'), got {data!r}")
+            raise InputError(f"a model spec needs a 'name' (and optional 'kwargs'), got {data!r}")
         return cls(data["name"], data.get("kwargs") or {}, data.get("tome_r", 0))
 
     def create(self, pretrained: bool | str | os.PathLike = False, device: str | torch.device = "cpu") -> nn.Module:
@@ -135,7 +136,7 @@ def check_model_name(name: str) -> None:
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for the names"
-    raise ValueError(f"unknown timm model {name!r}: {hint}")
+    raise InputError(f"unknown timm model {name!r}: {hint}")
 
 
 def create_model(
@@ -159,7 +160,7 @@ def create_model(
     if isinstance(pretrained, str | os.PathLike) and not isinstance(pretrained, bool):
         path = Path(pretrained)
         if not path.is_file():
-            raise FileNotFoundError(f"weights file {str(path)!r} does not exist; give the path of a weight file")
+            raise MissingInput(f"weights file {str(path)!r} does not exist; give the path of a weight file")
         tensors, meta = read_checkpoint(path) if path.suffix == ".safetensors" else (None, {})
         if meta.get("format") == DENSE_FORMAT:
             return _load_dense_checkpoint(name, kwargs, tensors, meta, path, device)
@@ -207,7 +208,7 @@ def _tensor_shapes(name: str, path: Path) -> dict[str, tuple[int, ...]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch's safe unpickler raises several types for foreign files
-        raise ValueError(
+        raise InputError(
             f"cannot load pretrained weights for {name!r} from {str(path)!r}: {_first_line(exc)}; "
             "give a weight file of this architecture (safetensors, or a plain state dict)"
         ) from exc
@@ -228,10 +229,10 @@ def _timm_create(name: str, kwargs: Mapping[str, Any], device: str | torch.devic
         with torch.device(device):
             return timm.create_model(name, **extra, **kwargs)
     except TypeError as exc:
-        raise ValueError(f"invalid kwargs for timm model {name!r}: {exc}") from exc
+        raise InputError(f"invalid kwargs for timm model {name!r}: {exc}") from exc
     except (OSError, ValueError) as exc:
         source = extra.get("pretrained_cfg_overlay", {}).get("file", "the Hugging Face hub cache")
-        raise ValueError(
+        raise InputError(
             f"cannot read pretrained weights for {name!r} from {source}: {_first_line(exc)}; "
             "pass a local weight file (pretrained=PATH) when offline"
         ) from exc
@@ -239,7 +240,7 @@ def _timm_create(name: str, kwargs: Mapping[str, Any], device: str | torch.devic
         # A corrupt or foreign weight file: torch's weights-only unpickler raises any of these (older timm lets
         # them through unwrapped), timm's strict load a RuntimeError.
         source = extra.get("pretrained_cfg_overlay", {}).get("file", "the Hugging Face hub cache")
-        raise ValueError(
+        raise InputError(
             f"cannot load pretrained weights for {name!r} from {source}: {_first_line(exc)}; "
             "give a weight file of this architecture (or download it to the hub cache)"
         ) from exc
@@ -265,7 +266,7 @@ def _load_dense_checkpoint(
     saved = ModelSpec.from_dict(meta.get("model", {}))
     wanted = ModelSpec(name, kwargs)
     if (saved.name, saved.kwargs) != (wanted.name, wanted.kwargs):  # token merging does not change the weights
-        raise ValueError(
+        raise InputError(
             f"checkpoint {str(path)!r} holds {json.dumps(saved.to_dict())}, not {json.dumps(wanted.to_dict())}; "
             "use the checkpoint made for this model or change the model config"
         )
@@ -285,7 +286,7 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
-        raise ValueError(
+        raise InputError(
             f"checkpoint {str(source)!r} does not match the model: {', '.join(parts)}; "
             "use a checkpoint of the same architecture and kwargs"
         )

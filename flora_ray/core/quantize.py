@@ -27,6 +27,7 @@ from torch import nn
 
 from flora_ray.core.models import load_state_dict_strict
 from flora_ray.core.surgery import swap_modules
+from flora_ray.errors import InputError
 from flora_ray.storage.files import read_checkpoint, write_checkpoint
 
 INT8_FORMAT = "flora-ray/subnet-int8"
@@ -96,7 +97,7 @@ def _quantized_linear(weight: torch.Tensor, scale: torch.Tensor, bias: torch.Ten
         zero = torch.zeros(out_features, dtype=torch.long)
         qweight = torch.quantize_per_channel(_dequantized(weight, scale), scale, zero, 0, torch.qint8)
         if not torch.equal(qweight.int_repr(), weight):
-            raise ValueError("int8 weights do not round-trip through their scales; the file is corrupt")
+            raise InputError("int8 weights do not round-trip through their scales; the file is corrupt")
         layer.set_weight_bias(qweight, bias)
     return layer
 
@@ -110,17 +111,17 @@ def load_int8(skeleton: nn.Module, path: str | os.PathLike) -> nn.Module:
     """
     tensors, header = read_checkpoint(path)
     if header.get("format") != INT8_FORMAT or header.get("scheme") != SCHEME:
-        raise ValueError(f"{str(path)!r} is not a flora-ray int8 subnet ({SCHEME}); export it with --format int8")
+        raise InputError(f"{str(path)!r} is not a flora-ray int8 subnet ({SCHEME}); export it with --format int8")
     layers = list(header.get("layers", []))
     modules = dict(skeleton.named_modules())
     wrong = [fqn for fqn in layers if not isinstance(modules.get(fqn), nn.Linear)]
     if wrong:
-        raise ValueError(f"{str(path)!r} does not match the subnet: it has no Linear layer {wrong[0]!r}")
+        raise InputError(f"{str(path)!r} does not match the subnet: it has no Linear layer {wrong[0]!r}")
     quantized = {}
     for fqn in layers:  # the dequantized weights stand in for the fp32 ones, so that one strict load checks all
         weight, scale = tensors.pop(f"{fqn}.weight_int8", None), tensors.pop(f"{fqn}.weight_scale", None)
         if weight is None or scale is None:
-            raise ValueError(f"{str(path)!r} is incomplete: layer {fqn!r} has no int8 weights or scales")
+            raise InputError(f"{str(path)!r} is incomplete: layer {fqn!r} has no int8 weights or scales")
         quantized[fqn] = _quantized_linear(weight, scale, tensors.get(f"{fqn}.bias"))
         tensors[f"{fqn}.weight"] = _dequantized(weight, scale)
     load_state_dict_strict(skeleton.cpu(), tensors, path)

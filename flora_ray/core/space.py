@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from flora_ray.core.surgery import TargetLayer
+from flora_ray.errors import InputError, MissingInput
 from flora_ray.storage.files import read_json, write_json
 
 SPACE_FORMAT = "flora-ray/space"
@@ -51,7 +52,7 @@ def default_ratios(model_name: str | None) -> tuple[float, ...]:
 def rank_for_ratio(ratio: float, max_rank: int) -> int:
     """``round(ratio * max_rank)`` with halves rounded up, at least 1."""
     if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
-        raise ValueError(f"rank ratio {ratio!r} is out of range: ratios must be in (0, 1]")
+        raise InputError(f"rank ratio {ratio!r} is out of range: ratios must be in (0, 1]")
     return max(1, math.floor(ratio * max_rank + 0.5))
 
 
@@ -107,7 +108,7 @@ class RankSpace:
         """The full space over ``targets`` with ranks from ``ratios`` (default: ``default_ratios(model)``)."""
         ratios = tuple(float(r) for r in (ratios if ratios is not None else default_ratios(model)))
         if not ratios:
-            raise ValueError("ratios is empty: give at least one rank ratio in (0, 1]")
+            raise InputError("ratios is empty: give at least one rank ratio in (0, 1]")
         layers = []
         for t in targets:
             max_rank = min(t.in_features, t.out_features)
@@ -126,7 +127,7 @@ class RankSpace:
         """A filtered space that keeps, per block name, only the given candidate tuples."""
         unknown = sorted(set(kept) - {b.name for b in self.blocks})
         if unknown:
-            raise ValueError(f"unknown block {unknown[0]!r}; blocks are {[b.name for b in self.blocks]}")
+            raise InputError(f"unknown block {unknown[0]!r}; blocks are {[b.name for b in self.blocks]}")
         blocks = []
         for block in self.blocks:
             if block.name not in kept:
@@ -136,7 +137,7 @@ class RankSpace:
             allowed = set(block.candidates)
             for cand in wanted:
                 if cand not in allowed:
-                    raise ValueError(f"candidate {list(cand)} is not in block {block.name!r} of this space")
+                    raise InputError(f"candidate {list(cand)} is not in block {block.name!r} of this space")
             blocks.append(BlockChoices(block.name, block.fqns, tuple(dict.fromkeys(wanted))))
         return RankSpace(self.layers, tuple(blocks), self.ratios, self.model)
 
@@ -150,7 +151,7 @@ class RankSpace:
         try:
             return self._by_fqn[fqn]
         except KeyError:
-            raise ValueError(f"unknown layer {fqn!r}{_did_you_mean(fqn, self._by_fqn)}") from None
+            raise InputError(f"unknown layer {fqn!r}{_did_you_mean(fqn, self._by_fqn)}") from None
 
     @property
     def num_configs(self) -> int:
@@ -165,22 +166,22 @@ class RankSpace:
                 ``complete``), or a block tuple that a filtered space does not contain.
         """
         if not isinstance(ranks, Mapping):
-            raise ValueError(f"a rank configuration is a mapping from layer FQN to rank, got {type(ranks).__name__}")
+            raise InputError(f"a rank configuration is a mapping from layer FQN to rank, got {type(ranks).__name__}")
         for fqn, rank in ranks.items():
             layer = self.layer(fqn)
             if isinstance(rank, bool) or not isinstance(rank, int) or rank not in layer.rank_choices:
-                raise ValueError(
+                raise InputError(
                     f"rank {rank!r} for layer {fqn!r} is not one of its choices {list(layer.rank_choices)}"
                 )
         if not complete:
             return {f: int(ranks[f]) for f in self.fqns if f in ranks}
         missing = [f for f in self.fqns if f not in ranks]
         if missing:
-            raise ValueError(f"rank configuration has no rank for layer {missing[0]!r} ({len(missing)} missing)")
+            raise InputError(f"rank configuration has no rank for layer {missing[0]!r} ({len(missing)} missing)")
         config = {f: int(ranks[f]) for f in self.fqns}
         for block, cand in zip(self.blocks, self.block_tuples(config), strict=True):
             if cand not in set(block.candidates):
-                raise ValueError(f"ranks {list(cand)} of block {block.name!r} are not among its kept candidates")
+                raise InputError(f"ranks {list(cand)} of block {block.name!r} are not among its kept candidates")
         return config
 
     def block_tuples(self, ranks: Mapping[str, int]) -> list[tuple[int, ...]]:
@@ -190,22 +191,22 @@ class RankSpace:
     def from_block_tuples(self, tuples: Sequence[Sequence[int]]) -> RankConfig:
         """The configuration made of one rank tuple per block, in block order."""
         if len(tuples) != len(self.blocks):
-            raise ValueError(f"expected {len(self.blocks)} block tuples, got {len(tuples)}")
+            raise InputError(f"expected {len(self.blocks)} block tuples, got {len(tuples)}")
         config: RankConfig = {}
         for block, cand in zip(self.blocks, tuples, strict=True):
             if len(cand) != len(block.fqns):
-                raise ValueError(f"block {block.name!r} needs {len(block.fqns)} ranks, got {list(cand)}")
+                raise InputError(f"block {block.name!r} needs {len(block.fqns)} ranks, got {list(cand)}")
             config.update({f: int(r) for f, r in zip(block.fqns, cand, strict=True)})
         return self.validate(config)
 
     def from_ratios(self, ratios: Sequence[Sequence[float]]) -> RankConfig:
         """A configuration from per-block ratio tuples (the reference ``SVD_CONFIG`` layout)."""
         if len(ratios) != len(self.blocks):
-            raise ValueError(f"ratio list has {len(ratios)} blocks but the model has {len(self.blocks)}")
+            raise InputError(f"ratio list has {len(ratios)} blocks but the model has {len(self.blocks)}")
         tuples = []
         for block, row in zip(self.blocks, ratios, strict=True):
             if len(row) != len(block.fqns):
-                raise ValueError(f"block {block.name!r} needs {len(block.fqns)} ratios, got {list(row)}")
+                raise InputError(f"block {block.name!r} needs {len(block.fqns)} ratios, got {list(row)}")
             tuples.append([rank_for_ratio(r, self.layer(f).max_rank) for f, r in zip(block.fqns, row, strict=True)])
         return self.from_block_tuples(tuples)
 
@@ -280,9 +281,9 @@ class RankSpace:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "space") -> RankSpace:
         if not isinstance(data, Mapping) or data.get("format") != SPACE_FORMAT:
-            raise ValueError(f"{source} is not a flora-ray space file (no format {SPACE_FORMAT!r})")
+            raise InputError(f"{source} is not a flora-ray space file (no format {SPACE_FORMAT!r})")
         if data.get("version") != SPACE_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"{source} has space version {data.get('version')!r}; this flora-ray reads {SPACE_VERSION}"
             )
         try:
@@ -301,7 +302,7 @@ class RankSpace:
             )
             ratios = tuple(float(r) for r in data["ratios"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{source} is malformed ({type(exc).__name__}: {exc}); regenerate it") from exc
+            raise InputError(f"{source} is malformed ({type(exc).__name__}: {exc}); regenerate it") from exc
         return cls(layers, blocks, ratios, data.get("model"))
 
     def save(self, path: str | os.PathLike) -> None:
@@ -319,7 +320,7 @@ class RankSpace:
         if mine != theirs or [b.fqns for b in self.blocks] != [b.fqns for b in other.blocks]:
             diff = next(((a, b) for a, b in zip(mine, theirs, strict=False) if a != b), None)
             detail = f"first difference {diff[1]} vs {diff[0]}" if diff else f"{len(theirs)} vs {len(mine)} layers"
-            raise ValueError(
+            raise InputError(
                 f"{source} was made for another model ({other.model or 'unknown'}; {detail}); "
                 f"regenerate it for {self.model or 'this model'}"
             )
@@ -328,25 +329,25 @@ class RankSpace:
 
     def _check_consistent(self) -> None:
         if len(self._by_fqn) != len(self.layers):
-            raise ValueError("space lists a layer twice")
+            raise InputError("space lists a layer twice")
         seen: set[str] = set()
         for block in self.blocks:
             if not block.candidates:
-                raise ValueError(f"block {block.name!r} has no candidates")
+                raise InputError(f"block {block.name!r} has no candidates")
             for fqn in block.fqns:
                 layer = self.layer(fqn)
                 if fqn in seen:
-                    raise ValueError(f"layer {fqn!r} belongs to two blocks")
+                    raise InputError(f"layer {fqn!r} belongs to two blocks")
                 seen.add(fqn)
                 if not layer.rank_choices or not all(1 <= r <= layer.max_rank for r in layer.rank_choices):
-                    raise ValueError(f"layer {fqn!r} has rank choices outside 1..{layer.max_rank}")
+                    raise InputError(f"layer {fqn!r} has rank choices outside 1..{layer.max_rank}")
             for cand in block.candidates:
                 if len(cand) != len(block.fqns) or any(
                     r not in self._by_fqn[f].rank_choices for f, r in zip(block.fqns, cand, strict=False)
                 ):
-                    raise ValueError(f"candidate {list(cand)} of block {block.name!r} is not a valid rank tuple")
+                    raise InputError(f"candidate {list(cand)} of block {block.name!r} is not a valid rank tuple")
         if seen != set(self._by_fqn):
-            raise ValueError(f"layer {sorted(set(self._by_fqn) - seen)[0]!r} belongs to no block")
+            raise InputError(f"layer {sorted(set(self._by_fqn) - seen)[0]!r} belongs to no block")
 
 
 def _did_you_mean(name: str, names: Iterable[str]) -> str:
@@ -365,21 +366,21 @@ def load_reference_yaml(path: str | os.PathLike, space: RankSpace) -> RankConfig
     """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"rank file {str(p)!r} does not exist")
+        raise MissingInput(f"rank file {str(p)!r} does not exist")
     try:
         doc = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
-        raise ValueError(f"rank file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise InputError(f"rank file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     deit = ((doc or {}).get("MODEL") or {}).get("DEIT") if isinstance(doc, dict) else None
     if not isinstance(deit, dict) or "SVD_CONFIG" not in deit:
-        raise ValueError(f"rank file {str(p)!r} has no MODEL.DEIT.SVD_CONFIG (the reference subnet format)")
+        raise InputError(f"rank file {str(p)!r} has no MODEL.DEIT.SVD_CONFIG (the reference subnet format)")
     rows = deit["SVD_CONFIG"]
     if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
-        raise ValueError(f"MODEL.DEIT.SVD_CONFIG in {str(p)!r} must be a list of [qkv, fc1, fc2] ratio lists")
+        raise InputError(f"MODEL.DEIT.SVD_CONFIG in {str(p)!r} must be a list of [qkv, fc1, fc2] ratio lists")
     if "DEPTH" in deit and int(deit["DEPTH"]) != len(space.blocks):
-        raise ValueError(f"rank file {str(p)!r} is for a {deit['DEPTH']}-block model; this one has {len(space.blocks)}")
+        raise InputError(f"rank file {str(p)!r} is for a {deit['DEPTH']}-block model; this one has {len(space.blocks)}")
     if "EMBED_DIM" in deit and space.layers and int(deit["EMBED_DIM"]) != space.layers[0].in_features:
-        raise ValueError(
+        raise InputError(
             f"rank file {str(p)!r} is for embed dim {deit['EMBED_DIM']}; this model has {space.layers[0].in_features}"
         )
     return space.from_ratios(rows)
@@ -394,7 +395,7 @@ def load_rank_file(path: str | os.PathLike, space: RankSpace) -> RankConfig:
     data = read_json(p, "rank file")
     ranks = data.get("ranks", data) if isinstance(data, dict) else data
     if not isinstance(ranks, dict):
-        raise ValueError(f"rank file {str(p)!r} must hold a JSON object mapping layer FQN to rank")
+        raise InputError(f"rank file {str(p)!r} must hold a JSON object mapping layer FQN to rank")
     return space.validate(ranks)
 
 

@@ -24,6 +24,7 @@ from flora_ray.core.models import ModelSpec, load_state_dict_strict
 from flora_ray.core.quantize import load_int8, save_int8
 from flora_ray.core.supernet import Supernet
 from flora_ray.core.surgery import swap_modules
+from flora_ray.errors import InputError, MissingInput
 from flora_ray.storage.files import read_checkpoint, read_json, sha256_file, write_checkpoint, write_json
 
 SUBNET_FORMAT = "flora-ray/subnet"
@@ -142,20 +143,20 @@ def load_subnet(directory: str | os.PathLike, device: str | torch.device = "cpu"
     """
     d = Path(directory)
     if not d.is_dir():
-        raise FileNotFoundError(f"subnet directory {str(d)!r} does not exist")
+        raise MissingInput(f"subnet directory {str(d)!r} does not exist")
     spec = read_json(d / SPEC_FILE, "subnet spec")
     if not isinstance(spec, dict) or spec.get("format") != SUBNET_FORMAT:
-        raise ValueError(f"{str(d / SPEC_FILE)!r} is not a flora-ray subnet spec")
+        raise InputError(f"{str(d / SPEC_FILE)!r} is not a flora-ray subnet spec")
     weights = d / (INT8_WEIGHTS_FILE if int8 else WEIGHTS_FILE)
     if not weights.is_file():
         hint = "export it with --format int8" if int8 else "export the subnet again"
-        raise FileNotFoundError(f"subnet weights {str(weights)!r} are missing; {hint}")
+        raise MissingInput(f"subnet weights {str(weights)!r} are missing; {hint}")
     expected = spec.get("int8_weights_sha256" if int8 else "weights_sha256")
     if expected and sha256_file(weights) != expected:
-        raise ValueError(f"{str(weights)!r} does not match {SPEC_FILE} (checksum differs); export the subnet again")
+        raise InputError(f"{str(weights)!r} does not match {SPEC_FILE} (checksum differs); export the subnet again")
     if int8:
         if torch.device(device).type != "cpu":
-            raise ValueError(f"the int8 subnet runs on CPU only, not {str(device)!r}")
+            raise InputError(f"the int8 subnet runs on CPU only, not {str(device)!r}")
         return load_int8(subnet_skeleton(spec, "cpu"), weights)
     model = subnet_skeleton(spec, device)
     tensors, _ = read_checkpoint(weights, device=device)

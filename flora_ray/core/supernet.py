@@ -22,6 +22,7 @@ from flora_ray.core.models import ModelSpec, load_state_dict_strict
 from flora_ray.core.space import RankConfig, RankSpace
 from flora_ray.core.surgery import find_targets, swap_modules
 from flora_ray.core.tome import token_merging_r
+from flora_ray.errors import InputError
 from flora_ray.storage.files import read_checkpoint, read_checkpoint_header, write_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class Supernet(nn.Module):
     def header(self) -> dict[str, Any]:
         """What a checkpoint records besides the weights."""
         if self.spec is None:
-            raise ValueError(
+            raise InputError(
                 "this supernet was built from a module without a timm name; pass model_name= (and model_kwargs=) "
                 "to build_supernet so that it can be saved and rebuilt"
             )
@@ -140,13 +141,13 @@ def build_supernet(
             it (``tome.token_merging_r``).
     """
     if sv_placement not in SV_PLACEMENTS:
-        raise ValueError(f"sv_placement={sv_placement!r} is not supported; use one of {SV_PLACEMENTS}")
+        raise InputError(f"sv_placement={sv_placement!r} is not supported; use one of {SV_PLACEMENTS}")
     if isinstance(model, str):
         spec = ModelSpec(model, model_kwargs or {}, tome_r)
         module = spec.create(pretrained=pretrained, device=device)
     elif isinstance(model, nn.Module):
         if model_kwargs and not model_name:
-            raise ValueError("model_kwargs is for a model name; for a module pass model_name= with it")
+            raise InputError("model_kwargs is for a model name; for a module pass model_name= with it")
         spec = ModelSpec(model_name, model_kwargs or {}, token_merging_r(model)) if model_name else None
         module = model
     else:
@@ -200,7 +201,7 @@ def load_supernet(
     """
     header = read_checkpoint_header(path)
     if header.get("format") != SUPERNET_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a flora-ray supernet checkpoint (format {header.get('format')!r})")
+        raise InputError(f"{str(path)!r} is not a flora-ray supernet checkpoint (format {header.get('format')!r})")
     spec = ModelSpec.from_dict(header["model"])
     saved_space = RankSpace.from_dict(header["space"], source=f"checkpoint {str(path)!r}")
     module = elastic_skeleton(spec, saved_space.fqns, device, source=f"checkpoint {str(path)!r}")
@@ -227,5 +228,5 @@ def elastic_skeleton(
     )
     if set(swapped) != wanted:
         missing = sorted(wanted - set(swapped))[0]
-        raise ValueError(f"{source} does not match {spec.name}: it has no Linear layer {missing!r}")
+        raise InputError(f"{source} does not match {spec.name}: it has no Linear layer {missing!r}")
     return module

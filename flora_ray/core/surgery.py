@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from flora_ray.core.lowrank import ElasticLowRankLinear
+from flora_ray.errors import InputError
 from flora_ray.families import describe_families, family_of
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -64,7 +65,7 @@ def find_targets(
     if targets is None:
         family = family_of(model)
         if family is None:
-            raise ValueError(
+            raise InputError(
                 f"model {type(model).__name__} has no flora-ray preset (no registered model family matches it; "
                 f"registered: {describe_families()}); pass targets=REGEX naming its Linear layers"
             )
@@ -75,7 +76,7 @@ def find_targets(
         pattern = re.compile(regex)
         block_re = re.compile(block_pattern) if block_pattern else None
     except re.error as exc:
-        raise ValueError(f"invalid target regex {regex!r}: {exc}") from exc
+        raise InputError(f"invalid target regex {regex!r}: {exc}") from exc
     found = []
     for fqn, module in model.named_modules():
         match = pattern.search(fqn) if fqn else None
@@ -84,11 +85,11 @@ def find_targets(
         if not isinstance(module, nn.Linear | ElasticLowRankLinear):
             if targets is None:
                 continue
-            raise ValueError(f"target {fqn!r} is a {type(module).__name__}, not an nn.Linear; narrow the regex")
+            raise InputError(f"target {fqn!r} is a {type(module).__name__}, not an nn.Linear; narrow the regex")
         block = _block_of(fqn, match, block_re)
         found.append(TargetLayer(fqn, block, module.in_features, module.out_features))
     if not found:
-        raise ValueError(f"target pattern {regex!r} matches no Linear layer of {type(model).__name__}")
+        raise InputError(f"target pattern {regex!r} matches no Linear layer of {type(model).__name__}")
     return found
 
 

@@ -25,6 +25,8 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from flora_ray.errors import InputError
+
 Merge = Callable[[torch.Tensor, str], torch.Tensor]
 
 
@@ -171,19 +173,19 @@ def max_tome_r(tokens: int, depth: int, protected: int) -> int:
 def _check_mergeable(model: nn.Module, r: int) -> None:
     where = f"model.tome_r={r}"
     if type(model) not in (VisionTransformer, ToMeVisionTransformer):
-        raise ValueError(
+        raise InputError(
             f"token merging ({where}) supports timm VisionTransformer models (ViT, DeiT), not "
             f"{type(model).__name__}; set model.tome_r=0"
         )
     if model.num_prefix_tokens > 1 or getattr(model, "attn_pool", None) is not None:
-        raise ValueError(
+        raise InputError(
             f"token merging ({where}) needs a ViT with at most a class token as prefix and no attention pooling "
             f"(this one has {model.num_prefix_tokens} prefix tokens); set model.tome_r=0"
         )
     odd = [i for i, b in enumerate(model.blocks) if type(b) not in (Block, ToMeBlock) or type(b.attn) is not Attention
            or b.attn.gate is not None]  # fmt: skip
     if odd:
-        raise ValueError(f"token merging ({where}) needs timm's plain Block and Attention; block {odd[0]} is not")
+        raise InputError(f"token merging ({where}) needs timm's plain Block and Attention; block {odd[0]} is not")
 
 
 def apply_token_merging(model: nn.Module, r: int) -> nn.Module:
@@ -194,7 +196,7 @@ def apply_token_merging(model: nn.Module, r: int) -> nn.Module:
             is too large: a block would have fewer than ``2 r`` mergeable tokens at the configured image size.
     """
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-        raise ValueError(f"model.tome_r={r!r} is not allowed: give a whole number of tokens >= 0")
+        raise InputError(f"model.tome_r={r!r} is not allowed: give a whole number of tokens >= 0")
     if r == 0:
         return model
     _check_mergeable(model, r)
@@ -204,7 +206,7 @@ def apply_token_merging(model: nn.Module, r: int) -> nn.Module:
     short = _first_short_block(schedule, r, protected)
     if short is not None:
         largest = max_tome_r(schedule[0], len(schedule), protected)
-        raise ValueError(
+        raise InputError(
             f"model.tome_r={r} is too large: block {short} of {len(schedule)} sees {schedule[short]} tokens and can "
             f"merge at most {(schedule[short] - protected) // 2}; the largest r for this model and image size is "
             f"{largest}"

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from flora_ray.config import DataConfig
 from flora_ray.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from flora_ray.data.transforms import RE_PROB, Preprocess, folder_transforms
+from flora_ray.errors import InputError, MissingInput
 
 logger = logging.getLogger(__name__)
 
@@ -311,7 +312,7 @@ def num_classes(cfg: DataConfig) -> int:
     """The data set's class count, without loading it (image folders: the class folders of ``train/``)."""
     if cfg.name == "imagefolder":
         if cfg.root is None or not Path(cfg.root).is_dir():
-            raise FileNotFoundError(f"data.root {cfg.root!r} is not a directory with train/ and val/ class folders")
+            raise MissingInput(f"data.root {cfg.root!r} is not a directory with train/ and val/ class folders")
         return len(image_folder_classes(Path(cfg.root)))
     return 10  # Fashion-MNIST and digits
 
@@ -320,7 +321,7 @@ def image_folder_classes(root: Path) -> list[str]:
     """The sorted class folder names of an image folder; ``train/`` and ``val/`` must hold the same ones."""
     classes = {split: _class_dirs(root, split) for split in ("train", "val")}
     if classes["train"] != classes["val"]:
-        raise ValueError(
+        raise InputError(
             f"image folder {str(root)!r}: train/ and val/ have different class folders "
             f"({sorted(set(classes['train']) ^ set(classes['val']))[:5]} ...); give both the same classes"
         )
@@ -330,10 +331,10 @@ def image_folder_classes(root: Path) -> list[str]:
 def _class_dirs(root: Path, split: str) -> list[str]:
     layout = "expected an ImageNet-style layout root/train/<class>/*.jpg and root/val/<class>/*.jpg"
     if not (root / split).is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} has no {split}/ directory; {layout}")
+        raise MissingInput(f"image folder {str(root)!r} has no {split}/ directory; {layout}")
     names = sorted(d.name for d in (root / split).iterdir() if d.is_dir())
     if not names:
-        raise FileNotFoundError(f"image folder {str(root / split)!r} has no class folders; {layout}")
+        raise MissingInput(f"image folder {str(root / split)!r} has no class folders; {layout}")
     return names
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flora_ray.errors import InputError, MissingInput
+
 logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIRS = (
@@ -43,16 +45,16 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as exc:
-            raise ValueError(f"idx file {str(p)!r} is not valid gzip ({exc}); download it again") from exc
+            raise InputError(f"idx file {str(p)!r} is not valid gzip ({exc}); download it again") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
-        raise ValueError(f"idx file {str(p)!r} has a bad magic number {raw[:4].hex()!r}; it is not an idx file")
+        raise InputError(f"idx file {str(p)!r} has a bad magic number {raw[:4].hex()!r}; it is not an idx file")
     ndim, dtype = raw[3], np.dtype(_IDX_DTYPES[raw[2]])
     if len(raw) < 4 + 4 * ndim:
-        raise ValueError(f"idx file {str(p)!r} is truncated in its header; download it again")
+        raise InputError(f"idx file {str(p)!r} is truncated in its header; download it again")
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     expected = int(np.prod(dims)) * dtype.itemsize
     if len(raw) - 4 - 4 * ndim != expected:
-        raise ValueError(
+        raise InputError(
             f"idx file {str(p)!r} has {len(raw) - 4 - 4 * ndim} payload bytes but its header {list(dims)} "
             f"needs {expected}; it is truncated or corrupt, download it again"
         )
@@ -72,7 +74,7 @@ def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
         if all(_idx_file(directory, name) for names in FASHION_MNIST_FILES.values() for name in names):
             return directory
     shown = ", ".join(repr(str(d)) for d in tried)
-    raise FileNotFoundError(f"Fashion-MNIST idx files not found (tried {shown}): {HOW_TO_GET}")
+    raise MissingInput(f"Fashion-MNIST idx files not found (tried {shown}): {HOW_TO_GET}")
 
 
 def load_fashion_mnist(root: str | os.PathLike | None = None) -> tuple[np.ndarray, ...]:
@@ -83,12 +85,12 @@ def load_fashion_mnist(root: str | os.PathLike | None = None) -> tuple[np.ndarra
         images_path, labels_path = _idx_file(directory, images_name), _idx_file(directory, labels_name)
         images, labels = read_idx(images_path), read_idx(labels_path)
         if images.ndim != 3 or images.dtype != np.uint8 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(
+            raise InputError(
                 f"Fashion-MNIST {split} files {str(images_path)!r} {images.shape} and {str(labels_path)!r} "
                 f"{labels.shape} do not match (expected uint8 (N, H, W) images and N labels); {HOW_TO_GET}"
             )
         if labels.size and not 0 <= labels.min() <= labels.max() < len(FASHION_MNIST_CLASSES):
-            raise ValueError(f"Fashion-MNIST labels {str(labels_path)!r} are outside 0..9; the file is corrupt")
+            raise InputError(f"Fashion-MNIST labels {str(labels_path)!r} are outside 0..9; the file is corrupt")
         out += [images, labels.astype(np.int64)]
     logger.info("Fashion-MNIST from %s: %d train, %d test images", directory, len(out[1]), len(out[3]))
     return tuple(out)

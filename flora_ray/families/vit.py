@@ -14,6 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from flora_ray.core.tome import token_merging_r, token_schedule
+from flora_ray.errors import InputError
 from flora_ray.families import ModelFamily, Split, TokenGeometry, conv_macs, linear_fqns, register_family
 
 BLOCKS = r"blocks\.\d+"  # the FQN of one transformer block
@@ -31,7 +32,7 @@ def _head_tokens(model: nn.Module, seq_len: int) -> int:
 def vit_token_geometry(model: nn.Module) -> TokenGeometry:
     """Tokens per Linear FQN and MACs outside Linear layers of a timm ViT at its configured ``img_size``."""
     if getattr(model, "attn_pool", None) is not None:
-        raise ValueError("no analytic cost model for ViTs with attention pooling (global_pool='map')")
+        raise InputError("no analytic cost model for ViTs with attention pooling (global_pool='map')")
     grid_h, grid_w = model.patch_embed.grid_size
     r, prefix = token_merging_r(model), model.num_prefix_tokens
     schedule = token_schedule(grid_h * grid_w + prefix, len(model.blocks) + 1, r, prefix)

@@ -182,11 +182,11 @@ def build_evaluator(
     the search images (uint8 pixels from ``search_images``, used in place: no copy)."""
     from flora_ray.config import Config, build_dataclass
     from flora_ray.data.datasets import preprocess_for
-    from flora_ray.training.worker import device_for, loader_workers, setup_worker
+    from flora_ray.training.worker import loader_workers, run_device, setup_worker
 
     cfg: Config = build_dataclass(Config, config, "")
     setup_worker(cfg.run.threads_per_worker)
-    device = device_for(cfg.scaling.accelerator, cfg.search.gpus_per_trial > 0)
+    device = run_device(cfg, "search.gpus_per_trial")
     supernet = supernet_from_numpy(header, weights, device)
     with warnings.catch_warnings():  # object-store arrays are read-only; evaluation never writes to them
         warnings.simplefilter("ignore", UserWarning)

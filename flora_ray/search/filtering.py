@@ -34,6 +34,7 @@ from flora_ray.core.batchnorm import (
 from flora_ray.core.cost import CostModel
 from flora_ray.core.space import RankSpace
 from flora_ray.core.supernet import Supernet
+from flora_ray.errors import InputError
 from flora_ray.families import family_of
 from flora_ray.training.callbacks import Progress
 from flora_ray.training.sampling import BlockwiseSampler
@@ -246,7 +247,7 @@ def select(
     if floor_macs is not None and not any(r["macs"] <= floor_macs for r in order[:n_keep]):
         cheap = [r for r in order if r["macs"] <= floor_macs]
         if not cheap:
-            raise ValueError(
+            raise InputError(
                 f"block {rows[0]['block']!r}: no candidate costs at most {floor_macs:.6g} MACs (its share of "
                 "filter.cost_floor)"
             )
@@ -284,7 +285,7 @@ def floor_thresholds(blocks: list[list[dict[str, Any]]], full_macs: float, floor
     if needed <= 0:  # the full-rank configuration is already at or below the floor
         return [float(full_macs)] * len(blocks)
     if needed > possible:
-        raise ValueError(
+        raise InputError(
             f"filter.cost_floor={floor:.6g} MACs is below the cheapest configuration of the space "
             f"({full_macs - possible:.6g} MACs)"
         )
@@ -304,7 +305,7 @@ def cost_floor_macs(value: float | str | None, space: RankSpace, cost: CostModel
         floor = amount * cost.dense_macs if relative else amount
     cheapest = float(cost.macs(space.smallest()))
     if floor < cheapest:
-        raise ValueError(
+        raise InputError(
             f"filter.cost_floor={value!r} ({floor:.4g} MACs) is below the cheapest configuration of the space "
             f"({cheapest:.4g} MACs; dense {cost.dense_macs:.4g}): raise it, or use {UNIFORM_MIN!r}"
         )

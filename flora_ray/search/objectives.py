@@ -18,6 +18,7 @@ from flora_ray.config import COST_AXES, SearchConfig, parse_budget
 from flora_ray.core.cost import CostModel
 from flora_ray.core.latency import LatencyModel
 from flora_ray.core.space import RankSpace
+from flora_ray.errors import InputError
 
 UNITS = {"macs": "MACs per image", "params": "parameters", "latency_ms": "ms per batch"}
 
@@ -70,7 +71,7 @@ def axis_range(axis: str, space: RankSpace, cost: CostModel, latency: LatencyMod
     are sums over layers, so each block's extreme candidate makes the extreme configuration), and the dense one."""
     if axis == "latency_ms":
         if latency is None:
-            raise ValueError("latency_ms needs the run's latency table: run `flora-ray profile CONFIG` first")
+            raise InputError("latency_ms needs the run's latency table: run `flora-ray profile CONFIG` first")
         return latency.cheapest_ms(space), latency.dearest_ms(space)
     per_layer = (lambda f, r: cost.sites[f].macs(r)) if axis == "macs" else (lambda f, r: cost.sites[f].params(r))
     total = cost.macs({}) if axis == "macs" else cost.params({})
@@ -87,7 +88,7 @@ def axis_range(axis: str, space: RankSpace, cost: CostModel, latency: LatencyMod
 def dense_value(axis: str, cost: CostModel, latency: LatencyModel | None) -> float:
     if axis == "latency_ms":
         if latency is None:
-            raise ValueError("a latency budget needs the run's latency table: run `flora-ray profile CONFIG` first")
+            raise InputError("a latency budget needs the run's latency table: run `flora-ray profile CONFIG` first")
         return latency.dense_ms
     return float(cost.dense_macs if axis == "macs" else cost.dense_params)
 
@@ -111,17 +112,17 @@ def resolve_bounds(
         cheapest, dearest = axis_range(axis, space, cost, latency)
         where = f"{UNITS[axis]}; dense {_fmt(dense)}, the space spans {_fmt(cheapest)}..{_fmt(dearest)}"
         if high is not None and high < cheapest:
-            raise ValueError(
+            raise InputError(
                 f"search.max_{axis}={raw['max']!r} ({_fmt(high)}) is below the cheapest configuration of the space "
                 f"({where}): raise the budget"
             )
         if low is not None and low > dearest:
-            raise ValueError(
+            raise InputError(
                 f"search.min_{axis}={raw['min']!r} ({_fmt(low)}) is above the dearest configuration of the space "
                 f"({where}): lower it"
             )
         if low is not None and high is not None and low > high:
-            raise ValueError(f"search.min_{axis}={raw['min']!r} is above search.max_{axis}={raw['max']!r}: swap them")
+            raise InputError(f"search.min_{axis}={raw['min']!r} is above search.max_{axis}={raw['max']!r}: swap them")
         bounds[axis] = (low, high)
     return bounds
 

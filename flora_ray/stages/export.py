@@ -30,6 +30,7 @@ from flora_ray.core.space import RankSpace
 from flora_ray.core.subnet import load_subnet, package_versions, save_subnet
 from flora_ray.core.supernet import Supernet
 from flora_ray.data.datasets import build_datasets, norm_stats
+from flora_ray.errors import InputError, MissingInput
 from flora_ray.results import best_under, cost_axis, format_cost, knee_point, load_front, load_trials
 from flora_ray.search.evaluator import batchnorm_calibration, supernet_from_numpy
 from flora_ray.stages.formats import CARD_FILE, CONFIG_FILE, check_formats, hf_config, model_card, write_formats
@@ -47,7 +48,7 @@ from flora_ray.stages.search import trial_resources
 from flora_ray.storage.files import write_bytes, write_json
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.training.tasks import accuracy
-from flora_ray.training.worker import device_for
+from flora_ray.training.worker import run_device
 
 
 @torch.no_grad()
@@ -66,13 +67,13 @@ def cpu_latency_ms(model: nn.Module, x: torch.Tensor, runs: int = 30, warmup: in
 def load_run_config(store: RunStore) -> Config:
     """The configuration a run was made with (``run_config.yaml``)."""
     if not store.is_file(ARTEFACTS.run_config):
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{store.location(ARTEFACTS.run_config)!r} does not exist: this is not a flora-ray run directory"
         )
     try:
         data = yaml.safe_load(store.read_text(ARTEFACTS.run_config))
     except yaml.YAMLError as exc:
-        raise ValueError(
+        raise InputError(
             f"{store.location(ARTEFACTS.run_config)!r} is not valid YAML; remove the run directory"
         ) from exc
     return build_dataclass(Config, data, "")
@@ -82,20 +83,20 @@ def choose_trial(store: RunStore, trial: int | None, budget: tuple[str, float] |
     """The trials.parquet row of ``trial``, or the most accurate front point within ``budget`` (``(axis, value)``:
     ``macs``, ``params`` or ``latency_ms``)."""
     if (trial is None) == (budget is None):
-        raise ValueError("give exactly one of --trial N, --max-macs M or --max-latency-ms T")
+        raise InputError("give exactly one of --trial N, --max-macs M or --max-latency-ms T")
     if trial is not None:
         trials = load_trials(store)
         rows = trials[(trials["trial"] == trial) & (trials["state"] == "COMPLETE")]
         if rows.empty:
-            raise ValueError(f"trial {trial} is not a completed trial of {store.root!r} (0..{trials['trial'].max()})")
+            raise InputError(f"trial {trial} is not a completed trial of {store.root!r} (0..{trials['trial'].max()})")
         return rows.iloc[0]
     axis, value = budget
     front = load_front(store)
     if front[axis].isna().all():
-        raise ValueError(f"the run's front has no {axis}: run `flora-ray profile` and search again, or use --max-macs")
+        raise InputError(f"the run's front has no {axis}: run `flora-ray profile` and search again, or use --max-macs")
     row = best_under(front, value, axis)
     if row is None:
-        raise ValueError(
+        raise InputError(
             f"no front point has {axis} <= {format_cost(axis, value)}; the cheapest needs "
             f"{format_cost(axis, front[axis].min())}"
         )
@@ -151,7 +152,7 @@ def export_task(
         int8 = load_subnet(tmp, int8=True) if "int8" in formats and evaluate else None
     if not evaluate:
         return files, {**figures, "evaluated": False}
-    device = device_for(cfg.scaling.accelerator, cfg.search.gpus_per_trial > 0)  # accuracy; latency is on CPU
+    device = run_device(cfg, "search.gpus_per_trial")  # accuracy; latency is on CPU
     (dense,) = load_teacher(cfg, store)
     figures.update({
         "evaluated": True,
@@ -277,9 +278,9 @@ def check_export(
     check_formats(formats)
     store = run if isinstance(run, RunStore) else RunStore(run)
     if not store.is_file(ARTEFACTS.trials):
-        raise FileNotFoundError(f"{store.location(ARTEFACTS.trials)!r} does not exist: run `flora-ray search` first")
+        raise MissingInput(f"{store.location(ARTEFACTS.trials)!r} does not exist: run `flora-ray search` first")
     if max_macs is not None and max_latency_ms is not None:
-        raise ValueError("give one of --max-macs and --max-latency-ms")
+        raise InputError("give one of --max-macs and --max-latency-ms")
     budget = ("macs", max_macs) if max_macs is not None else None
     budget = ("latency_ms", max_latency_ms) if max_latency_ms is not None else budget
     return store, load_run_config(store), choose_trial(store, trial, budget)

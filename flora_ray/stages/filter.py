@@ -24,6 +24,7 @@ from flora_ray.config import Config, build_dataclass, config_to_dict
 from flora_ray.core.cost import build_cost_model
 from flora_ray.core.space import RankSpace
 from flora_ray.data.datasets import build_datasets, eval_subset
+from flora_ray.errors import InputError
 from flora_ray.search.evaluator import batchnorm_calibration
 from flora_ray.search.filtering import (
     as_numpy_state,
@@ -43,7 +44,7 @@ from flora_ray.stages.inputs import (
 )
 from flora_ray.stages.preflight import preflight
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
-from flora_ray.training.worker import Feed, device_for, loader_workers, setup_worker
+from flora_ray.training.worker import Feed, loader_workers, run_device, setup_worker
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def filter_task(shared: tuple[dict[str, Any], dict[str, Any]], block_index: int)
     config, teacher_state = shared
     cfg: Config = build_dataclass(Config, config, "")
     setup_worker(cfg.run.threads_per_worker, cfg.run.seed + block_index)
-    device = device_for(cfg.scaling.accelerator, cfg.scaling.use_gpu)
+    device = run_device(cfg, "scaling.use_gpu")
     subset = None if cfg.filter.subset >= 1 else cfg.filter.subset
     splits = build_datasets(replace(cfg.data, train_subset=subset), pixels=("train",))
     search = eval_subset(splits.search, cfg.filter.eval_images, cfg.data.seed)  # stratified, as the search's
@@ -135,7 +136,7 @@ def finished_blocks(store: RunStore, space: RankSpace) -> dict[int, dict[str, An
         result = store.read_json(name, "filter block result")
         rows = result.get("rows", []) if isinstance(result, dict) else []
         if result.get("block") != block.name or [tuple(r["ranks"]) for r in rows] != list(block.candidates):
-            raise ValueError(
+            raise InputError(
                 f"{store.location(name)!r} does not belong to this model's space (block {block.name}); "
                 "delete the run's filter/ directory or use another run name"
             )

@@ -43,6 +43,7 @@ from flora_ray.core.subnet import extract_subnet, load_subnet, package_versions,
 from flora_ray.core.supernet import Supernet
 from flora_ray.data.datasets import build_datasets, eval_subset
 from flora_ray.data.ray_data import train_dataset
+from flora_ray.errors import InputError, MissingInput
 from flora_ray.results import cost_axis, knee_point, load_front
 from flora_ray.search.evaluator import supernet_from_numpy
 from flora_ray.stages.export import choose_trial, data_geometry, load_run_config
@@ -57,7 +58,7 @@ from flora_ray.tracking import EpochMetrics, enabled
 from flora_ray.training.callbacks import Checkpoint, Progress, read_final_checkpoint
 from flora_ray.training.tasks import SubnetTask, accuracy
 from flora_ray.training.trainer import LocalSession, Session, Trainer
-from flora_ray.training.worker import device_for, distributed_loader, setup_worker
+from flora_ray.training.worker import distributed_loader, run_device, setup_worker
 
 logger = logging.getLogger(__name__)
 
@@ -185,11 +186,11 @@ def choose_subnet(store: RunStore, trial: int | None, max_macs: float | None, kn
     """The trials.parquet row to fine-tune: ``trial``, the most accurate front point within ``max_macs``, or the
     front's knee point (exactly one)."""
     if (trial is not None) + (max_macs is not None) + bool(knee) != 1:
-        raise ValueError("give exactly one of --trial N, --max-macs M or --knee")
+        raise InputError("give exactly one of --trial N, --max-macs M or --knee")
     if knee:
         front = load_front(store)
         if front.empty:
-            raise ValueError(f"the front of {store.root!r} is empty: no subnet to fine-tune")
+            raise InputError(f"the front of {store.root!r} is empty: no subnet to fine-tune")
         trial = int(knee_point(front, cost_axis(front))["trial"])
     return choose_trial(store, trial, None if max_macs is None else ("macs", max_macs))
 
@@ -207,7 +208,7 @@ def check_finetune(
     ``config``: the configuration to start from (the pipeline's own) instead of the one the run recorded."""
     store = run if isinstance(run, RunStore) else RunStore(run)
     if not store.is_file(ARTEFACTS.trials):
-        raise FileNotFoundError(f"{store.location(ARTEFACTS.trials)!r} does not exist: run `flora-ray search` first")
+        raise MissingInput(f"{store.location(ARTEFACTS.trials)!r} does not exist: run `flora-ray search` first")
     stored = config_to_dict(config if config is not None else load_run_config(store))
     data = json.loads(json.dumps(stored))
     for item in overrides:
@@ -215,7 +216,7 @@ def check_finetune(
     cfg = build_dataclass(Config, data, "")
     other = [k for k in changed_result_keys(stored, config_to_dict(cfg)) if not k.startswith(f"{STAGE}.")]
     if other:
-        raise ValueError(
+        raise InputError(
             f"{other[0]}={dotted_value(config_to_dict(cfg), other[0])!r} would change the run's results (it was made "
             f"with {dotted_value(stored, other[0])!r}): a fine-tune may override finetune.* keys and speed-only keys"
         )
@@ -232,7 +233,7 @@ def finetune_export_task(
     ranks = json.loads(row["ranks"])
     supernet = run_supernet(store)
     splits = build_datasets(cfg.data)
-    device = device_for(cfg.scaling.accelerator, cfg.search.gpus_per_trial > 0)
+    device = run_device(cfg, "search.gpus_per_trial")
     before = accuracy(extract_subnet(supernet, ranks).to(device), splits.test, device)
     tuned = extract_subnet(supernet, ranks)
     load_state_dict_strict(tuned, {k: torch.tensor(v) for k, v in state.items()}, "the fine-tuned subnet")
@@ -262,7 +263,7 @@ def _train(store: RunStore, cfg: Config, row: Any, backend: Backend) -> tuple[di
     datasets = None
     if cfg.data.pipeline == "ray_data":
         if backend.name != "ray":
-            raise ValueError(RAY_DATA_NEEDS_RAY)
+            raise InputError(RAY_DATA_NEEDS_RAY)
         train_ds, payload["train_rows"] = train_dataset(cfg)
         datasets = lambda: {"train": train_ds}  # noqa: E731
     path, filesystem = ray_storage(store)

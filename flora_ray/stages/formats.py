@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from flora_ray.core.subnet import INT8_WEIGHTS_FILE, WEIGHTS_FILE, load_subnet, save_subnet_int8
+from flora_ray.errors import InputError
 
 FORMATS = ("safetensors", "pt2", "onnx", "int8")
 FORMAT_FILES = {"safetensors": "model.safetensors", "pt2": "model.pt2", "onnx": "model.onnx", "int8": INT8_WEIGHTS_FILE}
@@ -37,11 +38,11 @@ def check_formats(formats: Iterable[str]) -> tuple[str, ...]:
     requested = list(dict.fromkeys(formats))
     unknown = [f for f in requested if f not in FORMATS]
     if unknown:
-        raise ValueError(f"unknown export format {unknown[0]!r}: choose from {', '.join(FORMATS)}")
+        raise InputError(f"unknown export format {unknown[0]!r}: choose from {', '.join(FORMATS)}")
     for name in requested:
         missing = [m for m in NEEDS.get(name, ()) if importlib.util.find_spec(m) is None]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"--format {name} needs {', '.join(missing)}: pip install 'flora-ray[export]' (or pip install "
                 f"{' '.join(missing)})"
             )

@@ -28,6 +28,7 @@ from flora_ray.core.space import RankSpace
 from flora_ray.core.subnet import package_versions
 from flora_ray.core.supernet import Supernet, build_space, build_supernet
 from flora_ray.data.datasets import num_classes
+from flora_ray.errors import InputError, MissingInput
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 logger = logging.getLogger(__name__)
@@ -44,9 +45,9 @@ def resolve_model_spec(cfg: Config) -> ModelSpec:
     kwargs.update(cfg.model.kwargs)
     for key in ("img_size", "in_chans"):
         if kwargs[key] != getattr(cfg.data, key):
-            raise ValueError(f"model.kwargs.{key}={kwargs[key]} contradicts data.{key}={getattr(cfg.data, key)}")
+            raise InputError(f"model.kwargs.{key}={kwargs[key]} contradicts data.{key}={getattr(cfg.data, key)}")
     if kwargs["num_classes"] != classes:
-        raise ValueError(
+        raise InputError(
             f"model.kwargs.num_classes={kwargs['num_classes']} but the data ({cfg.data.name}) has {classes} classes; "
             "remove model.kwargs.num_classes: it comes from the data"
         )
@@ -94,7 +95,7 @@ def teacher_source(cfg: Config, store: RunStore) -> bool | str:
     if teacher_is_pretrained(cfg):
         return pretrained_source(cfg)
     if not store.is_file(ARTEFACTS.teacher):
-        raise FileNotFoundError(
+        raise MissingInput(
             f"no dense teacher at {store.location(ARTEFACTS.teacher)!r}: run `flora-ray pretrain CONFIG` first "
             "or set model.pretrained to a weight file"
         )
@@ -110,7 +111,7 @@ def load_teacher(cfg: Config, store: RunStore, device: torch.device | str = "cpu
     teacher_source(cfg, store)  # a missing teacher: the one-line error
     tensors, header = store.read_checkpoint(ARTEFACTS.teacher)
     if "model" in header and ModelSpec.from_dict(header["model"]) != spec:
-        raise ValueError(
+        raise InputError(
             f"checkpoint {store.location(ARTEFACTS.teacher)!r} holds {json.dumps(header['model'])}, not "
             f"{json.dumps(spec.to_dict())}; use the checkpoint made for this model or change the model config"
         )
@@ -129,13 +130,13 @@ def resolve_space(cfg: Config, store: RunStore, full: RankSpace) -> RankSpace:
     if cfg.train.space_file:
         path = cfg.train.space_file
         if not Path(path).is_file():
-            raise FileNotFoundError(f"space file {path!r} does not exist; run `flora-ray filter` or fix the path")
+            raise MissingInput(f"space file {path!r} does not exist; run `flora-ray filter` or fix the path")
         space = RankSpace.load(path)
     elif store.is_file(ARTEFACTS.space):
         path = store.location(ARTEFACTS.space)
         space = RankSpace.from_dict(store.read_json(ARTEFACTS.space, "space file"), source=f"space file {path!r}")
     elif store.is_file(ARTEFACTS.stage_marker("filter")):
-        raise FileNotFoundError(
+        raise MissingInput(
             f"the filter stage finished but its space {store.location(ARTEFACTS.space)!r} cannot be read; check "
             "run.storage, or remove stages/filter.json to filter again"
         )
@@ -208,14 +209,14 @@ def claim_run(cfg: Config, record: bool = True) -> RunStore:
         try:
             stored = yaml.safe_load(store.read_text(ARTEFACTS.run_config)) or {}
         except yaml.YAMLError as exc:
-            raise ValueError(
+            raise InputError(
                 f"{store.location(ARTEFACTS.run_config)!r} is not valid YAML ({exc.__class__.__name__}); "
                 "remove the run directory"
             ) from None
         changed = changed_result_keys(stored, current)
         if changed:
             shown = "; ".join(describe_change(stored, current, k) for k in changed[:3])
-            raise ValueError(
+            raise InputError(
                 f"run directory {store.root!r} was made with a different configuration ({shown}"
                 f"{'; ...' if len(changed) > 3 else ''}): choose another run.name or --output, or remove it"
             )

@@ -8,6 +8,7 @@ from pathlib import Path
 from flora_ray.config import BOUNDS, Config
 from flora_ray.core.models import ModelSpec
 from flora_ray.data.datasets import build_datasets
+from flora_ray.errors import InputError, MissingInput
 from flora_ray.stages.inputs import (
     SMALL_DATASETS,
     full_space,
@@ -38,7 +39,7 @@ def check_geometry(spec: ModelSpec) -> None:
         with torch.no_grad():
             model(torch.empty(2, chans, size, size, device="meta"))
     except (AssertionError, RuntimeError, ValueError) as exc:
-        raise ValueError(
+        raise InputError(
             f"model {spec.name} cannot take {size}x{size} images with {chans} channel(s) "
             f"({' '.join(str(exc).split())[:200]}): fix model.kwargs (patch_size, ...) or data.img_size"
         ) from None
@@ -47,20 +48,20 @@ def check_geometry(spec: ModelSpec) -> None:
 def preflight(cfg: Config, stage: str, store: RunStore | None = None) -> None:
     """Raise a one-line error when ``stage`` cannot run (unknown model, missing data, teacher, space or supernet)."""
     if stage not in PREFLIGHT_STAGES:
-        raise ValueError(f"stage {stage!r} is not one of {PREFLIGHT_STAGES}")
+        raise InputError(f"stage {stage!r} is not one of {PREFLIGHT_STAGES}")
     store = store or RunStore.for_config(cfg)
     spec = resolve_model_spec(cfg)
     check_geometry(spec)  # unknown model or kwargs, images it cannot take: fail here, not in a worker
     pretrained = pretrained_source(cfg)  # a hf-hub: model's weights: their file in the local hub cache
     if isinstance(pretrained, str) and not Path(pretrained).expanduser().is_file():
-        raise FileNotFoundError(f"model.pretrained weight file {pretrained!r} does not exist; fix the path")
+        raise MissingInput(f"model.pretrained weight file {pretrained!r} does not exist; fix the path")
     check_budgets(cfg, store, needs_table=stage == "search")
     check_cost_floor(cfg)
     check_tracking(cfg)
     if cfg.data.name in SMALL_DATASETS:
         build_datasets(cfg.data)
     elif cfg.data.root is None or not Path(cfg.data.root).is_dir():
-        raise FileNotFoundError(f"data.root {cfg.data.root!r} is not a directory with train/ and val/ class folders")
+        raise MissingInput(f"data.root {cfg.data.root!r} is not a directory with train/ and val/ class folders")
     if stage in ("filter", "train"):
         if teacher_is_pretrained(cfg):
             check_checkpoint(
@@ -71,7 +72,7 @@ def preflight(cfg: Config, stage: str, store: RunStore | None = None) -> None:
             check_checkpoint(store.read_checkpoint_header(ARTEFACTS.teacher), spec, store.location(ARTEFACTS.teacher))
     if stage == "search":
         if not store.is_file(ARTEFACTS.supernet):
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"no supernet at {store.location(ARTEFACTS.supernet)!r}: run `flora-ray train CONFIG` first"
             )
         check_checkpoint(store.read_checkpoint_header(ARTEFACTS.supernet), spec, store.location(ARTEFACTS.supernet))
@@ -124,7 +125,7 @@ def _is_safetensors(source: bool | str) -> bool:
 def check_checkpoint(header: dict, spec: ModelSpec, source: str) -> None:
     """A checkpoint flora-ray wrote must be of this model (its header names the model spec)."""
     if "model" in header and ModelSpec.from_dict(header["model"]) != spec:
-        raise ValueError(
+        raise InputError(
             f"checkpoint {source!r} holds {json.dumps(header['model'])}, not {json.dumps(spec.to_dict())}; "
             "use the checkpoint made for this model or change the model config"
         )
@@ -137,17 +138,35 @@ def check_run_storage(cfg: Config, cluster: bool, local_backend: bool = False) -
 
     location = cfg.run.storage or cfg.run.output_dir
     if cluster and not is_shared_location(location):
-        raise ValueError(
+        raise InputError(
             f"with --address every node reads and writes the run, but it would live in {location!r} (relative, on "
             "this machine only): set run.storage to an absolute path on a filesystem every node mounts, or to "
             "s3://BUCKET/PREFIX or gs://BUCKET/PREFIX"
         )
     if local_backend and cfg.data.pipeline == "ray_data":
-        raise ValueError(RAY_DATA_NEEDS_RAY)
+        raise InputError(RAY_DATA_NEEDS_RAY)
     if cfg.run.storage:
         check_storage(cfg.run.storage)
         if local_backend and "://" in cfg.run.storage and not cfg.run.storage.startswith("file://"):
-            raise ValueError(
+            raise InputError(
                 f"--backend local keeps training checkpoints on this machine; run.storage={cfg.run.storage!r} is "
                 "remote: use the Ray backend or a local run.storage"
             )
+
+
+def check_devices(cfg: Config, on_this_machine: bool) -> None:
+    """Work that asks for a GPU (``scaling.use_gpu``, ``search.gpus_per_trial``, with the ``GPU`` accelerator) and
+    runs on this machine (no ``--address``) needs a CUDA device here, unless ``scaling.allow_cpu``. On a cluster the
+    GPU nodes may not exist yet (the autoscaler starts them on demand): each worker checks its own device instead."""
+    if not on_this_machine or cfg.scaling.allow_cpu or cfg.scaling.accelerator != "GPU":
+        return
+    asked = [key for key, on in (("scaling.use_gpu", cfg.scaling.use_gpu),
+                                 ("search.gpus_per_trial", cfg.search.gpus_per_trial > 0)) if on]  # fmt: skip
+    if not asked:
+        return
+    import torch
+
+    from flora_ray.training.worker import no_cuda_message
+
+    if not torch.cuda.is_available():
+        raise InputError(no_cuda_message(asked[0]))

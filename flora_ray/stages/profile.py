@@ -37,6 +37,7 @@ from flora_ray.core.lowrank import build_static_layer, low_rank_is_cheaper
 from flora_ray.core.models import ModelSpec
 from flora_ray.core.space import RankSpace
 from flora_ray.core.surgery import swap_modules
+from flora_ray.errors import InputError, MissingInput
 from flora_ray.families import family_of
 from flora_ray.results import LATENCY_DEVICE_KEY, load_latency_table
 from flora_ray.search.objectives import resolve_bounds
@@ -220,7 +221,7 @@ def check_same_device(stored: Mapping[str, Any], measured: Mapping[str, Any], wh
     if stored and any(stored.get(k) != measured.get(k) for k in keys):
         before = ", ".join(f"{k}={stored.get(k)}" for k in keys)
         now = ", ".join(f"{k}={measured.get(k)}" for k in keys)
-        raise ValueError(
+        raise InputError(
             f"{where} was measured on {before}; this profile ran on {now}: profile on the same kind of node "
             "(profile.resources) or remove the table to measure it again"
         )
@@ -276,8 +277,8 @@ def profile_summary(cfg: Config, table: pd.DataFrame, device: dict, space: RankS
     return {"device": device, "rows": len(table), "batches": batches}
 
 
-def missing_table(store: RunStore) -> FileNotFoundError:
-    return FileNotFoundError(
+def missing_table(store: RunStore) -> MissingInput:
+    return MissingInput(
         f"the search uses latency but {store.location(ARTEFACTS.latency_table)!r} does not exist: run "
         "`flora-ray profile CONFIG` first"
     )

@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from flora_ray.errors import MissingInput
 from flora_ray.results import (
     GAIN_BUDGETS,
     GAIN_DROPS,
@@ -305,9 +306,7 @@ def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
     """The markdown report of a searched run, and its key figures as a dict."""
     store = run if isinstance(run, RunStore) else RunStore(run)
     if not store.is_file(ARTEFACTS.search_summary):
-        raise FileNotFoundError(
-            f"{store.location(ARTEFACTS.search_summary)!r} does not exist: run the search stage first"
-        )
+        raise MissingInput(f"{store.location(ARTEFACTS.search_summary)!r} does not exist: run the search stage first")
     search = store.read_json(ARTEFACTS.search_summary)
     front, uniform = load_front(store), load_uniform(store)
     markers = stage_markers(store)

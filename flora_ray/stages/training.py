@@ -18,6 +18,7 @@ from flora_ray.core.models import dense_checkpoint_metadata, load_state_dict_str
 from flora_ray.core.space import RankSpace
 from flora_ray.data.datasets import build_datasets, eval_subset
 from flora_ray.data.ray_data import ShardBatches, train_dataset
+from flora_ray.errors import InputError
 from flora_ray.stages.inputs import (
     build_run_supernet,
     full_space,
@@ -55,7 +56,7 @@ def train_worker(payload: dict[str, Any], session: Session) -> None:
     probes = eval_subset(splits.search, getattr(opt, "eval_images", None), cfg.data.seed)  # stratified, seeded
     spec = resolve_model_spec(cfg)
     if spec.kwargs.get("num_classes") != splits.num_classes:
-        raise ValueError(
+        raise InputError(
             f"model.kwargs.num_classes={spec.kwargs.get('num_classes')} but the data has {splits.num_classes} classes"
         )
     callbacks: list[Any] = []
@@ -97,7 +98,7 @@ def training_batches(cfg: Config, payload: dict[str, Any], session: Session, tra
     if cfg.data.pipeline == "ray_data":
         rows = payload["train_rows"] // session.world_size
         if rows < batch_size:
-            raise ValueError(f"{stage}.batch_size={batch_size} is larger than a worker's share ({rows} images)")
+            raise InputError(f"{stage}.batch_size={batch_size} is larger than a worker's share ({rows} images)")
         return ShardBatches(session.dataset_shard("train"), batch_size, rows), None
     workers = loader_workers(cfg.data.workers, cfg.scaling.cpus_per_worker)
     return distributed_loader(
@@ -130,7 +131,7 @@ def fit_stage(cfg: Config, backend: Backend, stage: str) -> dict[str, Any]:
     datasets = None
     if cfg.data.pipeline == "ray_data":  # decoded by Ray Data tasks anywhere in the cluster, streamed to workers
         if backend.name != "ray":
-            raise ValueError(RAY_DATA_NEEDS_RAY)
+            raise InputError(RAY_DATA_NEEDS_RAY)
         train_ds, payload["train_rows"] = train_dataset(cfg)
         datasets = lambda: {"train": train_ds}  # noqa: E731
     started = time.perf_counter()

@@ -20,6 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from flora_ray.errors import InputError, MissingInput
+
 METADATA_KEY = "flora_ray"
 
 
@@ -59,11 +61,11 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """Read a JSON file; a missing or malformed file is a one-line error naming it."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{what} {str(p)!r} does not exist")
+        raise MissingInput(f"{what} {str(p)!r} does not exist")
     try:
         return json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{what} {str(p)!r} is not valid JSON ({exc}); regenerate it") from exc
+        raise InputError(f"{what} {str(p)!r} is not valid JSON ({exc}); regenerate it") from exc
 
 
 def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> None:
@@ -83,7 +85,7 @@ def read_checkpoint_header(path: str | os.PathLike) -> dict[str, Any]:
         with safe_open(str(p), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"cannot read checkpoint {str(p)!r} (corrupt or not safetensors): {exc}") from exc
+        raise InputError(f"cannot read checkpoint {str(p)!r} (corrupt or not safetensors): {exc}") from exc
     return _parse_header(metadata, p)
 
 
@@ -96,7 +98,7 @@ def read_checkpoint(
     try:
         tensors = load_file(str(p), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"cannot read checkpoint {str(p)!r} (corrupt or truncated): {exc}") from exc
+        raise InputError(f"cannot read checkpoint {str(p)!r} (corrupt or truncated): {exc}") from exc
     return tensors, header
 
 
@@ -106,17 +108,17 @@ def parse_checkpoint_header(stream: Any, source: str) -> dict[str, Any]:
     head = stream.read(8)
     size = int.from_bytes(head, "little") if len(head) == 8 else -1
     if not 0 < size <= 100 * 2**20:
-        raise ValueError(f"cannot read checkpoint {source!r} (corrupt or not safetensors)")
+        raise InputError(f"cannot read checkpoint {source!r} (corrupt or not safetensors)")
     try:
         metadata = json.loads(stream.read(size)).get("__metadata__") or {}
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-        raise ValueError(f"cannot read checkpoint {source!r} (corrupt or not safetensors): {exc}") from exc
+        raise InputError(f"cannot read checkpoint {source!r} (corrupt or not safetensors): {exc}") from exc
     return _parse_header(metadata, source)
 
 
 def _check_exists(p: Path) -> None:
     if not p.is_file():
-        raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist; check the path")
+        raise MissingInput(f"checkpoint {str(p)!r} does not exist; check the path")
 
 
 def _parse_header(metadata: Mapping[str, str], p: Path | str) -> dict[str, Any]:
@@ -126,9 +128,9 @@ def _parse_header(metadata: Mapping[str, str], p: Path | str) -> dict[str, Any]:
     try:
         header = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"checkpoint {str(p)!r} has a corrupt flora-ray header: {exc}") from exc
+        raise InputError(f"checkpoint {str(p)!r} has a corrupt flora-ray header: {exc}") from exc
     if not isinstance(header, dict):
-        raise ValueError(f"checkpoint {str(p)!r} has a corrupt flora-ray header (not an object)")
+        raise InputError(f"checkpoint {str(p)!r} has a corrupt flora-ray header (not an object)")
     return header
 
 

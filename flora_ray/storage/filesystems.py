@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
+from flora_ray.errors import InputError
+
 if TYPE_CHECKING:
     import pyarrow.fs
 
@@ -55,9 +57,12 @@ PROBE_PREFIX = ".flora-ray-probe-"
 """Name prefix of the object ``check_storage`` writes and deletes."""
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# A scheme of two or more letters and a colon not followed by '//' (s3:/bucket, gs:bucket): a mistyped URI, not a
+# local path (one letter is a Windows drive, C:\\runs).
+_ALMOST_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(?!//)")
 
 
-class StorageLocationError(ValueError):
+class StorageLocationError(InputError):
     """``run.storage`` is not a location flora-ray can use; ``cause`` and ``advice`` are short phrases."""
 
     def __init__(self, location: str, cause: str, advice: str) -> None:
@@ -80,6 +85,10 @@ def _parse(location: str) -> _Parsed:
     if not location.strip():
         raise StorageLocationError(location, "it is empty", f"set it to {ALLOWED}")
     match = _SCHEME.match(location)
+    if match is None and (almost := _ALMOST_URI.match(location)):
+        scheme = almost.group(1)
+        example = "file:///abs/path" if scheme.lower() == "file" else f"{scheme}://bucket/prefix"
+        raise StorageLocationError(location, f"'{scheme}:' is not followed by '//'", f"write {example}")
     if match is None:
         return _Parsed("local", os.path.abspath(os.path.expanduser(location)))
     scheme = match.group(1).lower()
@@ -122,7 +131,7 @@ def _split_endpoint(url: str, variable: str) -> tuple[str, str]:
         return "https", url.rstrip("/")
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
-        raise ValueError(f"{variable}={url!r} is not an endpoint URL; set it to http(s)://host[:port]")
+        raise InputError(f"{variable}={url!r} is not an endpoint URL; set it to http(s)://host[:port]")
     return parts.scheme.lower(), parts.netloc
 
 
@@ -159,7 +168,7 @@ def s3_filesystem(env: Mapping[str, str] | None = None, **overrides: object) -> 
     key, secret = _get(env, "AWS_ACCESS_KEY_ID"), _get(env, "AWS_SECRET_ACCESS_KEY")
     if (key is None) != (secret is None):
         missing = "AWS_SECRET_ACCESS_KEY" if secret is None else "AWS_ACCESS_KEY_ID"
-        raise ValueError(f"{missing} is not set but its pair is; set both AWS credential variables or neither")
+        raise InputError(f"{missing} is not set but its pair is; set both AWS credential variables or neither")
     if key is not None:
         options.update(access_key=key, secret_key=secret, session_token=_get(env, "AWS_SESSION_TOKEN"))
     ca_bundle = _get(env, "AWS_CA_BUNDLE")
@@ -250,8 +259,8 @@ def is_shared_location(location: str | os.PathLike[str]) -> bool:
     return os.path.isabs(os.path.expanduser(location))
 
 
-def _not_writable(location: str, cause: str, advice: str) -> ValueError:
-    return ValueError(f"run.storage {location!r} is not writable: {cause}; {advice}")
+def _not_writable(location: str, cause: str, advice: str) -> InputError:
+    return InputError(f"run.storage {location!r} is not writable: {cause}; {advice}")
 
 
 def _one_line(text: str, limit: int = 200) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flora_ray.errors import InputError, MissingInput
 from flora_ray.storage.files import parse_checkpoint_header
 
 
@@ -181,7 +182,7 @@ class RunStore:
 
     def read_bytes(self, name: str, what: str = "file") -> bytes:
         if not self.is_file(name):
-            raise FileNotFoundError(f"{what} {self.location(name)!r} does not exist")
+            raise MissingInput(f"{what} {self.location(name)!r} does not exist")
         with self.filesystem.open_input_stream(self.location(name)) as stream:
             return stream.read()
 
@@ -201,7 +202,7 @@ class RunStore:
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{what} {self.location(name)!r} is not valid JSON ({exc}); regenerate it") from exc
+            raise InputError(f"{what} {self.location(name)!r} is not valid JSON ({exc}); regenerate it") from exc
 
     def write_parquet(self, name: str, table: Any, metadata: Mapping[str, str]) -> None:
         """A pyarrow ``Table`` (or a pandas frame) as Parquet, ``metadata`` added to its schema's metadata."""
@@ -220,7 +221,7 @@ class RunStore:
         import pyarrow.parquet as pq
 
         if not self.is_file(name):
-            raise FileNotFoundError(f"{what} {self.location(name)!r} does not exist")
+            raise MissingInput(f"{what} {self.location(name)!r} does not exist")
         return pq.read_table(self.location(name), filesystem=self.filesystem).to_pandas()
 
     def write_checkpoint(self, name: str, tensors: Mapping[str, Any], header: Mapping[str, Any]) -> None:
@@ -241,13 +242,13 @@ class RunStore:
         try:
             tensors = load(raw)
         except Exception as exc:  # safetensors raises its own error types for corrupt data
-            raise ValueError(f"cannot read checkpoint {self.location(name)!r} (corrupt or truncated): {exc}") from exc
+            raise InputError(f"cannot read checkpoint {self.location(name)!r} (corrupt or truncated): {exc}") from exc
         return {k: v.to(device) for k, v in tensors.items()}, header
 
     def read_checkpoint_header(self, name: str) -> dict[str, Any]:
         """The flora-ray header of a safetensors artefact, reading only the file's head."""
         if not self.is_file(name):
-            raise FileNotFoundError(f"checkpoint {self.location(name)!r} does not exist")
+            raise MissingInput(f"checkpoint {self.location(name)!r} does not exist")
         with self.filesystem.open_input_file(self.location(name)) as stream:
             return parse_checkpoint_header(stream, self.location(name))
 

@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from flora_ray.core.space import RankConfig, RankSpace
+from flora_ray.errors import InputError
 
 
 def step_generator(seed: int, epoch: int, step: int) -> np.random.Generator:
@@ -46,7 +47,7 @@ class BlockwiseSampler:
 
     def __init__(self, space: RankSpace, weighting: str = "lowrank") -> None:
         if weighting not in ("lowrank", "uniform"):
-            raise ValueError(f"weighting={weighting!r} is not supported; use 'lowrank' or 'uniform'")
+            raise InputError(f"weighting={weighting!r} is not supported; use 'lowrank' or 'uniform'")
         self.space = space
         self.weighting = weighting
         self.probabilities = [self._block_probabilities(block) for block in space.blocks]
@@ -89,4 +90,4 @@ def build_sampler(name: str, space: RankSpace) -> Sampler:
         return SandwichSampler(space)
     if name in ("lowrank", "uniform"):
         return BlockwiseSampler(space, name)
-    raise ValueError(f"sampler {name!r} is not supported; use lowrank, uniform or sandwich")
+    raise InputError(f"sampler {name!r} is not supported; use lowrank, uniform or sandwich")

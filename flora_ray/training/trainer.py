@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from flora_ray.errors import InputError
 from flora_ray.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class Trainer:
         self.accumulate = int(getattr(opt, "accumulate", 1))
         self.steps_per_epoch = len(loader) // self.accumulate
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise InputError(
                 f"{name}: {len(loader)} batches per epoch cannot fill one step of accumulate={self.accumulate}; "
                 "lower accumulate or the batch size"
             )

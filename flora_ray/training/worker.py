@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,13 +19,42 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
+from flora_ray.errors import InputError
 
-def device_for(accelerator: str, requested: bool) -> torch.device:
-    """The one device rule: CUDA when the work asked for the ``GPU`` accelerator and CUDA is there, else CPU.
 
-    A custom accelerator resource (``scaling.accelerator: TPU`` or a test resource) runs CPU torch.
+def device_for(
+    accelerator: str, requested: bool, allow_cpu: bool = False, key: str = "scaling.use_gpu"
+) -> torch.device:
+    """The one device rule: CUDA when the work asked for the ``GPU`` accelerator, else CPU.
+
+    Work that asked for a GPU (the config key ``key``) where torch sees no CUDA device fails, unless ``allow_cpu``
+    (``scaling.allow_cpu``) says CPU is fine: it then runs on CPU. A custom accelerator resource
+    (``scaling.accelerator: TPU`` or a test resource) runs CPU torch.
     """
-    return torch.device("cuda" if requested and accelerator == "GPU" and torch.cuda.is_available() else "cpu")
+    if not (requested and accelerator == "GPU"):
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if allow_cpu:
+        return torch.device("cpu")
+    raise RuntimeError(f"{no_cuda_message(key)} on {socket.gethostname()}")
+
+
+def run_device(cfg: Any, key: str) -> torch.device:
+    """``device_for`` of a run's work that asks for its accelerator by ``key``: ``scaling.use_gpu`` (training,
+    filtering) or ``search.gpus_per_trial`` (search, export, fine-tuning)."""
+    requested = cfg.scaling.use_gpu if key == "scaling.use_gpu" else cfg.search.gpus_per_trial > 0
+    return device_for(cfg.scaling.accelerator, requested, cfg.scaling.allow_cpu, key)
+
+
+def no_cuda_message(key: str) -> str:
+    """Why work that asked for a GPU by ``key`` cannot have one here, and the ways out."""
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+    return (
+        f"{key} asks for a GPU but torch {torch.__version__} ({build}) sees no CUDA device: run on a GPU machine or "
+        f"cluster (--address), set {key} to {'0' if 'gpus' in key else 'false'}, or set scaling.allow_cpu=true to run "
+        "on CPU anyway"
+    )
 
 
 def setup_worker(threads: int, seed: int | None = None) -> None:
@@ -162,7 +192,7 @@ def distributed_loader(
         persistent_workers=workers > 0,
     )
     if len(loader) == 0:
-        raise ValueError(
+        raise InputError(
             f"{what}.batch_size={batch_size} is larger than a worker's share of the training data "
             f"({len(sampler)} images); lower the batch size"
         )

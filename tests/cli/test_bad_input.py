@@ -86,6 +86,8 @@ CASES = [
     (None, ["run", "{c}", "data.name=imagefolder", "data.in_chans=3", "data.root={d}/nowhere"], "data.root"),
     (None, ["run", "{c}", "--address", "127.0.0.1:{port}"], "cannot reach the Ray cluster at '127.0.0.1:{port}'"),
     (None, ["run", "{c}", "--address", "no-port-here"], "is not auto, host:port or ray://host:port"),
+    (None, ["run", "{c}", "run.storage=s3:/bucket/runs"], "'s3:' is not followed by '//'; write s3://bucket/prefix"),
+    (None, ["run", "{c}", "run.storage=gs:bucket"], "'gs:' is not followed by '//'; write gs://bucket/prefix"),
     (None, ["filter", "{c}"], "no dense teacher at"),
     ("corrupt_teacher", ["filter", "{c}"], "(corrupt or not safetensors)"),
     ("other_teacher", ["train", "{c}"], "use the checkpoint made for this model or change the model config"),
