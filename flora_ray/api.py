@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     from flora_ray.core.supernet import Supernet
 
 BACKENDS = ("ray", "local")
+# The one default of every entry point (``flora-ray`` commands, ``run``, ``Run.export``, ``Run.finetune``): Ray, so
+# that work goes where the CLI sends it (a local Ray on 127.0.0.1, or the cluster of ``address``), never silently
+# into the calling process; ``backend="local"`` asks for this process.
+DEFAULT_BACKEND = "ray"
 
 
 def resolve_config(
@@ -87,7 +91,7 @@ def every_stage_done(store: RunStore) -> bool:
 
 
 @contextlib.contextmanager
-def open_backend(backend: str = "ray", address: str | None = None) -> Iterator[Backend]:
+def open_backend(backend: str = DEFAULT_BACKEND, address: str | None = None) -> Iterator[Backend]:
     """The backend to run on: Ray (local on 127.0.0.1 unless ``address`` names a cluster; a Ray that this
     function starts is shut down at the end, one already running is left alone) or ``local`` (this process)."""
     if backend not in BACKENDS:
@@ -116,7 +120,7 @@ def run(
     config: Config | Mapping[str, Any] | str | os.PathLike,
     overrides: Sequence[str] = (),
     address: str | None = None,
-    backend: str = "ray",
+    backend: str = DEFAULT_BACKEND,
     output: str | os.PathLike | None = None,
 ) -> Run:
     """Run every unfinished stage of an experiment (as ``flora-ray run``) and return the run.
@@ -293,7 +297,7 @@ class Run:
         formats: Sequence[str] = ("safetensors",),
         evaluate: bool = True,
         threads: int = 1,
-        backend: str = "local",
+        backend: str = DEFAULT_BACKEND,
         address: str | None = None,
     ) -> dict[str, Any]:
         """Export a trial (or the best front point within ``max_macs`` / ``max_latency_ms``) as ``flora-ray
@@ -315,7 +319,7 @@ class Run:
         knee: bool = False,
         overrides: Sequence[str] = (),
         output: str | os.PathLike | None = None,
-        backend: str = "local",
+        backend: str = DEFAULT_BACKEND,
         address: str | None = None,
     ) -> dict[str, Any]:
         """Fine-tune a trial (or the best front point within ``max_macs``, or the knee point) by distillation from

@@ -142,6 +142,8 @@ def _add_config_parsers(sub: Any) -> None:
 
 
 def _add_export_parser(sub: Any) -> None:
+    from flora_ray.api import BACKENDS, DEFAULT_BACKEND
+
     export = sub.add_parser(
         "export",
         help="export a searched subnet; report its test accuracy and CPU latency versus dense",
@@ -170,12 +172,14 @@ def _add_export_parser(sub: Any) -> None:
     export.add_argument("--threads", type=_positive_int, default=1, help="CPU threads for the latency measurement")
     export.add_argument("--address", help="Ray cluster whose nodes run the export's inference (default: local Ray)")
     export.add_argument(
-        "--backend", choices=("ray", "local"), default="ray", help="ray (default: a Ray task) or local (this process)"
+        "--backend", choices=BACKENDS, default=DEFAULT_BACKEND, help="ray (default: a Ray task) or local (this process)"
     )
     export.set_defaults(func=cmd_export)
 
 
 def _add_finetune_parser(sub: Any) -> None:
+    from flora_ray.api import BACKENDS, DEFAULT_BACKEND
+
     finetune = sub.add_parser(
         "finetune",
         help="fine-tune a searched subnet by distillation from the run's teacher and export it again",
@@ -194,7 +198,7 @@ def _add_finetune_parser(sub: Any) -> None:
     finetune.add_argument("--output", help="directory to write (default RUN_DIR/finetune/trial_N)")
     finetune.add_argument("--address", help="Ray cluster to train on (default: local Ray on 127.0.0.1)")
     finetune.add_argument(
-        "--backend", choices=("ray", "local"), default="ray", help="ray (default: Ray Train) or local (this process)"
+        "--backend", choices=BACKENDS, default=DEFAULT_BACKEND, help="ray (default: Ray Train) or local (this process)"
     )
     finetune.set_defaults(func=cmd_finetune)
 
@@ -264,6 +268,8 @@ def format_export(report: dict[str, Any]) -> str:
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    from flora_ray.api import BACKENDS, DEFAULT_BACKEND
+
     parser.add_argument("config", help="experiment YAML (see experiments/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
     parser.add_argument(
@@ -272,8 +278,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="parent directory of the run directory (overrides run.output_dir)")
     parser.add_argument(
         "--backend",
-        choices=("ray", "local"),
-        default="ray",
+        choices=BACKENDS,
+        default=DEFAULT_BACKEND,
         help="ray (default: Ray Train, tasks and Tune) or local (everything in this process, no Ray)",
     )
 

@@ -107,7 +107,7 @@ def test_export_writes_every_format_and_each_runs_as_the_pytorch_subnet(finished
 
     run, *_ = finished
     budget = float(run.front["macs"].max())
-    report = run.export(max_macs=budget, output=tmp_path / "out", formats=["onnx", "pt2"])
+    report = run.export(max_macs=budget, output=tmp_path / "out", formats=["onnx", "pt2"], backend="local")
     picked = run.best_under(budget)
     out = tmp_path / "out"
     assert report["trial"] == int(picked["trial"]) and report["directory"] == str(out) and report["evaluated"]

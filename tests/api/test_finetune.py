@@ -164,7 +164,7 @@ def test_the_pipeline_stage_finetunes_the_knee_when_enabled(finished, tmp_path):
 def test_run_finetune_is_the_command_in_python(finished, tmp_path):
     run = _copy(finished, tmp_path / "run")
     best = run.best_under(max_macs=float(run.front["macs"].max()))
-    report = run.finetune(best, overrides=[*RECIPE, "finetune.epochs=1"])
+    report = run.finetune(best, overrides=[*RECIPE, "finetune.epochs=1"], backend="local")
     assert report["trial"] == int(best["trial"]) and report["epochs"] == 1 and len(report["history"]) == 1
     assert fr.load_subnet(report["directory"]) is not None
     with pytest.raises(ValueError, match="give exactly one of --trial N, --max-macs M or --knee"):

@@ -106,3 +106,25 @@ def test_config_refuses_an_unknown_model_as_plan_and_run_do(config_file, capsys)
     assert err.startswith("flora-ray: error: unknown timm model 'deit_tiny_patch16_2244': did you mean")
     assert main(["config", "experiments/deit_small_imagenet.yaml"]) == 0  # its data is not here: still printed
     assert "deit_small_patch16_224" in capsys.readouterr().out
+
+
+def test_every_entry_point_chooses_the_backend_by_the_same_rule():
+    """The CLI's commands, ``flora_ray.run``, ``Run.export`` and ``Run.finetune`` default to the same backend (Ray), so a
+    notebook's export or fine-tune goes where ``flora-ray export``/``finetune`` would send it."""
+    import inspect
+
+    import flora_ray as fr
+    from flora_ray.api import DEFAULT_BACKEND, Run, open_backend
+    from flora_ray.cli import build_parser
+
+    assert DEFAULT_BACKEND == "ray"
+    for fn in (fr.run, Run.export, Run.finetune, open_backend):
+        assert inspect.signature(fn).parameters["backend"].default == DEFAULT_BACKEND, fn.__qualname__
+    parser = build_parser()
+    for command in (
+        ["run", "c.yaml"],
+        ["search", "c.yaml"],
+        ["export", "r", "--trial", "1"],
+        ["finetune", "r", "--knee"],
+    ):
+        assert parser.parse_args(command).backend == DEFAULT_BACKEND, command

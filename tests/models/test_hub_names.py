@@ -60,7 +60,7 @@ def test_a_hub_teacher_runs_from_the_cache(hub_cache, tmp_path, monkeypatch):
     state = teacher.state_dict()
     assert set(state) == set(hub_cache) and all(torch.equal(state[k], hub_cache[k]) for k in hub_cache)
     assert run.supernet.spec.name == "test_vit"  # the artefacts name the architecture, not the repo
-    report = run.export(run.knee(), output=tmp_path / "export", evaluate=False)
+    report = run.export(run.knee(), output=tmp_path / "export", evaluate=False, backend="local")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))  # the export needs no hub cache
     assert fr.load_subnet(report["directory"])(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
 

@@ -28,7 +28,7 @@ def test_digits_run_with_token_merging_end_to_end(tmp_path):
     assert cost.dense_macs < plain.dense_macs
     for row in run.trials.itertuples():
         assert row.macs == cost.macs(json.loads(row.ranks))  # the search charged the merged token counts
-    report = run.export(run.knee(), output=tmp_path / "export", formats=["int8"])
+    report = run.export(run.knee(), output=tmp_path / "export", formats=["int8"], backend="local")
     assert json.loads((tmp_path / "export" / "subnet.json").read_text())["model"]["tome_r"] == TOME_R
     fp32, int8 = fr.load_subnet(tmp_path / "export"), fr.load_subnet(tmp_path / "export", int8=True)
     assert token_merging_r(fp32) == token_merging_r(int8) == TOME_R
