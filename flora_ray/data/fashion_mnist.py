@@ -1,8 +1,10 @@
 """Fashion-MNIST from its idx files: find the directory, parse and validate the files with numpy.
 
 The idx format is a 4-byte magic number (two zero bytes, a dtype code, the number of dimensions), one big-endian
-uint32 per dimension, then the payload. The files come from the Debian package ``dataset-fashion-mnist``
-(``make data``), gzip'd or not, possibly inside a torchvision download directory (``<root>/FashionMNIST/raw``).
+uint32 per dimension, then the payload. ``make data`` (``experiments/get_fashion_mnist.sh``) puts the files in
+place: the Debian package ``dataset-fashion-mnist`` (installed, or unpacked into ``./data/fashion-mnist`` without
+root), or where there is no apt, torchvision's download into ``./data/FashionMNIST/raw`` (``download_fashion_mnist``).
+The files may be gzip'd or not; ``data.root`` names any other directory.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from flora_ray.errors import InputError, MissingInput
 
 logger = logging.getLogger(__name__)
 
+REPOSITORY_DATA = Path(__file__).resolve().parents[2] / "data"  # ./data of a source checkout (make data)
 FASHION_MNIST_DIRS = (
-    Path("/usr/share/datasets/fashion-mnist"),  # Debian package dataset-fashion-mnist
-    Path(__file__).resolve().parents[1] / "data" / "fashion-mnist",  # experiments/get_fashion_mnist.sh without root
+    # Debian package dataset-fashion-mnist; FASHION_MNIST_SYSTEM_DIR moves it (the script reads the same variable)
+    Path(os.environ.get("FASHION_MNIST_SYSTEM_DIR", "/usr/share/datasets/fashion-mnist")),
+    REPOSITORY_DATA / "fashion-mnist",  # experiments/get_fashion_mnist.sh without root: the package unpacked
+    REPOSITORY_DATA,  # experiments/get_fashion_mnist.sh without apt: torchvision's download (FashionMNIST/raw)
 )
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -31,9 +36,11 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
 HOW_TO_GET = (
-    "run `make data` (installs the Debian package dataset-fashion-mnist) or set data.root to a directory with the "
-    "idx files"
+    "run `make data` (the Debian package dataset-fashion-mnist, or torchvision's download where there is no apt) or "
+    "set data.root to a directory with the idx files"
 )
+# torchvision's source of the files (``FashionMNIST.mirrors``): Zalando Research's bucket, 4 files, 30 MB gzip'd.
+DOWNLOAD_MB = 30
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -101,3 +108,24 @@ def _idx_file(directory: Path, name: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def download_fashion_mnist(root: str | os.PathLike, mirror: str | None = None) -> Path:
+    """Download the four idx files with torchvision (its mirror, or ``mirror``: a URL prefix serving the same file
+    names) into ``root/FashionMNIST/raw``; torchvision checks each file's MD5. Returns the directory; raises
+    ``RuntimeError`` with one line when the download fails."""
+    from torchvision.datasets import FashionMNIST
+
+    class Mirrored(FashionMNIST):
+        mirrors = [mirror] if mirror else list(FashionMNIST.mirrors)
+
+    try:
+        for train in (True, False):
+            Mirrored(str(root), train=train, download=True)
+    except Exception as exc:  # urllib, socket and torchvision's own errors alike: one line, what to do
+        cause = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise RuntimeError(
+            f"could not download Fashion-MNIST ({DOWNLOAD_MB} MB) from {Mirrored.mirrors[0]} into {str(root)!r}: "
+            f"{cause}; check the network or set data.root to a directory with the idx files"
+        ) from None
+    return find_fashion_mnist(root)

@@ -177,13 +177,10 @@ def can_make_namespaces() -> bool:
 def require_namespaces(what: str) -> None:
     """In a pytest test: skip when ``can_make_namespaces()`` is false, or fail under CI (``CI`` set), where ``what``
     must run."""
-    import pytest
+    from flora_ray.testing import skip_unless_ci
 
     if not can_make_namespaces():
-        reason = "network and mount namespaces cannot be made here (unshare and ip need root)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}: CI must run {what}")
-        pytest.skip(reason)
+        skip_unless_ci("network and mount namespaces cannot be made here (unshare and ip need root)", what)
 
 
 def harness_command(

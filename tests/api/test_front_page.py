@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from flora_ray.storage.run_store import ARTEFACTS
+from flora_ray.testing import skip_unless_ci
 
 pytestmark = pytest.mark.slow
 
@@ -43,9 +44,11 @@ window.addEventListener('load', function () {
 def browser():
     found = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
     if found is None:
-        pytest.skip("no headless Chromium (make tools installs Debian's chromium-headless-shell)")
+        skip_unless_ci(
+            "no headless Chromium (make tools installs Debian's chromium-headless-shell)", "front.html's test"
+        )
     if shutil.which("unshare") is None or subprocess.run(["unshare", "--net", "true"]).returncode != 0:
-        pytest.skip("cannot make a network namespace here (unshare --net needs root)")
+        skip_unless_ci("cannot make a network namespace here (unshare --net needs root)", "front.html's test")
     return found
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from flora_ray.config import dump_config
 from flora_ray.storage.run_store import ARTEFACTS
+from flora_ray.testing import skip_unless_ci
 from flora_ray.testing.fake_cluster import HEAD_PORT, port_in_use, start_fake_cluster
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,8 @@ RUN_OVERRIDES = [
 @pytest.fixture
 def cluster(tmp_path):
     if port_in_use(HEAD_PORT):
-        pytest.skip(f"port {HEAD_PORT} is in use (another Ray head on this machine); the fake provider needs it")
+        skip_unless_ci(f"port {HEAD_PORT} is in use (another Ray head on this machine); the fake provider needs it",
+                       "the autoscaling test")  # fmt: skip
     started = start_fake_cluster(tmp_path / "cluster")
     try:
         yield started

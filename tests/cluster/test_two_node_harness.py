@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from flora_ray.testing.multinode import can_make_namespaces, live_processes, run_on_two_nodes
+from flora_ray.testing.multinode import live_processes, require_namespaces, run_on_two_nodes
 from flora_ray.testing.preemption import FAST_FAILURE_DETECTION
 
 pytestmark = pytest.mark.slow
@@ -157,8 +157,7 @@ def _last_report(result, seconds: float) -> tuple[dict, str]:
 
 @pytest.fixture(scope="module")
 def namespaces():
-    if not can_make_namespaces():
-        pytest.skip("cannot make network and mount namespaces here (unshare needs root or user namespaces)")
+    require_namespaces("the two-node harness test")
 
 
 @pytest.fixture(scope="module")

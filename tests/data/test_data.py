@@ -18,6 +18,7 @@ from flora_ray.data.datasets import (
     make_loader,
 )
 from flora_ray.data.fashion_mnist import FASHION_MNIST_DIRS, find_fashion_mnist, load_fashion_mnist
+from flora_ray.testing import skip_unless_ci
 
 # --- DataConfig -------------------------------------------------------------------------------------------------
 
@@ -175,7 +176,10 @@ def fashion():
     try:
         find_fashion_mnist()
     except FileNotFoundError:
-        pytest.skip(f"Fashion-MNIST is not installed in any of {[str(d) for d in FASHION_MNIST_DIRS]} (`make data`)")
+        skip_unless_ci(
+            f"Fashion-MNIST is not in any of {[str(d) for d in FASHION_MNIST_DIRS]} (`make data`)",
+            "Fashion-MNIST's tests",
+        )
     return load_fashion_mnist()
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from flora_ray.data.datasets import DataConfig, build_datasets
 from flora_ray.data.fashion_mnist import FASHION_MNIST_DIRS, find_fashion_mnist, load_fashion_mnist, read_idx
+from flora_ray.testing import skip_unless_ci
 
 DTYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D}
 
@@ -125,7 +126,10 @@ def test_real_fashion_mnist_files():
     try:
         directory = find_fashion_mnist()
     except FileNotFoundError:
-        pytest.skip(f"Fashion-MNIST is not installed in any of {[str(d) for d in FASHION_MNIST_DIRS]} (`make data`)")
+        skip_unless_ci(
+            f"Fashion-MNIST is not in any of {[str(d) for d in FASHION_MNIST_DIRS]} (`make data`)",
+            "Fashion-MNIST's tests",
+        )
     assert directory == next(d for d in FASHION_MNIST_DIRS if d.is_dir())
     train_x, train_y, test_x, test_y = load_fashion_mnist()
     assert train_x.shape == (60000, 28, 28) and test_x.shape == (10000, 28, 28)
