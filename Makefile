@@ -1,21 +1,35 @@
 # flora-ray: the two commands a newcomer needs are `make quickstart` and `make test`.
-# Both create .venv, install everything (PyTorch, the package, the Fashion-MNIST data) and then run.
+# Both create .venv, install exactly the locked dependencies (requirements.lock, hash-checked), the package and the
+# Fashion-MNIST data, and then run.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.flora-ray-installed
-TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+LOCK := requirements.lock
+EXTRAS := dev,export,tracking
+LATEST := .venv-latest
+# The newest-versions canary runs these (search, pipeline, CLI and the cluster smoke tests).
+LATEST_TESTS := tests/search tests/pipeline tests/cli tests/cluster/test_cluster_files.py \
+	tests/cluster/test_two_node_harness.py tests/test_architecture.py
 
-.PHONY: install data tools test test-fast quickstart lint
+.PHONY: install data tools test test-fast test-latest quickstart lint lock
 
-$(STAMP): pyproject.toml
+# Exactly the lock (every package pinned and hash-checked, nothing resolved here), then flora-ray itself on top.
+$(STAMP): $(LOCK) pyproject.toml
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -e ".[dev,export,tracking]" $(TORCH_PINS)
+	$(BIN)/pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	touch $@
 
 install: $(STAMP)
+
+# Re-resolve the lock from pyproject.toml's ranges: the newest versions they allow, for every platform and
+# Python >= 3.10, with hashes. Run `make test` and `make test-latest` after it, and commit the lock.
+lock: install
+	$(BIN)/uv pip compile pyproject.toml --universal --generate-hashes --python-version 3.10 \
+	  --extra dev --extra export --extra tracking -o $(LOCK)
 
 data:
 	bash experiments/get_fashion_mnist.sh
@@ -41,6 +55,16 @@ quickstart: install data
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The canary for new releases (not part of CI): a separate venv with the newest versions pyproject.toml's ranges
+# allow, no lock, then the search, pipeline, CLI and cluster smoke tests. Run it whenever the dependencies change.
+test-latest: data tools
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	$(LATEST)/bin/python -m flora_ray.testing.versions $(LOCK)
+	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider $(LATEST_TESTS)
 
 lint: install
 	$(BIN)/ruff check flora_ray tests experiments
