@@ -13,11 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import DIGITS_OVERRIDES
 
 from flora_ray.cli import main
-from flora_ray.config import config_to_dict, load_config
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +24,6 @@ def s3():
     with s3_server() as server:
         server.make_bucket("present")
         yield server
-
-
-@pytest.fixture
-def config_file(tmp_path):
-    cfg = load_config(None, [*DIGITS_OVERRIDES, f"run.output_dir={tmp_path / 'runs'}"])
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
-    return path
 
 
 def _closed_port() -> int:

@@ -6,25 +6,15 @@ import dataclasses
 
 import pytest
 import torch
-import yaml
-from conftest import DIGITS_OVERRIDES
 
 from flora_ray import stages
 from flora_ray.cli import main
-from flora_ray.config import config_to_dict, load_config
+from flora_ray.config import load_config
 from flora_ray.errors import InputError, MissingInput, StageUnfinished
 from flora_ray.stages.preflight import check_devices
 from flora_ray.training.worker import run_device
 
 NO_CUDA = not torch.cuda.is_available()
-
-
-@pytest.fixture
-def config_file(tmp_path):
-    cfg = load_config(None, [*DIGITS_OVERRIDES, f"run.output_dir={tmp_path / 'runs'}"])
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
-    return path
 
 
 def _failing_stage(exc: BaseException):
