@@ -134,7 +134,7 @@ def test_readme_install_route_passes_ray_checks(name):
     assert prepared["file_mounts"]["~/flora-ray"] == "."
     setup = prepared["worker_setup_commands"]
     assert any("--require-hashes" in c and "--no-deps" in c and "-r ~/flora-ray/requirements.lock" in c for c in setup)
-    assert any(c.endswith("--no-deps ~/flora-ray") for c in setup)
+    assert any(c.endswith("--no-deps --no-build-isolation ~/flora-ray") for c in setup)
     assert not [c for c in setup if "pip" in c and "--no-deps" not in c], setup  # nothing beyond the lock
 
 
