@@ -125,9 +125,10 @@ def test_runtime_env_is_valid_and_installs_nothing():
 
 
 def test_cluster_readme_submits_with_the_runtime_env_file():
-    """Every `ray job submit` in cluster/README.md uses cluster/runtime_env.yaml, none an inline runtime env."""
+    """Every `ray job submit` command (in a code block) of cluster/README.md uses cluster/runtime_env.yaml."""
     readme = (REPO / "cluster" / "README.md").read_text()
-    commands = re.findall(r"ray job submit\b(?:[^\n]*\\\n)*[^\n]*", readme)
+    blocks = "\n".join(re.findall(r"```[a-z]*\n(.*?)```", readme, flags=re.DOTALL))
+    commands = re.findall(r"ray job submit\b(?:[^\n]*\\\n)*[^\n]*", blocks)
     assert commands
     for command in commands:
         assert "--runtime-env cluster/runtime_env.yaml" in command, command
