@@ -4,7 +4,9 @@
 namespace of its own (only loopback, so every node is 127.0.0.1 and no port clashes with other Ray instances on the
 machine):
 
-* a head node, ``ray start --head --num-cpus 0 --num-gpus 0 --block``, in a session of its own;
+* a head node, ``ray start --head --num-cpus 0 --num-gpus 0 --block``, in a session of its own (with
+  ``--dashboard-port PORT`` it also runs the dashboard and its job API on ``http://127.0.0.1:PORT``, for
+  ``ray job submit``; the harness waits until the job API answers);
 * one worker node, ``ray start --address 127.0.0.1:PORT --num-cpus N --block``, in a session and a *mount namespace*
   of its own where an empty tmpfs covers every ``--hide DIR`` (and the head's Ray temp directory): files the head
   side writes there are invisible on the worker, and what the worker writes there stays on the worker, as on two
@@ -65,6 +67,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -198,6 +201,7 @@ def harness_command(
     attempts: int = 2,
     keep_temp: bool = False,
     python: str | None = None,
+    dashboard_port: int | None = None,
 ) -> list[str]:
     """The ``unshare --net --fork ... python -m flora_ray.testing.multinode OPTIONS -- COMMAND`` command line."""
     args = ["unshare", "--net", "--fork", "--kill-child=SIGTERM", "--", python or sys.executable]
@@ -216,6 +220,8 @@ def harness_command(
     args += ["--attempts", str(attempts)]
     if keep_temp:
         args.append("--keep-temp")
+    if dashboard_port is not None:
+        args += ["--dashboard-port", str(dashboard_port)]
     return [*args, "--", *command]
 
 
@@ -391,6 +397,7 @@ class TwoNodeCluster:
         worker_gpus: int,
         resources: Mapping[str, float] | None,
         object_store_mb: int,
+        dashboard_port: int | None = None,
     ) -> None:
         self.root = root
         self.port = port
@@ -403,6 +410,7 @@ class TwoNodeCluster:
         self.worker_gpus = worker_gpus
         self.resources = dict(resources or {})
         self.object_store_bytes = object_store_mb * 1024**2
+        self.dashboard_port = dashboard_port
         self.token = secrets.token_hex(32)
         self.head: subprocess.Popen | None = None
         self.workers: list[_WorkerNode] = []  # oldest first
@@ -467,11 +475,38 @@ class TwoNodeCluster:
         deadline = time.monotonic() + timeout_s
         ray = _ray_executable()
         self.head_temp.mkdir(parents=True)
-        head_args = [ray, "start", "--head", f"--port={self.port}", "--include-dashboard=false"]
+        head_args = [ray, "start", "--head", f"--port={self.port}"]
+        if self.dashboard_port is None:
+            head_args.append("--include-dashboard=false")
+        else:
+            head_args += [
+                "--include-dashboard=true",
+                f"--dashboard-host={HOST}",
+                f"--dashboard-port={self.dashboard_port}",
+            ]
         self.head = self._spawn([*head_args, *self._node_args(self.head_temp, 0, 0)], "head.log")
         self._wait_for_port(deadline)
         worker = self._spawn_worker()
         self.node_ids = self._wait_for_worker(worker, deadline, "the two nodes were not both alive")
+        if self.dashboard_port is not None:
+            self._wait_for_job_api(deadline)
+
+    def _wait_for_job_api(self, deadline: float) -> None:
+        """Wait until the dashboard's job API answers (``GET /api/jobs/`` with the token): ``ray job submit`` fails
+        rather than waits while the dashboard is still starting."""
+        url = f"http://{HOST}:{self.dashboard_port}/api/jobs/"
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.token}"})
+        error = None
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError as exc:  # not listening yet, or the job module not loaded yet (HTTPError too)
+                error = exc
+            time.sleep(0.5)
+        raise HarnessError(f"the job API at {url} did not answer in time ({error!r})\n{self.logs_tail()}")
 
     def _check_alive(self, workers: Sequence[_WorkerNode] | None = None) -> None:
         workers = [n for n in self.workers if not n.killed] if workers is None else workers
@@ -780,6 +815,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--object-store-mb", type=int, default=200, help="object store of each node (default 200)")
     parser.add_argument("--temp-root", type=Path, default=None, help="parent of this run's temp dir (default /tmp)")
     parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir (node logs) after a success")
+    parser.add_argument(
+        "--dashboard-port", type=int, default=None, help="run the head's dashboard and job API on this port"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ...")
     args = parser.parse_args(argv)
     if args.command and args.command[0] == "--":
@@ -808,6 +846,7 @@ def _start(args: argparse.Namespace, root: Path, hidden: list[Path], started: fl
             worker_gpus=args.worker_gpus,
             resources=args.resources,
             object_store_mb=args.object_store_mb,
+            dashboard_port=args.dashboard_port,
         )
         _log(
             f"starting head and worker on {cluster.address} (temp dir {cluster.root}; hidden from the worker: {hidden})"

@@ -6,7 +6,8 @@ setup-command merge, docker check, per-type worker bounds) and ``validate_config
 follows in ``ray up`` (``bootstrap_aws`` / ``bootstrap_gcp``, instance-type resource detection) needs boto3 or the
 Google API client and cloud credentials, so it is not run here. Then flora-ray's own requirements: a head without
 accelerator or CPUs for work, worker types that advertise the accelerator the code asks for and start from zero,
-spot / preemptible workers, the installed Ray and Python in the image, PyTorch pinned. The autoscaler's
+spot / preemptible workers, flora-ray's image (``cluster/Dockerfile``, built on Ray's image for the installed Ray and
+Python) and no installs in the setup commands. The autoscaler's
 bin-packing (``get_nodes_for``) must place the demands the code builds on those worker types. The KubeRay
 ``RayJob`` is checked for its structure, and the autoscaler config ``flora_ray.testing.fake_cluster`` writes for the local
 autoscaling test against Ray's schema. Each check must also reject a deliberately broken copy.
@@ -21,8 +22,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 import ray
-import torch
-import torchvision
 import yaml
 from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
 from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
@@ -37,7 +36,10 @@ CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
 EXPERIMENTS = CLUSTER.parent / "experiments"
 LAUNCHER_FILES = ("aws.yaml", "gcp.yaml")
 IMAGE = f"rayproject/ray:{ray.__version__}-py{sys.version_info.major}{sys.version_info.minor}-gpu"
-TORCH_PINS = (f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}")
+# flora-ray's image (cluster/Dockerfile, FROM IMAGE): the launcher and KubeRay files name it with placeholders.
+PROJECT_IMAGE = "<REGISTRY>/flora-ray:<TAG>"
+# Commands that would install packages on every new node (the image has them).
+INSTALLERS = ("pip ", "pip3 ", "conda ", "uv ", "apt-get install", "apt install")
 ACCELERATOR = ScalingConfig().accelerator
 
 
@@ -82,11 +84,20 @@ def check_flora_launcher(config: dict) -> None:
             raise ValueError(f"{name}: min_workers must be 0 (nodes follow demand), got {spec['min_workers']}")
         if not _is_spot(config["provider"]["type"], spec["node_config"]):
             raise ValueError(f"{name}: workers must be spot / preemptible")
-    if config["docker"].get("image") != IMAGE:
-        raise ValueError(f"docker image must be {IMAGE} (the installed Ray and Python), got {config['docker']}")
-    setup = " ".join(config["setup_commands"])
-    if not all(pin in setup for pin in TORCH_PINS) or "~/flora-ray" not in setup:
-        raise ValueError(f"setup commands must pip install ~/flora-ray with {TORCH_PINS}")
+    if config["docker"].get("image") != PROJECT_IMAGE:
+        raise ValueError(
+            f"docker image must be {PROJECT_IMAGE} (built from cluster/Dockerfile), got {config['docker']}"
+        )
+    for key in ("setup_commands", "worker_setup_commands"):
+        installs = [command for command in config[key] if any(word in command for word in INSTALLERS)]
+        if installs:
+            raise ValueError(f"{key} installs on every new node (the image has it all): {installs}")
+
+
+def test_dockerfile_starts_from_the_installed_ray_and_python():
+    """The image the launcher and KubeRay files run is built on Ray's image for this environment's Ray and Python."""
+    bases = [line.split()[1] for line in (CLUSTER / "Dockerfile").read_text().splitlines() if line.startswith("FROM ")]
+    assert bases == [IMAGE]
 
 
 def _is_spot(provider: str, node_config: dict) -> bool:
@@ -103,6 +114,28 @@ def test_launcher_file_passes_ray_and_flora_checks(name):
     # prepare_config merged the common setup commands into the head's and the workers'.
     assert prepared["worker_setup_commands"][: len(prepared["setup_commands"])] == prepared["setup_commands"]
     assert sum(spec["max_workers"] for spec in workers.values()) >= prepared["max_workers"] >= 1
+
+
+def readme_install_route() -> dict:
+    """The YAML of cluster/README.md's "Without a registry" route: what replaces the image's contents."""
+    readme = (CLUSTER / "README.md").read_text()
+    section = readme[readme.index("**Without a registry") :]
+    return yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+
+
+@pytest.mark.parametrize("name", LAUNCHER_FILES)
+def test_readme_install_route_passes_ray_checks(name):
+    """The documented alternative: the stock image, the lock and the repository installed by every node."""
+    doc = {**load(name), **readme_install_route()}
+    doc["docker"] = {**doc["docker"], "image": IMAGE}
+    jsonschema.validate(doc, ray_schema())
+    prepared = prepare_config(copy.deepcopy(doc))
+    validate_config(prepared)
+    assert prepared["file_mounts"]["~/flora-ray"] == "."
+    setup = prepared["worker_setup_commands"]
+    assert any("--require-hashes" in c and "--no-deps" in c and "-r ~/flora-ray/requirements.lock" in c for c in setup)
+    assert any(c.endswith("--no-deps --no-build-isolation ~/flora-ray") for c in setup)
+    assert not [c for c in setup if "pip" in c and "--no-deps" not in c], setup  # nothing beyond the lock
 
 
 def _demands(config_file: Path | None = None, **overrides: str) -> dict[str, list[dict]]:
@@ -175,6 +208,14 @@ def _unpin_image(doc):
     doc["docker"]["image"] = "rayproject/ray:latest-gpu"
 
 
+def _install_on_nodes(doc):
+    doc["setup_commands"].insert(0, "pip install -q torch==2.14.1 torchvision==0.29.1")
+
+
+def _install_on_workers(doc):
+    doc["worker_setup_commands"] = ["pip3 install -q timm"]
+
+
 def _on_demand(doc):
     for name, spec in doc["available_node_types"].items():
         if name != doc["head_node_type"]:
@@ -196,6 +237,8 @@ BROKEN_LAUNCHER = {
     "workers_start_nonzero": (_set(("available_node_types", "gpu_1x", "min_workers"), 1), ValueError, "min_workers"),
     "on_demand_workers": (_on_demand, ValueError, "spot"),
     "unpinned_image": (_unpin_image, ValueError, "docker image"),
+    "setup_installs": (_install_on_nodes, ValueError, "setup_commands installs"),
+    "worker_setup_installs": (_install_on_workers, ValueError, "worker_setup_commands installs"),
 }
 
 
@@ -260,12 +303,14 @@ def check_rayjob(doc: dict) -> None:
     for group in gpu_groups:
         if group.get("minReplicas") != 0 or group.get("maxReplicas", 0) < 1:
             raise ValueError(f"worker group {group.get('groupName')}: minReplicas must be 0 and maxReplicas >= 1")
-    images = {c["image"] for g in [head, *gpu_groups] for c in _containers(g)}
-    if images != {IMAGE}:
-        raise ValueError(f"images must be {IMAGE}, got {images}")
+    images = {c["image"] for g in [head, *cluster.get("workerGroupSpecs", [])] for c in _containers(g)}
+    if images != {PROJECT_IMAGE}:
+        raise ValueError(f"images must be {PROJECT_IMAGE} (built from cluster/Dockerfile), got {images}")
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    if not set(TORCH_PINS) <= set(runtime_env.get("pip", [])):
-        raise ValueError(f"the runtime environment must pin {TORCH_PINS}")
+    if not runtime_env.get("working_dir"):
+        raise ValueError("the runtime environment must ship the repository as working_dir")
+    if {"pip", "conda", "uv"} & set(runtime_env):
+        raise ValueError(f"the runtime environment installs per job (the image has it all): {runtime_env}")
 
 
 def test_rayjob_structure():
@@ -295,6 +340,9 @@ BROKEN_RAYJOB = {
     "worker_without_gpu": (_worker_without_gpu, "no worker group"),
     "no_worker_group": (_set(("spec", "rayClusterSpec", "workerGroupSpecs"), []), "no worker group"),
     "workers_start_nonzero": (lambda doc: _worker_group(doc).update(minReplicas=1), "minReplicas"),
+    "stock_ray_image": (lambda doc: _containers(_worker_group(doc))[0].update(image=IMAGE), "images must be"),
+    "runtime_env_pip": (_set(("spec", "runtimeEnvYAML"), 'working_dir: "x.zip"\npip: [torch==2.14.1]\n'), "installs"),
+    "no_working_dir": (_set(("spec", "runtimeEnvYAML"), "env_vars: {A: b}\n"), "working_dir"),
 }
 
 
