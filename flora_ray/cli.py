@@ -353,13 +353,16 @@ def _backend(args: argparse.Namespace) -> Iterator[Any]:
         yield backend
 
 
-def _prepare(args: argparse.Namespace, stages: Sequence[str]):
-    """Load the configuration, refuse another configuration's run and check the inputs of the first unfinished
-    stage, then record the configuration: all before any backend starts."""
-    from flora_ray.api import prepare_run
+@contextlib.contextmanager
+def _prepare(args: argparse.Namespace, stages: Sequence[str]) -> Iterator[tuple[Any, Any]]:
+    """Load the configuration, take the run's lease (a run another job writes is refused), refuse another
+    configuration's run and check the inputs of the first unfinished stage, then record the configuration: all
+    before any backend starts. The lease is held until the block ends."""
+    from flora_ray.api import writing_run
 
     cfg = _load_run_config(args)
-    return cfg, prepare_run(cfg, stages, args.address, args.backend)
+    with writing_run(cfg, stages, args.address, args.backend) as store:
+        yield cfg, store
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -368,11 +371,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flora_ray.stages import STAGES
     from flora_ray.storage.run_store import ARTEFACTS
 
-    cfg, store = _prepare(args, list(STAGES))
-    if every_stage_done(store):
-        args.backend, args.address = "local", None  # every stage is skipped: nothing would run on Ray
-    with _backend(args) as backend:
-        run_pipeline(cfg, backend)
+    with _prepare(args, list(STAGES)) as (cfg, store):
+        if every_stage_done(store):
+            args.backend, args.address = "local", None  # every stage is skipped: nothing would run on Ray
+        with _backend(args) as backend:
+            run_pipeline(cfg, backend)
     print(store.read_text(ARTEFACTS.report))
     return 0
 
@@ -380,8 +383,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     from flora_ray.pipeline import run_stage
 
-    cfg, _ = _prepare(args, [args.stage])
-    with _backend(args) as backend:
+    with _prepare(args, [args.stage]) as (cfg, _), _backend(args) as backend:
         marker = run_stage(cfg, args.stage, backend)
     print(format_summary(args.stage, marker["summary"], marker["seconds"]))
     return 0
