@@ -14,10 +14,12 @@ well within ``ttl_s`` (NTP).
 Create-if-absent, per storage:
 
 * **Local paths** (and shared mounts): the lease is written to a temporary file and hard-linked to ``lease.json``;
-  ``link`` fails if the name exists, so exactly one job creates it. A stale lease is renamed away first (one job's
-  rename wins; a job that moved a lease renewed meanwhile puts it back) and the new one linked in. Renewal verifies
-  the nonce, then replaces the file atomically; a takeover between the two (only possible once the holder has not
-  renewed for ``ttl_s``) is overwritten, and the job that took over finds its nonce gone at its next renewal.
+  ``link`` fails if the name exists, so exactly one job creates it. Takeovers of a stale lease are serialised by a
+  lock file created with ``O_EXCL`` (removed when older than ``TAKEOVER_LOCK_STALE_S``: its taker died); the taker
+  checks the nonce again under the lock and replaces the file atomically (``rename``), so the lease never
+  disappears. Renewal verifies the nonce, then replaces the file; a takeover between the two (only possible once
+  the holder has not renewed for ``ttl_s``) is overwritten, and the job that took over finds its nonce gone at its
+  next renewal and stops before its next stage.
 * **S3** (with ``boto3`` installed, as with the ``dev`` extra): a conditional put, ``If-None-Match: *``; renewal and
   takeover are puts with ``If-Match: <ETag>`` of the version read, so of two jobs taking over one stale lease only
   one succeeds. ``pyarrow``'s ``S3FileSystem`` has no conditional writes.
@@ -49,6 +51,8 @@ LEASE_TTL_S = 120.0
 """A lease not renewed for this long is stale (the holder renews every quarter of it)."""
 SETTLE_S = 1.0
 """Object stores without conditional writes: how long a job waits before reading back the lease it wrote."""
+TAKEOVER_LOCK_STALE_S = 30.0
+"""Local paths: a takeover lock older than this was left by a job that died while taking over; it is removed."""
 JOB_ID_VARIABLES = ("FLORA_RAY_JOB_ID", "SLURM_JOB_ID")
 """Environment variables whose value is recorded as the holder's job id (the first one set)."""
 
@@ -141,22 +145,29 @@ class LocalLeaseFile:
         return lease["nonce"]
 
     def take_over(self, lease: dict[str, Any], token: str) -> str | None:
-        """Replace the stale lease whose nonce is ``token``; ``None`` when another job got there first."""
+        """Replace the stale lease whose nonce is ``token``; ``None`` when another job is taking it or took it.
+
+        Takeovers are serialised by a lock file (created with ``O_EXCL``); the lease is replaced atomically, so it
+        never disappears and no create slips in between."""
         folder, name = os.path.split(self.path)
-        moved = os.path.join(folder, f".{name}.{lease['nonce']}.stale")
+        lock = os.path.join(folder, f".{name}.takeover")
         try:
-            os.rename(self.path, moved)  # of several jobs renaming one lease, one succeeds
-        except FileNotFoundError:
-            return self.create(lease)
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - os.stat(lock).st_mtime > TAKEOVER_LOCK_STALE_S:  # its taker died mid-takeover
+                    os.unlink(lock)
+            return None
         try:
-            with open(moved, "rb") as handle:
-                if json.loads(handle.read()).get("nonce") != token:  # renewed or taken meanwhile: put it back
-                    with contextlib.suppress(FileExistsError):
-                        os.link(moved, self.path)
-                    return None
-            return self.create(lease)
+            current = self.read()
+            if current is None:
+                return self.create(lease)
+            if current[1] != token:
+                return None
+            os.replace(self._staged(json.dumps(lease).encode()), self.path)
+            return lease["nonce"]
         finally:
-            os.unlink(moved)
+            os.unlink(lock)
 
     def renew(self, lease: dict[str, Any], token: str) -> str | None:
         current = self.read()
@@ -311,7 +322,8 @@ class RunLease:
     def acquire(self) -> None:
         """Create the lease, or take over a stale one; ``InputError`` naming the holder when it is held."""
         lease = holder_record(self.ttl_s)
-        for _ in range(3):  # the lease may be released or taken between our read and our write: look again
+        for attempt in range(5):  # the lease may be released or taken between our read and our write: look again
+            time.sleep(0.2 * attempt)
             token = self.io.create(lease)
             if token is None:
                 current = self.io.read()
