@@ -111,8 +111,9 @@ def stage_progress(run: Run, stage: str | None) -> str:
     """How far the unfinished ``stage`` got, from what it has written so far."""
     store = run.store
     if stage == "search" and store.is_file(ARTEFACTS.journal):
-        finished = [t for t in run.study.trials if t.state.is_finished()]
-        return f"{len(finished)}/{run.config.search.trials} trials"
+        from flora_ray.backends.local import finished_trials
+
+        return f"{finished_trials(run.study)}/{run.config.search.trials} trials"
     if stage == "filter":
         return f"{len(store.list(ARTEFACTS.filter_blocks, '.json'))} blocks filtered"
     if stage in ("pretrain", "train"):
@@ -120,6 +121,13 @@ def stage_progress(run: Run, stage: str | None) -> str:
         latest = last_update(folder)
         return "no checkpoint yet" if latest is None else f"last checkpoint {now_iso(latest)}"
     return ""
+
+
+def complete_trials(run: Run) -> int:
+    """The complete trials of a search so far, as ``trials.parquet`` will count them (no repeated proposals)."""
+    from flora_ray.search.study import DUPLICATE_OF
+
+    return sum(t.state.name == "COMPLETE" and DUPLICATE_OF not in t.user_attrs for t in run.study.trials)
 
 
 def search_figures(run: Run, done: Sequence[str]) -> dict[str, Any]:
@@ -150,7 +158,7 @@ def run_status(location: str | os.PathLike[str] | RunStore | Run) -> dict[str, A
     current = next((stage for stage in STAGES if stage not in done), None)
     figures = search_figures(run, done)
     if figures["trials"] is None and current == "search" and store.is_file(ARTEFACTS.journal):
-        figures["trials"] = sum(t.state.name == "COMPLETE" for t in run.study.trials)
+        figures["trials"] = complete_trials(run)
     cfg = run.config
     return {"run": store.name, "state": state, "stages": f"{len(done)}/{len(STAGES)}", "current": current,
             "progress": stage_progress(run, current), **figures, "model": cfg.model.name, "data": cfg.data.name,
