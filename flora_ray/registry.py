@@ -110,10 +110,11 @@ def run_state(store: RunStore, done: Sequence[str], updated: float | None) -> tu
 def stage_progress(run: Run, stage: str | None) -> str:
     """How far the unfinished ``stage`` got, from what it has written so far."""
     store = run.store
-    if stage == "search" and store.is_file(ARTEFACTS.journal):
+    if stage == "search":
         from flora_ray.backends.local import finished_trials
 
-        return f"{finished_trials(run.study)}/{run.config.search.trials} trials"
+        study = search_study(run)
+        return f"{0 if study is None else finished_trials(study)}/{run.config.search.trials} trials"
     if stage == "filter":
         return f"{len(store.list(ARTEFACTS.filter_blocks, '.json'))} blocks filtered"
     if stage in ("pretrain", "train"):
@@ -123,11 +124,21 @@ def stage_progress(run: Run, stage: str | None) -> str:
     return ""
 
 
-def complete_trials(run: Run) -> int:
+def search_study(run: Run):
+    """The Optuna study of a search under way, or ``None`` before its journal holds it."""
+    if not run.store.is_file(ARTEFACTS.journal):
+        return None
+    try:
+        return run.study
+    except KeyError:  # the journal does not hold the study yet
+        return None
+
+
+def complete_trials(study) -> int:
     """The complete trials of a search so far, as ``trials.parquet`` will count them (no repeated proposals)."""
     from flora_ray.search.study import DUPLICATE_OF
 
-    return sum(t.state.name == "COMPLETE" and DUPLICATE_OF not in t.user_attrs for t in run.study.trials)
+    return sum(t.state.name == "COMPLETE" and DUPLICATE_OF not in t.user_attrs for t in study.trials)
 
 
 def search_figures(run: Run, done: Sequence[str]) -> dict[str, Any]:
@@ -157,8 +168,9 @@ def run_status(location: str | os.PathLike[str] | RunStore | Run) -> dict[str, A
     state, detail, lease = run_state(store, done, updated)
     current = next((stage for stage in STAGES if stage not in done), None)
     figures = search_figures(run, done)
-    if figures["trials"] is None and current == "search" and store.is_file(ARTEFACTS.journal):
-        figures["trials"] = complete_trials(run)
+    study = search_study(run) if current == "search" else None
+    if study is not None:
+        figures["trials"] = complete_trials(study)
     cfg = run.config
     return {"run": store.name, "state": state, "stages": f"{len(done)}/{len(STAGES)}", "current": current,
             "progress": stage_progress(run, current), **figures, "model": cfg.model.name, "data": cfg.data.name,
