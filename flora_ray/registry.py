@@ -185,7 +185,8 @@ def list_runs(prefix: str | os.PathLike[str]) -> pd.DataFrame:
     import pandas as pd
 
     rows = [run_status(store) for store in find_runs(prefix)]
-    return pd.DataFrame([{k: row[k] for k in COLUMNS} for row in rows], columns=COLUMNS)
+    frame = pd.DataFrame([{k: row[k] for k in COLUMNS} for row in rows], columns=COLUMNS)
+    return frame.astype({"trials": "Int64", "front": "Int64"})  # counts stay integers beside missing ones
 
 
 def format_runs(frame: pd.DataFrame) -> str:
@@ -201,7 +202,9 @@ def format_runs(frame: pd.DataFrame) -> str:
 
 
 def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and value != value):
+    import pandas as pd
+
+    if value is None or pd.isna(value):
         return "-"
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
