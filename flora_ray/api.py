@@ -82,13 +82,20 @@ def writing_run(cfg: Config, stages: Sequence[str], address: str | None, backend
     """``prepare_run`` with the run's lease held until the block ends (``flora_ray.storage.lease``): a second job
     on the same run is refused in one line naming the holder, before it checks or records anything else."""
     from flora_ray.stages.preflight import check_run_storage
-    from flora_ray.storage.lease import hold_lease
+    from flora_ray.storage.lease import hold_lease, holds_lease
 
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
     check_run_storage(cfg, cluster=address is not None, local_backend=backend == "local")
-    with hold_lease(RunStore.for_config(cfg)):
-        yield prepare_run(cfg, stages, address, backend, storage_checked=True)
+    run_store = RunStore.for_config(cfg)
+    nested = holds_lease(run_store)
+    with hold_lease(run_store) as lease:
+        try:
+            store = prepare_run(cfg, stages, address, backend, storage_checked=True)
+        except BaseException:
+            lease.record = nested  # refused before any work: the run's job record stays as it was
+            raise
+        yield store
 
 
 def every_stage_done(store: RunStore) -> bool:

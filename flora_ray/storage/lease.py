@@ -316,6 +316,7 @@ class RunLease:
         self.lease: dict[str, Any] | None = None
         self.token: str | None = None
         self.lost = threading.Event()
+        self.record = True  # write job.json at release (False: the job was refused before it started any work)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -375,6 +376,10 @@ class RunLease:
             self._thread.join()
         if self.lease is None or self.lost.is_set():
             return
+        if not self.record:
+            with contextlib.suppress(Exception):
+                self.io.delete(self.token)
+            return
         outcome = "ok" if error is None else "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         record = {**{k: v for k, v in self.lease.items() if k != "nonce"}, "ended_at": now_iso(), "outcome": outcome,
                   "error": None if error is None else f"{type(error).__name__}: {first_line(error)}"}  # fmt: skip
@@ -413,6 +418,12 @@ def hold_lease(store: RunStore, ttl_s: float = LEASE_TTL_S) -> Iterator[RunLease
         with _HELD_LOCK:
             _HELD.pop(store.uri, None)
         lease.release(error)
+
+
+def holds_lease(store: RunStore) -> bool:
+    """Whether this process holds the run's lease already (``hold_lease`` then shares it)."""
+    with _HELD_LOCK:
+        return store.uri in _HELD
 
 
 def check_lease(store: RunStore) -> None:
