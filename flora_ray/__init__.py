@@ -1,7 +1,9 @@
 """flora-ray: FLORA low-rank architecture search for Vision Transformers on Ray.
 
 ``flora_ray.run(config)`` runs the whole pipeline from Python and returns a ``Run``; ``flora_ray.Run.open(path)``
-reopens any run (its configuration, trials, front, uniform baseline, Optuna study, subnets and exports).
+reopens any run (its configuration, trials, front, uniform baseline, Optuna study, subnets and exports);
+``flora_ray.list_runs(prefix)`` lists the runs under a storage prefix and ``flora_ray.compare(runs)`` puts their fronts
+in one frame.
 
 The library API, in data-flow order: ``build_supernet`` (SVD surgery on a timm model), ``RankSpace`` (the
 per-block rank candidates), ``build_cost_model`` (exact MACs and parameters), ``LatencyModel`` (latency predicted
@@ -23,6 +25,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Run": "flora_ray.api",
     "run": "flora_ray.api",
+    "compare": "flora_ray.registry",
+    "list_runs": "flora_ray.registry",
+    "run_status": "flora_ray.registry",
     "CostModel": "flora_ray.core.cost",
     "build_cost_model": "flora_ray.core.cost",
     "LatencyModel": "flora_ray.core.latency",
@@ -53,14 +58,17 @@ __all__ = [
     "__version__",
     "build_cost_model",
     "build_supernet",
+    "compare",
     "create_model",
     "extract_subnet",
     "factorize",
+    "list_runs",
     "load_rank_file",
     "load_reference_yaml",
     "load_subnet",
     "load_supernet",
     "run",
+    "run_status",
     "save_subnet",
     "save_supernet",
 ]
@@ -74,6 +82,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from flora_ray.core.space import RankSpace, load_rank_file, load_reference_yaml
     from flora_ray.core.subnet import extract_subnet, load_subnet, save_subnet
     from flora_ray.core.supernet import Supernet, build_supernet, load_supernet, save_supernet
+    from flora_ray.registry import compare, list_runs, run_status
 
 
 def __getattr__(name: str) -> Any:

@@ -58,9 +58,11 @@ def resolve_config(
     return build_dataclass(Config, data, "")
 
 
-def prepare_run(cfg: Config, stages: Sequence[str], address: str | None, backend: str) -> RunStore:
-    """What every command checks before any backend starts: the run storage, a run made with another
-    configuration, the inputs of the first unfinished stage; then the configuration is recorded."""
+def prepare_run(
+    cfg: Config, stages: Sequence[str], address: str | None, backend: str, storage_checked: bool = False
+) -> RunStore:
+    """What every command checks before any backend starts: the run storage (unless ``storage_checked``), a run
+    made with another configuration, the inputs of the first unfinished stage; then the configuration is recorded."""
     from flora_ray.pipeline import stage_marker
     from flora_ray.stages import STAGES
     from flora_ray.stages.inputs import claim_run
@@ -69,7 +71,8 @@ def prepare_run(cfg: Config, stages: Sequence[str], address: str | None, backend
 
     if backend not in BACKENDS:
         raise InputError(f"backend={backend!r} is not one of {list(BACKENDS)}")
-    check_run_storage(cfg, cluster=address is not None, local_backend=backend == "local")
+    if not storage_checked:
+        check_run_storage(cfg, cluster=address is not None, local_backend=backend == "local")
     store = claim_run(cfg, record=False)
     if not every_stage_done(store):  # a finished run re-run needs no device
         check_devices(cfg, on_this_machine=address is None)
@@ -79,6 +82,27 @@ def prepare_run(cfg: Config, stages: Sequence[str], address: str | None, backend
         preflight(cfg, (unfinished or checked)[0], store)
     ensure_experiment(cfg)  # tracking: the MLflow experiment exists before any worker logs to it
     return claim_run(cfg)
+
+
+@contextlib.contextmanager
+def writing_run(cfg: Config, stages: Sequence[str], address: str | None, backend: str) -> Iterator[RunStore]:
+    """``prepare_run`` with the run's lease held until the block ends (``flora_ray.storage.lease``): a second job
+    on the same run is refused in one line naming the holder, before it checks or records anything else."""
+    from flora_ray.stages.preflight import check_run_storage
+    from flora_ray.storage.lease import hold_lease, holds_lease
+
+    if backend not in BACKENDS:
+        raise InputError(f"backend={backend!r} is not one of {list(BACKENDS)}")
+    check_run_storage(cfg, cluster=address is not None, local_backend=backend == "local")
+    run_store = RunStore.for_config(cfg)
+    nested = holds_lease(run_store)
+    with hold_lease(run_store) as lease:
+        try:
+            store = prepare_run(cfg, stages, address, backend, storage_checked=True)
+        except BaseException:
+            lease.record = nested  # refused before any work: the run's job record stays as it was
+            raise
+        yield store
 
 
 def every_stage_done(store: RunStore) -> bool:
@@ -136,11 +160,11 @@ def run(
     if not os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # local Ray binds to 127.0.0.1 only
     cfg = resolve_config(config, overrides, None if output is None else os.fspath(output))
-    store = prepare_run(cfg, list(STAGES), address, backend)
-    if every_stage_done(store):
-        backend, address = "local", None  # every stage is skipped: nothing would run on Ray
-    with open_backend(backend, address) as chosen:
-        run_pipeline(cfg, chosen)
+    with writing_run(cfg, list(STAGES), address, backend) as store:
+        if every_stage_done(store):
+            backend, address = "local", None  # every stage is skipped: nothing would run on Ray
+        with open_backend(backend, address) as chosen:
+            run_pipeline(cfg, chosen)
     return Run(store)
 
 

@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         stage.set_defaults(func=cmd_stage, stage=name)
     _add_export_parser(sub)
     _add_finetune_parser(sub)
+    _add_registry_parsers(sub)
     return parser
 
 
@@ -201,6 +202,75 @@ def _add_finetune_parser(sub: Any) -> None:
         "--backend", choices=BACKENDS, default=DEFAULT_BACKEND, help="ray (default: Ray Train) or local (this process)"
     )
     finetune.set_defaults(func=cmd_finetune)
+
+
+def _add_registry_parsers(sub: Any) -> None:
+    """``list``, ``status`` and ``compare``: the runs under a storage prefix, one run, several runs' fronts."""
+    listing = sub.add_parser(
+        "list",
+        help="the runs under a storage prefix: state, stages, progress, trials, front, best accuracy, last update",
+        description="One row per run under STORAGE (a local folder or an s3:// or gs:// prefix): finished, running "
+        "(its lease is held), failed, interrupted or incomplete; the stage running and its progress; trials, front "
+        "size, the best accuracy within 50/75/90%% of the dense cost; the last update.",
+    )
+    listing.add_argument("storage", help="run.storage or the output folder: runs/, s3://bucket/prefix")
+    listing.add_argument("--json", action="store_true", help="print one JSON array instead of a table")
+    listing.set_defaults(func=cmd_list)
+    status = sub.add_parser("status", help="one run's state, stages, progress, front and lease holder",
+                            description="What `flora-ray list` shows for one run, with the stages done and the "
+                            "job holding its lease.")  # fmt: skip
+    status.add_argument("run_dir", help="the run: its directory (runs/<name>) or storage URI (s3://bucket/p/<name>)")
+    status.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    status.set_defaults(func=cmd_status)
+    compare = sub.add_parser(
+        "compare",
+        help="several runs' fronts and uniform baselines on one interactive page",
+        description="Read the fronts, uniform baselines and dense models of finished searches; print the best "
+        "accuracy of each within 50/75/90%% of its dense cost, and with --html draw them all on one "
+        "self-contained page (plotly, no network needed to view it).",
+    )
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run directories or storage URIs")
+    compare.add_argument("--html", metavar="FILE", help="write the interactive page to FILE")
+    compare.add_argument("--cost", choices=("macs", "params", "latency_ms"), help="cost axis (default: the first "
+                         "run's searched axis)")  # fmt: skip
+    compare.add_argument("--json", action="store_true", help="print the points as a JSON array")
+    compare.set_defaults(func=cmd_compare)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from flora_ray.registry import format_runs, list_runs
+
+    frame = list_runs(args.storage)
+    print(frame.to_json(orient="records") if args.json else format_runs(frame))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from flora_ray.registry import format_status, run_status
+
+    status = run_status(args.run_dir)
+    print(json.dumps(status) if args.json else format_status(status))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from flora_ray.registry import compare, format_runs, run_status
+
+    frame = compare(args.runs, args.cost)
+    if args.html:
+        from flora_ray.search.interactive import compare_html
+        from flora_ray.storage.files import write_text
+
+        write_text(args.html, compare_html(frame, frame.attrs["cost_axis"]))
+    if args.json:
+        print(frame.drop(columns=["triples"]).to_json(orient="records"))
+        return 0
+    import pandas as pd
+
+    print(format_runs(pd.DataFrame([run_status(run) for run in args.runs])))
+    if args.html:
+        print(f"wrote {args.html}")
+    return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -373,13 +443,16 @@ def _backend(args: argparse.Namespace) -> Iterator[Any]:
         yield backend
 
 
-def _prepare(args: argparse.Namespace, stages: Sequence[str]):
-    """Load the configuration, refuse another configuration's run and check the inputs of the first unfinished
-    stage, then record the configuration: all before any backend starts."""
-    from flora_ray.api import prepare_run
+@contextlib.contextmanager
+def _prepare(args: argparse.Namespace, stages: Sequence[str]) -> Iterator[tuple[Any, Any]]:
+    """Load the configuration, take the run's lease (a run another job writes is refused), refuse another
+    configuration's run and check the inputs of the first unfinished stage, then record the configuration: all
+    before any backend starts. The lease is held until the block ends."""
+    from flora_ray.api import writing_run
 
     cfg = _load_run_config(args)
-    return cfg, prepare_run(cfg, stages, args.address, args.backend)
+    with writing_run(cfg, stages, args.address, args.backend) as store:
+        yield cfg, store
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -388,11 +461,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flora_ray.stages import STAGES
     from flora_ray.storage.run_store import ARTEFACTS
 
-    cfg, store = _prepare(args, list(STAGES))
-    if every_stage_done(store):
-        args.backend, args.address = "local", None  # every stage is skipped: nothing would run on Ray
-    with _backend(args) as backend:
-        run_pipeline(cfg, backend)
+    with _prepare(args, list(STAGES)) as (cfg, store):
+        if every_stage_done(store):
+            args.backend, args.address = "local", None  # every stage is skipped: nothing would run on Ray
+        with _backend(args) as backend:
+            run_pipeline(cfg, backend)
     print(store.read_text(ARTEFACTS.report))
     return 0
 
@@ -400,8 +473,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     from flora_ray.pipeline import run_stage
 
-    cfg, _ = _prepare(args, [args.stage])
-    with _backend(args) as backend:
+    with _prepare(args, [args.stage]) as (cfg, _), _backend(args) as backend:
         marker = run_stage(cfg, args.stage, backend)
     print(format_summary(args.stage, marker["summary"], marker["seconds"]))
     return 0

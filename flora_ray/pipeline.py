@@ -17,6 +17,7 @@ from flora_ray.config import Config
 from flora_ray.errors import StageUnfinished, note_stage
 from flora_ray.stages import STAGES
 from flora_ray.stages.inputs import claim_run
+from flora_ray.storage.lease import check_lease, hold_lease
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 logger = logging.getLogger(__name__)
@@ -29,29 +30,38 @@ def stage_marker(store: RunStore, stage: str) -> dict[str, Any] | None:
 
 
 def run_stage(cfg: Config, stage: str, backend: Backend) -> dict[str, Any]:
-    """Run one stage and record it as done; returns its completion record."""
-    started = time.perf_counter()
-    try:
-        summary = STAGES[stage].run(cfg, backend)
-    except Exception as exc:
-        note_stage(exc, stage)
-        raise
-    unfinished = STAGES[stage].left_work(cfg, summary)
-    if unfinished:
-        raise StageUnfinished(unfinished)
-    marker = {
-        "stage": stage,
-        "seconds": time.perf_counter() - started,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "summary": summary,
-    }
-    RunStore.for_config(cfg).write_json(ARTEFACTS.stage_marker(stage), marker)
+    """Run one stage and record it as done, holding the run's lease (``flora_ray.storage.lease``); returns its
+    completion record. An exception records the stage it happened in (``errors.note_stage``) for the CLI."""
+    store = RunStore.for_config(cfg)
+    with hold_lease(store):
+        check_lease(store)
+        started = time.perf_counter()
+        try:
+            summary = STAGES[stage].run(cfg, backend)
+        except Exception as exc:
+            note_stage(exc, stage)
+            raise
+        unfinished = STAGES[stage].left_work(cfg, summary)
+        if unfinished:
+            raise StageUnfinished(unfinished)
+        marker = {
+            "stage": stage,
+            "seconds": time.perf_counter() - started,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "summary": summary,
+        }
+        store.write_json(ARTEFACTS.stage_marker(stage), marker)
     return marker
 
 
 def run_pipeline(cfg: Config, backend: Backend) -> dict[str, dict[str, Any]]:
-    """Run every unfinished stage of ``cfg``'s run in order on ``backend``; returns the completion records."""
-    store = claim_run(cfg)
+    """Run every unfinished stage of ``cfg``'s run in order on ``backend``, holding the run's lease; returns the
+    completion records."""
+    with hold_lease(RunStore.for_config(cfg)):
+        return _run_stages(cfg, backend, claim_run(cfg))
+
+
+def _run_stages(cfg: Config, backend: Backend, store: RunStore) -> dict[str, dict[str, Any]]:
     markers: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
     for index, stage in enumerate(STAGES, start=1):

@@ -87,3 +87,37 @@ def front_html(
         legend={"x": 0.99, "y": 0.01, "xanchor": "right", "yanchor": "bottom"},
     )
     return fig.to_html(include_plotlyjs=True, full_html=True, div_id="front", config={"displaylogo": False})
+
+
+def compare_html(frame: pd.DataFrame, cost: str = "macs") -> str:
+    """Several runs on one page (``flora_ray.compare``'s frame): per run, in one colour, its front (a step line),
+    its uniform ranks (dashed) and its dense model (a star); hovering names the run and the point."""
+    import plotly.graph_objects as go
+    from plotly.colors import qualitative
+
+    scale, label = axis_scale(cost, float(frame[cost].max()))
+    fig = go.Figure()
+    for index, (run, points) in enumerate(frame.groupby("run", sort=False)):
+        color = qualitative.Plotly[index % len(qualitative.Plotly)]
+        front = points[points["kind"] == "front"].sort_values(cost)
+        uniform = points[points["kind"] == "uniform"].sort_values(cost)
+        layers = [
+            (f"{run}: front", front, "trial", {"mode": "lines+markers", "line": {"shape": "hv", "color": color},
+                                               "marker": {"size": 9}}),
+            (f"{run}: uniform", uniform, "ratio", {"mode": "lines+markers", "line": {"dash": "dash", "color": color},
+                                                   "marker": {"symbol": "square", "size": 7}, "opacity": 0.7}),
+        ]  # fmt: skip
+        for name, part, kind, style in layers:
+            texts = [f"<b>{run}</b><br>{text}" for text in hover_texts(part, kind)]
+            fig.add_trace(go.Scatter(x=part[cost] / scale, y=part["accuracy"], name=name, legendgroup=str(run),
+                                     customdata=texts, hovertemplate=HOVER, **style))  # fmt: skip
+        for _, dense in points[points["kind"] == "dense"].iterrows():
+            text = f"<b>{run}</b><br><b>dense model</b><br>{_costs_text(dense)}<br>accuracy {dense['accuracy']:.2f}%"
+            fig.add_trace(go.Scatter(x=[dense[cost] / scale], y=[dense["accuracy"]], name=f"{run}: dense",
+                                     legendgroup=str(run), mode="markers", customdata=[text], hovertemplate=HOVER,
+                                     marker={"symbol": "star", "size": 15, "color": color}))  # fmt: skip
+    runs = frame["run"].nunique()
+    fig.update_layout(title=f"Accuracy against {label}: {runs} runs", xaxis_title=label,
+                      yaxis_title="search-split accuracy (%)", template="plotly_white", hovermode="closest",
+                      legend={"x": 0.99, "y": 0.01, "xanchor": "right", "yanchor": "bottom"})  # fmt: skip
+    return fig.to_html(include_plotlyjs=True, full_html=True, div_id="compare", config={"displaylogo": False})

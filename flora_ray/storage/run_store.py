@@ -50,6 +50,8 @@ class Artefacts:
     report: str = "report.md"
     report_json: str = "report.json"
     stages: str = "stages"
+    lease: str = "lease.json"
+    job: str = "job.json"
 
     def history(self, stage: str) -> str:
         """Metric history of a training stage (one dict per epoch)."""

@@ -30,9 +30,21 @@ def locked_versions(lock: str | Path) -> dict[str, str]:
 
 def differences(lock: str | Path) -> list[tuple[str, str, str | None]]:
     """``(name, locked, installed or None)`` for each locked package installed at another version, or missing."""
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
-    return [(name, version, installed.get(name)) for name, version in sorted(locked_versions(lock).items())
-            if installed.get(name) != version]  # fmt: skip
+    out = []
+    for name, version in sorted(locked_versions(lock).items()):
+        found = installed_version(name)
+        if found != version:
+            out.append((name, version, found))
+    return out
+
+
+def installed_version(name: str) -> str | None:
+    """The version ``import`` would use: the first distribution of ``name`` on ``sys.path`` (a package's vendored
+    copies, such as those setuptools appends to the path, come later and do not count)."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def main(argv: list[str]) -> int:

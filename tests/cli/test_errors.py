@@ -40,7 +40,7 @@ def test_an_unexpected_error_in_a_stage_names_its_type_and_stage_and_exits_1(con
     )
     assert main(["-v", "pretrain", str(config_file), "--backend", "local"]) == 1
     err = capsys.readouterr().err
-    assert "Traceback (most recent call last)" in err and "in run" in err and "raise exc" in err
+    assert "Traceback (most recent call last)" in err and f'{__file__}", line' in err and ", in run\n" in err
 
 
 def test_input_errors_are_one_line_and_exit_2_wherever_they_are_raised(config_file, monkeypatch, capsys):
