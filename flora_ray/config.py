@@ -377,6 +377,9 @@ class FilterConfig(OptimConfig):
             kept reachable by adding that block's best-scoring triple cheap enough for it.
         cost_bins: Coverage of each block's cost range, robust to score noise: its MAC range is split into this
             many equal bins and the best-scoring triple of each bin is kept (0: no coverage rule).
+        keep_uniform: Every uniform configuration the space can express survives filtering (each block keeps its
+            uniform tuples), so the search evaluates them first, on the same images as every trial, and its front
+            is never worse than uniform ranks (improvement; ``false``: FLORA's filter, which may drop them).
         eval_images: Search-split images each candidate is scored on.
         concurrency: Blocks processed at once (one Ray task each).
         cpus_per_task: CPUs one block's task reserves.
@@ -393,6 +396,7 @@ class FilterConfig(OptimConfig):
     score: str = "flops_aware"
     cost_floor: float | str | None = field(default=None, metadata={ABSENT_MEANS: None})
     cost_bins: int = field(default=0, metadata={ABSENT_MEANS: 0})
+    keep_uniform: bool = field(default=True, metadata={ABSENT_MEANS: False})
     eval_images: int = 2000
     concurrency: int = field(default=2, metadata=SPEED_ONLY)
     cpus_per_task: float = field(default=1.0, metadata=SPEED_ONLY)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -226,6 +226,7 @@ def select(
     score: str,
     floor_macs: float | None = None,
     cost_bins: int = 0,
+    uniform: Sequence[tuple[int, ...]] = (),
 ) -> list[dict[str, Any]]:
     """Add ``score`` (lower is better), ``kept`` and ``kept_for`` to one block's rows.
 
@@ -238,7 +239,8 @@ def select(
     unless a kept row costs at most ``floor_macs`` (the block's share of the cost floor, in the rows' unit: the
     network's MACs with this block at the tuple), the best-scoring row that does is kept (``floor``); and the
     best-scoring row of each of ``cost_bins`` equal bins of the block's MAC range is kept (``coverage``), so that
-    score noise cannot drop a whole stretch of the cost range. Rows not kept have ``kept_for`` ``None``.
+    score noise cannot drop a whole stretch of the cost range; and the block's ``uniform`` tuples are kept
+    (``uniform``: every uniform configuration stays searchable). Rows not kept have ``kept_for`` ``None``.
     """
     score_rows(rows, full, score)
     n_keep = max(1, math.ceil(keep_fraction * len(rows)))
@@ -254,6 +256,9 @@ def select(
         reasons.setdefault(id(cheap[0]), "floor")
     for best in coverage(order, cost_bins):
         reasons.setdefault(id(best), "coverage")
+    for row in order:
+        if tuple(row["ranks"]) in set(uniform):
+            reasons.setdefault(id(row), "uniform")
     for row in rows:
         row["kept_for"] = reasons.get(id(row))
         row["kept"] = row["kept_for"] is not None

@@ -63,7 +63,7 @@ SCORES_SCHEMA = pa.schema(
         ("mode", pa.string()),
     ]
 )
-REACH = ("floor", "coverage")
+REACH = ("floor", "coverage", "uniform")
 
 
 def filter_task(shared: tuple[dict[str, Any], dict[str, Any]], block_index: int) -> dict[str, Any]:
@@ -153,10 +153,13 @@ def write_filter_outputs(
     blocks = [done[i]["rows"] for i in range(len(space.blocks))]
     full_macs = next(r["macs"] for r in blocks[0] if tuple(r["ranks"]) == tuple(full[f] for f in space.blocks[0].fqns))
     thresholds = floor_thresholds(blocks, full_macs, floor)
+    uniform = list(space.uniform_all().values()) if cfg.filter.keep_uniform else []
     rows = []
     for block, block_rows, threshold in zip(space.blocks, blocks, thresholds, strict=True):
         full_tuple = tuple(full[f] for f in block.fqns)
-        select(block_rows, full_tuple, cfg.filter.keep_fraction, cfg.filter.score, threshold, cfg.filter.cost_bins)
+        tuples = [tuple(config[f] for f in block.fqns) for config in uniform]
+        select(block_rows, full_tuple, cfg.filter.keep_fraction, cfg.filter.score, threshold, cfg.filter.cost_bins,
+               tuples)  # fmt: skip
         for row in block_rows:
             row["ranks_by_fqn"] = json.dumps(dict(zip(block.fqns, row["ranks"], strict=True)))
             row["mode"] = cfg.filter.mode

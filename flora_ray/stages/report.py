@@ -139,12 +139,24 @@ def _gain_section(
 
         verdict = "n/a" if gain is None else f"**{100 * gain:+.1f}%** less {axis}"
         note, noise[str(drop)] = _noise_note(ours, theirs, uniform, target, axis)
+        note += uniform_itself(ours, uniform)
         lines.append(
             f"- within {drop:g} pt of dense (>= {target:.2f}%): front {describe(ours)}, uniform {describe(theirs)}: "
             f"{verdict}{note}"
         )
     lines += ["", NOISE_RULE]
     return lines, gains, noise
+
+
+def uniform_itself(row: pd.Series | None, uniform: pd.DataFrame) -> str:
+    """A note when a front point is a uniform configuration: there the search found nothing better than it."""
+    if row is None or "ranks" not in uniform or "ranks" not in row:
+        return ""
+    ranks = json.loads(row["ranks"]) if isinstance(row["ranks"], str) else None
+    same = [u.ratio for u in uniform.itertuples() if isinstance(u.ranks, str) and json.loads(u.ranks) == ranks]
+    if ranks is None or not same:
+        return ""
+    return f"; the front's point is uniform {float(same[0]):.4g} itself: the search found nothing better"
 
 
 def _budget_section(
@@ -171,7 +183,7 @@ def _budget_section(
         lines.append(
             f"- at most {100 * share:.0f}% of dense ({format_cost(axis, limit)}): front {ours['accuracy']:.2f}% at "
             f"{format_cost(axis, ours[axis])}, uniform {theirs['accuracy']:.2f}% at {format_cost(axis, theirs[axis])}"
-            f" (ratio {theirs['ratio']:.4g}): **{advantage:+.2f} pt**{noise}"
+            f" (ratio {theirs['ratio']:.4g}): **{advantage:+.2f} pt**{noise}{uniform_itself(ours, uniform)}"
         )
     return lines, advantages
 

@@ -101,6 +101,15 @@ def test_flops_aware_keep_rule_on_hand_made_rows():
         select(rows, (9, 9), 0.5, "accuracy")
 
 
+def test_uniform_tuples_survive_whatever_they_score():
+    """filter.keep_uniform: each block keeps its uniform tuples (kept_for 'uniform'), even the worst-scoring one."""
+    rows = _rows([10.0, 89.0, 85.0, 89.5, 90.0], [20, 40, 60, 80, 100])  # (1,1): the worst score by far
+    select(rows, (5, 5), keep_fraction=0.4, score="flops_aware")
+    assert [r["kept"] for r in rows] == [False, True, False, False, True]
+    select(rows, (5, 5), keep_fraction=0.4, score="flops_aware", uniform=[(1, 1), (3, 3), (5, 5)])
+    assert [r["kept_for"] for r in rows] == ["uniform", "score", "uniform", None, "full_rank"]
+
+
 def test_zero_training_scores_every_triple_once_and_deterministically():
     supernet = fr.build_supernet(
         "test_vit",

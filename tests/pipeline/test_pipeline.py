@@ -182,4 +182,17 @@ def test_the_whole_pipeline_runs_in_process_without_ray(in_process_run):
 
     # The supernet was trained on the filtered space (read from the artefacts, not a log line).
     assert load_supernet(run_dir / ARTEFACTS.supernet).space == RankSpace.load(run_dir / ARTEFACTS.space)
+    # filter.keep_uniform: every uniform configuration survived filtering, was a trial (on the search images, as every
+    # trial), scores as the uniform baseline does, and nothing uniform beats the front (never worse, by construction).
+    space, uniform = RankSpace.load(run_dir / ARTEFACTS.space), pd.read_parquet(run_dir / ARTEFACTS.uniform)
+    assert all(space.contains(config) for config in space.uniform_all().values())
+    done = trials[trials["state"] == "COMPLETE"]
+    by_ranks = {
+        json.dumps(json.loads(r), sort_keys=True): a for r, a in zip(done["ranks"], done["accuracy"], strict=True)
+    }
+    for row in uniform.itertuples():
+        assert by_ranks[json.dumps(json.loads(row.ranks), sort_keys=True)] == pytest.approx(row.accuracy)
+    front = done[done["is_pareto"]]
+    for row in uniform.itertuples():
+        assert ((front["macs"] <= row.macs) & (front["accuracy"] >= row.accuracy - 1e-9)).any(), row.ratio
     assert cfg.train.epochs == 2 and markers["train"]["summary"]["metrics"]["epoch"] == 2

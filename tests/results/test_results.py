@@ -174,3 +174,16 @@ def test_bootstrap_interval_brackets_the_estimate_and_narrows_with_data():
     assert small_high - small_low > high - low
     # A perfect ranking stays perfect under every resample (ties from repeated pairs are tied in both).
     assert bootstrap_interval(x, 2 * x, spearman_rho, resamples=100) == pytest.approx((1.0, 1.0))
+
+
+def test_the_report_says_where_a_front_point_is_a_uniform_configuration():
+    import json
+
+    from flora_ray.stages.report import uniform_itself
+
+    half = {"a": 2, "b": 4}
+    uniform = pd.DataFrame({"ratio": [0.5, 1.0], "ranks": [json.dumps(half), json.dumps({"a": 4, "b": 8})]})
+    same = pd.Series({"ranks": json.dumps(dict(reversed(list(half.items())))), "macs": 1.0})  # key order differs
+    assert uniform_itself(same, uniform) == "; the front's point is uniform 0.5 itself: the search found nothing better"
+    assert uniform_itself(pd.Series({"ranks": json.dumps({"a": 1, "b": 4})}), uniform) == ""
+    assert uniform_itself(None, uniform) == ""
