@@ -1,0 +1,127 @@
+"""Per-layer and per-block sensitivity of a run's supernet: does the choice of per-layer ranks matter there?
+
+For each factorised layer: that layer alone at its lowest rank, every other layer at full rank; for each block:
+the whole block at its lowest ranks, the rest at full rank; and uniform lowest rank for reference. Each is scored
+with the supernet's inherited weights on the run's test split (``--images``: a stratified, seeded subset) and
+compared with full rank image by image (paired standard error, ``results.paired_difference``). A per-layer search
+can only beat uniform ranks where layers differ: the spread of the per-layer drops is compared with their noise.
+
+    python experiments/benchmarks/sensitivity.py                       # runs/proving_ground (made if missing)
+    python experiments/benchmarks/sensitivity.py --run runs/quickstart --config experiments/quickstart.yaml
+    python experiments/benchmarks/sensitivity.py --smoke               # a digits run, in seconds (tests)
+
+Writes ``results/sensitivity_<run name>.json`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+from bench_env import environment
+
+import flora_ray as fr
+from flora_ray.config import load_config
+from flora_ray.data.datasets import build_datasets
+from flora_ray.results import paired_difference, unpack_correct
+from flora_ray.search.evaluator import Evaluator, search_batch
+from flora_ray.storage.files import write_json
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+SMOKE = ["model.name=test_vit", "model.kwargs={patch_size: 2, embed_dim: 32, depth: 2, num_heads: 2, mlp_ratio: 2}",
+         "model.ratios=[0.25, 0.5, 1.0]", "data.name=digits", "data.img_size=8", "data.in_chans=1",
+         "data.augment=false", "pretrain.epochs=3", "pretrain.lr=0.003", "pretrain.warmup_epochs=0",
+         "filter.epochs=1", "filter.eval_images=100", "train.epochs=2", "train.warmup_epochs=0", "train.eval_images=100",
+         "search.trials=8", "search.population=4", "search.eval_images=150", "search.concurrency=1",
+         "profile.enabled=false", "run.threads_per_worker=1", "run.name=sensitivity-smoke"]  # fmt: skip
+
+
+def configurations(space: fr.RankSpace) -> list[dict[str, Any]]:
+    """Full rank, each layer alone at its lowest rank, each block at its lowest ranks, uniform lowest."""
+    full = {layer.fqn: layer.max_rank for layer in space.layers}
+    lowest = {layer.fqn: min(layer.rank_choices) for layer in space.layers}
+    out = [{"kind": "full", "name": "full rank", "ranks": full}]
+    out += [{"kind": "layer", "name": fqn, "block": block.name, "ranks": {**full, fqn: lowest[fqn]}}
+            for block in space.blocks for fqn in block.fqns]  # fmt: skip
+    out += [{"kind": "block", "name": block.name, "block": block.name,
+             "ranks": {**full, **{fqn: lowest[fqn] for fqn in block.fqns}}} for block in space.blocks]  # fmt: skip
+    out.append({"kind": "uniform", "name": f"uniform {min(space.ratios):g}", "ranks": lowest})
+    return out
+
+
+def measure(run: fr.Run, images: int, seed: int = 0) -> dict[str, Any]:
+    """Every configuration's MACs and test accuracy, and its paired difference to full rank."""
+    supernet = run.supernet
+    test_images, test_labels = search_batch(build_datasets(run.config.data).test, images, seed)
+    evaluator = Evaluator(supernet, test_images, test_labels, "cpu", run.config.search.batch_size)
+    rows, started = [], time.perf_counter()
+    for item in configurations(supernet.space):
+        metrics = evaluator.evaluate(item["ranks"])
+        rows.append({**{k: v for k, v in item.items() if k != "ranks"}, "macs": metrics["macs"],
+                     "accuracy": metrics["accuracy"], "correct": unpack_correct(metrics["correct"], len(test_labels))})  # fmt: skip
+    full = rows[0]
+    for row in rows:
+        diff, se = paired_difference(row["correct"], full["correct"])
+        row.update(drop=-diff, drop_se=se, macs_saved=1.0 - row["macs"] / full["macs"])
+    layers = [r for r in rows if r["kind"] == "layer"]
+    drops = np.array([r["drop"] for r in layers])
+    spread = float(drops.max() - drops.min())
+    noise = float(np.median([r["drop_se"] for r in layers]))
+    return {
+        "run": run.store.uri, "images": len(test_labels), "seconds": time.perf_counter() - started,
+        "rows": [{k: v for k, v in r.items() if k != "correct"} for r in rows],
+        "layer_spread": spread, "layer_median_se": noise, "spread_in_se": spread / noise if noise else float("inf"),
+    }  # fmt: skip
+
+
+def print_table(out: dict[str, Any]) -> None:
+    print(f"sensitivity of {out['run']} on {out['images']} test images ({out['seconds']:.0f} s); drop = full rank - "
+          "this configuration, in points, ± paired SE")  # fmt: skip
+    print(f"{'configuration':<28} {'kind':<8} {'MACs saved':>10} {'test acc':>9} {'drop':>16}")
+    for r in out["rows"]:
+        print(f"{r['name']:<28} {r['kind']:<8} {100 * r['macs_saved']:>9.1f}% {r['accuracy']:>8.2f}% "
+              f"{r['drop']:>+8.2f} ± {r['drop_se']:.2f}")  # fmt: skip
+    print(f"per-layer drops spread over {out['layer_spread']:.2f} points; median paired SE {out['layer_median_se']:.2f}"
+          f" ({out['spread_in_se']:.1f} SE)")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", help="run directory (default: runs/<config's run.name>)")
+    parser.add_argument("--config", default=str(ROOT / "experiments" / "proving_ground.yaml"),
+                        help="made with this config when the run has no supernet yet")  # fmt: skip
+    parser.add_argument("--images", type=int, default=10_000, help="test images (stratified, seeded subset)")
+    parser.add_argument("--output", help="JSON file (default: results/sensitivity_<run name>.json)")
+    parser.add_argument("--smoke", action="store_true", help="a digits run made in this process, in seconds")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        output_dir = Path(args.output).parent if args.output else HERE / "results"
+        run = fr.run({}, SMOKE, backend="local", output=output_dir / "runs")
+    else:
+        name = Path(args.run).name if args.run else load_config(args.config).run.name
+        run_dir = Path(args.run) if args.run else ROOT / "runs" / name
+        if (run_dir / "supernet.safetensors").is_file():
+            run = fr.Run.open(run_dir)
+        else:
+            run = fr.run(args.config, output=run_dir.parent)
+    out = measure(run, args.images)
+    out["command"] = " ".join(["python", "experiments/benchmarks/sensitivity.py", *(argv or sys.argv[1:])])
+    out["environment"] = environment()
+    path = Path(args.output) if args.output else HERE / "results" / f"sensitivity_{run.store.name}.json"
+    write_json(path, out)
+    print_table(out)
+    print(f"wrote {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
