@@ -158,15 +158,12 @@ def check_devices(cfg: Config, on_this_machine: bool) -> None:
     """Work that asks for a GPU (``scaling.use_gpu``, ``search.gpus_per_trial``, with the ``GPU`` accelerator) and
     runs on this machine (no ``--address``) needs a CUDA device here, unless ``scaling.allow_cpu``. On a cluster the
     GPU nodes may not exist yet (the autoscaler starts them on demand): each worker checks its own device instead."""
-    if not on_this_machine or cfg.scaling.allow_cpu or cfg.scaling.accelerator != "GPU":
-        return
-    asked = [key for key, on in (("scaling.use_gpu", cfg.scaling.use_gpu),
-                                 ("search.gpus_per_trial", cfg.search.gpus_per_trial > 0)) if on]  # fmt: skip
-    if not asked:
+    from flora_ray.training.worker import gpu_requests, no_cuda_message
+
+    asked = gpu_requests(cfg)
+    if not on_this_machine or cfg.scaling.allow_cpu or not asked:
         return
     import torch
-
-    from flora_ray.training.worker import no_cuda_message
 
     if not torch.cuda.is_available():
         raise InputError(no_cuda_message(asked[0]))

@@ -43,8 +43,16 @@ def device_for(
 def run_device(cfg: Any, key: str) -> torch.device:
     """``device_for`` of a run's work that asks for its accelerator by ``key``: ``scaling.use_gpu`` (training,
     filtering) or ``search.gpus_per_trial`` (search, export, fine-tuning)."""
-    requested = cfg.scaling.use_gpu if key == "scaling.use_gpu" else cfg.search.gpus_per_trial > 0
-    return device_for(cfg.scaling.accelerator, requested, cfg.scaling.allow_cpu, key)
+    return device_for(cfg.scaling.accelerator, key in gpu_requests(cfg), cfg.scaling.allow_cpu, key)
+
+
+def gpu_requests(cfg: Any) -> list[str]:
+    """The configuration keys of a run that ask for a CUDA GPU (the ``GPU`` accelerator): ``scaling.use_gpu``,
+    ``search.gpus_per_trial`` above 0."""
+    if cfg.scaling.accelerator != "GPU":
+        return []
+    asked = (("scaling.use_gpu", cfg.scaling.use_gpu), ("search.gpus_per_trial", cfg.search.gpus_per_trial > 0))
+    return [key for key, on in asked if on]
 
 
 def no_cuda_message(key: str) -> str:
