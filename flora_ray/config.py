@@ -622,6 +622,35 @@ class ScalingConfig:
 
 
 @dataclass(frozen=True)
+class NotifyConfig:
+    """Notifications (``flora_ray.notify``). Never changes the results.
+
+    Attributes:
+        webhook: Where a JSON POST goes when a stage finishes, the run finishes or a stage fails: an
+            ``http(s)://`` URL, or ``$NAME`` for the URL in environment variable ``NAME`` (keep a secret URL, such as
+            a Slack incoming webhook, out of the run's recorded configuration). The body has a Slack-compatible
+            ``text`` and the event's fields. ``None``: no notifications.
+        stages: Also notify when each stage finishes (not only when the run finishes or fails).
+        timeout_s: Seconds a POST may take; a notification that fails is logged and never stops the run.
+    """
+
+    webhook: str | None = None
+    stages: bool = True
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.webhook is None
+            or self.webhook.startswith(("http://", "https://"))
+            or (self.webhook[1:].isidentifier() and self.webhook.startswith("$")),
+            "notify.webhook",
+            self.webhook,
+            "an http(s):// URL or $NAME (the URL in environment variable NAME)",
+        )
+        _check(self.timeout_s > 0, "notify.timeout_s", self.timeout_s, "must be positive")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """Experiment tracking (optional; ``pip install 'flora-ray[tracking]'``). Never changes the results.
 
@@ -696,6 +725,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={ABSENT_MEANS: SECTION_DEFAULTS})
     scaling: ScalingConfig = field(default_factory=ScalingConfig, metadata=SPEED_ONLY)
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=SPEED_ONLY)
+    notify: NotifyConfig = field(default_factory=NotifyConfig, metadata=SPEED_ONLY)
 
     def __post_init__(self) -> None:
         _check(

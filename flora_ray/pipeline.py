@@ -12,6 +12,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from flora_ray import notify
 from flora_ray.backends.base import Backend
 from flora_ray.config import Config
 from flora_ray.errors import StageUnfinished, note_stage
@@ -38,8 +39,9 @@ def run_stage(cfg: Config, stage: str, backend: Backend) -> dict[str, Any]:
         started = time.perf_counter()
         try:
             summary = STAGES[stage].run(cfg, backend)
-        except Exception as exc:
+        except BaseException as exc:
             note_stage(exc, stage)
+            notify.stage_failed(cfg, stage, exc)
             raise
         unfinished = STAGES[stage].left_work(cfg, summary)
         if unfinished:
@@ -51,6 +53,7 @@ def run_stage(cfg: Config, stage: str, backend: Backend) -> dict[str, Any]:
             "summary": summary,
         }
         store.write_json(ARTEFACTS.stage_marker(stage), marker)
+    notify.stage_done(cfg, stage, marker["seconds"])
     return marker
 
 
@@ -74,4 +77,5 @@ def _run_stages(cfg: Config, backend: Backend, store: RunStore) -> dict[str, dic
         logger.info("[%d/%d] %s: starting (%.0f s into this run)", index, len(STAGES), stage, elapsed)
         markers[stage] = run_stage(cfg, stage, backend)
         logger.info("[%d/%d] %s: done in %.0f s", index, len(STAGES), stage, markers[stage]["seconds"])
+    notify.run_finished(cfg, markers, time.perf_counter() - started)
     return markers

@@ -9,6 +9,7 @@ from flora_ray.config import BOUNDS, Config
 from flora_ray.core.models import ModelSpec
 from flora_ray.data.datasets import build_datasets
 from flora_ray.errors import InputError, MissingInput
+from flora_ray.notify import check_notify
 from flora_ray.stages.inputs import (
     SMALL_DATASETS,
     full_space,
@@ -58,6 +59,7 @@ def preflight(cfg: Config, stage: str, store: RunStore | None = None) -> None:
     check_budgets(cfg, store, needs_table=stage == "search")
     check_cost_floor(cfg)
     check_tracking(cfg)
+    check_notify(cfg)
     if cfg.data.name in SMALL_DATASETS:
         build_datasets(cfg.data)
     elif cfg.data.root is None or not Path(cfg.data.root).is_dir():

@@ -28,6 +28,7 @@ SPEED_ONLY = {
     "data.decoders",
     "scaling",
     "tracking",
+    "notify",
     "pretrain.log_every",
     "pretrain.checkpoint_every",
     "pretrain.checkpoint_every_steps",
