@@ -66,6 +66,7 @@ def prepare_run(
     from flora_ray.pipeline import stage_marker
     from flora_ray.stages import STAGES
     from flora_ray.stages.inputs import claim_run
+    from flora_ray.stages.parent import TAKEN_OVER, adopt_parent, check_parent
     from flora_ray.stages.preflight import check_devices, check_run_storage, preflight
     from flora_ray.tracking import ensure_experiment
 
@@ -74,14 +75,18 @@ def prepare_run(
     if not storage_checked:
         check_run_storage(cfg, cluster=address is not None, local_backend=backend == "local")
     store = claim_run(cfg, record=False)
+    parent = check_parent(cfg)  # a child run: its parent's supernet and configuration, before anything is written
     if not every_stage_done(store):  # a finished run re-run needs no device
         check_devices(cfg, on_this_machine=address is None)
-    checked = [s for s in stages if STAGES[s].preflight]
+    checked = [s for s in stages if STAGES[s].preflight and not (parent and s in TAKEN_OVER)]
     unfinished = [s for s in checked if stage_marker(store, s) is None]
-    if checked:
-        preflight(cfg, (unfinished or checked)[0], store)
+    if checked:  # a child's first own stage reads what it takes over: checked on the parent's copy
+        adopted = parent is None or store.is_file(ARTEFACTS.supernet)
+        preflight(cfg, (unfinished or checked)[0], store if adopted else parent)
     ensure_experiment(cfg)  # tracking: the MLflow experiment exists before any worker logs to it
-    return claim_run(cfg)
+    store = claim_run(cfg)
+    adopt_parent(cfg, store)
+    return store
 
 
 @contextlib.contextmanager

@@ -690,6 +690,10 @@ class RunConfig:
             training worker group (from the latest checkpoint), a filter block's task, a search trial, a stage's
             single task. ``-1``: always. Errors of the work itself (a bad configuration, a NaN) are not retried.
         threads_per_worker: torch intra-op threads per worker (0: leave torch's default).
+        parent: A finished run (path or storage URI) whose teacher, rank space and supernet this run takes over
+            (``flora_ray.stages.parent``): a child run searches again on a trained supernet (another objective,
+            budget, seed or more trials) and trains nothing. Its model, data, pretrain, filter, train and seed must
+            equal the parent's.
     """
 
     name: str = "flora"
@@ -698,8 +702,10 @@ class RunConfig:
     seed: int = 0
     max_failures: int = field(default=0, metadata=SPEED_ONLY)
     threads_per_worker: int = field(default=1, metadata=SPEED_ONLY)
+    parent: str | None = field(default=None, metadata={ABSENT_MEANS: None})
 
     def __post_init__(self) -> None:
+        _check(self.parent is None or bool(self.parent.strip()), "run.parent", self.parent, "a run's path or URI")
         _check(bool(self.name) and "/" not in self.name, "run.name", self.name, "a non-empty name without '/'")
         _check(self.max_failures >= -1, "run.max_failures", self.max_failures, "-1 (unlimited) or >= 0")
         _check(self.threads_per_worker >= 0, "run.threads_per_worker", self.threads_per_worker, "must be >= 0")
