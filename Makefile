@@ -27,8 +27,10 @@ install: $(STAMP)
 
 # Re-resolve the lock from pyproject.toml's ranges: the newest versions they allow, for every platform and
 # Python >= 3.10, with hashes. Run `make test` and `make test-latest` after it, and commit the lock.
+# `make lock LOCK_UPGRADE=` keeps the locked versions that still fit (only what pyproject.toml changed moves).
+LOCK_UPGRADE ?= --upgrade
 lock: install
-	$(BIN)/uv pip compile pyproject.toml --universal --generate-hashes --python-version 3.10 \
+	$(BIN)/uv pip compile pyproject.toml --universal --generate-hashes --python-version 3.10 $(LOCK_UPGRADE) \
 	  --extra dev --extra export --extra tracking -o $(LOCK)
 
 data:
