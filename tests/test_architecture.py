@@ -81,6 +81,21 @@ def test_parsing_a_config_imports_no_torch():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_the_command_line_parser_and_the_run_api_import_no_torch_timm_or_ray():
+    """``flora-ray --help`` (building the parser, with the stage table) and opening the API stay light: the stages'
+    modules are imported when a stage runs (``stages.lazy``), torch where tensors are read or written."""
+    script = "\n".join(
+        [
+            "import sys, flora_ray.cli, flora_ray.api",
+            "flora_ray.cli.build_parser()",
+            "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'ray')]",
+            "assert not heavy, sorted(heavy)[:10]",
+        ]
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_collectives_are_only_issued_by_the_cross_worker_check():
     """The one collective flora-ray issues itself (others are Ray Train's and DDP's) is in training/callbacks.py,
     where the device rule is tested; a new one elsewhere must get the same care."""

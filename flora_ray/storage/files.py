@@ -14,13 +14,14 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from flora_ray.errors import InputError, MissingInput
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: reading JSON and headers stays light
+    import torch
 
 METADATA_KEY = "flora_ray"
 
@@ -70,6 +71,8 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
 
 def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> None:
     """Save ``tensors`` as safetensors with ``header`` as JSON metadata, atomically."""
+    from safetensors.torch import save_file
+
     data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(data, str(tmp), metadata={METADATA_KEY: json.dumps(header)})
@@ -93,6 +96,8 @@ def read_checkpoint(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a safetensors checkpoint: ``(tensors, header)``. Never unpickles anything."""
+    from safetensors.torch import load_file
+
     p = Path(path)
     header = read_checkpoint_header(p)
     try:
