@@ -214,6 +214,10 @@ def claim_run(cfg: Config, record: bool = True) -> RunStore:
                 "remove the run directory"
             ) from None
         changed = changed_result_keys(stored, current)
+        if extends_search(stored, current, changed):
+            if record:
+                extend_search(store, cfg, stored["search"]["trials"])
+            return store
         if changed:
             shown = "; ".join(describe_change(stored, current, k) for k in changed[:3])
             raise InputError(
@@ -223,6 +227,31 @@ def claim_run(cfg: Config, record: bool = True) -> RunStore:
     elif record:
         store.write_text(ARTEFACTS.run_config, dump_config(cfg))
     return store
+
+
+SEARCH_AND_AFTER = ("search", "export", "finetune", "report")
+"""The stages an extended search runs again (the search continues its study; the others follow its new front)."""
+
+
+def extends_search(stored: dict[str, Any], current: dict[str, Any], changed: list[str]) -> bool:
+    """Whether the only result-changing difference is a larger ``search.trials``: the run's search is extended,
+    continuing its Optuna study (every other search setting must stay: a child run, ``run.parent``, changes them)."""
+    before = (stored.get("search") or {}).get("trials")
+    return changed == ["search.trials"] and isinstance(before, int) and current["search"]["trials"] > before
+
+
+def extend_search(store: RunStore, cfg: Config, before: int) -> None:
+    """Record the larger budget and mark the search and what follows it unfinished; the finished Tune experiment's
+    state is set aside, so the search starts Tune again over the same journal for the trials it lacks."""
+    for stage in SEARCH_AND_AFTER:
+        name = ARTEFACTS.stage_marker(stage)
+        if store.is_file(name):
+            store.filesystem.delete_file(store.location(name))
+    tuner_state = f"{ARTEFACTS.ray}/{cfg.run.name}-search/tuner.pkl"  # backends.ray_tune.TUNER_STATE
+    if store.is_file(tuner_state):
+        store.filesystem.delete_file(store.location(tuner_state))
+    store.write_text(ARTEFACTS.run_config, dump_config(cfg))
+    logger.info("search: extending %s from %d to %d trials", store.uri, before, cfg.search.trials)
 
 
 def open_run(cfg: Config) -> RunStore:
