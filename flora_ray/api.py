@@ -85,7 +85,7 @@ def prepare_run(
         preflight(cfg, (unfinished or checked)[0], store if adopted else parent)
     ensure_experiment(cfg)  # tracking: the MLflow experiment exists before any worker logs to it
     store = claim_run(cfg)
-    adopt_parent(cfg, store)
+    adopt_parent(cfg, store, parent)
     return store
 
 
@@ -249,6 +249,8 @@ class Run:
         """The search's Optuna study, read from a copy of its journal (changes to it do not reach the run)."""
         import optuna
 
+        from flora_ray.stages.inputs import study_name
+
         if not self.store.is_file(ARTEFACTS.journal):
             raise MissingInput(f"{self.store.location(ARTEFACTS.journal)!r} does not exist: run the search first")
         folder = tempfile.mkdtemp(prefix="flora-study-")
@@ -256,7 +258,7 @@ class Run:
         copy = Path(folder) / ARTEFACTS.journal
         copy.write_bytes(self.store.read_bytes(ARTEFACTS.journal))
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(copy)))
-        return optuna.load_study(study_name=f"{self.config.run.name}-search", storage=storage)
+        return optuna.load_study(study_name=study_name(self.config), storage=storage)
 
     def knee(self, cost: str | None = None) -> pd.Series:
         """The front's knee point (``flora_ray.results.knee_point``) on ``cost`` (default: the searched axis)."""

@@ -229,6 +229,11 @@ def claim_run(cfg: Config, record: bool = True) -> RunStore:
     return store
 
 
+def study_name(cfg: Config) -> str:
+    """The run's Optuna study (in its journal) and Ray Tune experiment (under ``ray/``)."""
+    return f"{cfg.run.name}-search"
+
+
 SEARCH_AND_AFTER = ("search", "export", "finetune", "report")
 """The stages an extended search runs again (the search continues its study; the others follow its new front)."""
 
@@ -247,7 +252,7 @@ def extend_search(store: RunStore, cfg: Config, before: int) -> None:
         name = ARTEFACTS.stage_marker(stage)
         if store.is_file(name):
             store.filesystem.delete_file(store.location(name))
-    tuner_state = f"{ARTEFACTS.ray}/{cfg.run.name}-search/tuner.pkl"  # backends.ray_tune.TUNER_STATE
+    tuner_state = f"{ARTEFACTS.ray}/{study_name(cfg)}/tuner.pkl"  # backends.ray_tune.TUNER_STATE
     if store.is_file(tuner_state):
         store.filesystem.delete_file(store.location(tuner_state))
     store.write_text(ARTEFACTS.run_config, dump_config(cfg))

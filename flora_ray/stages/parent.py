@@ -70,10 +70,10 @@ def check_parent(cfg: Config) -> RunStore | None:
     return parent
 
 
-def adopt_parent(cfg: Config, store: RunStore) -> list[str]:
+def adopt_parent(cfg: Config, store: RunStore, parent: RunStore | None) -> list[str]:
     """Copy the parent's teacher, space, filter scores, supernet and their stage markers into the child's run (and
-    the latency table, when the profile settings match); returns the stages taken over. Idempotent."""
-    parent = check_parent(cfg)
+    the latency table, when the profile settings match); returns the stages taken over. Idempotent. ``parent``:
+    what ``check_parent`` returned."""
     if parent is None:
         return []
     stages = dict(TAKEN_OVER)

@@ -24,7 +24,7 @@ from flora_ray.search.frames import trials_frame, uniform_frame
 from flora_ray.search.objectives import Objectives, dense_value, latency_predictor, resolve_bounds, subnet_costs
 from flora_ray.search.plots import front_figure, hypervolume_figure
 from flora_ray.search.study import DUPLICATE_OF, SearchProblem, finished_trials, search_budget
-from flora_ray.stages.inputs import load_teacher, open_run, provenance, ray_storage, working_dir
+from flora_ray.stages.inputs import load_teacher, open_run, provenance, ray_storage, study_name, working_dir
 from flora_ray.stages.preflight import preflight
 from flora_ray.stages.profile import run_latency_model
 from flora_ray.storage.files import write_bytes
@@ -61,7 +61,7 @@ def search_problem(cfg: Config, store: RunStore, journal: JournalSync | None = N
         genes=genes,
         anchors=anchor_points(space),
         trials=search_budget(cfg.search.trials, genes),
-        study_name=f"{cfg.run.name}-search",
+        study_name=study_name(cfg),
         journal=str(journal.local),
         objectives=objectives,
         sampler_args={
