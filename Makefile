@@ -12,7 +12,7 @@ LATEST := .venv-latest
 LATEST_TESTS := tests/search tests/pipeline tests/cli tests/cluster/test_cluster_files.py \
 	tests/cluster/test_two_node_harness.py tests/test_architecture.py
 
-.PHONY: install data tools test test-fast test-latest quickstart lint lock
+.PHONY: install data tools test test-bench test-fast test-latest quickstart lint lock
 
 # Exactly the lock (every package pinned and hash-checked, nothing resolved here), then flora-ray itself on top.
 $(STAMP): $(LOCK) pyproject.toml
@@ -48,15 +48,20 @@ tools:
 	    { apt-get update -q >/dev/null && apt-get install -y -q chromium-headless-shell >/dev/null; }); } || \
 	  echo "no headless Chromium and no root: the browser test of front.html will be skipped"
 
+# The product's tests. The benchmark scripts' smoke tests (tests/benchmarks, marked `bench` there) are
+# `make test-bench`; .ci/run runs both.
 test: install data tools
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not bench"
+
+test-bench: install data tools
+	$(BIN)/python -m pytest -q -m bench
 
 # The small default on Fashion-MNIST, local Ray, 2 CPU workers: teacher, filter, supernet, search, export, report.
 quickstart: install data
 	$(BIN)/flora-ray run experiments/quickstart.yaml
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not bench"
 
 # The canary for new releases (not part of CI): a separate venv with the newest versions pyproject.toml's ranges
 # allow, no lock, then the search, pipeline, CLI and cluster smoke tests. Run it whenever the dependencies change.

@@ -2,6 +2,7 @@
 FlopCounterMode sees it), small models."""
 
 import os
+from pathlib import Path
 
 # Must be set before timm and ray are imported anywhere.
 os.environ.setdefault("TIMM_FUSED_ATTN", "0")
@@ -108,3 +109,13 @@ def imagenet_skeleton(tmp_path_factory):
         for i in range(1000):
             (root / split / f"n{i:08d}").mkdir(parents=True)
     return root
+
+
+BENCHMARK_TESTS = Path(__file__).parent / "benchmarks"
+
+
+def pytest_collection_modifyitems(items):
+    """Every test under tests/benchmarks is a benchmark script's smoke test: marked ``bench`` (``make test-bench``)."""
+    for item in items:
+        if BENCHMARK_TESTS in item.path.parents:
+            item.add_marker(pytest.mark.bench)
