@@ -36,7 +36,7 @@ def random_config(space, rng):
 
 def input_for(model, batch=2):
     """A random input batch at the model's configured size (read from its registered family)."""
-    from flora_ray.families import family_of
+    from flora_ray.core.families import family_of
 
     height, width = family_of(model).img_size(model)
     in_chans = model.patch_embed.proj.in_channels if hasattr(model, "patch_embed") else model.in_chans

@@ -101,3 +101,56 @@ def test_collectives_are_only_issued_by_the_cross_worker_check():
             if collective and isinstance(node.value, ast.Name) and node.value.id in {"dist", "distributed"}:
                 calls.append(str(path))
     assert set(calls) == {str(Path("flora_ray/training/callbacks.py"))}
+
+
+def _runtime_imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """``_imports(path)`` less those under ``if TYPE_CHECKING:`` (never executed)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    typing_only = {
+        getattr(node, "lineno", None)
+        for branch in ast.walk(tree)
+        if isinstance(branch, ast.If) and "TYPE_CHECKING" in ast.unparse(branch.test)
+        for statement in branch.body
+        for node in ast.walk(statement)
+    }
+    return [found for found in _imports(path) if found[0] not in typing_only]
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the flora_ray modules it imports at run time (at the top or inside functions)."""
+    modules = {_module_name(p): p for p in _sources(PACKAGE)}
+
+    def target(module: str, names: list[str]) -> str:
+        for name in names:  # ``from package import module``
+            if f"{module}.{name}" in modules:
+                return f"{module}.{name}"
+        while module not in modules:  # ``from module import name`` (or a submodule's parent)
+            module = module.rpartition(".")[0]
+        return module
+
+    return {
+        name: {target(m, names) for _, m, names in _runtime_imports(path) if m.split(".")[0] == "flora_ray"} - {name}
+        for name, path in modules.items()
+    }
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    import graphlib
+
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as exc:
+        return exc.args[1]
+    return []
+
+
+def test_no_import_loops_between_modules_or_packages():
+    """Modules import each other in one direction only, and so do the packages (``core``, ``stages``, ...): the
+    layering stays a layering. ``flora_ray/__init__.py`` is a lazy facade (its imports are ``TYPE_CHECKING`` only)."""
+    graph = _import_graph()
+    assert not _cycle(graph), "an import loop between modules: " + " -> ".join(_cycle(graph))
+    package = {name: ".".join(name.split(".")[:2]) for name in graph}
+    packages: dict[str, set[str]] = {}
+    for name, targets in graph.items():
+        packages.setdefault(package[name], set()).update(package[t] for t in targets if package[t] != package[name])
+    assert not _cycle(packages), "an import loop between packages: " + " -> ".join(_cycle(packages))

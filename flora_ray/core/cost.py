@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from flora_ray.core.families import describe_families, family_of, is_linear
 from flora_ray.core.lowrank import low_rank_is_cheaper
 from flora_ray.errors import InputError
-from flora_ray.families import describe_families, family_of, is_linear
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from flora_ray.core.cost import build_cost_model
+from flora_ray.core.families import family_of
 from flora_ray.core.lowrank import low_rank_is_cheaper
 from flora_ray.core.models import create_model
 from flora_ray.core.space import default_ratios, load_rank_file
 from flora_ray.core.supernet import build_space
-from flora_ray.families import family_of
 
 
 def inspect_model(

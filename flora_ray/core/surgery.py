@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from flora_ray.core.families import describe_families, family_of
 from flora_ray.core.lowrank import ElasticLowRankLinear
 from flora_ray.errors import InputError
-from flora_ray.families import describe_families, family_of
 
 FilterFn = Callable[[nn.Module, str], bool]
 ReplaceFn = Callable[[nn.Module, str], nn.Module]

@@ -32,10 +32,10 @@ from flora_ray.core.batchnorm import (
     load_batchnorm_state,
 )
 from flora_ray.core.cost import CostModel
+from flora_ray.core.families import family_of
 from flora_ray.core.space import RankSpace
 from flora_ray.core.supernet import Supernet
 from flora_ray.errors import InputError
-from flora_ray.families import family_of
 from flora_ray.training.callbacks import Progress
 from flora_ray.training.sampling import BlockwiseSampler
 from flora_ray.training.tasks import SupernetTask

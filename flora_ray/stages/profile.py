@@ -25,6 +25,7 @@ from torch import nn
 from flora_ray.backends.base import Backend
 from flora_ray.config import Config
 from flora_ray.core.cost import build_cost_model
+from flora_ray.core.families import family_of
 from flora_ray.core.latency import (
     LatencyModel,
     calibration_configs,
@@ -38,7 +39,6 @@ from flora_ray.core.models import ModelSpec
 from flora_ray.core.space import RankSpace
 from flora_ray.core.surgery import swap_modules
 from flora_ray.errors import InputError, MissingInput
-from flora_ray.families import family_of
 from flora_ray.results import LATENCY_DEVICE_KEY, load_latency_table
 from flora_ray.search.objectives import resolve_bounds
 from flora_ray.stages.inputs import full_space, open_run, provenance, resolve_model_spec

@@ -21,12 +21,11 @@ import torch.distributed as dist
 
 from flora_ray.storage.files import read_checkpoint, write_checkpoint
 from flora_ray.training.sampling import config_digest
-from flora_ray.training.trainer import Callback, Trainer
+from flora_ray.training.trainer import STATE_FILE, Callback, Trainer
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
-STATE_FILE = "state.pt"
 
 
 class Checkpoint(Callback):

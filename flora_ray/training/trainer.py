@@ -26,6 +26,9 @@ from flora_ray.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 
+# The training state file of a checkpoint directory (written by ``callbacks.Checkpoint``, looked for by sessions).
+STATE_FILE = "state.pt"
+
 
 class Session(Protocol):
     """What the loop needs from the distributed runtime."""
@@ -241,8 +244,6 @@ class LocalSession:
 
     @contextlib.contextmanager
     def checkpoint_dir(self) -> Iterator[Path | None]:
-        from flora_ray.training.callbacks import STATE_FILE
-
         latest = self.directory / "latest" if self.directory is not None else None
         yield latest if latest is not None and (latest / STATE_FILE).is_file() else None
 

@@ -7,7 +7,7 @@ from torch import nn
 
 import flora_ray as fr
 from flora_ray.core.cost import build_cost_model
-from flora_ray.families import (
+from flora_ray.core.families import (
     ModelFamily,
     conv_macs,
     family_of,

@@ -11,8 +11,8 @@ from torch import nn
 
 import flora_ray as fr
 from flora_ray.core.cost import build_cost_model
+from flora_ray.core.families import family_of
 from flora_ray.core.lowrank import ElasticLowRankLinear
-from flora_ray.families import family_of
 from flora_ray.search.filtering import split_forward
 
 NAME, KWARGS = TINY_MODELS["levit"]

@@ -15,7 +15,7 @@ from flora_ray.core.supernet import load_supernet
 from flora_ray.stages.inputs import resolve_model_spec
 from flora_ray.stages.training import pretrain, train
 from flora_ray.testing.faults import FaultyRayBackend
-from flora_ray.training.callbacks import STATE_FILE
+from flora_ray.training.trainer import STATE_FILE
 
 pytestmark = pytest.mark.slow
 

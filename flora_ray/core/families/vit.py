@@ -13,9 +13,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from flora_ray.core.families.base import ModelFamily, Split, TokenGeometry, conv_macs, linear_fqns, register_family
 from flora_ray.core.tome import token_merging_r, token_schedule
 from flora_ray.errors import InputError
-from flora_ray.families import ModelFamily, Split, TokenGeometry, conv_macs, linear_fqns, register_family
 
 BLOCKS = r"blocks\.\d+"  # the FQN of one transformer block
 

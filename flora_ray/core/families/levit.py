@@ -29,7 +29,7 @@ import torch
 from timm.models.levit import Levit, LevitDownsample
 from torch import nn
 
-from flora_ray.families import ModelFamily, Split, TokenGeometry, conv_macs, linear_fqns, register_family
+from flora_ray.core.families.base import ModelFamily, Split, TokenGeometry, conv_macs, linear_fqns, register_family
 
 BLOCKS = r"stages\.\d+\.(?:blocks\.\d+|downsample)"  # the FQN of one residual or downsampling block
 LAYERS = ("attn.qkv.linear", "attn_downsample.kv.linear", "mlp.ln1.linear", "mlp.ln2.linear")

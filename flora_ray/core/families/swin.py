@@ -13,7 +13,7 @@ import torch
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from flora_ray.families import ModelFamily, Split, TokenGeometry, conv_macs, linear_fqns, register_family
+from flora_ray.core.families.base import ModelFamily, Split, TokenGeometry, conv_macs, linear_fqns, register_family
 
 BLOCKS = r"layers\.\d+\.blocks\.\d+"  # the FQN of one transformer block
 

@@ -1,19 +1,6 @@
-"""Model families: everything flora-ray knows about one architecture, behind a small registry.
+"""The model-family registry: ``ModelFamily``, ``register_family``, ``family_of`` and the helpers families use.
 
-A ``ModelFamily`` says which models it covers (``matches``), where their factorisable layers are (a block
-pattern plus the layer names inside a block), how many tokens each Linear layer sees and how many MACs run
-outside Linear layers (``token_geometry``, for the analytic cost model), how to run a model up to a block and from
-it on (``split_forward``, for candidate filtering) and the input size (``img_size``).
-
-The built-in families (timm Swin, ViT/DeiT and the hybrid LeViT) live one per module in this package and register themselves on
-import; supporting another architecture is one more module (or a few lines in user code)::
-
-    from flora_ray.families import ModelFamily, register_family
-
-    register_family(ModelFamily("mine", lambda m: isinstance(m, MyNet), r"blocks\\.\\d+", my_geometry))
-
-``family_of(model)`` returns the first registered family that matches, in registration order (Swin, ViT, LeViT).
-"""
+The built-in families live one per module beside this one; ``flora_ray.core.families`` registers them."""
 
 from __future__ import annotations
 
@@ -144,8 +131,3 @@ def conv_macs(conv: nn.Conv2d, out_h: int, out_w: int) -> int:
     """MACs per image of a 2-d convolution with an ``out_h x out_w`` output."""
     kh, kw = conv.kernel_size
     return out_h * out_w * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
-
-
-# Built-in families, registered on import; the order is the matching precedence (Swin, ViT, LeViT).
-from flora_ray.families import swin, vit  # noqa: E402, F401, I001
-from flora_ray.families import levit  # noqa: E402, F401
