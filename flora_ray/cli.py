@@ -417,10 +417,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 def _check_model(cfg: Any) -> None:
     """The model a configuration names exists (timm's registry, or a ``hf-hub:`` repo in the local hub cache), as
     ``plan`` and every run check; the data need not be on this machine."""
-    from flora_ray.core.models import check_model_name
-    from flora_ray.stages.inputs import architecture
+    from flora_ray.core.names import architecture, check_model_name
 
-    check_model_name(architecture(cfg)[0])
+    check_model_name(architecture(cfg.model.name)[0])
 
 
 def _load_run_config(args: argparse.Namespace):

@@ -91,6 +91,28 @@ def test_the_command_line_parser_and_the_run_api_import_no_torch_timm_or_ray():
     assert _heavy_modules_after(statements, ("torch", "timm", "ray")) == []
 
 
+def test_flora_ray_config_checks_the_model_without_torch_or_timm():
+    """``flora-ray config`` (and a bad model name it refuses) reads timm's registry from its source: no torch."""
+    statements = [
+        "import contextlib, io, flora_ray.cli",
+        "with contextlib.redirect_stdout(io.StringIO()): flora_ray.cli.main(['config', 'experiments/quickstart.yaml'])",
+        "from flora_ray.core.names import check_model_name, timm_model_names",
+        "assert 'deit_small_patch16_224' in timm_model_names()",
+    ]
+    assert _heavy_modules_after(statements, ("torch", "timm", "ray")) == []
+
+
+def test_timms_registry_read_from_its_source_is_timms_own():
+    """The source scan (``flora_ray.core.names``) against ``timm.list_models()`` in a fresh interpreter."""
+    script = (
+        "import json; from flora_ray.core.names import timm_model_names; scanned = sorted(timm_model_names()); "
+        "import timm; print(json.dumps([scanned, sorted(timm.list_models())]))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    scanned, listed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(listed) > 1000 and scanned == listed
+
+
 def test_collectives_are_only_issued_by_the_cross_worker_check():
     """The one collective flora-ray issues itself (others are Ray Train's and DDP's) is in training/callbacks.py,
     where the device rule is tested; a new one elsewhere must get the same care."""

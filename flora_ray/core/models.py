@@ -8,7 +8,6 @@ checkpoint (safetensors with a ``flora-ray/dense`` header).
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ import timm
 import torch
 from torch import nn
 
+from flora_ray.core.names import check_model_name
 from flora_ray.core.tome import apply_token_merging
 from flora_ray.errors import InputError, MissingInput
 from flora_ray.storage.files import read_checkpoint, read_checkpoint_header
@@ -29,59 +29,6 @@ from flora_ray.storage.files import read_checkpoint, read_checkpoint_header
 logger = logging.getLogger(__name__)
 
 DENSE_FORMAT = "flora-ray/dense"
-HUB_PREFIX = "hf-hub:"  # timm's names for models on the Hugging Face hub: hf-hub:timm/deit_small_patch16_224.fb_in1k
-HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-
-
-@dataclass(frozen=True)
-class HubModel:
-    """A timm model of the Hugging Face hub as its local cache holds it (``config.json`` and weights)."""
-
-    repo: str
-    architecture: str
-    model_args: dict[str, Any]
-    num_classes: int | None
-    weights: Path | None
-
-
-def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache, read from the environment at call time (``HF_HUB_CACHE``, ``HF_HOME``)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
-
-
-def resolve_hub_model(name: str) -> HubModel:
-    """A ``hf-hub:owner/repo`` name from the local cache only (no network): its timm architecture, model arguments,
-    class count and weight file; a one-line error naming the cache and the download command when it is missing."""
-    from huggingface_hub import try_to_load_from_cache
-
-    repo = name.removeprefix(HUB_PREFIX).split("@", 1)[0]
-    cache = hub_cache_dir()
-    found = try_to_load_from_cache(repo, "config.json", cache_dir=str(cache))
-    if not isinstance(found, str):
-        raise InputError(
-            f"model {name!r} is not in the local Hugging Face cache ({cache}): download it once where there is "
-            f"network (huggingface-cli download {repo}) or point HF_HUB_CACHE/HF_HOME at a cache that has it"
-        )
-    config = json.loads(Path(found).read_text())
-    if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
-        raise InputError(f"{found!r} is not a timm hub config (no 'architecture'); is {repo!r} a timm model?")
-    weights = next((Path(w) for f in HUB_WEIGHTS
-                    if isinstance(w := try_to_load_from_cache(repo, f, cache_dir=str(cache)), str)), None)  # fmt: skip
-    classes = config.get("num_classes", (config.get("pretrained_cfg") or {}).get("num_classes"))
-    return HubModel(repo, config["architecture"], dict(config.get("model_args") or {}), classes, weights)
-
-
-def hub_weights(name: str) -> str:
-    """The cached weight file of a ``hf-hub:`` model (its pretrained weights)."""
-    hub = resolve_hub_model(name)
-    if hub.weights is None:
-        raise InputError(
-            f"the local Hugging Face cache has {hub.repo!r}'s config.json but none of {list(HUB_WEIGHTS)}: download "
-            f"the weights (huggingface-cli download {hub.repo}) or give model.pretrained a weight file"
-        )
-    return str(hub.weights)
 
 
 def _jsonable(value: Any) -> Any:
@@ -128,15 +75,6 @@ class ModelSpec:
         """Build the model (see ``create_model``), merging ``tome_r`` tokens per block (``apply_token_merging``)."""
         model = create_model(self.name, pretrained=pretrained, device=device, **self.kwargs)
         return apply_token_merging(model, self.tome_r)
-
-
-def check_model_name(name: str) -> None:
-    """Raise a ``ValueError`` naming close matches when timm has no model called ``name``."""
-    if timm.is_model(name):
-        return
-    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-    hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for the names"
-    raise InputError(f"unknown timm model {name!r}: {hint}")
 
 
 def create_model(

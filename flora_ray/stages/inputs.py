@@ -16,14 +16,9 @@ import yaml
 from torch import nn
 
 from flora_ray.config import Config, changed_result_keys, config_to_dict, describe_change, dump_config
-from flora_ray.core.models import (
-    HUB_PREFIX,
-    ModelSpec,
-    hub_weights,
-    load_state_dict_strict,
-    pretrained_num_classes,
-    resolve_hub_model,
-)
+from flora_ray.core.models import ModelSpec, load_state_dict_strict, pretrained_num_classes
+from flora_ray.core.names import HUB_PREFIX, hub_weights, resolve_hub_model
+from flora_ray.core.names import architecture as model_architecture
 from flora_ray.core.space import RankSpace
 from flora_ray.core.subnet import package_versions
 from flora_ray.core.supernet import Supernet, build_space, build_supernet
@@ -57,10 +52,7 @@ def resolve_model_spec(cfg: Config) -> ModelSpec:
 def architecture(cfg: Config) -> tuple[str, dict[str, Any]]:
     """The timm architecture and its model arguments: ``model.name`` itself, or for a ``hf-hub:`` name what its
     config in the local hub cache says (the run's artefacts then name the architecture, not the hub repo)."""
-    if cfg.model.name.startswith(HUB_PREFIX):
-        hub = resolve_hub_model(cfg.model.name)
-        return hub.architecture, dict(hub.model_args)
-    return cfg.model.name, {}
+    return model_architecture(cfg.model.name)
 
 
 def pretrained_source(cfg: Config) -> bool | str:
