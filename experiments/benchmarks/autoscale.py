@@ -35,7 +35,8 @@ from flora_ray.stages.inputs import resolve_model_spec
 from flora_ray.stages.search import search_problem
 from flora_ray.storage.files import write_json
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
-from flora_ray.testing.fake_cluster import HEAD_PORT, autoscaler_config, port_in_use, start_fake_cluster
+from flora_ray.testing.fake_cluster import HEAD_PORT, autoscaler_config, start_fake_cluster
+from flora_ray.testing.processes import port_in_use
 
 EXPERIMENTS = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -31,7 +31,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from flora_ray.testing.processes import die_with_parent, live_processes, port_in_use, ray_executable, stop_group
 
 logger = logging.getLogger(__name__)
 
@@ -114,30 +115,6 @@ def autoscaler_config(
     }
     config.update({key: [] for key in _EMPTY_LISTS})
     return config
-
-
-def port_in_use(port: int = HEAD_PORT, host: str = "127.0.0.1") -> bool:
-    """Whether something accepts TCP connections on ``host:port``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
-        return sock.connect_ex((host, port)) == 0
-
-
-def die_with_parent() -> None:
-    """``preexec_fn``: SIGTERM this child when the process that started it dies (Linux ``PR_SET_PDEATHSIG``), so a
-    killed test run or benchmark leaves no head holding port 6379 (``ray start --block`` stops its processes on
-    SIGTERM; a SIGKILL would orphan the raylet's agents)."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
-def ray_executable() -> str:
-    beside = Path(sys.executable).parent / "ray"
-    found = str(beside) if beside.is_file() else shutil.which("ray")
-    if not found:
-        raise FileNotFoundError("the `ray` command is not installed next to this Python or on PATH")
-    return found
 
 
 class FakeCluster:
@@ -228,11 +205,11 @@ class FakeCluster:
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop the watcher, the head (TERM, then KILL of its group after ``grace_s``) and whatever is left."""
         if self._watcher is not None:
-            _terminate_group(self._watcher, 5.0)
+            stop_group(self._watcher, 5.0)
             self._watcher = None
         if self.process.returncode is None or self.leftover_processes():
             # A pid still in use as a session id is never reused, so the group id is still this head's.
-            _terminate_group(self.process, grace_s)
+            stop_group(self.process, grace_s)
             deadline = time.monotonic() + 15.0
             while (leftovers := self.leftover_processes()) and time.monotonic() < deadline:
                 logger.info("fake cluster: killing %d leftover processes", len(leftovers))
@@ -246,46 +223,6 @@ class FakeCluster:
         """Live processes of this cluster: in the head's session, or using its temp directory (the fake nodes'
         raylets are children of the autoscaler monitor; their workers have process groups of their own)."""
         return live_processes(sid=self.process.pid, marker=str(self.temp_dir))
-
-
-def _terminate_group(process: subprocess.Popen, grace_s: float) -> None:
-    """TERM the group leader ``process``, wait ``grace_s``, then KILL its whole process group (the id is its pid).
-
-    The TERM goes to the leader alone: ``ray start --block`` then stops its GCS, raylet, monitor (and so the fake
-    nodes) in order, which takes a few seconds. A TERM to the whole group also hits Ray's reaper and the GCS at
-    once, and the leader's shutdown then hangs until the KILL.
-    """
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=grace_s)
-    # The leader if it hung, and children that outlived it.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=10)
-
-
-def live_processes(sid: int | None = None, marker: str | None = None) -> list[int]:
-    """Live (non-zombie) processes in session ``sid`` or whose command line contains ``marker``, from ``/proc``.
-
-    The kernel does not reuse a pid still in use as a session id, so a session started with ``start_new_session``
-    holds only that process's descendants.
-    """
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session ...
-        if fields[0] == "Z":
-            continue
-        if (sid is not None and int(fields[3]) == sid) or (marker and marker in cmdline):
-            pids.append(int(entry.name))
-    return pids
 
 
 def client_env(token_file: Path, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -334,7 +271,7 @@ def start_fake_cluster(
     token_file.write_text(secrets.token_hex(32))
     token_file.chmod(0o600)
     for attempt in range(1, attempts + 1):
-        if port_in_use():
+        if port_in_use(HEAD_PORT):
             raise RuntimeError(f"port {HEAD_PORT} is in use: another Ray head is running on this machine")
         cluster = _launch_head(workdir, config_path, client_env(token_file), head_object_store_memory)
         try:
@@ -394,7 +331,7 @@ def _wait_for_head(cluster: FakeCluster, timeout_s: float) -> None:
     while time.monotonic() < deadline:
         if cluster.process.poll() is not None:
             raise RuntimeError(f"the fake cluster's head exited ({cluster.process.returncode}): {_tail(cluster)}")
-        if "Ray runtime started" in cluster.log_path.read_text(errors="replace") and port_in_use():
+        if "Ray runtime started" in cluster.log_path.read_text(errors="replace") and port_in_use(HEAD_PORT):
             return
         time.sleep(0.5)
     raise RuntimeError(f"the fake cluster's head did not start within {timeout_s:.0f} s: {_tail(cluster)}")

@@ -71,8 +71,8 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from flora_ray.testing.fake_cluster import die_with_parent, ray_executable
-from flora_ray.testing.fake_cluster import live_processes as fake_cluster_processes
+from flora_ray.testing.processes import die_with_parent, kill_group, ray_executable, stop_group
+from flora_ray.testing.processes import live_processes as processes_matching
 
 HOST = "127.0.0.1"
 PREFIX = "[multinode]"
@@ -578,18 +578,17 @@ class TwoNodeCluster:
             while process.poll() is None:
                 if deadline is not None and time.monotonic() >= deadline:
                     _log(f"the command ran past the run's --timeout (it had {timeout_s:.0f} s of it): stopping it")
-                    _stop_group(process, grace_s=10.0, leader_first=False)
+                    stop_group(process, grace_s=10.0, leader_first=False)
                     return TIMEOUT_EXIT
                 self.serve_control()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=_CONTROL_POLL_S)
         except BaseException:
-            _stop_group(process, grace_s=10.0, leader_first=False)
+            stop_group(process, grace_s=10.0, leader_first=False)
             raise
         finally:
             # Whatever the command left in its process group (a backgrounded child).
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
+            kill_group(process.pid)
         return process.returncode if process.returncode >= 0 else 128 - process.returncode
 
     def serve_control(self) -> None:
@@ -658,14 +657,14 @@ class TwoNodeCluster:
         run's directory."""
         live = [n for n in reversed(self.workers) if not n.killed]  # a killed one's group id may have been reused
         for node in live:
-            _stop_group(node.process, grace_s=15.0, leader_first=True)
+            stop_group(node.process, grace_s=15.0)
             try:
                 if leftovers := _kill_node(node, self.root / node.name):
                     _log(f"killed what worker node {node.name} left after its stop: {leftovers}")
             except HarnessError as exc:
                 _log(str(exc))
         if self.head is not None:
-            _stop_group(self.head, grace_s=15.0, leader_first=True)
+            stop_group(self.head, grace_s=15.0)
         self.head = None  # stop() again: no signal to a group id that may have been reused
         deadline = time.monotonic() + 15.0
         while (leftovers := live_processes(str(self.root))) and time.monotonic() < deadline:
@@ -760,28 +759,9 @@ def _kill_node(node: _WorkerNode, temp_dir: Path) -> list[int]:
     return sorted(killed)
 
 
-def _stop_group(process: subprocess.Popen, grace_s: float, leader_first: bool) -> None:
-    """SIGTERM the leader (``ray start`` then stops its processes in order) or the whole group, wait ``grace_s``,
-    then SIGKILL the group. A SIGTERM to a node's whole group hits Ray's reaper and GCS at once, and the leader's
-    shutdown then hangs until the SIGKILL."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            if leader_first:
-                os.kill(process.pid, signal.SIGTERM)
-            else:
-                os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=grace_s)
-    # The leader if it hung, and children that outlived it (a pid still used as a group id is not reused).
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=10)
-
-
 def live_processes(marker: str) -> list[int]:
     """Live (non-zombie) processes, other than this one, whose command line contains ``marker``."""
-    return fake_cluster_processes(marker=marker)
+    return processes_matching(marker=marker)
 
 
 def _forget_current_cluster(address: str) -> None:

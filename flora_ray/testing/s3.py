@@ -22,7 +22,6 @@ import contextlib
 import http.client
 import importlib.util
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flora_ray.storage.filesystems import s3_filesystem
+from flora_ray.testing.processes import die_with_parent
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -57,13 +57,6 @@ def free_port(host: str = HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """``preexec_fn``: SIGTERM the server when the thread that started it dies (Linux ``PR_SET_PDEATHSIG``)."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -173,7 +166,7 @@ def s3_server(start_timeout_s: float = 60.0, attempts: int = 3) -> Iterator[S3Se
                     stderr=subprocess.STDOUT,
                     env=child_env,
                     start_new_session=True,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 )
             try:
                 started = _wait_until_listening(process, port, time.monotonic() + start_timeout_s)

@@ -15,7 +15,8 @@ import pytest
 from flora_ray.config import dump_config
 from flora_ray.storage.run_store import ARTEFACTS
 from flora_ray.testing import skip_unless_ci
-from flora_ray.testing.fake_cluster import HEAD_PORT, port_in_use, start_fake_cluster
+from flora_ray.testing.fake_cluster import HEAD_PORT, start_fake_cluster
+from flora_ray.testing.processes import port_in_use
 
 pytestmark = pytest.mark.slow
 

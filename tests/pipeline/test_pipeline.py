@@ -1,7 +1,6 @@
 """``flora-ray run``: run-directory ownership, stage markers, skip and resume (a Ctrl-C in supernet training, a
 finished run, an interrupted search), and the report (slow end to end)."""
 
-import contextlib
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ from flora_ray.stages import STAGES
 from flora_ray.stages.inputs import claim_run as claim_run_dir
 from flora_ray.stages.report import build_report
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
+from flora_ray.testing.processes import kill_group
 
 PIPELINE_STAGES, RUN_CONFIG_FILE = list(STAGES), ARTEFACTS.run_config
 RAY_STARTED = "Started a local Ray instance"  # what ray.init logs when it starts one
@@ -74,8 +74,7 @@ def _interrupt_in_training(config_file, train_storage, log_path):
         first.send_signal(signal.SIGINT)
         first.wait(timeout=90)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(first.pid, signal.SIGKILL)  # whatever the interrupted driver left behind
+        kill_group(first.pid)  # whatever the interrupted driver left behind
 
 
 def _check_training_resumed(cfg, out):

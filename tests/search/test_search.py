@@ -1,6 +1,5 @@
 """Search: genes, the evaluator and its cache, the Ray Tune + NSGA-II search end to end, the in-process search."""
 
-import contextlib
 import copy
 import json
 import os
@@ -35,6 +34,7 @@ from flora_ray.search.evaluator import (
 from flora_ray.stages.inputs import build_run_supernet
 from flora_ray.stages.training import save_stage_outputs, train_worker
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
+from flora_ray.testing.processes import kill_group
 from flora_ray.training.trainer import LocalSession
 
 TRIALS_FILE, PARETO_FILE, UNIFORM_FILE = ARTEFACTS.trials, ARTEFACTS.pareto, ARTEFACTS.uniform
@@ -194,8 +194,7 @@ def test_interrupted_search_continues_without_duplicates(searched_run, tmp_path)
     try:
         first.wait(timeout=90)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(first.pid, signal.SIGKILL)
+        kill_group(first.pid)  # whatever the interrupted driver left behind
     completed_first = journal.read_text().count('"state":1,')
     assert 8 <= completed_first < 30, f"the first search was not interrupted mid-way ({completed_first} trials)"
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)
