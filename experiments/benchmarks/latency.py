@@ -2,7 +2,7 @@
 
 For the quickstart model (Fashion-MNIST geometry), DeiT-Ti and DeiT-S at 224 px, subnets (every uniform ratio that
 saves MACs, and random configurations) are exported with ``save_subnet`` and reloaded with ``load_subnet``, as a
-user would, and timed against the dense timm model at batch 1 and 32 with ``stages.export.cpu_latency_ms`` (threads
+user would, and timed against the dense timm model at batch 1 and 32 with ``core.timing.forward_ms`` (threads
 pinned, warm-up, median of many forward passes, one pass of each model in turn so that load drifts hit them
 alike). Target: latency ratio <= 1.25 x MAC ratio for subnets that save at least 30% of the MACs. Where it
 misses, a profile of one forward pass splits the time into matrix products and the rest (norms, softmax, GELU,
@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import flora_ray as fr
 from flora_ray.config import load_config
-from flora_ray.stages.export import cpu_latency_ms
+from flora_ray.core.timing import forward_ms
 from flora_ray.stages.inputs import resolve_model_spec
 from flora_ray.storage.files import write_json
 
@@ -72,14 +72,14 @@ def subnet_configs(space: fr.RankSpace, n_random: int, cost: fr.CostModel) -> di
 
 def interleaved_latency_ms(models: dict[str, nn.Module], x: torch.Tensor, budget_s: float, min_runs: int) -> dict:
     """Median (and fastest) latency of each model, timed one forward pass at a time in turn (A, B, C, A, B, C, ...)
-    with ``cpu_latency_ms`` so that load changes on a shared machine hit every model alike, after one untimed pass
+    with ``forward_ms`` so that load changes on a shared machine hit every model alike, after one untimed pass
     each; as many rounds as fit in ``budget_s`` (at least ``min_runs``, at most 50)."""
-    first = {name: cpu_latency_ms(m, x, runs=1, warmup=0) for name, m in models.items()}  # warm-up and estimate
+    first = {name: forward_ms(m, x, runs=1, warmup=0) for name, m in models.items()}  # warm-up and estimate
     rounds = max(min_runs, min(50, int(budget_s * 1e3 / sum(first.values()))))
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
-            times[name].append(cpu_latency_ms(model, x, runs=1, warmup=0))
+            times[name].append(forward_ms(model, x, runs=1, warmup=0))
     return {name: {"ms": statistics.median(v), "min_ms": min(v), "runs": rounds} for name, v in times.items()}
 
 

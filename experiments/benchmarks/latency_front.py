@@ -11,7 +11,7 @@ configuration are unchanged). Trials, population, seed and search images are the
 
 Every front point of every search, every uniform configuration and the dense model are exported
 (``save_subnet`` with the supernet's weights, reloaded with ``load_subnet``) and timed at every profiled batch with
-``stages.profile.time_ms`` (the table's own routine, same threads and ``min_run_time``) in ``--rounds`` rounds over
+``core.timing.time_ms`` (the table's own routine, same threads and ``min_run_time``) in ``--rounds`` rounds over
 the whole list, each round in a freshly shuffled order (seeded), so that a drift of the machine's speed spreads
 over all models instead of hitting those timed last; a model's latency is the median of its rounds. Accuracy is the
 search-split accuracy the search recorded (same images for every point), the dense accuracy the search summary's.
@@ -62,10 +62,11 @@ from flora_ray.core.cost import build_cost_model
 from flora_ray.core.latency import LatencyModel
 from flora_ray.core.models import ModelSpec
 from flora_ray.core.subnet import load_subnet, save_subnet
+from flora_ray.core.timing import BLOCKS, MIN_BLOCKS, time_ms, torch_threads
 from flora_ray.results import cheapest_within
 from flora_ray.search.evaluator import supernet_from_numpy
 from flora_ray.stages.inputs import full_space
-from flora_ray.stages.profile import BLOCKS, MIN_BLOCKS, model_input, profile_stage, read_table, time_ms
+from flora_ray.stages.profile import model_input, profile_stage, read_table
 from flora_ray.stages.search import search_stage
 from flora_ray.storage.files import read_json, sha256_file, write_json
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
@@ -242,21 +243,17 @@ def cpu_time_ms(run, min_run_time: float) -> float:
 def measure(models: dict[str, nn.Module], x: torch.Tensor, args, seed: int) -> dict[str, dict[str, Any]]:
     """Per model: ``time_ms`` (and, with one thread, ``cpu_time_ms`` right after it) in each of ``args.rounds``
     rounds over all models, each round in a new seeded random order; ``ms`` is the median over the rounds."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     wall: dict[str, list[float]] = {key: [] for key in models}
     cpu: dict[str, list[float]] = {key: [] for key in models}
     rng = random.Random(seed)
-    try:
+    with torch_threads(args.threads):
         for _ in range(args.rounds):
             order = list(models)
             rng.shuffle(order)
             for key in order:
                 run = lambda model=models[key]: model(x)  # noqa: E731
-                wall[key].append(time_ms(run, args.threads, args.min_run_time)[0])
+                wall[key].append(time_ms(run, args.threads, args.min_run_time).median_ms)
                 cpu[key].append(cpu_time_ms(run, args.min_run_time) if args.threads == 1 else math.nan)
-    finally:
-        torch.set_num_threads(previous)
     return {
         key: {"ms": statistics.median(wall[key]), "rounds_ms": wall[key], "cpu_ms": statistics.median(cpu[key]),
               "cpu_rounds_ms": cpu[key]}
@@ -576,7 +573,7 @@ def main() -> None:
             "device": read_table(RunStore(cfgs[MACS].run.run_dir))[1],
         },
         "measurement": {
-            "routine": "stages.profile.time_ms (wall clock) on exported (save_subnet/load_subnet) subnets, float32, "
+            "routine": "core.timing.time_ms (wall clock) on exported (save_subnet/load_subnet) subnets, float32, "
             "CPU; with one thread also the same blocked median on time.thread_time (cpu_ms) right after it",
             "rounds": args.rounds,
             "order": "a new seeded random order every round; a model's ms: median of rounds",

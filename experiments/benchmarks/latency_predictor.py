@@ -7,7 +7,7 @@ uniform and 4 random configurations of seed 0), and ``core.latency.LatencyModel`
 layers plus the rest, calibrated by an offset or an affine map, whichever has the lower leave-one-out error).
 The validation set is every uniform configuration plus ``--random`` random ones of another seed (held out from
 the calibration), each exported with ``save_subnet`` and reloaded with ``load_subnet`` as a user would, and timed
-with ``stages.profile.time_ms`` (the table's own timing routine, same threads and ``min_run_time``).
+with ``core.timing.time_ms`` (the table's own timing routine, same threads and ``min_run_time``).
 
 Timing on a shared machine: ``--rounds`` rounds, each timing every validation subnet (every other round in reverse
 order), the first ``--table-rounds`` of them preceded by a measurement of the whole table, so that a slow spell
@@ -47,7 +47,8 @@ from torch import nn
 
 import flora_ray as fr
 from flora_ray.core.latency import LatencyModel, calibration_configs, profile_items
-from flora_ray.stages.profile import model_input, profile_task, time_ms
+from flora_ray.core.timing import time_ms, torch_threads
+from flora_ray.stages.profile import model_input, profile_task
 from flora_ray.storage.files import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -79,16 +80,12 @@ def export_and_load(supernet: fr.Supernet, configs: dict[str, dict], directory: 
 @torch.no_grad()
 def time_round(models: dict[str, nn.Module], x: torch.Tensor, args, reverse: bool) -> dict[str, tuple[float, float]]:
     """``(ms, iqr ms)`` of each model by ``time_ms``, one model after the other (in reverse order if asked)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        out = {}
+    out = {}
+    with torch_threads(args.threads):
         for label in reversed(models) if reverse else models:
             model = models[label]
             out[label] = time_ms(lambda model=model: model(x), args.threads, args.min_run_time)[:2]
-        return out
-    finally:
-        torch.set_num_threads(previous)
+    return out
 
 
 def measure_setting(supernet: fr.Supernet, models: dict, batch: int, args) -> tuple[list[dict], dict, dict]:

@@ -18,7 +18,7 @@ a whole flora-ray run (``flora_ray.run``: every stage, on local Ray unless ``--s
 reused when it is finished, gives the searched subnets. The technique-alone model is scored on the run's own search
 images, paired image by image with every subnet. At 0.5 and 1 point below its accuracy the cheapest front subnet
 that reaches it gives the extra MAC reduction ``1 - subnet MACs / technique-alone MACs`` (exact, from the cost
-model) and the extra latency reduction, measured on CPU with one thread at batch 1 and 32 (``cpu_latency_ms``, a
+model) and the extra latency reduction, measured on CPU with one thread at batch 1 and 32 (``forward_ms``, a
 median, in ``--rounds`` interleaved rounds of which the fastest is kept, so that other work on the core falls on
 every model alike). Both models are also scored on the test split. ``reference`` is the model without the
 technique (the quickstart's dense ViT for ``tome``, the fp32 teacher for ``int8``), for the technique's own effect.
@@ -49,10 +49,10 @@ from torch import nn
 import flora_ray as fr
 from flora_ray.config import config_to_dict
 from flora_ray.core.quantize import SCHEME, quantize_int8
+from flora_ray.core.timing import forward_ms, torch_threads
 from flora_ray.data.datasets import build_datasets
 from flora_ray.results import binomial_se, cheapest_within, paired_difference, pareto_mask, unpack_correct
 from flora_ray.search.evaluator import Evaluator, build_evaluator, search_batch, search_images
-from flora_ray.stages.export import cpu_latency_ms
 from flora_ray.stages.inputs import load_teacher
 from flora_ray.storage.files import read_json, write_json
 from flora_ray.storage.run_store import ARTEFACTS
@@ -238,17 +238,13 @@ def alone_models(run: fr.Run, technique: Technique, base: fr.Run | None) -> tupl
 def measure_latency(models: dict[str, nn.Module], shape: tuple[int, ...], rounds: int) -> dict[str, dict[int, float]]:
     """Median ms per forward of every model at every batch of ``BATCHES`` (one thread); every model is timed once
     per round, the rounds interleaved, and the fastest round is kept."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
     timed = {name: dict.fromkeys(BATCHES, float("inf")) for name in models}
-    try:
+    with torch_threads(1):
         for batch in BATCHES:
             x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
             for _ in range(rounds):
                 for name, model in models.items():
-                    timed[name][batch] = min(timed[name][batch], cpu_latency_ms(model, x, runs=20, warmup=3))
-    finally:
-        torch.set_num_threads(previous)
+                    timed[name][batch] = min(timed[name][batch], forward_ms(model, x, runs=20, warmup=3))
     return timed
 
 

@@ -3,7 +3,7 @@
 For DeiT-Ti at 224 px (random weights: neither MACs nor latency depend on them) the dense model and the uniform
 ratio-0.5 FLORA subnet are built with ToMe at ``r`` in ``R_VALUES`` (``model.tome_r``; the ToMe paper's r = 8 and
 13), exported as ``flora-ray export`` does, and timed fp32 and int8 (``--format int8``: ``core.quantize``) with the
-export's timer (``stages.export.cpu_latency_ms``: a median), one thread, at batch 1 and 8, in ``ROUNDS`` interleaved
+export's timer (``core.timing.forward_ms``: a median), one thread, at batch 1 and 8, in ``ROUNDS`` interleaved
 rounds of which the fastest median is kept (on a shared core, the round least disturbed by other work). MACs come
 from the cost model
 (``build_cost_model``, FlopCounterMode-exact with token merging). Prints a table, writes ``results/tome_int8.json``.
@@ -25,7 +25,7 @@ from torch import nn
 import flora_ray as fr
 from flora_ray.core.cost import build_cost_model
 from flora_ray.core.quantize import save_int8
-from flora_ray.stages.export import cpu_latency_ms
+from flora_ray.core.timing import forward_ms
 from flora_ray.storage.files import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,7 +58,7 @@ def measure(models: dict, img_size: tuple[int, int], batches: tuple[int, ...], r
         timed = dict.fromkeys(models, float("inf"))
         for _ in range(rounds):
             for key, (model, _) in models.items():
-                timed[key] = min(timed[key], cpu_latency_ms(model, x, runs=runs, warmup=2))
+                timed[key] = min(timed[key], forward_ms(model, x, runs=runs, warmup=2))
         rows += [{"tome_r": r, "form": form, "precision": precision, "batch": batch, "macs": models[r, form,
                   precision][1], "ms": ms} for (r, form, precision), ms in timed.items()]  # fmt: skip
     return rows

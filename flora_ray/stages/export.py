@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from flora_ray.core.quantize import SCHEME
 from flora_ray.core.space import RankSpace
 from flora_ray.core.subnet import load_subnet, package_versions, save_subnet
 from flora_ray.core.supernet import Supernet
+from flora_ray.core.timing import forward_ms, time_ms, torch_threads
 from flora_ray.data.datasets import build_datasets, norm_stats
 from flora_ray.errors import InputError, MissingInput
 from flora_ray.results import best_under, cost_axis, format_cost, knee_point, load_front, load_trials
@@ -42,26 +41,12 @@ from flora_ray.stages.profile import (
     profile_resources,
     profile_settings,
     read_table,
-    time_ms,
 )
 from flora_ray.stages.search import trial_resources
 from flora_ray.storage.files import write_bytes, write_json
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.training.tasks import accuracy
 from flora_ray.training.worker import run_device
-
-
-@torch.no_grad()
-def cpu_latency_ms(model: nn.Module, x: torch.Tensor, runs: int = 30, warmup: int = 5) -> float:
-    """Median wall time (ms) of one forward pass of ``x`` on CPU."""
-    model = model.eval().cpu()
-    times = []
-    for i in range(warmup + runs):
-        start = time.perf_counter()
-        model(x)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def load_run_config(store: RunStore) -> Config:
@@ -105,17 +90,13 @@ def choose_trial(store: RunStore, trial: int | None, budget: tuple[str, float] |
 
 def latency(model: nn.Module, dense: nn.Module, x: torch.Tensor, threads: int) -> dict[str, float]:
     """CPU latency of the subnet and the dense model at batch 1 and at the batch of ``x``, with ``threads``."""
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return {
-            "subnet_batch1_ms": cpu_latency_ms(model, x[:1]),
-            "dense_batch1_ms": cpu_latency_ms(dense, x[:1]),
-            "subnet_batch32_ms": cpu_latency_ms(model, x),
-            "dense_batch32_ms": cpu_latency_ms(dense, x),
+            "subnet_batch1_ms": forward_ms(model, x[:1]),
+            "dense_batch1_ms": forward_ms(dense, x[:1]),
+            "subnet_batch32_ms": forward_ms(model, x),
+            "dense_batch32_ms": forward_ms(dense, x),
         }
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def export_task(
@@ -171,18 +152,14 @@ def int8_figures(
     int8: nn.Module, fp32: nn.Module, test, x: torch.Tensor, threads: int, fp32_accuracy: float
 ) -> dict[str, Any]:
     """The int8 subnet (``--format int8``) against the fp32 one: test accuracy (on CPU, where int8 runs) and CPU
-    latency, both models timed with the same batches, threads and timer (``cpu_latency_ms``)."""
+    latency, both models timed with the same batches, threads and timer (``core.timing.forward_ms``)."""
     int8_accuracy = accuracy(int8, test, torch.device("cpu"))
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         timed = {
-            f"{name}_{label}_ms": cpu_latency_ms(net, batch)
+            f"{name}_{label}_ms": forward_ms(net, batch)
             for label, batch in (("batch1", x[:1]), ("batch32", x))
             for name, net in (("int8", int8), ("fp32", fp32))
         }
-    finally:
-        torch.set_num_threads(previous_threads)
     return {
         "scheme": SCHEME,
         "test_accuracy": int8_accuracy,
@@ -217,7 +194,7 @@ def _check_batch(model: nn.Module, spec: ModelSpec, splits) -> torch.Tensor:
 @torch.no_grad()
 def target_latency_task(files: dict[str, bytes], batches: list[int], settings: dict[str, Any]) -> dict[str, Any]:
     """The exported subnet (from its files, as a user loads it) and the dense model timed on this node, the way
-    ``flora-ray profile`` times its table (``stages.profile.time_ms``), at each batch size."""
+    ``flora-ray profile`` times its table (``core.timing.time_ms``), at each batch size."""
     import tempfile
 
     device, dtype = torch.device(settings["device"]), DTYPES[settings["dtype"]]
@@ -231,18 +208,15 @@ def target_latency_task(files: dict[str, bytes], batches: list[int], settings: d
         subnet = load_subnet(tmp, device=device).to(dtype).eval()
         spec = ModelSpec.from_dict(json.loads(files["subnet.json"])["model"])
     dense = spec.create(device=device).to(dtype).eval()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(settings["threads"])
-    try:
+    threads, min_run_time = settings["threads"], settings["min_run_time"]
+    with torch_threads(threads):
         measured = {}
         for batch in batches:
             x = model_input(dense, spec, batch, device, dtype)
             measured[str(batch)] = {
-                "measured_ms": time_ms(lambda x=x: subnet(x), settings["threads"], settings["min_run_time"])[0],
-                "dense_measured_ms": time_ms(lambda x=x: dense(x), settings["threads"], settings["min_run_time"])[0],
+                "measured_ms": time_ms(lambda x=x: subnet(x), threads, min_run_time).median_ms,
+                "dense_measured_ms": time_ms(lambda x=x: dense(x), threads, min_run_time).median_ms,
             }
-    finally:
-        torch.set_num_threads(previous)
     return {"device": device_description(device, settings["dtype"], settings["threads"]), "batches": measured}
 
 

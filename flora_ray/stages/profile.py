@@ -38,6 +38,7 @@ from flora_ray.core.lowrank import build_static_layer, low_rank_is_cheaper
 from flora_ray.core.models import ModelSpec
 from flora_ray.core.space import RankSpace
 from flora_ray.core.surgery import swap_modules
+from flora_ray.core.timing import time_ms, torch_threads
 from flora_ray.errors import InputError, MissingInput
 from flora_ray.results import LATENCY_DEVICE_KEY, load_latency_table
 from flora_ray.search.objectives import resolve_bounds
@@ -47,8 +48,6 @@ from flora_ray.storage.run_store import ARTEFACTS, RunStore
 logger = logging.getLogger(__name__)
 
 DEVICE_KEY = LATENCY_DEVICE_KEY
-BLOCKS = 20  # timed blocks per item (each about profile.min_run_time / BLOCKS seconds)
-MIN_BLOCKS = 5  # single calls, at least, of an item slower than profile.min_run_time / BLOCKS
 CHUNK = 12  # items per profile task: a table is written (and progress logged) after each
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -157,25 +156,6 @@ def item_runner(item: dict, dense: nn.Module, stubbed: nn.Module, x: torch.Tenso
     return lambda: model(x)
 
 
-def time_ms(run: Callable[[], Any], threads: int, min_run_time: float) -> tuple[float, float, int]:
-    """``(median ms, interquartile range ms, blocks)`` of ``run``, timed by ``torch.utils.benchmark`` in up to
-    ``BLOCKS`` blocks of equal length that together take about ``min_run_time`` seconds (at least ``MIN_BLOCKS``
-    single calls for slow items), after a warm-up: the median over many short blocks shrugs off what other
-    processes of a shared machine do to a few of them."""
-    import statistics
-
-    from torch.utils import benchmark
-
-    timer = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=threads)
-    per_call = timer.timeit(1).median  # first call: lazy allocations, kernel selection
-    blocks = max(MIN_BLOCKS, min(BLOCKS, round(min_run_time / per_call)))
-    number = max(1, round(min_run_time / blocks / per_call))
-    timer.timeit(max(1, number * blocks // 4))  # warm-up: caches, allocator, CPU frequency
-    times = [timer.timeit(number).median for _ in range(blocks)]
-    quartiles = statistics.quantiles(times, n=4)
-    return 1e3 * statistics.median(times), 1e3 * (quartiles[2] - quartiles[0]), blocks
-
-
 @torch.no_grad()
 def profile_task(
     spec_dict: dict, space_dict: dict, items: list[dict], batch: int, settings: dict
@@ -187,9 +167,7 @@ def profile_task(
             "profile.device=cuda but this node has no CUDA device: ask for a GPU node in profile.resources"
         )
     dtype = DTYPES[settings["dtype"]]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(settings["threads"])
-    try:
+    with torch_threads(settings["threads"]):
         spec = ModelSpec.from_dict(spec_dict)
         targets = RankSpace.from_dict(space_dict).fqns
         dense = spec.create(device=device).to(dtype).eval()
@@ -205,8 +183,6 @@ def profile_task(
             )
             rows.append({**item, "batch": batch, "ms": ms, "iqr_ms": iqr, "measurements": n})
         return rows, device_description(device, settings["dtype"], settings["threads"])
-    finally:
-        torch.set_num_threads(previous)
 
 
 def read_table(store: RunStore) -> tuple[pd.DataFrame | None, dict[str, Any]]:
