@@ -201,7 +201,7 @@ class Run:
     @cached_property
     def config(self) -> Config:
         """The configuration the run was made with."""
-        from flora_ray.stages.export import load_run_config
+        from flora_ray.stages.runs import load_run_config
 
         return load_run_config(self.store)
 
@@ -262,40 +262,37 @@ class Run:
 
     def knee(self, cost: str | None = None) -> pd.Series:
         """The front's knee point (``flora_ray.results.knee_point``) on ``cost`` (default: the searched axis)."""
-        from flora_ray.results import knee_point
+        from flora_ray.stages.runs import select_trial
 
-        front = self.front
-        return knee_point(front, cost or self.cost_axis)
+        return select_trial(self.store, knee=True, cost=cost)
 
     def best_under(
         self, max_macs: float | None = None, *, max_params: float | None = None, max_latency_ms: float | None = None
     ) -> pd.Series | None:
         """The most accurate front point within one budget (MACs per image, parameters or predicted latency in
         ms); ``None`` when no front point is within it."""
-        from flora_ray.results import best_under
+        from flora_ray.stages.runs import NothingWithin, budget_of, select_trial
 
-        budgets = {"macs": max_macs, "params": max_params, "latency_ms": max_latency_ms}
-        given = {axis: value for axis, value in budgets.items() if value is not None}
-        if len(given) != 1:
-            raise InputError("give exactly one budget: max_macs, max_params or max_latency_ms")
-        (axis, value), front = next(iter(given.items())), self.front
-        if front[axis].isna().all():
-            raise InputError(f"the run's front has no {axis}: it was searched without a latency table")
-        return best_under(front, value, axis)
+        budget = budget_of(max_macs=max_macs, max_latency_ms=max_latency_ms, max_params=max_params)
+        if budget is None:
+            raise InputError("give a budget: max_macs, max_params or max_latency_ms")
+        try:
+            return select_trial(self.store, budget=budget)
+        except NothingWithin:
+            return None
 
     @cached_property
     def supernet(self) -> Supernet:
         """The trained supernet (read once per ``Run``)."""
-        from flora_ray.search.evaluator import supernet_from_numpy
+        from flora_ray.stages.runs import run_supernet
 
-        tensors, header = self.store.read_checkpoint(ARTEFACTS.supernet)
-        return supernet_from_numpy(header, {k: v.numpy() for k, v in tensors.items()})
+        return run_supernet(self.store)
 
     def ranks(self, trial: int | pd.Series | Mapping[str, Any]) -> dict[str, int]:
         """The per-layer ranks of a completed trial (its number, or a row of ``trials``/``front``)."""
-        from flora_ray.stages.export import choose_trial
+        from flora_ray.stages.runs import select_trial
 
-        return json.loads(choose_trial(self.store, _trial_number(trial), None)["ranks"])
+        return json.loads(select_trial(self.store, trial=_trial_number(trial))["ranks"])
 
     def subnet(self, trial: int | pd.Series | Mapping[str, Any]) -> nn.Module:
         """A completed trial's subnet as a standalone timm model with the supernet's weights, in eval mode on
@@ -308,7 +305,7 @@ class Run:
         uniform one the filter dropped), built as ``subnet`` builds a trial's."""
         from flora_ray.core.batchnorm import batchnorm_state, load_batchnorm_state
         from flora_ray.core.subnet import extract_subnet
-        from flora_ray.stages.export import calibrate_subnet
+        from flora_ray.stages.runs import calibrate_subnet
 
         supernet, ranks = self.supernet, dict(ranks)
         shared = batchnorm_state(supernet.model)
@@ -324,6 +321,7 @@ class Run:
         *,
         max_macs: float | None = None,
         max_latency_ms: float | None = None,
+        knee: bool = False,
         output: str | os.PathLike | None = None,
         formats: Sequence[str] = ("safetensors",),
         evaluate: bool = True,
@@ -331,16 +329,18 @@ class Run:
         backend: str = DEFAULT_BACKEND,
         address: str | None = None,
     ) -> dict[str, Any]:
-        """Export a trial (or the best front point within ``max_macs`` / ``max_latency_ms``) as ``flora-ray
+        """Export a trial (or the best front point within ``max_macs`` / ``max_latency_ms``, or the ``knee``) as ``flora-ray
         export`` does, in ``formats`` (``safetensors``, ``pt2``, ``onnx``, ``int8``); ``evaluate=False`` skips the
         accuracy and latency passes. Returns the figures written to ``export.json`` (``directory``: where the files are)."""
         from flora_ray.stages.export import check_export, export_from_run
 
         number = None if trial is None else _trial_number(trial)
-        check_export(self.store, number, max_macs, max_latency_ms, tuple(formats))
+        choice = {"trial": number, "max_macs": max_macs, "max_latency_ms": max_latency_ms, "knee": knee,
+                  "formats": tuple(formats)}  # fmt: skip
+        check_export(self.store, **choice)
         with open_backend(backend, address) as chosen:
-            return export_from_run(self.store, number, max_macs, output, threads, chosen, max_latency_ms,
-                                   tuple(formats), evaluate)  # fmt: skip
+            return export_from_run(self.store, **choice, output=output, threads=threads, backend=chosen,
+                                   evaluate=evaluate)  # fmt: skip
 
     def finetune(
         self,
@@ -360,9 +360,10 @@ class Run:
         from flora_ray.stages.finetune import check_finetune, finetune_from_run
 
         number = None if trial is None else _trial_number(trial)
-        check_finetune(self.store, number, max_macs, knee, overrides)
+        check_finetune(self.store, trial=number, max_macs=max_macs, knee=knee, overrides=overrides)
         with open_backend(backend, address) as chosen:
-            return finetune_from_run(self.store, number, max_macs, knee, overrides, output, chosen)
+            return finetune_from_run(self.store, trial=number, max_macs=max_macs, knee=knee, overrides=overrides,
+                                     output=output, backend=chosen)  # fmt: skip
 
 
 def _trial_number(trial: int | pd.Series | Mapping[str, Any]) -> int:

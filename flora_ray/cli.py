@@ -159,6 +159,7 @@ def _add_export_parser(sub: Any) -> None:
     pick.add_argument(
         "--max-latency-ms", type=float, help="the most accurate front point within this predicted latency (ms)"
     )
+    pick.add_argument("--knee", action="store_true", help="the knee point of the front (what the export stage exports)")
     export.add_argument("--output", help="directory to write (default RUN_DIR/export/trial_N)")
     export.add_argument(
         "--format",
@@ -276,10 +277,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from flora_ray.stages.finetune import check_finetune, finetune_from_run
 
-    choice = (args.run_dir, args.trial, args.max_macs, args.knee, args.overrides)
-    check_finetune(*choice)  # before Ray starts
+    choice = {"trial": args.trial, "max_macs": args.max_macs, "knee": args.knee, "overrides": args.overrides}
+    check_finetune(args.run_dir, **choice)  # before Ray starts
     with _backend(args) as backend:
-        report = finetune_from_run(*choice, output=args.output, backend=backend)
+        report = finetune_from_run(args.run_dir, **choice, output=args.output, backend=backend)
     print(format_finetune(report))
     return 0
 
@@ -297,10 +298,12 @@ def format_finetune(report: dict[str, Any]) -> str:
 def cmd_export(args: argparse.Namespace) -> int:
     from flora_ray.stages.export import check_export, export_from_run
 
-    check_export(args.run_dir, args.trial, args.max_macs, args.max_latency_ms, args.formats)  # before Ray starts
+    choice = {"trial": args.trial, "max_macs": args.max_macs, "max_latency_ms": args.max_latency_ms,
+              "knee": args.knee, "formats": args.formats}  # fmt: skip
+    check_export(args.run_dir, **choice)  # before Ray starts
     with _backend(args) as backend:
-        report = export_from_run(args.run_dir, args.trial, args.max_macs, args.output, args.threads, backend,
-                                 args.max_latency_ms, args.formats, not args.no_eval)  # fmt: skip
+        report = export_from_run(args.run_dir, **choice, output=args.output, threads=args.threads, backend=backend,
+                                 evaluate=not args.no_eval)  # fmt: skip
     print(format_export(report))
     return 0
 

@@ -14,24 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from flora_ray.backends.base import Backend
 from flora_ray.backends.local import LocalBackend
-from flora_ray.config import Config, build_dataclass
+from flora_ray.config import Config
 from flora_ray.core.cost import build_cost_model
 from flora_ray.core.latency import LatencyModel
 from flora_ray.core.models import ModelSpec
 from flora_ray.core.quantize import SCHEME
 from flora_ray.core.space import RankSpace
 from flora_ray.core.subnet import load_subnet, package_versions, save_subnet
-from flora_ray.core.supernet import Supernet
 from flora_ray.core.timing import forward_ms, time_ms, torch_threads
 from flora_ray.data.datasets import build_datasets, norm_stats
-from flora_ray.errors import InputError, MissingInput
-from flora_ray.results import best_under, cost_axis, format_cost, knee_point, load_front, load_trials
-from flora_ray.search.evaluator import batchnorm_calibration, supernet_from_numpy
+from flora_ray.errors import MissingInput
+from flora_ray.results import cost_axis, knee_point, load_front
 from flora_ray.stages.formats import CARD_FILE, CONFIG_FILE, check_formats, hf_config, model_card, write_formats
 from flora_ray.stages.inputs import load_teacher, open_run, working_dir
 from flora_ray.stages.profile import (
@@ -42,50 +39,12 @@ from flora_ray.stages.profile import (
     profile_settings,
     read_table,
 )
+from flora_ray.stages.runs import budget_of, calibrate_subnet, load_run_config, run_supernet, select_trial
 from flora_ray.stages.search import trial_resources
 from flora_ray.storage.files import write_bytes, write_json
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.training.tasks import accuracy
 from flora_ray.training.worker import run_device
-
-
-def load_run_config(store: RunStore) -> Config:
-    """The configuration a run was made with (``run_config.yaml``)."""
-    if not store.is_file(ARTEFACTS.run_config):
-        raise MissingInput(
-            f"{store.location(ARTEFACTS.run_config)!r} does not exist: this is not a flora-ray run directory"
-        )
-    try:
-        data = yaml.safe_load(store.read_text(ARTEFACTS.run_config))
-    except yaml.YAMLError as exc:
-        raise InputError(
-            f"{store.location(ARTEFACTS.run_config)!r} is not valid YAML; remove the run directory"
-        ) from exc
-    return build_dataclass(Config, data, "")
-
-
-def choose_trial(store: RunStore, trial: int | None, budget: tuple[str, float] | None):
-    """The trials.parquet row of ``trial``, or the most accurate front point within ``budget`` (``(axis, value)``:
-    ``macs``, ``params`` or ``latency_ms``)."""
-    if (trial is None) == (budget is None):
-        raise InputError("give exactly one of --trial N, --max-macs M or --max-latency-ms T")
-    if trial is not None:
-        trials = load_trials(store)
-        rows = trials[(trials["trial"] == trial) & (trials["state"] == "COMPLETE")]
-        if rows.empty:
-            raise InputError(f"trial {trial} is not a completed trial of {store.root!r} (0..{trials['trial'].max()})")
-        return rows.iloc[0]
-    axis, value = budget
-    front = load_front(store)
-    if front[axis].isna().all():
-        raise InputError(f"the run's front has no {axis}: run `flora-ray profile` and search again, or use --max-macs")
-    row = best_under(front, value, axis)
-    if row is None:
-        raise InputError(
-            f"no front point has {axis} <= {format_cost(axis, value)}; the cheapest needs "
-            f"{format_cost(axis, front[axis].min())}"
-        )
-    return row
 
 
 def latency(model: nn.Module, dense: nn.Module, x: torch.Tensor, threads: int) -> dict[str, float]:
@@ -111,8 +70,7 @@ def export_task(
     store = RunStore(run_uri)
     cfg = load_run_config(store)
     ranks = json.loads(row["ranks"])
-    tensors, header = store.read_checkpoint(ARTEFACTS.supernet)
-    supernet = supernet_from_numpy(header, {k: v.numpy() for k, v in tensors.items()})
+    supernet = run_supernet(store)
     recalibrated = calibrate_subnet(supernet, ranks, cfg)
     splits = build_datasets(cfg.data) if evaluate else None
     figures: dict[str, Any] = {
@@ -170,15 +128,6 @@ def int8_figures(
         "speedup_batch32": timed["fp32_batch32_ms"] / timed["int8_batch32_ms"],
         "threads": threads,
     }
-
-
-def calibrate_subnet(supernet: Supernet, ranks: dict[str, int], cfg: Config) -> bool:
-    """Set the supernet to ``ranks`` and, when the run recalibrates BatchNorm (``search.bn_recalibration_images``)
-    and the model has any, give it that subnet's statistics on the run's recalibration images, as the search
-    scored it: the exported weights then carry them. Returns whether anything was recalibrated."""
-    supernet.set_ranks(ranks, within_candidates=False)
-    calibration = batchnorm_calibration(cfg, supernet.model)
-    return calibration is not None and calibration(supernet.model)
 
 
 def _check_batch(model: nn.Module, spec: ModelSpec, splits) -> torch.Tensor:
@@ -242,9 +191,11 @@ def target_latency(store: RunStore, cfg: Config, ranks: dict[str, int], files: d
 
 def check_export(
     run: str | os.PathLike | RunStore,
-    trial: int | None,
-    max_macs: float | None,
+    *,
+    trial: int | None = None,
+    max_macs: float | None = None,
     max_latency_ms: float | None = None,
+    knee: bool = False,
     formats: tuple[str, ...] = ("safetensors",),
 ):
     """``(store, config, trial row)`` of an export request, or the error that names what is wrong (the run, the
@@ -253,25 +204,25 @@ def check_export(
     store = run if isinstance(run, RunStore) else RunStore(run)
     if not store.is_file(ARTEFACTS.trials):
         raise MissingInput(f"{store.location(ARTEFACTS.trials)!r} does not exist: run `flora-ray search` first")
-    if max_macs is not None and max_latency_ms is not None:
-        raise InputError("give one of --max-macs and --max-latency-ms")
-    budget = ("macs", max_macs) if max_macs is not None else None
-    budget = ("latency_ms", max_latency_ms) if max_latency_ms is not None else budget
-    return store, load_run_config(store), choose_trial(store, trial, budget)
+    budget = budget_of(max_macs=max_macs, max_latency_ms=max_latency_ms)
+    return store, load_run_config(store), select_trial(store, trial=trial, budget=budget, knee=knee)
 
 
 def export_from_run(
     run: str | os.PathLike | RunStore,
+    *,
     trial: int | None = None,
     max_macs: float | None = None,
+    max_latency_ms: float | None = None,
+    knee: bool = False,
     output: str | os.PathLike | None = None,
     threads: int = 1,
     backend: Backend | None = None,
-    max_latency_ms: float | None = None,
     formats: tuple[str, ...] = ("safetensors",),
     evaluate: bool = True,
 ) -> dict[str, Any]:
-    """Export one searched subnet of a run; returns (and writes to ``export.json``) its figures.
+    """Export one searched subnet of a run (a trial, the most accurate front point within a budget, or the
+    front's knee); returns (and writes to ``export.json``) its figures.
 
     The extraction, the other ``formats`` and every inference pass run in ``export_task`` on ``backend``
     (default: in this process), with one search trial's resources; this process only picks the trial and writes
@@ -279,7 +230,9 @@ def export_from_run(
     timed on a node of the target kind (``target_latency``), next to the prediction.
     """
     formats = check_formats(formats)
-    store, cfg, row = check_export(run, trial, max_macs, max_latency_ms, formats)
+    store, cfg, row = check_export(
+        run, trial=trial, max_macs=max_macs, max_latency_ms=max_latency_ms, knee=knee, formats=formats
+    )
     backend = backend or LocalBackend()
     task_row = {"trial": int(row["trial"]), "ranks": row["ranks"], "accuracy": float(row["accuracy"])}
     files, figures = backend.call(export_task, store.uri, task_row, threads, formats, evaluate,
@@ -338,7 +291,6 @@ def card_context(store: RunStore, cfg: Config, figures: dict[str, Any]) -> dict[
 def export_stage(cfg: Config, backend: Backend | None = None) -> dict[str, Any]:
     """Export the knee point of the run's front (the compute as a task on ``backend``)."""
     store = open_run(cfg)
-    front = load_front(store)
-    if front.empty:
+    if load_front(store).empty:
         raise RuntimeError("the search produced no feasible subnet to export (every trial failed or broke the budget)")
-    return export_from_run(store, trial=int(knee_point(front, cost_axis(front))["trial"]), backend=backend)
+    return export_from_run(store, knee=True, backend=backend)

@@ -44,12 +44,11 @@ from flora_ray.core.supernet import Supernet
 from flora_ray.data.datasets import build_datasets, eval_subset
 from flora_ray.data.ray_data import train_dataset
 from flora_ray.errors import InputError, MissingInput
-from flora_ray.results import cost_axis, knee_point, load_front
-from flora_ray.search.evaluator import supernet_from_numpy
-from flora_ray.stages.export import choose_trial, data_geometry, load_run_config
+from flora_ray.stages.export import data_geometry
 from flora_ray.stages.formats import CONFIG_FILE, hf_config
 from flora_ray.stages.inputs import load_teacher, open_run, ray_storage, working_dir
 from flora_ray.stages.preflight import RAY_DATA_NEEDS_RAY
+from flora_ray.stages.runs import budget_of, load_run_config, run_supernet, select_trial
 from flora_ray.stages.search import trial_resources
 from flora_ray.stages.training import training_batches
 from flora_ray.storage.files import write_bytes, write_json
@@ -66,12 +65,6 @@ FINETUNE_FILE = "finetune.json"
 STAGE = "finetune"
 # Keys of the finetune section that choose the subnet or only change speed: not part of a fine-tune's identity.
 _NOT_SETTINGS = ("enabled", "trial", "max_macs")
-
-
-def run_supernet(store: RunStore, device: torch.device | str = "cpu") -> Supernet:
-    """The run's trained supernet (``supernet.safetensors``)."""
-    tensors, header = store.read_checkpoint(ARTEFACTS.supernet)
-    return supernet_from_numpy(header, {k: v.numpy() for k, v in tensors.items()}, device)
 
 
 def finetune_settings(cfg: Config) -> dict[str, Any]:
@@ -182,21 +175,9 @@ def finetune_subnet(
 # -- a run's subnet, fine-tuned and exported -------------------------------------------------------------------------
 
 
-def choose_subnet(store: RunStore, trial: int | None, max_macs: float | None, knee: bool):
-    """The trials.parquet row to fine-tune: ``trial``, the most accurate front point within ``max_macs``, or the
-    front's knee point (exactly one)."""
-    if (trial is not None) + (max_macs is not None) + bool(knee) != 1:
-        raise InputError("give exactly one of --trial N, --max-macs M or --knee")
-    if knee:
-        front = load_front(store)
-        if front.empty:
-            raise InputError(f"the front of {store.root!r} is empty: no subnet to fine-tune")
-        trial = int(knee_point(front, cost_axis(front))["trial"])
-    return choose_trial(store, trial, None if max_macs is None else ("macs", max_macs))
-
-
 def check_finetune(
     run: str | os.PathLike | RunStore,
+    *,
     trial: int | None = None,
     max_macs: float | None = None,
     knee: bool = False,
@@ -220,7 +201,7 @@ def check_finetune(
             f"{other[0]}={dotted_value(config_to_dict(cfg), other[0])!r} would change the run's results (it was made "
             f"with {dotted_value(stored, other[0])!r}): a fine-tune may override finetune.* keys and speed-only keys"
         )
-    return store, cfg, choose_subnet(store, trial, max_macs, knee)
+    return store, cfg, select_trial(store, trial=trial, budget=budget_of(max_macs=max_macs), knee=knee)
 
 
 def finetune_export_task(
@@ -275,6 +256,7 @@ def _train(store: RunStore, cfg: Config, row: Any, backend: Backend) -> tuple[di
 
 def finetune_from_run(
     run: str | os.PathLike | RunStore,
+    *,
     trial: int | None = None,
     max_macs: float | None = None,
     knee: bool = False,
@@ -288,7 +270,7 @@ def finetune_from_run(
     ``finetune/trial_N/`` (or ``output``); returns (and writes to ``finetune.json``) its figures: test accuracy
     before and after, epochs, seconds, history. A run with a report gets its report rebuilt. ``config``: as
     ``check_finetune``."""
-    store, cfg, row = check_finetune(run, trial, max_macs, knee, overrides, config)
+    store, cfg, row = check_finetune(run, trial=trial, max_macs=max_macs, knee=knee, overrides=overrides, config=config)
     backend = backend or LocalBackend()
     started = time.perf_counter()
     state, history = _train(store, cfg, row, backend)
@@ -324,5 +306,7 @@ def finetune_stage(cfg: Config, backend: Backend | None = None) -> dict[str, Any
         return {"skipped": "finetune.enabled is false"}
     store = open_run(cfg)
     knee = cfg.finetune.trial is None and cfg.finetune.max_macs is None
-    report = finetune_from_run(store, cfg.finetune.trial, cfg.finetune.max_macs, knee, backend=backend, config=cfg)
+    report = finetune_from_run(
+        store, trial=cfg.finetune.trial, max_macs=cfg.finetune.max_macs, knee=knee, backend=backend, config=cfg
+    )
     return {k: v for k, v in report.items() if k != "history"}

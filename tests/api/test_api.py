@@ -78,6 +78,25 @@ def test_knee_and_budget_picks(finished):
         run.best_under(budget, max_params=1e6)
 
 
+def test_one_trial_selector_serves_export_finetune_and_the_run_object(finished):
+    """``stages.runs.select_trial``: a trial by number, the best front point within a budget or the knee, exactly
+    one of them; what ``Run.knee``/``Run.best_under``, the export and the fine-tune choose with."""
+    from flora_ray.stages.runs import NothingWithin, select_trial
+
+    run, *_ = finished
+    front, trials = run.front, run.trials
+    pd.testing.assert_series_equal(select_trial(run.store, knee=True), knee_point(front))
+    budget = float(front["macs"].median())
+    pd.testing.assert_series_equal(select_trial(run.store, budget=("macs", budget)), best_under(front, budget))
+    last = int(trials["trial"].max())
+    assert select_trial(run.store, trial=last)["ranks"] == trials.set_index("trial").loc[last, "ranks"]
+    with pytest.raises(NothingWithin, match="no front point has macs <= "):
+        select_trial(run.store, budget=("macs", float(front["macs"].min()) - 1))
+    for two in ({"trial": last, "knee": True}, {"trial": last, "budget": ("macs", budget)}, {}):
+        with pytest.raises(ValueError, match="give exactly one of --trial N, a budget"):
+            select_trial(run.store, **two)
+
+
 def test_a_subnet_is_the_supernet_at_the_trials_ranks(finished):
     run, *_ = finished
     knee = run.knee()

@@ -16,9 +16,9 @@ import flora_ray as fr
 from flora_ray.cli import main
 from flora_ray.config import dump_config
 from flora_ray.data.datasets import build_datasets
-from flora_ray.stages.export import load_run_config
 from flora_ray.stages.finetune import FINETUNE_FILE, finetune_from_run, finetune_stage, finetune_subnet
 from flora_ray.stages.inputs import resolve_model_spec
+from flora_ray.stages.runs import load_run_config
 from flora_ray.storage.files import read_checkpoint
 from flora_ray.storage.run_store import ARTEFACTS
 from flora_ray.testing.faults import FaultyLocalBackend
@@ -167,5 +167,5 @@ def test_run_finetune_is_the_command_in_python(finished, tmp_path):
     report = run.finetune(best, overrides=[*RECIPE, "finetune.epochs=1"], backend="local")
     assert report["trial"] == int(best["trial"]) and report["epochs"] == 1 and len(report["history"]) == 1
     assert fr.load_subnet(report["directory"]) is not None
-    with pytest.raises(ValueError, match="give exactly one of --trial N, --max-macs M or --knee"):
+    with pytest.raises(ValueError, match="give exactly one of --trial N, a budget"):
         run.finetune(best, knee=True)
