@@ -1,0 +1,113 @@
+"""Run configuration: frozen dataclasses per stage, loaded from YAML, overridden by dotted keys, validated.
+
+``load_config(path, overrides)`` reads an experiment YAML (see ``experiments/``), applies ``section.key=value``
+overrides (values parsed as YAML), checks every key against the schema (an unknown key is an error naming the
+closest valid one) and every value against its type and range. ``config_to_dict`` gives the plain dict that is
+dumped next to every result.
+
+Whether a key changes the results is metadata on its field: ``SPEED_ONLY`` marks the keys (or whole sections) that
+only change speed or placement, and ``changed_result_keys`` compares two configurations by it. Parsing a config
+imports neither torch nor the data layer.
+"""
+
+from flora_ray.config.loading import (
+    apply_override,
+    build_dataclass,
+    config_to_dict,
+    dotted_value,
+    dump_config,
+    load_config,
+    merge_configs,
+    read_config_file,
+)
+from flora_ray.config.provenance import (
+    changed_result_keys,
+    describe_change,
+    speed_only_keys,
+)
+from flora_ray.config.schema import (
+    ABSENT_MEANS,
+    AFFECTS_RESULTS,
+    AMP_MODES,
+    BASE_KEY,
+    BOUNDS,
+    BUDGET_HELP,
+    COST_AXES,
+    DATA_PIPELINES,
+    DATASET_GEOMETRY,
+    DATASET_NAMES,
+    FILTER_MODES,
+    FILTER_SCORES,
+    PROFILE_DEVICES,
+    PROFILE_DTYPES,
+    REQUIRED_KEYS,
+    SAMPLERS,
+    SECTION_DEFAULTS,
+    SPEED_ONLY,
+    UNIFORM_MIN,
+    Config,
+    DataConfig,
+    FilterConfig,
+    FinetuneConfig,
+    ModelConfig,
+    NotifyConfig,
+    OptimConfig,
+    PretrainConfig,
+    ProfileConfig,
+    RunConfig,
+    ScalingConfig,
+    SearchConfig,
+    TrackingConfig,
+    TrainConfig,
+    TrainStageConfig,
+    parse_budget,
+)
+
+__all__ = [
+    "ABSENT_MEANS",
+    "AFFECTS_RESULTS",
+    "AMP_MODES",
+    "BASE_KEY",
+    "BOUNDS",
+    "BUDGET_HELP",
+    "COST_AXES",
+    "DATASET_GEOMETRY",
+    "DATASET_NAMES",
+    "DATA_PIPELINES",
+    "FILTER_MODES",
+    "FILTER_SCORES",
+    "PROFILE_DEVICES",
+    "PROFILE_DTYPES",
+    "REQUIRED_KEYS",
+    "SAMPLERS",
+    "SECTION_DEFAULTS",
+    "SPEED_ONLY",
+    "UNIFORM_MIN",
+    "Config",
+    "DataConfig",
+    "FilterConfig",
+    "FinetuneConfig",
+    "ModelConfig",
+    "NotifyConfig",
+    "OptimConfig",
+    "PretrainConfig",
+    "ProfileConfig",
+    "RunConfig",
+    "ScalingConfig",
+    "SearchConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "TrainStageConfig",
+    "apply_override",
+    "build_dataclass",
+    "changed_result_keys",
+    "config_to_dict",
+    "describe_change",
+    "dotted_value",
+    "dump_config",
+    "load_config",
+    "merge_configs",
+    "parse_budget",
+    "read_config_file",
+    "speed_only_keys",
+]
