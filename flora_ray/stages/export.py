@@ -30,6 +30,7 @@ from flora_ray.core.space import RankSpace
 from flora_ray.core.subnet import load_subnet, package_versions, save_subnet
 from flora_ray.core.supernet import Supernet
 from flora_ray.data.datasets import build_datasets, norm_stats
+from flora_ray.data.listing import run_listing
 from flora_ray.errors import InputError, MissingInput
 from flora_ray.results import best_under, cost_axis, format_cost, knee_point, load_front, load_trials
 from flora_ray.search.evaluator import batchnorm_calibration, supernet_from_numpy
@@ -133,7 +134,7 @@ def export_task(
     tensors, header = store.read_checkpoint(ARTEFACTS.supernet)
     supernet = supernet_from_numpy(header, {k: v.numpy() for k, v in tensors.items()})
     recalibrated = calibrate_subnet(supernet, ranks, cfg)
-    splits = build_datasets(cfg.data) if evaluate else None
+    splits = build_datasets(cfg.data, listing=run_listing(cfg)) if evaluate else None
     figures: dict[str, Any] = {
         "trial": int(row["trial"]),
         "macs": supernet.cost.macs(ranks),
