@@ -8,7 +8,8 @@ together are the official training set (before the optional ``train_subset``).
 Fashion-MNIST and digits live in memory as uint8 images and are resized, augmented (random crop with padding and
 horizontal flip, train split only) and normalised per item. Image folders use timm's transforms
 (``data.transforms``): the FLORA reference recipe (RandAugment m9, random erasing 0.25, no mixup/cutmix) for training
-and timm's eval transform otherwise.
+and timm's eval transform otherwise. An image folder at a URI (``s3://``, ``gs://``) is read file by file from
+its listing (``data.listing``: the same classes, split and images as the same folder on disk).
 
 ``pixels`` names the splits whose items stay uint8 ``(C, H, W)`` (the lean path of training loaders and evaluators);
 ``DataSplits.preprocess`` turns a batch of them into what the model sees, on the batch's device.
