@@ -4,8 +4,10 @@
   worker node that cannot see the head's working and output directories. ``flora-ray run --address`` on a
   generated image folder of JPEG files (12 classes) must succeed with every artefact in storage; a second run after
   the head's output directory is deleted finds the finished run in storage and skips every stage.
-* Object storage: the same pipeline with ``run.storage: s3://...`` against an S3 server on 127.0.0.1, then
-  ``load_front("s3://...")`` in pandas.
+* Object storage: the same pipeline with ``run.storage: s3://...`` and ``data.root: s3://...`` against an S3 server
+  on 127.0.0.1, then ``load_front("s3://...")`` in pandas.
+* Two nodes and a bucket: the pretrain stage on the two nodes, its images only in an S3 server inside the cluster's
+  network namespace.
 """
 
 import os
@@ -139,9 +141,14 @@ def test_a_run_on_object_storage(s3, tmp_path, monkeypatch):
     head = tmp_path / "head"
     data = tmp_path / "data"
     write_image_folder(data, classes=5, train_per_class=24, val_per_class=6, size=32)
+    import pyarrow.fs as pafs
+
+    pafs.copy_files(str(data), "flora-runs/images", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=s3.filesystem())  # fmt: skip
+    shutil.rmtree(data)  # the images too are only in the bucket: every stage reads them from there
     cfg = load_config(
         None, [*TINY, "run.name=s3run", f"run.output_dir={head}", f"run.storage={bucket}/runs", "data.name=imagefolder",
-               f"data.root={data}", "data.search_per_class=4"],
+               f"data.root={bucket}/images", "data.search_per_class=4"],
     )  # fmt: skip
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(config_to_dict(cfg)))
@@ -152,6 +159,7 @@ def test_a_run_on_object_storage(s3, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "environ", {**os.environ, **s3.env})
     uri = f"{bucket}/runs/s3run"
     _check_run_in_storage(RunStore(uri), classes=5)
+    assert RunStore(uri).is_file(ARTEFACTS.data_listing)  # listed once, by the driver
     front, trials = load_front(uri), load_trials(uri)  # pandas straight from the bucket
     assert len(trials) == 6 and set(front["trial"]) <= set(trials["trial"]) and len(front) >= 1
     local = {str(p.relative_to(head / "s3run")) for p in (head / "s3run").rglob("*") if p.is_file()}
