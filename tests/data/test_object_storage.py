@@ -121,3 +121,19 @@ def test_the_preflight_refuses_a_bad_uri_a_missing_bucket_or_an_empty_folder(buc
     text = str(info.value)
     assert message in text and "\n" not in text
     assert not RunStore.for_config(cfg).is_file(ARTEFACTS.data_listing)
+
+
+def test_the_command_refuses_a_missing_bucket_in_one_line_before_ray_starts(bucket, tmp_path, capsys):
+    import yaml
+
+    from flora_ray.cli import main
+    from flora_ray.config import config_to_dict
+
+    cfg = load_config(None, ["model.name=test_vit", "data.name=imagefolder", "data.root=s3://no-such-bucket/imagenet",
+                             "data.img_size=16", f"run.output_dir={tmp_path}"])  # fmt: skip
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bucket 'no-such-bucket' does not exist" in err, err
+    assert "Ray" not in err
