@@ -88,6 +88,21 @@ def test_a_bucket_reads_as_the_same_folder_on_disk(folder, bucket):
     assert sum(len(y) for _, y in loader) == len(remote.search)
 
 
+def test_ray_data_reads_the_loader_paths_training_files_from_the_bucket(folder, bucket, tmp_path):
+    from flora_ray.data.ray_data import train_files
+
+    def files(root):
+        cfg = load_config(None, ["data.name=imagefolder", f"data.root={root}", "data.search_per_class=2",
+                                 f"run.output_dir={tmp_path}"])  # fmt: skip
+        fs, base, paths, sizes, _ = train_files(cfg)
+        assert all(fs.get_file_info(p).size == s for p, s in zip(paths[:5], sizes[:5], strict=False))
+        return [p[len(base) + 1 :] for p in paths], build_datasets(cfg.data).train
+
+    in_bucket, _ = files(bucket)
+    on_disk, loader = files(str(folder))  # the loader path on disk: torchvision's ImageFolder
+    assert in_bucket == on_disk == [os.path.relpath(loader.dataset.samples[i][0], folder) for i in loader.indices]
+
+
 def test_the_driver_lists_once_and_records_the_listing_in_the_run(bucket, tmp_path, monkeypatch):
     cfg = load_config(None, ["model.name=test_vit", "model.kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
                              "data.name=imagefolder", f"data.root={bucket}", "data.img_size=16",
