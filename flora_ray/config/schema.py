@@ -100,7 +100,8 @@ class DataConfig:
         name: ``fashion_mnist``, ``digits`` or ``imagefolder``.
         root: Data directory. Fashion-MNIST: the idx files (or a torchvision download directory); defaults to the
             first of ``flora_ray.data.fashion_mnist.FASHION_MNIST_DIRS`` that exists. Image folders: ``root/train/<class>/*``,
-            ``root/val/<class>/*`` (required). Ignored for digits.
+            ``root/val/<class>/*`` (required), a local directory or a URI (``s3://bucket/prefix``, ``gs://...``)
+            read in place, never copied (``flora_ray.data.listing``). Ignored for digits.
         img_size: Side of the square images the model sees (default: the data set's own, ``DATASET_GEOMETRY``:
             28 for Fashion-MNIST, 8 for digits, 224 for image folders).
         in_chans: 1 or 3; grey images are replicated to 3 channels. Image folders need 3. Default: the data

@@ -8,7 +8,8 @@ together are the official training set (before the optional ``train_subset``).
 Fashion-MNIST and digits live in memory as uint8 images and are resized, augmented (random crop with padding and
 horizontal flip, train split only) and normalised per item. Image folders use timm's transforms
 (``data.transforms``): the FLORA reference recipe (RandAugment m9, random erasing 0.25, no mixup/cutmix) for training
-and timm's eval transform otherwise.
+and timm's eval transform otherwise. An image folder at a URI (``s3://``, ``gs://``) is read file by file from
+its listing (``data.listing``: the same classes, split and images as the same folder on disk).
 
 ``pixels`` names the splits whose items stay uint8 ``(C, H, W)`` (the lean path of training loaders and evaluators);
 ``DataSplits.preprocess`` turns a batch of them into what the model sees, on the batch's device.
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from flora_ray.config import DataConfig
 from flora_ray.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+from flora_ray.data.listing import FolderImages, FolderListing, is_remote, list_classes, list_image_folder
 from flora_ray.data.transforms import RE_PROB, Preprocess, folder_transforms
 from flora_ray.errors import InputError, MissingInput
 
@@ -57,24 +59,25 @@ class DataSplits:
 SPLIT_NAMES = ("train", "search", "test")
 
 
-def build_datasets(cfg: DataConfig, pixels: tuple[str, ...] = ()) -> DataSplits:
+def build_datasets(cfg: DataConfig, pixels: tuple[str, ...] = (), listing: FolderListing | None = None) -> DataSplits:
     """Load the data ``cfg`` names and split it into train / search / test.
 
     ``pixels``: the splits whose items are uint8 ``(C, H, W)`` tensors (``preprocess`` makes them model inputs);
-    the other splits yield normalised float tensors.
+    the other splits yield normalised float tensors. ``listing``: the file listing of an image folder at a URI
+    (``data.listing``; the run's, from ``run_listing``); without it a URI is listed here.
     """
     unknown = set(pixels) - set(SPLIT_NAMES)
     if unknown:
         raise ValueError(f"pixels={pixels!r} names unknown splits {sorted(unknown)}; use {SPLIT_NAMES}")
     if cfg.name == "imagefolder":
-        return _build_imagefolder(cfg, pixels)
+        return _build_imagefolder(cfg, pixels, listing)
     if cfg.name == "fashion_mnist":
         train_x, train_y, test_x, test_y = load_fashion_mnist(cfg.root)
         class_names = FASHION_MNIST_CLASSES
     else:
         train_x, train_y, test_x, test_y = load_digits()
         class_names = tuple(str(d) for d in range(10))
-    train_idx, search_idx = _train_search_indices(train_y, cfg)
+    train_idx, search_idx = train_search_indices(train_y, cfg)
     mean, std = norm_stats(cfg)
 
     def make(images: np.ndarray, labels: np.ndarray, augment: bool, split: str) -> InMemoryImageDataset:
@@ -148,13 +151,15 @@ def eval_subset(dataset: Dataset, max_images: int | None, seed: int) -> Dataset:
     return LabelledSubset(dataset, stratified_indices(labels_of(dataset), max_images, seed).tolist())
 
 
-def calibration_images(cfg: DataConfig, n_images: int, workers: int = 0) -> tuple[torch.Tensor, Preprocess]:
+def calibration_images(
+    cfg: DataConfig, n_images: int, workers: int = 0, listing: FolderListing | None = None
+) -> tuple[torch.Tensor, Preprocess]:
     """``n_images`` of the train split for BatchNorm recalibration (``core.batchnorm``), and what makes them model
     inputs: un-augmented, class-stratified and seeded by ``data.seed`` (the same images for every subnet and every
     process), as uint8 pixels ``(N, C, H, W)`` decoded by ``workers`` loader processes. Never search or test
     images: those score the subnets."""
     clean = dataclasses.replace(cfg, augment=False)
-    subset = eval_subset(build_datasets(clean, pixels=("train",)).train, n_images, cfg.seed)
+    subset = eval_subset(build_datasets(clean, pixels=("train",), listing=listing).train, n_images, cfg.seed)
     batches = [x for x, _ in DataLoader(subset, batch_size=256, num_workers=workers)]
     return torch.cat(batches), preprocess_for(clean)
 
@@ -283,21 +288,33 @@ def load_digits() -> tuple[np.ndarray, ...]:
     return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
 
 
-def _build_imagefolder(cfg: DataConfig, pixels: tuple[str, ...]) -> DataSplits:
+def _build_imagefolder(cfg: DataConfig, pixels: tuple[str, ...], listing: FolderListing | None) -> DataSplits:
     from torchvision.datasets import ImageFolder
 
-    root = Path(cfg.root)
-    image_folder_classes(root)
     mean, std = norm_stats(cfg)
     transforms = {
         lean: folder_transforms(cfg.img_size, mean, std, cfg.augment, pixels=lean)
         for lean in {s in pixels for s in SPLIT_NAMES}
     }
-    train_all = ImageFolder(str(root / "train"), transform=transforms["train" in pixels][0])
+    if listing is not None or is_remote(cfg.root):  # read file by file through the URI's filesystem
+        listing = listing if listing is not None else list_image_folder(cfg.root)
+        if listing.root != cfg.root:
+            raise ValueError(f"the listing is of {listing.root!r}, not of data.root {cfg.root!r}")
+        train_all, test = (
+            FolderImages(cfg.root, listing.paths[split], listing.labels[split], listing.classes, transform)
+            for split, transform in (
+                ("train", transforms["train" in pixels][0]),
+                ("val", transforms["test" in pixels][1]),
+            )
+        )
+    else:
+        root = Path(cfg.root)
+        image_folder_classes(root)
+        train_all = ImageFolder(str(root / "train"), transform=transforms["train" in pixels][0])
+        test = ImageFolder(str(root / "val"), transform=transforms["test" in pixels][1])
     search_all = copy.copy(train_all)  # same scanned samples, eval transform
     search_all.transform = transforms["search" in pixels][1]
-    test = ImageFolder(str(root / "val"), transform=transforms["test" in pixels][1])
-    train_idx, search_idx = _train_search_indices(np.asarray(train_all.targets), cfg)
+    train_idx, search_idx = train_search_indices(np.asarray(train_all.targets), cfg)
     return DataSplits(
         train=LabelledSubset(train_all, train_idx.tolist()),
         search=LabelledSubset(search_all, search_idx.tolist()),
@@ -310,6 +327,8 @@ def _build_imagefolder(cfg: DataConfig, pixels: tuple[str, ...]) -> DataSplits:
 
 def num_classes(cfg: DataConfig) -> int:
     """The data set's class count, without loading it (image folders: the class folders of ``train/``)."""
+    if cfg.name == "imagefolder" and is_remote(cfg.root):
+        return len(list_classes(cfg.root))
     if cfg.name == "imagefolder":
         if cfg.root is None or not Path(cfg.root).is_dir():
             raise MissingInput(f"data.root {cfg.root!r} is not a directory with train/ and val/ class folders")
@@ -338,7 +357,7 @@ def _class_dirs(root: Path, split: str) -> list[str]:
     return names
 
 
-def _train_search_indices(labels: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+def train_search_indices(labels: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     """Carve the search split out of the training labels, then keep ``train_subset`` of the rest."""
     if cfg.search_per_class is not None:
         train_idx, search_idx = class_balanced_split(labels, per_class=cfg.search_per_class, seed=cfg.seed)

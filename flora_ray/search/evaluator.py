@@ -203,10 +203,13 @@ def batchnorm_calibration(cfg, model: torch.nn.Module, workers: int = 0) -> Batc
     """The run's BatchNorm recalibration set for ``model`` (``search.bn_recalibration_images`` training images in
     batches of ``train.batch_size``); ``None``, with no data loaded, when that is 0 or ``model`` has no BatchNorm."""
     from flora_ray.data.datasets import calibration_images
+    from flora_ray.data.listing import run_listing
 
     if cfg.search.bn_recalibration_images == 0 or not has_batchnorm(model):
         return None
-    images, preprocess = calibration_images(cfg.data, cfg.search.bn_recalibration_images, workers)
+    images, preprocess = calibration_images(
+        cfg.data, cfg.search.bn_recalibration_images, workers, listing=run_listing(cfg)
+    )
     return BatchNormCalibration(images, cfg.train.batch_size, preprocess)
 
 
@@ -216,10 +219,11 @@ def search_images(config: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     (default: one per evaluator CPU beyond the first). Built once per search, shared by every evaluator."""
     from flora_ray.config import Config, build_dataclass
     from flora_ray.data.datasets import build_datasets, eval_subset
+    from flora_ray.data.listing import run_listing
     from flora_ray.training.worker import loader_workers
 
     cfg: Config = build_dataclass(Config, config, "")
-    search = build_datasets(cfg.data, pixels=("search",)).search
+    search = build_datasets(cfg.data, pixels=("search",), listing=run_listing(cfg)).search
     subset = eval_subset(search, cfg.search.eval_images, cfg.data.seed)
     workers = loader_workers(cfg.data.workers, cfg.search.cpus_per_trial)
     images, labels = search_batch(subset, len(subset), workers=workers)

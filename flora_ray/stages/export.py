@@ -27,6 +27,7 @@ from flora_ray.core.space import RankSpace
 from flora_ray.core.subnet import load_subnet, package_versions, save_subnet
 from flora_ray.core.timing import forward_ms, time_ms, torch_threads
 from flora_ray.data.datasets import build_datasets, norm_stats
+from flora_ray.data.listing import run_listing
 from flora_ray.errors import MissingInput
 from flora_ray.results import cost_axis, knee_point, load_front
 from flora_ray.stages.formats import CARD_FILE, CONFIG_FILE, check_formats, hf_config, model_card, write_formats
@@ -72,7 +73,7 @@ def export_task(
     ranks = json.loads(row["ranks"])
     supernet = run_supernet(store)
     recalibrated = calibrate_subnet(supernet, ranks, cfg)
-    splits = build_datasets(cfg.data) if evaluate else None
+    splits = build_datasets(cfg.data, listing=run_listing(cfg)) if evaluate else None
     figures: dict[str, Any] = {
         "trial": int(row["trial"]),
         "macs": supernet.cost.macs(ranks),

@@ -24,6 +24,7 @@ from flora_ray.config import Config, build_dataclass, config_to_dict
 from flora_ray.core.cost import build_cost_model
 from flora_ray.core.space import RankSpace
 from flora_ray.data.datasets import build_datasets, eval_subset
+from flora_ray.data.listing import run_listing
 from flora_ray.errors import InputError
 from flora_ray.search.evaluator import batchnorm_calibration
 from flora_ray.search.filtering import (
@@ -73,7 +74,7 @@ def filter_task(shared: tuple[dict[str, Any], dict[str, Any]], block_index: int)
     setup_worker(cfg.run.threads_per_worker, cfg.run.seed + block_index)
     device = run_device(cfg, "scaling.use_gpu")
     subset = None if cfg.filter.subset >= 1 else cfg.filter.subset
-    splits = build_datasets(replace(cfg.data, train_subset=subset), pixels=("train",))
+    splits = build_datasets(replace(cfg.data, train_subset=subset), pixels=("train",), listing=run_listing(cfg))
     search = eval_subset(splits.search, cfg.filter.eval_images, cfg.data.seed)  # stratified, as the search's
     spec = resolve_model_spec(cfg)
     state = {k: torch.from_numpy(v.copy()) for k, v in teacher_state.items()}

@@ -42,6 +42,7 @@ from flora_ray.core.models import load_state_dict_strict
 from flora_ray.core.subnet import extract_subnet, load_subnet, package_versions, save_subnet
 from flora_ray.core.supernet import Supernet
 from flora_ray.data.datasets import build_datasets, eval_subset
+from flora_ray.data.listing import run_listing
 from flora_ray.data.ray_data import train_dataset
 from flora_ray.errors import InputError, MissingInput
 from flora_ray.stages.export import data_geometry
@@ -97,7 +98,7 @@ def finetune_worker(payload: dict[str, Any], session: Session) -> None:
     cfg: Config = build_dataclass(Config, payload["config"], "")
     store, opt = RunStore(payload["run"]), cfg.finetune
     setup_worker(cfg.run.threads_per_worker, cfg.run.seed)
-    splits = build_datasets(cfg.data, pixels=("train",))
+    splits = build_datasets(cfg.data, pixels=("train",), listing=run_listing(cfg))
     student = extract_subnet(run_supernet(store), payload["ranks"]).to(session.device)
     (teacher,) = load_teacher(cfg, store, session.device)
     task = subnet_task(cfg, student, teacher, splits.search)
@@ -139,7 +140,7 @@ def finetune_subnet(
         run: Where the supernet and the teacher are read from when not given (default: ``cfg``'s run directory).
         supernet: The run's supernet (default: read from the run; pass it to fine-tune many subnets).
         teacher: The run's dense teacher (default: read from the run); it is put in eval mode and frozen.
-        splits: ``data.datasets.build_datasets(cfg.data, pixels=("train",))`` (default: built here).
+        splits: ``data.datasets.build_datasets(cfg.data, pixels=("train",), listing=run_listing(cfg))`` (default: built here).
         device: Where to train and evaluate.
         evaluate_before: Also score the subnet on the test split before fine-tuning.
         within_candidates: ``False``: also a configuration the filtered space dropped (a uniform baseline).
@@ -154,7 +155,7 @@ def finetune_subnet(
     store = run if isinstance(run, RunStore) else RunStore(run) if run is not None else RunStore.for_config(cfg)
     supernet = supernet if supernet is not None else run_supernet(store)
     teacher = teacher if teacher is not None else load_teacher(cfg, store, device)[0]
-    splits = splits if splits is not None else build_datasets(cfg.data, pixels=("train",))
+    splits = splits if splits is not None else build_datasets(cfg.data, pixels=("train",), listing=run_listing(cfg))
     device = torch.device(device)
     setup_worker(0, cfg.run.seed)  # the seed only: the caller's threads are left alone
     student = extract_subnet(supernet, ranks, within_candidates).to(device)
@@ -213,7 +214,7 @@ def finetune_export_task(
     store, cfg = RunStore(run_uri), build_dataclass(Config, config, "")
     ranks = json.loads(row["ranks"])
     supernet = run_supernet(store)
-    splits = build_datasets(cfg.data)
+    splits = build_datasets(cfg.data, listing=run_listing(cfg))
     device = run_device(cfg, "search.gpus_per_trial")
     before = accuracy(extract_subnet(supernet, ranks).to(device), splits.test, device)
     tuned = extract_subnet(supernet, ranks)

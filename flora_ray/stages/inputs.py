@@ -23,6 +23,7 @@ from flora_ray.core.space import RankSpace
 from flora_ray.core.subnet import package_versions
 from flora_ray.core.supernet import Supernet, build_space, build_supernet
 from flora_ray.data.datasets import num_classes
+from flora_ray.data.listing import run_classes
 from flora_ray.errors import InputError, MissingInput
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
@@ -34,7 +35,8 @@ SMALL_DATASETS = ("fashion_mnist", "digits")
 def resolve_model_spec(cfg: Config) -> ModelSpec:
     """The timm spec of the run: data geometry (``img_size``, ``in_chans``) and the data's class count, plus the
     model kwargs (which may not contradict the data)."""
-    classes = num_classes(cfg.data)
+    remote = run_classes(cfg)  # a URI: the classes of the run's listing
+    classes = len(remote) if remote is not None else num_classes(cfg.data)
     name, kwargs = architecture(cfg)
     kwargs.update({"img_size": cfg.data.img_size, "in_chans": cfg.data.in_chans, "num_classes": classes})
     kwargs.update(cfg.model.kwargs)

@@ -8,6 +8,7 @@ from pathlib import Path
 from flora_ray.config import BOUNDS, Config
 from flora_ray.core.models import ModelSpec
 from flora_ray.data.datasets import build_datasets
+from flora_ray.data.listing import data_filesystem, is_remote, run_listing
 from flora_ray.errors import InputError, MissingInput
 from flora_ray.notify import check_notify
 from flora_ray.stages.inputs import (
@@ -51,6 +52,7 @@ def preflight(cfg: Config, stage: str, store: RunStore | None = None) -> None:
     if stage not in PREFLIGHT_STAGES:
         raise InputError(f"stage {stage!r} is not one of {PREFLIGHT_STAGES}")
     store = store or RunStore.for_config(cfg)
+    check_image_folder(cfg)  # first: a URI's listing gives the class count the model spec needs
     spec = resolve_model_spec(cfg)
     check_geometry(spec)  # unknown model or kwargs, images it cannot take: fail here, not in a worker
     pretrained = pretrained_source(cfg)  # a hf-hub: model's weights: their file in the local hub cache
@@ -62,8 +64,6 @@ def preflight(cfg: Config, stage: str, store: RunStore | None = None) -> None:
     check_notify(cfg)
     if cfg.data.name in SMALL_DATASETS:
         build_datasets(cfg.data)
-    elif cfg.data.root is None or not Path(cfg.data.root).is_dir():
-        raise MissingInput(f"data.root {cfg.data.root!r} is not a directory with train/ and val/ class folders")
     if stage in ("filter", "train"):
         if teacher_is_pretrained(cfg):
             check_checkpoint(
@@ -80,6 +80,19 @@ def preflight(cfg: Config, stage: str, store: RunStore | None = None) -> None:
         check_checkpoint(store.read_checkpoint_header(ARTEFACTS.supernet), spec, store.location(ARTEFACTS.supernet))
     if stage == "train" and (cfg.train.space_file or store.is_file(ARTEFACTS.space)):
         resolve_space(cfg, store, full_space(cfg))
+
+
+def check_image_folder(cfg: Config) -> None:
+    """An image folder's ``data.root``: a URI is listed here, once, and the listing recorded in the run for every
+    other process (a bad URI, a missing bucket, an empty folder fail in one line); a path must be a directory."""
+    if cfg.data.name != "imagefolder":
+        return
+    if is_remote(cfg.data.root):
+        run_listing(cfg, record=True)
+        return
+    data_filesystem(cfg.data.root)  # an almost-URI (s3:/bucket) is refused, not taken for a relative path
+    if not Path(cfg.data.root).is_dir():
+        raise MissingInput(f"data.root {cfg.data.root!r} is not a directory with train/ and val/ class folders")
 
 
 def check_budgets(cfg: Config, store: RunStore, needs_table: bool = False) -> None:

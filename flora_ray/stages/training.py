@@ -17,6 +17,7 @@ from flora_ray.config import Config, build_dataclass, config_to_dict
 from flora_ray.core.models import dense_checkpoint_metadata, load_state_dict_strict
 from flora_ray.core.space import RankSpace
 from flora_ray.data.datasets import build_datasets, eval_subset
+from flora_ray.data.listing import run_listing
 from flora_ray.data.ray_data import ShardBatches, train_dataset
 from flora_ray.errors import InputError
 from flora_ray.stages.inputs import (
@@ -52,7 +53,7 @@ def train_worker(payload: dict[str, Any], session: Session) -> None:
         raise ValueError(f"stage {stage!r} is not one of {TRAINING_STAGES}")
     setup_worker(cfg.run.threads_per_worker, cfg.run.seed)
     opt = opt_of(cfg, stage)
-    splits = build_datasets(cfg.data, pixels=("train",))
+    splits = build_datasets(cfg.data, pixels=("train",), listing=run_listing(cfg))
     probes = eval_subset(splits.search, getattr(opt, "eval_images", None), cfg.data.seed)  # stratified, seeded
     spec = resolve_model_spec(cfg)
     if spec.kwargs.get("num_classes") != splits.num_classes:

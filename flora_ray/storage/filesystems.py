@@ -112,6 +112,12 @@ def _parse(location: str) -> _Parsed:
     raise StorageLocationError(location, f"unsupported scheme {scheme!r}", f"use {ALLOWED}")
 
 
+def uri_scheme(location: str) -> str | None:
+    """The lower-case scheme of a URI (``s3``, ``gs``, ``file``, ...), or None for a path (and an almost-URI)."""
+    match = _SCHEME.match(location)
+    return match.group(1).lower() if match else None
+
+
 def _env(env: Mapping[str, str] | None) -> Mapping[str, str]:
     return os.environ if env is None else env
 
@@ -340,6 +346,16 @@ def _explain(exc: BaseException, kind: str, path: str, env: Mapping[str, str]) -
     if "NOT_FOUND" in upper and bucket.upper() in upper:
         return f"bucket {bucket!r} does not exist at {where}", "create it, or fix the bucket name"
     return _one_line(message), "check the location, the credentials and the endpoint"
+
+
+def explain_failure(
+    exc: BaseException, fs: pyarrow.fs.FileSystem, path: str, env: Mapping[str, str] | None = None
+) -> tuple[str, str]:
+    """A short cause and what to do about ``exc``, raised by ``fs`` on ``path`` (for one-line errors)."""
+    kind = fs.type_name if fs.type_name in ("local", "s3") else "gcs" if fs.type_name == "gcs" else "other"
+    if kind == "other":
+        return _one_line(str(exc)), "check the location and its credentials"
+    return _explain(exc, kind, path, _env(env))
 
 
 def check_storage(

@@ -29,6 +29,7 @@ class Artefacts:
     """File names of a run's artefacts, relative to the run directory."""
 
     run_config: str = "run_config.yaml"
+    data_listing: str = "data_listing.parquet"
     teacher: str = "teacher.safetensors"
     space: str = "space.json"
     latency_table: str = "latency_table.parquet"

@@ -4,11 +4,14 @@
   worker node that cannot see the head's working and output directories. ``flora-ray run --address`` on a
   generated image folder of JPEG files (12 classes) must succeed with every artefact in storage; a second run after
   the head's output directory is deleted finds the finished run in storage and skips every stage.
-* Object storage: the same pipeline with ``run.storage: s3://...`` against an S3 server on 127.0.0.1, then
-  ``load_front("s3://...")`` in pandas.
+* Object storage: the same pipeline with ``run.storage: s3://...`` and ``data.root: s3://...`` against an S3 server
+  on 127.0.0.1, then ``load_front("s3://...")`` in pandas.
+* Two nodes and a bucket: the pretrain stage on the two nodes, its images only in an S3 server inside the cluster's
+  network namespace.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -138,9 +141,14 @@ def test_a_run_on_object_storage(s3, tmp_path, monkeypatch):
     head = tmp_path / "head"
     data = tmp_path / "data"
     write_image_folder(data, classes=5, train_per_class=24, val_per_class=6, size=32)
+    import pyarrow.fs as pafs
+
+    pafs.copy_files(str(data), "flora-runs/images", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=s3.filesystem())  # fmt: skip
+    shutil.rmtree(data)  # the images too are only in the bucket: every stage reads them from there
     cfg = load_config(
         None, [*TINY, "run.name=s3run", f"run.output_dir={head}", f"run.storage={bucket}/runs", "data.name=imagefolder",
-               f"data.root={data}", "data.search_per_class=4"],
+               f"data.root={bucket}/images", "data.search_per_class=4"],
     )  # fmt: skip
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(config_to_dict(cfg)))
@@ -151,6 +159,7 @@ def test_a_run_on_object_storage(s3, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "environ", {**os.environ, **s3.env})
     uri = f"{bucket}/runs/s3run"
     _check_run_in_storage(RunStore(uri), classes=5)
+    assert RunStore(uri).is_file(ARTEFACTS.data_listing)  # listed once, by the driver
     front, trials = load_front(uri), load_trials(uri)  # pandas straight from the bucket
     assert len(trials) == 6 and set(front["trial"]) <= set(trials["trial"]) and len(front) >= 1
     local = {str(p.relative_to(head / "s3run")) for p in (head / "s3run").rglob("*") if p.is_file()}
@@ -186,3 +195,80 @@ def _check_run_object(uri: str, trials: pd.DataFrame) -> None:
     subnet = run.subnet(run.knee())
     with torch.no_grad():
         assert subnet(input_for(subnet)).shape[-1] == 5
+
+
+BUCKET_DRIVER = textwrap.dedent(
+    """
+    import http.client, os, shutil, subprocess, sys, time
+    from pathlib import Path
+
+    import pyarrow.fs as pafs
+
+    from flora_ray.storage.filesystems import s3_filesystem
+
+    head, port = Path(sys.argv[1]), int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    server_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    with open(head / "moto.log", "wb") as log:  # the S3 server, in the cluster's network namespace
+        moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, env=server_env)
+    try:
+        for _ in range(600):
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+                conn.request("GET", "/moto-api/")
+                conn.getresponse().read()
+                break
+            except OSError:
+                time.sleep(0.1)
+        fs = s3_filesystem(allow_bucket_creation=True)
+        fs.create_dir("images")
+        pafs.copy_files(str(head / "data"), "images/demo", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
+        shutil.rmtree(head / "data")  # from here on the images exist only in the bucket
+        command = [sys.executable, "-m", "flora_ray.cli", "pretrain", "run.yaml", "--address", os.environ["RAY_ADDRESS"]]
+        with open(head / "pretrain.log", "wb") as log:
+            code = subprocess.run(command, cwd=head, stdout=log, stderr=subprocess.STDOUT).returncode
+    finally:
+        moto.terminate()
+        moto.wait(30)
+    sys.exit(code)
+    """
+)
+
+
+def test_two_nodes_read_the_images_from_a_bucket(two_node_dirs):
+    """The pretrain stage on two nodes with ``data.root: s3://...`` (moto on 127.0.0.1, inside the cluster's network
+    namespace) and ``data.pipeline: ray_data``: the image folder is written on the head, hidden from the worker
+    node and deleted once uploaded, so the worker's Ray Data read tasks (training images) and its evaluation loaders
+    (search and test images) can only have read the bucket."""
+    from flora_ray.testing.multinode import run_on_two_nodes
+    from flora_ray.testing.s3 import AWS_VARIABLES_CLEARED, free_port
+
+    head, storage = two_node_dirs / "head", two_node_dirs / "storage"
+    write_image_folder(head / "data", classes=4, train_per_class=24, val_per_class=6, size=32)
+    cfg = load_config(
+        None, [*TINY, "run.name=bucket", f"run.output_dir={head / 'runs'}", f"run.storage={storage}",
+               "data.name=imagefolder", "data.root=s3://images/demo", "data.search_per_class=4",
+               "data.pipeline=ray_data", "data.decoders=1", "scaling.num_workers=1", "pretrain.epochs=1"],
+    )  # fmt: skip
+    (head / "run.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    (two_node_dirs / "driver.py").write_text(BUCKET_DRIVER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST") and k not in AWS_VARIABLES_CLEARED}
+    env.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+    )  # fmt: skip
+    command = [sys.executable, str(two_node_dirs / "driver.py"), str(head)]
+    result = run_on_two_nodes(command, hide=[head], env=env, timeout_s=540)
+    log = (head / "pretrain.log").read_text() if (head / "pretrain.log").exists() else ""
+    assert result.returncode == 0, log[-4000:] + result.stdout[-2000:] + result.stderr[-3000:]
+    assert not (head / "data").exists()
+    store = RunStore(storage / "bucket")
+    assert store.is_file(ARTEFACTS.teacher) and store.is_file(ARTEFACTS.data_listing)
+    history = store.read_json(ARTEFACTS.history("pretrain"))
+    assert len(history) == 1 and 0 <= history[0]["search_acc"] <= 100
+    requests = re.sub(r"\x1b\[[0-9;]*m", "", (head / "moto.log").read_text())  # the server's access log
+    gets = re.findall(r'"GET /images/demo/(\S+) HTTP', requests)
+    assert len({g for g in gets if g.startswith("train/")}) == 4 * 24, gets[-5:]  # every training image, and the
+    assert len({g for g in gets if g.startswith("val/")}) == 4 * 6, gets[-5:]  # test split, read from the bucket
