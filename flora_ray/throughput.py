@@ -115,9 +115,17 @@ def read_measured(path: str | Path) -> TrainingRate:
     return rate
 
 
+def is_smoke(path: Path) -> bool:
+    try:
+        return bool(json.loads(path.read_text()).get("smoke"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def known_rates(extra: list[str] | tuple[str, ...] = ()) -> list[TrainingRate]:
-    """Measured files (the repository's and ``extra``), then the published rows: the first match wins."""
-    measured = [read_measured(p) for p in sorted(MEASURED_DIR.glob(MEASURED_GLOB))] if MEASURED_DIR.is_dir() else []
+    """Measured files (``extra``, then the repository's GPU runs), then the published rows: the first match wins."""
+    found = sorted(MEASURED_DIR.glob(MEASURED_GLOB)) if MEASURED_DIR.is_dir() else []
+    measured = [read_measured(p) for p in found if not is_smoke(p)]
     return [*[read_measured(p) for p in extra], *measured, *PUBLISHED]
 
 
