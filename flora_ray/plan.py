@@ -10,9 +10,11 @@ throughput of the model on the node type's GPU (``flora_ray.throughput``: measur
 else published by timm), turned into multiply-accumulates per second; where no figure exists for the model and
 GPU, the GPU's datasheet peak dense FP16/BF16 tensor rate times an assumed model-FLOPs utilisation (``--mfu``),
 labelled as that fallback; without a cluster file, a forward pass of the model timed on this machine. Training
-counts forward + backward as 3 forward passes plus the teacher's forward pass; estimates of stages that were not run
-are rough by nature, and say so. Prices are per node type (``--price TYPE=USD``, ``--prices FILE``), the head's
-included.
+counts forward + backward as 3 forward passes plus the teacher's forward pass; search and export (forward passes
+only) are estimated at the same multiply-accumulates per second, which forward-only passes usually exceed (timm's
+RTX 3090 figures give DeiT-S inference a higher MAC rate than training), so their estimates err long. Estimates of
+stages that were not run are rough by nature, and say so. Prices are per node type (``--price TYPE=USD``,
+``--prices FILE``), the head's included.
 """
 
 from __future__ import annotations
