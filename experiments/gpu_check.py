@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -92,7 +93,8 @@ def write_images(root: Path, classes: int, train_per_class: int, size: int) -> P
     shutil.rmtree(root, ignore_errors=True)
     jobs = max(1, min(os.cpu_count() or 1, classes))
     parts = [list(range(classes))[i::jobs] for i in range(jobs)]
-    with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
+    spawn = multiprocessing.get_context("spawn")  # this process may hold a CUDA context: no fork
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=spawn) as pool:
         futures = [pool.submit(write_image_folder, root, classes, train_per_class=train_per_class, val_per_class=10,
                                size=size, class_indices=part) for part in parts]  # fmt: skip
         for future in futures:
@@ -158,11 +160,11 @@ class Sampler:
         self._smi = None
         if gpus:
             query = "timestamp,index,utilization.gpu,memory.used"
-            self._smi = subprocess.Popen(
-                ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits",
-                 f"--loop-ms={int(SAMPLE_S * 1000)}"],
-                stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
+            command = ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits",
+                       f"--loop-ms={int(SAMPLE_S * 1000)}"]  # fmt: skip
+            if shutil.which("nvidia-smi") is None:
+                raise Refusal("nvidia-smi is not on PATH (it ships with the NVIDIA driver): the GPU sampler needs it")
+            self._smi = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
             self._threads.append(threading.Thread(target=self._gpu, daemon=True))
 
     def __enter__(self) -> Sampler:
@@ -187,14 +189,19 @@ class Sampler:
             self.cpu.append((time.time(), psutil.cpu_percent() / 100 * cores))
 
     def _gpu(self) -> None:
-        """nvidia-smi's own timestamp (local time) dates each sample: a pipe may hand lines over in bursts."""
         for line in self._smi.stdout:
-            stamp, index, util, memory = (part.strip() for part in line.split(","))
-            try:
-                when = datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()
-            except ValueError:
-                when = time.time()
-            self.gpu.append((when, int(index), float(util), float(memory)))
+            self.gpu.append(parse_smi_line(line))
+
+
+def parse_smi_line(line: str) -> tuple[float, int, float, float]:
+    """``timestamp, index, utilization.gpu, memory.used`` as (wall-clock seconds, GPU, percent, MiB): nvidia-smi's own
+    timestamp (local time) dates the sample, since a pipe may hand lines over in bursts."""
+    stamp, index, util, memory = (part.strip() for part in line.split(","))
+    try:
+        when = datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()
+    except ValueError:
+        when = time.time()
+    return when, int(index), float(util), float(memory)
 
 
 def stage_window(marker: dict) -> tuple[float, float]:
@@ -330,8 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         args = parse_args(argv)
-        if not args.smoke:
-            cuda_devices()  # before any file is written
+        if not args.smoke:  # before any file is written
+            cuda_devices()
+            if shutil.which("nvidia-smi") is None:
+                raise Refusal("nvidia-smi is not on PATH (it ships with the NVIDIA driver): the GPU sampler needs it")
         result = run_check(args)
     except (Refusal, InputError) as exc:
         print(f"gpu-check: error: {exc}", file=sys.stderr)

@@ -84,3 +84,24 @@ def test_the_gpu_run_is_the_recipe_shortened_and_fits_the_machine(tmp_path, monk
     for stage, bundles in stage_bundles(cfg).items():
         assert sum(b.get("CPU", 0) for b in bundles) <= cpus, stage
         assert sum(b.get("GPU", 0) for b in bundles) <= gpus, stage
+
+
+def test_gpu_samples_are_read_and_summarised_per_gpu_within_the_train_window():
+    """The GPU path's sampling arithmetic on nvidia-smi lines as its CSV query prints them (no GPU needed)."""
+    module = _module()
+    lines = [
+        "2026/12/07 10:00:00.000, 0, 0, 500",  # before the window
+        "2026/12/07 10:00:01.000, 0, 90, 20000",
+        "2026/12/07 10:00:01.000, 1, 40, 18000",
+        "2026/12/07 10:00:01.500, 0, 0, 21000",
+        "2026/12/07 10:00:01.500, 1, 60, 19000",
+        "2026/12/07 10:00:03.000, 0, 100, 30000",  # after the window
+    ]
+    samples = [module.parse_smi_line(line) for line in lines]
+    assert samples[1][1:] == (0, 90.0, 20000.0) and samples[2][0] - samples[0][0] == pytest.approx(1.0)
+    sampler = module.Sampler(gpus=False)
+    sampler.gpu = samples
+    figures = module.gpu_figures(sampler, (samples[1][0], samples[3][0]), gpus=2)
+    assert figures["busy_share_per_gpu"] == [0.45, 0.5]  # (90 + 0) / 2 and (40 + 60) / 2, in percent / 100
+    assert figures["busy_share_per_gpu_while_busy"] == [0.9, 0.5]
+    assert figures["peak_memory_mib_per_gpu"] == [21000.0, 19000.0] and figures["samples_per_gpu"] == [2, 2]
