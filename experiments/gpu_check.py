@@ -256,8 +256,6 @@ def run_check(args: argparse.Namespace) -> dict:
     import flora_ray
     from flora_ray.api import resolve_config
     from flora_ray.config import config_to_dict
-    from flora_ray.core.models import ModelSpec
-    from flora_ray.plan import build_workload
     from flora_ray.storage.run_store import ARTEFACTS
 
     devices = [] if args.smoke else cuda_devices()
@@ -277,7 +275,6 @@ def run_check(args: argparse.Namespace) -> dict:
     markers = {s: run.store.read_json(ARTEFACTS.stage_marker(s)) for s in ("filter", "train", "search", "export")}
     history = run.store.read_json(ARTEFACTS.history("train"))
     window = stage_window(markers["train"])
-    workload = build_workload(cfg, ModelSpec(name, {**kwargs, "num_classes": classes}), history[-1]["images"])
     images_per_s = history[-1]["images_per_s"]
     result = {
         "smoke": args.smoke,
@@ -287,7 +284,7 @@ def run_check(args: argparse.Namespace) -> dict:
             "gpus": len(devices),
             "images_per_s": images_per_s,
             "images_per_s_per_gpu": images_per_s / max(1, len(devices)),
-            "train_macs_per_image": workload.dense_macs + 3 * workload.mean_macs,
+            "train_macs_per_image": train_macs_per_image(cfg, name, {**kwargs, "num_classes": classes}),
             "what": (
                 f"supernet training of this code, one epoch of {history[-1]['images']} images "
                 f"({cfg.train.batch_size} per worker, amp {cfg.train.amp}, "
@@ -315,6 +312,16 @@ def run_check(args: argparse.Namespace) -> dict:
         },
     }
     return result
+
+
+def train_macs_per_image(cfg, name: str, kwargs: dict) -> float:
+    """Multiply-accumulates of one supernet training image in this run, as ``flora-ray plan`` counts them: the
+    teacher's forward pass plus 3 forward passes of the mean uniform subnet of the run's space (meta device)."""
+    from flora_ray.core.models import ModelSpec
+    from flora_ray.plan import build_workload
+
+    workload = build_workload(cfg, ModelSpec(name, kwargs), 1)
+    return workload.dense_macs + 3 * workload.mean_macs
 
 
 def backend_words(backend: str, cuda: bool, workers: int) -> str:

@@ -84,6 +84,11 @@ def test_the_gpu_run_is_the_recipe_shortened_and_fits_the_machine(tmp_path, monk
     for stage, bundles in stage_bundles(cfg).items():
         assert sum(b.get("CPU", 0) for b in bundles) <= cpus, stage
         assert sum(b.get("GPU", 0) for b in bundles) <= gpus, stage
+    # What a training image of this run costs (plan's count): the teacher plus 3 x the mean subnet, between 3 and 4
+    # dense forwards since only block 0's three layers shrink. DeiT-S with a 100-class head: 4,598,536,704 MACs
+    # (flora-ray inspect's 4,598,882,304 for 1000 classes, less 900 x 384 of the head).
+    macs = module.train_macs_per_image(cfg, cfg.model.name, {"img_size": 224, "num_classes": module.CLASSES})
+    assert 3.9 * 4_598_536_704 < macs < 4 * 4_598_536_704
 
 
 def test_gpu_samples_are_read_and_summarised_per_gpu_within_the_train_window():
