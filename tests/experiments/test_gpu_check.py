@@ -1,5 +1,5 @@
-"""``experiments/gpu_check.py``: its smoke run end to end on the CPU, its one-line refusal without CUDA, and the
-GPU run's configuration checked on the meta device (no GPU here: the CUDA path itself is not run by the tests)."""
+"""``experiments/gpu_check.py`` (``make gpu-check``): its smoke run on the CPU, its one-line refusal without CUDA, and
+the GPU run's configuration checked on the meta device (no GPU here: the CUDA path itself is not run by the tests)."""
 
 import importlib.util
 import json
