@@ -12,7 +12,7 @@ LATEST := .venv-latest
 LATEST_TESTS := tests/search tests/pipeline tests/cli tests/cluster/test_cluster_files.py \
 	tests/cluster/test_two_node_harness.py tests/test_architecture.py
 
-.PHONY: install data tools test test-bench test-fast test-latest quickstart lint lock
+.PHONY: install data tools test test-bench test-fast test-latest quickstart lint lock gpu-check gpu-check-smoke
 
 # Exactly the lock (every package pinned and hash-checked, nothing resolved here), then flora-ray itself on top.
 $(STAMP): $(LOCK) pyproject.toml
@@ -59,6 +59,15 @@ test-bench: install data tools
 # The small default on Fashion-MNIST, local Ray, 2 CPU workers: teacher, filter, supernet, search, export, report.
 quickstart: install data
 	$(BIN)/flora-ray run experiments/quickstart.yaml
+
+# On a CUDA machine: the DeiT-S recipe shortened to minutes on generated JPEG files, one worker per GPU; prints and
+# writes images/s per GPU, GPU busy share, peak memory and loader cores (experiments/gpu_check.py; ARGS=--out FILE).
+# Without CUDA it refuses in one line. gpu-check-smoke: the same steps on the CPU with a tiny model.
+gpu-check: install
+	$(BIN)/python experiments/gpu_check.py $(ARGS)
+
+gpu-check-smoke: install
+	$(BIN)/python experiments/gpu_check.py --smoke $(ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not bench"

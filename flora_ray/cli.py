@@ -131,10 +131,21 @@ def _add_config_parsers(sub: Any) -> None:
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
     plan.add_argument("--cluster", help="Ray cluster launcher file (cluster/aws.yaml); default: this machine")
     plan.add_argument(
-        "--price", action="append", default=[], metavar="[NODE_TYPE=]USD",
-        help="price per node-hour, for every node type or one (repeatable): --price 1.62 --price head=0.38",
+        "--price", action="append", default=[], metavar="NODE_TYPE=USD",
+        help="price per node-hour of one node type (repeatable): --price gpu_1x=1.62 --price head=0.38",
     )  # fmt: skip
-    plan.add_argument("--mfu", type=float, default=0.3, help="assumed model-FLOPs utilisation of an accelerator")
+    plan.add_argument(
+        "--prices", action="append", default=[], metavar="FILE",
+        help="YAML/JSON mapping of node type to USD per node-hour (each node type the plan starts, and the head)",
+    )  # fmt: skip
+    plan.add_argument(
+        "--throughput", action="append", default=[], metavar="FILE",
+        help="a measured training rate (experiments/gpu_check.py result JSON); repeatable",
+    )  # fmt: skip
+    plan.add_argument(
+        "--mfu", type=float, default=0.3,
+        help="fallback only: assumed model-FLOPs utilisation of a GPU with no measured or published training rate",
+    )  # fmt: skip
     plan.add_argument("--train-images", type=_positive_int, help="training images per epoch (a folder not here)")
     plan.add_argument("--classes", type=_positive_int, help="class count (an image folder not on this machine)")
     plan.add_argument("--output", help="parent directory of the run directory (its finished stages are measured)")
@@ -395,11 +406,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from flora_ray.plan import format_plan, make_plan, parse_prices, read_cluster
 
     cfg = _load_run_config(args)
-    prices = parse_prices(args.price)
+    prices = parse_prices(args.price, args.prices)
     cluster = read_cluster(args.cluster) if args.cluster else None
     if prices and cluster is None:
         raise InputError("--price needs --cluster: prices are per node type of a cluster file")
-    plans, totals = make_plan(cfg, cluster, prices, args.mfu, args.train_images, args.classes)
+    plans, totals = make_plan(cfg, cluster, prices, args.mfu, args.train_images, args.classes, args.throughput)
     if args.json:
         print(json.dumps({"stages": [dataclasses.asdict(p) for p in plans], "totals": totals}))
     else:

@@ -5,10 +5,16 @@ autoscaler would start for them under a cluster launcher file's node types (the 
 ``get_nodes_for``), the work in multiply-accumulates (exact, from the cost model on the meta device), a wall-time
 estimate with its source, GPU-hours and the cost at the given prices per node-hour.
 
-Sources of the rate, best first: seconds measured by this run's finished stages; on a cluster, the accelerator's
-published peak dense FP16/BF16 tensor rate times an assumed model-FLOPs utilisation (``--mfu``); without a cluster
-file, a forward pass of the model timed on this machine. Training counts forward + backward as 3 forward passes
-plus the teacher's forward pass; estimates of stages that were not run are rough by nature, and say so.
+Sources of the rate, best first: seconds measured by this run's finished stages; on a cluster, the training
+throughput of the model on the node type's GPU (``flora_ray.throughput``: measured by ``experiments/gpu_check.py``,
+else published by timm), turned into multiply-accumulates per second; where no figure exists for the model and
+GPU, the GPU's datasheet peak dense FP16/BF16 tensor rate times an assumed model-FLOPs utilisation (``--mfu``),
+labelled as that fallback; without a cluster file, a forward pass of the model timed on this machine. Training
+counts forward + backward as 3 forward passes plus the teacher's forward pass; search and export (forward passes
+only) are estimated at the same multiply-accumulates per second, which forward-only passes usually exceed (timm's
+RTX 3090 figures give DeiT-S inference a higher MAC rate than training), so their estimates err long. Estimates of
+stages that were not run are rough by nature, and say so. Prices are per node type (``--price TYPE=USD``,
+``--prices FILE``), the head's included.
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ from typing import Any
 
 from flora_ray.config import Config
 from flora_ray.errors import InputError, MissingInput
+from flora_ray.throughput import TrainingRate, base_model, find_rate, normalise_gpu
 
-# Published peak dense FP16/BF16 tensor throughput (TFLOPS) of accelerators in common cloud node types.
+# Published peak dense FP16/BF16 tensor throughput (TFLOPS) of accelerators in common cloud node types: only the
+# fallback when no measured or published training rate exists for the model on that GPU (a peak says little about
+# training speed: memory bandwidth, clocks under the power limit and kernel efficiency differ between GPUs).
 PUBLISHED_TFLOPS = {
     "T4": (65.0, "NVIDIA T4 datasheet: 65 TFLOPS mixed precision"),
     "V100": (125.0, "NVIDIA V100 datasheet: 125 TFLOPS tensor"),
@@ -91,7 +100,11 @@ def place(cluster: dict[str, Any], bundles: list[dict[str, float]]) -> tuple[dic
 
 
 def gpu_model(node_type: dict[str, Any]) -> str | None:
-    """The accelerator model of a node type, from its instance type or GCP accelerator type."""
+    """The accelerator model of a node type: Ray's ``accelerator_type:NAME`` resource where the node type declares
+    one, else from its instance type or GCP accelerator type."""
+    for resource in node_type.get("resources", {}):
+        if resource.startswith("accelerator_type:"):
+            return normalise_gpu(resource.split(":", 1)[1]) or resource.split(":", 1)[1]
     config = node_type.get("node_config", {})
     names = [config.get("InstanceType", ""), config.get("machineType", "")]
     names += [a.get("acceleratorType", "") for a in config.get("guestAccelerators", [])]
@@ -183,9 +196,10 @@ def fmt_hours(seconds: float) -> str:
 
 
 def format_plan(plans: list[StagePlan], totals: dict[str, Any]) -> str:
-    """The plan as a table, then the totals."""
+    """The plan as a table, then the totals, then each rate's source in full (the table refers to them as [n])."""
     lines = ["| stage | demand | nodes the autoscaler starts | work (MACs) | wall time | GPU-hours | cost | source |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    sources: list[str] = []
     for p in plans:
         if p.skipped:
             lines.append(f"| {p.stage} | - | - | - | - | - | - | skipped: {p.skipped} |")
@@ -195,10 +209,15 @@ def format_plan(plans: list[StagePlan], totals: dict[str, Any]) -> str:
         nodes += f" ({p.unplaced} bundles fit no node type)" if p.unplaced else ""
         cost = "-" if p.cost is None else f"${p.cost:,.2f}"
         macs = f"{p.macs:.3g}" if p.macs else "-"
+        source = p.source
+        if len(source) > 80:  # a rate's whole provenance: once, below the table
+            sources += [] if source in sources else [source]
+            source = f"{source.split(':', 1)[0]} [{sources.index(source) + 1}]"
         lines.append(f"| {p.stage} | {demand} | {nodes} | {macs} | {fmt_hours(p.seconds)} | "
-                     f"{p.gpu_hours:,.1f} | {cost} | {p.source} |")  # fmt: skip
+                     f"{p.gpu_hours:,.1f} | {cost} | {source} |")  # fmt: skip
     cost = "-" if totals["cost"] is None else f"${totals['cost']:,.2f}"
     lines.append(f"\ntotal: {fmt_hours(totals['seconds'])} wall, {totals['gpu_hours']:,.1f} GPU-hours, {cost}")
+    lines += [f"[{i}] {source}" for i, source in enumerate(sources, 1)]
     return "\n".join(lines)
 
 
@@ -219,17 +238,35 @@ def read_cluster(path: str | Path) -> dict[str, Any]:
     return worker_nodes(data)
 
 
-def parse_prices(items: list[str]) -> dict[str, float]:
-    """``--price 1.5`` (every node type) and ``--price gpu_1x=1.62`` (one type) as ``{type or '*': USD}``."""
-    prices: dict[str, float] = {}
+def parse_prices(items: list[str], files: list[str] = ()) -> dict[str, float]:
+    """``--prices FILE`` (a YAML or JSON mapping of node type to USD per node-hour), then ``--price TYPE=USD``
+    (later wins), as ``{node type: USD}``. Every node type a plan starts, the head's included, needs its own price:
+    spot and on-demand, GPU and CPU node types differ by far more than an estimate's error."""
+    import yaml
+
+    given: list[tuple[str, str, object]] = []
+    for path in files:
+        p = Path(path)
+        if not p.is_file():
+            raise MissingInput(f"--prices {path!r} does not exist")
+        data = yaml.safe_load(p.read_text())
+        if not isinstance(data, dict):
+            raise InputError(f"--prices {path!r}: give a mapping of node type to USD per node-hour (gpu_1x: 1.62)")
+        given += [(f"--prices {path!r}: {name}", str(name), value) for name, value in data.items()]
     for item in items:
         name, _, value = item.rpartition("=")
+        if not name:
+            raise InputError(f"--price {item!r}: give a price per node type, as NODE_TYPE=USD (gpu_1x=1.62)")
+        given.append((f"--price {item!r}", name, value))
+    prices: dict[str, float] = {}
+    for where, name, value in given:
         try:
-            prices[name or "*"] = float(value)
-        except ValueError:
-            raise InputError(f"--price {item!r}: give USD per node-hour, as 1.62 or NODE_TYPE=1.62") from None
-        if not math.isfinite(prices[name or "*"]) or prices[name or "*"] < 0:
-            raise InputError(f"--price {item!r}: a price must be a number >= 0")
+            usd = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise InputError(f"{where}: give USD per node-hour, as NODE_TYPE=1.62") from None
+        if not math.isfinite(usd) or usd < 0:
+            raise InputError(f"{where}: a price must be a number >= 0")
+        prices[name] = usd
     return prices
 
 
@@ -287,12 +324,15 @@ def make_plan(
     mfu: float = DEFAULT_MFU,
     train_images: int | None = None,
     classes: int | None = None,
+    throughput: list[str] | tuple[str, ...] = (),
 ) -> tuple[list[StagePlan], dict[str, Any]]:
-    """Every stage's plan and the totals (see the module docstring)."""
+    """Every stage's plan and the totals (see the module docstring); ``throughput``: measured rate files
+    (``experiments/gpu_check.py`` results) besides the repository's own and the published ones."""
     from flora_ray.pipeline import stage_marker
     from flora_ray.stages.inputs import pretrained_classes
     from flora_ray.stages.preflight import check_geometry
     from flora_ray.storage.run_store import RunStore
+    from flora_ray.throughput import known_rates
 
     if not 0 < mfu <= 1:
         raise InputError(f"--mfu {mfu}: the assumed model-FLOPs utilisation must be in (0, 1]")
@@ -300,6 +340,7 @@ def make_plan(
     check_geometry(spec)
     work = build_workload(cfg, spec, count_train_images(cfg, train_images))
     local_rate = None if cluster else measured_rate(cfg, spec)
+    rates = known_rates(list(throughput)) if cluster else []
     store = RunStore.for_config(cfg)
     plans = []
     for stage, bundles in stage_bundles(cfg).items():
@@ -310,7 +351,7 @@ def make_plan(
             plan.skipped = skip
         else:
             marker = stage_marker(store, stage) if store.is_local and store.exists("") else None
-            estimate(cfg, plan, work, cluster, local_rate, mfu, marker)
+            estimate(cfg, plan, work, cluster, local_rate, mfu, marker, rates)
             price(plan, cluster, prices or {})
         plans.append(plan)
     return plans, totals(plans, cluster, prices or {})
@@ -324,7 +365,7 @@ def skipped(cfg: Config, stage: str, pretrained_teacher: bool) -> str | None:
     return None
 
 
-def estimate(cfg, plan: StagePlan, work: Workload, cluster, local_rate, mfu, marker) -> None:
+def estimate(cfg, plan: StagePlan, work: Workload, cluster, local_rate, mfu, marker, rates=()) -> None:
     """The stage's placement, wall time and GPU-hours, from the best source there is."""
     if cluster is not None and plan.bundles:
         plan.nodes, plan.unplaced = place(cluster, plan.bundles)
@@ -338,31 +379,62 @@ def estimate(cfg, plan: StagePlan, work: Workload, cluster, local_rate, mfu, mar
         plan.seconds = plan.macs / (local_rate * min(share, 1.0 if cfg.run.threads_per_worker == 0 else share))
         plan.source = f"forward pass timed here: {local_rate / 1e9:.1f} GMAC/s per worker"
     else:
-        rate, source = accelerator_rate(cluster, plan.nodes, mfu)
+        rate, source = accelerator_rate(cluster, plan.nodes, mfu, list(rates), cfg.model.name, work.dense_macs)
         plan.seconds = plan.macs / (rate * parallel_share(cfg, plan.stage, work))
         plan.source = source
     gpus = {t: cluster["available_node_types"][t]["resources"].get("GPU", 0) for t in plan.nodes} if cluster else {}
     plan.gpu_hours = plan.seconds / 3600 * sum(n * gpus[t] for t, n in plan.nodes.items())
 
 
-def accelerator_rate(cluster: dict[str, Any], nodes: dict[str, int], mfu: float) -> tuple[float, str]:
-    """MACs per second of one accelerator of the node types started (the slowest), and where the number is from."""
-    models = {gpu_model(cluster["available_node_types"][t]) for t in nodes} - {None}
-    if not models:
+def accelerator_rate(
+    cluster: dict[str, Any], nodes: dict[str, int], mfu: float, rates: list[TrainingRate], model: str, dense_macs: float
+) -> tuple[float, str]:
+    """MACs per second of one accelerator of the node types started (the slowest), and where the number is from:
+    a measured or published training rate of ``model`` on that GPU, else the datasheet peak x ``mfu`` (fallback)."""
+    gpus = {gpu_model(cluster["available_node_types"][t]) for t in nodes} - {None}
+    if not gpus:
         raise InputError("the cluster file's node types for this stage name no known accelerator; plan with a "
                          f"node type of one of {sorted(PUBLISHED_TFLOPS)}")  # fmt: skip
-    model = min(models, key=lambda m: PUBLISHED_TFLOPS[m][0])
-    tflops, source = PUBLISHED_TFLOPS[model]
-    return tflops * 1e12 / 2 * mfu, f"{model}: {source}, x {mfu:g} assumed utilisation"
+    options = [gpu_rate(gpu, mfu, rates, model, dense_macs) for gpu in sorted(gpus)]
+    return min(options, key=lambda option: option[0])
+
+
+def gpu_rate(gpu: str, mfu: float, rates: list[TrainingRate], model: str, dense_macs: float) -> tuple[float, str]:
+    """One GPU's training MACs per second for ``model`` and the sentence saying where it is from."""
+    found = find_rate(rates, model, gpu)
+    if found is not None:
+        per_image = found.macs_per_image or 3 * dense_macs
+        return found.macs_per_s(dense_macs), (
+            f"{gpu}: {found.images_per_s:g} training images/s x {per_image / 1e9:.3g} GMACs per training image; "
+            f"{found.source}"
+        )
+    if gpu not in PUBLISHED_TFLOPS:
+        raise InputError(f"no measured or published training rate for {model} on {gpu}, and no datasheet peak for "
+                         f"{gpu}: measure one with experiments/gpu_check.py and pass --throughput FILE")  # fmt: skip
+    tflops, sheet = PUBLISHED_TFLOPS[gpu]
+    rate = tflops * 1e12 / 2 * mfu
+    others = [r for r in rates if r.model == base_model(model)]
+    compare = (
+        f"; for comparison, {others[0].gpu}: {others[0].images_per_s:g} images/s ({others[0].source})" if others else ""
+    )
+    return rate, (
+        f"{gpu}: FALLBACK, no measured or published training rate for {model} on {gpu}: {sheet}, x {mfu:g} "
+        f"assumed utilisation (--mfu) = {rate / (3 * dense_macs):,.0f} dense training images/s per GPU, not a "
+        f"measurement{compare}. Measure with experiments/gpu_check.py and pass --throughput FILE"
+    )
 
 
 def price(plan: StagePlan, cluster, prices: dict[str, float]) -> None:
     if cluster is None or not prices:
         return
-    missing = [t for t in plan.nodes if t not in prices and "*" not in prices]
+    check_priced(plan.nodes, prices)
+    plan.cost = sum(n * prices[t] for t, n in plan.nodes.items()) * plan.seconds / 3600
+
+
+def check_priced(node_types, prices: dict[str, float]) -> None:
+    missing = [t for t in node_types if t not in prices]
     if missing:
-        raise InputError(f"no price for node type {missing[0]!r}: give --price {missing[0]}=USD or --price USD")
-    plan.cost = sum(n * prices.get(t, prices.get("*", 0.0)) for t, n in plan.nodes.items()) * plan.seconds / 3600
+        raise InputError(f"no price for node type {missing[0]!r}: give --price {missing[0]}=USD (per node-hour)")
 
 
 def totals(plans: list[StagePlan], cluster, prices: dict[str, float]) -> dict[str, Any]:
@@ -371,5 +443,6 @@ def totals(plans: list[StagePlan], cluster, prices: dict[str, float]) -> dict[st
     cost = None
     if cluster is not None and prices:
         head = cluster["head_node_type"]
-        cost = sum(p.cost or 0.0 for p in plans) + prices.get(head, prices.get("*", 0.0)) * seconds / 3600
+        check_priced([head], prices)
+        cost = sum(p.cost or 0.0 for p in plans) + prices[head] * seconds / 3600
     return {"seconds": seconds, "gpu_hours": sum(p.gpu_hours for p in plans), "cost": cost}

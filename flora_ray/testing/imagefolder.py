@@ -18,7 +18,7 @@ import argparse
 import colorsys
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,7 @@ def write_image_folder(
     val_per_class: int,
     size: int = 40,
     seed: int = 0,
+    class_indices: Iterable[int] | None = None,
 ) -> Path:
     """Write the image folder under ``root`` (created; existing files of the same names are overwritten).
 
@@ -64,6 +65,8 @@ def write_image_folder(
         val_per_class: JPEG files per class in ``val/``, at least 1.
         size: Width and height of the images in pixels, at least 8.
         seed: Seed of every image's random stream; the same arguments give the same files.
+        class_indices: Write only these classes (default: all): processes that write disjoint parts of one folder
+            write the same files one process would.
 
     Returns:
         ``root`` as a ``Path``.
@@ -80,8 +83,13 @@ def write_image_folder(
         raise ValueError(f"size={size!r} is invalid: must be at least 8")
     root = Path(root)
     counts = {"train": train_per_class, "val": val_per_class}
+    names = class_names(classes)
+    chosen = range(classes) if class_indices is None else sorted(set(class_indices))
+    if any(not 0 <= index < classes for index in chosen):
+        raise ValueError(f"class_indices={list(chosen)!r} is invalid: each must be in [0, {classes})")
     for split_index, split in enumerate(SPLITS):
-        for class_index, name in enumerate(class_names(classes)):
+        for class_index in chosen:
+            name = names[class_index]
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for image_index in range(counts[split]):

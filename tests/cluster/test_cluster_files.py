@@ -9,13 +9,19 @@ accelerator or CPUs for work, worker types that advertise the accelerator the co
 spot / preemptible workers, flora-ray's image (``cluster/Dockerfile``, built on Ray's image for the installed Ray and
 Python) and no installs in the setup commands. The autoscaler's
 bin-packing (``get_nodes_for``) must place the demands the code builds on those worker types. The KubeRay
-``RayJob`` is checked for its structure, and the autoscaler config ``flora_ray.testing.fake_cluster`` writes for the local
-autoscaling test against Ray's schema. Each check must also reject a deliberately broken copy.
+``RayJob`` is checked for its structure and together with the manifests it needs (``kuberay-serviceaccount.yaml``,
+``kuberay-data.yaml``): every pod runs as the service account that grants bucket access, every claim it mounts is
+provided and mountable on many nodes, read-only, where ``data.root`` points; the run lives in the bucket; the
+per-experiment command in ``cluster/README.md`` makes a valid RayJob for another recipe. The autoscaler config
+``flora_ray.testing.fake_cluster`` writes for the local autoscaling test is checked against Ray's schema. Each check
+must also reject a deliberately broken copy.
 """
 
 import copy
 import functools
 import json
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -353,3 +359,160 @@ def test_broken_rayjob_fails(case):
     mutate(doc)
     with pytest.raises(ValueError, match=match):
         check_rayjob(doc)
+
+
+# --- KubeRay: the RayJob with the manifests it needs ---------------------------------------------------------------
+
+K8S_MANIFESTS = ("kuberay-serviceaccount.yaml", "kuberay-data.yaml")
+MULTI_NODE_MODES = {"ReadWriteMany", "ReadOnlyMany"}
+ACCESS_ANNOTATIONS = ("eks.amazonaws.com/role-arn", "iam.gke.io/gcp-service-account")
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def manifests() -> list[dict]:
+    return [doc for name in K8S_MANIFESTS for doc in yaml.safe_load_all((CLUSTER / name).read_text()) if doc]
+
+
+def _pod_specs(rayjob: dict) -> list[tuple[str, dict]]:
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    pods = [("head", cluster["headGroupSpec"]["template"]["spec"])]
+    return pods + [(g["groupName"], g["template"]["spec"]) for g in cluster.get("workerGroupSpecs", [])]
+
+
+def _argument(entrypoint: str, key: str) -> str | None:
+    found = re.search(rf"(?:^|\s){re.escape(key)}=(\S+)", entrypoint)
+    return found.group(1) if found else None
+
+
+def check_pod(where: str, pod: dict, accounts: dict, claims: dict, data_root: str | None) -> None:
+    """One pod template: its service account exists, its claims are provided, multi-node and mounted read-only,
+    and a local ``data.root`` is mounted."""
+    if pod.get("serviceAccountName") not in accounts:
+        raise ValueError(f"{where}: serviceAccountName {pod.get('serviceAccountName')!r} is none of {sorted(accounts)}")
+    claimed = {v["name"]: v["persistentVolumeClaim"] for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}
+    for volume, claim in claimed.items():
+        if claim["claimName"] not in claims:
+            raise ValueError(f"{where}: volume {volume} claims {claim['claimName']!r}, which no manifest provides")
+        if not MULTI_NODE_MODES & set(claims[claim["claimName"]]["spec"]["accessModes"]):
+            raise ValueError(f"{where}: claim {claim['claimName']!r} cannot be mounted on several nodes at once")
+        if claim.get("readOnly") is not True:
+            raise ValueError(f"{where}: claim {claim['claimName']!r} must be mounted readOnly (the data)")
+    mounts = [m for c in pod["containers"] for m in c.get("volumeMounts", [])]
+    for mount in mounts:
+        if mount["name"] in claimed and mount.get("readOnly") is not True:
+            raise ValueError(f"{where}: mount of {mount['name']} must be readOnly")
+    if data_root and "://" not in data_root and not any(m["mountPath"] == data_root for m in mounts):
+        raise ValueError(f"{where}: data.root {data_root} is not mounted")
+
+
+def check_kuberay(rayjob: dict, docs: list[dict]) -> None:
+    """The RayJob (``check_rayjob``) with its service account and claims (``docs``); the run in a bucket."""
+    check_rayjob(rayjob)
+    if not DNS_LABEL.match(rayjob["metadata"]["name"]):
+        raise ValueError(f"metadata.name {rayjob['metadata']['name']!r} is not a DNS label")
+    accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
+    claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    for name, account in accounts.items():
+        if not set(ACCESS_ANNOTATIONS) & set(account["metadata"].get("annotations", {})):
+            raise ValueError(f"service account {name} grants no bucket access (none of {ACCESS_ANNOTATIONS})")
+    entrypoint = rayjob["spec"]["entrypoint"]
+    storage = _argument(entrypoint, "run.storage")
+    if not storage or not storage.startswith(("s3://", "gs://")):
+        raise ValueError(f"the run must live in a bucket: run.storage=s3://... or gs://... in {entrypoint!r}")
+    for where, pod in _pod_specs(rayjob):
+        check_pod(where, pod, accounts, claims, _argument(entrypoint, "data.root"))
+
+
+def test_rayjob_with_its_service_account_and_data_claim():
+    docs = manifests()
+    check_kuberay(load("kuberay.yaml"), docs)
+    assert {d["kind"] for d in docs} == {"ServiceAccount", "PersistentVolumeClaim", "Job"}
+
+
+def test_data_copy_job_fills_the_claim_the_rayjob_mounts():
+    """The Job that fills the data claim runs as the service account, writes where the RayJob's data.root is."""
+    docs = manifests()
+    job = next(d for d in docs if d["kind"] == "Job")["spec"]["template"]["spec"]
+    accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+    claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
+    assert job["serviceAccountName"] in accounts and job["restartPolicy"] in ("OnFailure", "Never")
+    assert [v["persistentVolumeClaim"]["claimName"] for v in job["volumes"]] == [claim["metadata"]["name"]]
+    (container,) = job["containers"]
+    assert container["image"] == PROJECT_IMAGE
+    mount = container["volumeMounts"][0]
+    assert mount.get("readOnly") is not True and mount["mountPath"] == _argument(
+        load("kuberay.yaml")["spec"]["entrypoint"], "data.root"
+    )
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]  # written once by the Job, then read by every pod
+    compile("\n".join(container["command"][2:3]), "copy", "exec")  # the python -c program parses
+
+
+def _readme_block(title: str) -> str:
+    """The first fenced bash block after ``title`` in cluster/README.md."""
+    readme = (CLUSTER / "README.md").read_text()
+    return readme[readme.index(title) :].split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("experiment", ["swin_tiny_imagenet", "deit_base_imagenet"])
+def test_readme_makes_one_rayjob_per_experiment(experiment):
+    """The documented command, run with ``kubectl apply`` replaced by printing, yields a valid RayJob named for the
+    experiment, running that experiment's file (which exists)."""
+    block = _readme_block("**One RayJob per experiment.**")
+    command = block.replace("| kubectl apply -n <NAMESPACE> -f -", "")
+    assert command != block and "kubectl" not in command
+    out = subprocess.run(["bash", "-c", command.replace("EXP=swin_tiny_imagenet", f"EXP={experiment}")],
+                         cwd=CLUSTER.parent, capture_output=True, text=True, check=True).stdout  # fmt: skip
+    rayjob = yaml.safe_load(out)
+    check_kuberay(rayjob, manifests())
+    assert rayjob["metadata"]["name"] == "flora-ray-" + experiment.replace("_", "-")
+    assert f"experiments/{experiment}.yaml" in rayjob["spec"]["entrypoint"]
+    assert (EXPERIMENTS / f"{experiment}.yaml").is_file()
+
+
+def _pods(doc):
+    return [pod for _, pod in _pod_specs(doc)]
+
+
+def _drop_account(index):
+    return lambda doc, docs: _pods(doc)[index].pop("serviceAccountName")
+
+
+def _claim(doc):
+    return next(v for v in _pods(doc)[1]["volumes"] if "persistentVolumeClaim" in v)["persistentVolumeClaim"]
+
+
+def _claim_doc(docs):
+    return next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
+
+
+BROKEN_KUBERAY = {
+    "head_without_account": (_drop_account(0), "head: serviceAccountName None"),
+    "worker_without_account": (_drop_account(1), "gpu: serviceAccountName None"),
+    "other_account": (lambda doc, docs: _pods(doc)[2].update(serviceAccountName="default"), "'default' is none"),
+    "account_without_access": (
+        lambda doc, docs: next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"].pop("annotations"),
+        "grants no bucket access",
+    ),
+    "claim_not_provided": (lambda doc, docs: _claim(doc).update(claimName="imagenet-pvc"), "which no manifest"),
+    "claim_one_node": (lambda doc, docs: _claim_doc(docs)["spec"].update(accessModes=["ReadWriteOnce"]), "several"),
+    "claim_writable": (lambda doc, docs: _claim(doc).pop("readOnly"), "mounted readOnly"),
+    "mount_writable": (
+        lambda doc, docs: _pods(doc)[1]["containers"][0]["volumeMounts"][0].pop("readOnly"),
+        "must be readOnly",
+    ),
+    "data_not_mounted": (lambda doc, docs: _pods(doc)[1]["containers"][0]["volumeMounts"].pop(0), "is not mounted"),
+    "run_on_the_head": (
+        lambda doc, docs: doc["spec"].update(entrypoint=doc["spec"]["entrypoint"].split(" run.storage=")[0]),
+        "must live in a bucket",
+    ),
+    "bad_name": (lambda doc, docs: doc["metadata"].update(name="flora_ray_deit"), "not a DNS label"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_KUBERAY))
+def test_broken_kuberay_fails(case):
+    mutate, match = BROKEN_KUBERAY[case]
+    doc, docs = load("kuberay.yaml"), manifests()
+    mutate(doc, docs)
+    with pytest.raises(ValueError, match=match):
+        check_kuberay(doc, docs)
