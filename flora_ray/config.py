@@ -358,7 +358,7 @@ UNIFORM_MIN = "uniform_min"  # filter.cost_floor: the cost of the cheapest unifo
 
 @dataclass(frozen=True)
 class FilterConfig(OptimConfig):
-    """Low-rank aware candidate filtering (design doc section 3).
+    """Low-rank aware candidate filtering (docs/design.md, section 3).
 
     The local supernets train with the shared ``OptimConfig`` keys (no label loss: they distil the teacher's soft
     targets; no ``checkpoint_every``: a finished block is the unit of resume).
@@ -440,7 +440,7 @@ def parse_budget(value: float | str) -> tuple[float, bool] | None:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Multi-objective search (design doc section 5): Ray Tune + Optuna NSGA-II over the filtered space.
+    """Multi-objective search (docs/design.md, section 5): Ray Tune + Optuna NSGA-II over the filtered space.
 
     Attributes:
         trials: Subnets evaluated in total (the uniform configurations first).
