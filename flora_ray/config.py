@@ -459,7 +459,7 @@ class SearchConfig:
             accuracy ``p`` has standard error ``100 sqrt(p (1 - p) / n)`` points (0.45 at 86% and 6000 images); a
             paired difference of two subnets that disagree on a share ``q`` of the images, about
             ``100 sqrt(q / n)``; resolving ``d`` points at 2 standard errors needs ``n >= 4 q / (d / 100)^2``
-            (README, "Accuracy noise").
+            (docs/guide.md, "Accuracy noise and the filter's reach").
         bn_recalibration_images: Training images (un-augmented, class-stratified, seeded by ``data.seed``, the
             same for every subnet) on which each subnet's BatchNorm running statistics are recalibrated before it
             is scored (filtering, search, uniform baselines) and exported, in batches of ``train.batch_size``
