@@ -5,7 +5,7 @@
     uniform configurations the space contains and its cheapest configuration), driven by an in-process ask/tell loop instead of Ray Tune (same sampler, same ``Evaluator``; Tune's
     overhead is what ``search_overhead.py`` measures);
 (b) random search over the same genes (one kept triple per block, uniformly);
-(c) the reference code's constrained evolutionary search, re-implemented from the design doc (section 5): per MAC
+(c) the reference code's constrained evolutionary search, re-implemented from docs/design.md (section 5): per MAC
     window a population, top-k parents over everything evaluated, mutation children (p = 0.2 per block, a block's
     whole triple redrawn from its kept ones) and crossover children (per layer, so they may leave the filtered
     space, as in the reference), only candidates inside the window and not seen before are evaluated; run at

@@ -344,7 +344,7 @@ UNIFORM_MIN = "uniform_min"  # filter.cost_floor: the cost of the cheapest unifo
 
 @dataclass(frozen=True)
 class FilterConfig(OptimConfig):
-    """Low-rank aware candidate filtering (design doc section 3).
+    """Low-rank aware candidate filtering (docs/design.md, section 3).
 
     The local supernets train with the shared ``OptimConfig`` keys (no label loss: they distil the teacher's soft
     targets; no ``checkpoint_every``: a finished block is the unit of resume).
@@ -426,7 +426,7 @@ def parse_budget(value: float | str) -> tuple[float, bool] | None:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Multi-objective search (design doc section 5): Ray Tune + Optuna NSGA-II over the filtered space.
+    """Multi-objective search (docs/design.md, section 5): Ray Tune + Optuna NSGA-II over the filtered space.
 
     Attributes:
         trials: Subnets evaluated in total (the uniform configurations first).
@@ -445,7 +445,7 @@ class SearchConfig:
             accuracy ``p`` has standard error ``100 sqrt(p (1 - p) / n)`` points (0.45 at 86% and 6000 images); a
             paired difference of two subnets that disagree on a share ``q`` of the images, about
             ``100 sqrt(q / n)``; resolving ``d`` points at 2 standard errors needs ``n >= 4 q / (d / 100)^2``
-            (README, "Accuracy noise").
+            (docs/guide.md, "Accuracy noise and the filter's reach").
         bn_recalibration_images: Training images (un-augmented, class-stratified, seeded by ``data.seed``, the
             same for every subnet) on which each subnet's BatchNorm running statistics are recalibrated before it
             is scored (filtering, search, uniform baselines) and exported, in batches of ``train.batch_size``

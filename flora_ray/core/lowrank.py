@@ -5,7 +5,7 @@ An ``nn.Linear`` with weight ``W (d_out x d_in)`` is factorised by SVD, ``W = P 
 (d_out x k, the original bias). Rank ``r`` uses the leading r components: rows ``[:r]`` of ``V^T`` and columns
 ``[:, :r]`` of ``U``, as views that share storage with every other rank.
 
-Placement of the singular values (design doc section 2):
+Placement of the singular values (docs/design.md, section 2):
     ``"faithful"``: all of S goes into one factor, ``V^T = S Q^T`` when ``d_out >= d_in`` (qkv, fc1) and
     ``U = P S`` otherwise (fc2). This is the reference implementation's choice and the default.
     ``"sqrt"``: ``U = P sqrt(S)``, ``V^T = sqrt(S) Q^T``.

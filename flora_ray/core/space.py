@@ -31,7 +31,7 @@ SPACE_VERSION = 1
 EIGHTHS = tuple(i / 8 for i in range(1, 9) if i != 7)  # DeiT-B: 1/8 .. 6/8, 1
 SIXTHS = tuple(i / 6 for i in range(1, 7))  # DeiT-S: 1/6 .. 1
 
-# Reference ratio lists (design doc section 1); the first matching pattern wins.
+# Reference ratio lists (docs/design.md, section 1); the first matching pattern wins.
 RATIO_PRESETS: tuple[tuple[str, tuple[float, ...]], ...] = (
     (r"^(deit|vit)_base", EIGHTHS),
     (r"^(deit|vit)_small", SIXTHS),

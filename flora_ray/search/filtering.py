@@ -1,4 +1,4 @@
-"""Low-rank aware candidate filtering, one block at a time (design doc section 3).
+"""Low-rank aware candidate filtering, one block at a time (docs/design.md, section 3).
 
 For block i, a *local supernet* varies only block i's rank tuple (uniform sampling) while every other block stays
 at full rank; it is trained from the inherited (SVD) weights by distillation on a seeded subset of the training

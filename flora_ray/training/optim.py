@@ -1,4 +1,4 @@
-"""Losses, optimiser and schedule of the reference recipe (design doc section 4)."""
+"""Losses, optimiser and schedule of the reference recipe (docs/design.md, section 4)."""
 
 from __future__ import annotations
 

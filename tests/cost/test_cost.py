@@ -82,7 +82,7 @@ def test_deit_tiny_published_cost_at_its_precision():
 
 
 def test_deit_base_dense_matches_reference_formula():
-    # Design doc section 6: patch embed, qkv, 2 attention products, proj, fc1, fc2 and the head (LayerNorms aside).
+    # docs/design.md, section 6: patch embed, qkv, 2 attention products, proj, fc1, fc2 and the head (LayerNorms aside).
     d, tokens, depth = 768, 197, 12
     per_block = tokens * d * 3 * d + 2 * tokens * tokens * d + tokens * d * d + 2 * tokens * d * 4 * d
     expected = 196 * d * 3 * 16**2 + depth * per_block + d * 1000
