@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,21 +168,13 @@ def measured_rate(cfg: Config, spec: Any) -> float:
     import torch
 
     from flora_ray.core.cost import build_cost_model
+    from flora_ray.core.timing import forward_ms, torch_threads
     from flora_ray.stages.profile import model_input
 
-    threads = cfg.run.threads_per_worker or torch.get_num_threads()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(cfg.run.threads_per_worker or None):
         model = spec.create(device="cpu").eval()
         x = model_input(model, spec, 8, torch.device("cpu"), torch.float32)
-        with torch.no_grad():
-            model(x)  # warm-up
-            started = time.perf_counter()
-            model(x)
-            seconds = time.perf_counter() - started
-    finally:
-        torch.set_num_threads(previous)
+        seconds = forward_ms(model, x, runs=3, warmup=1) / 1e3
     return 8 * build_cost_model(spec.create(device="meta")).dense_macs / max(seconds, 1e-9)
 
 
