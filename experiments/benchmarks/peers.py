@@ -574,7 +574,7 @@ def measure(args) -> dict[str, Any]:
     return {"run": str(args.run), "config": json.loads(json.dumps(config_to_dict(ctx.cfg), default=str)), "seed": ctx.cfg.run.seed,
             "finetune_recipe": {**{k: v for k, v in config_to_dict(ctx.cfg.finetune).items()}, **ctx.recipe},
             "budgets": budgets, "dense": dense, "rows": rows, "combination": combo, "modelopt": modelopt_status(),
-            "train_subset": args.train_subset, "torch_pruning": "not installed (pip install 'flora-ray[bench]')" if tp is None else tp.__version__,
+            "train_subset": args.train_subset, "torch_pruning": "not installed (pip install 'flora-ray[bench]')" if tp is None else importlib.metadata.version("torch-pruning"),
             "seconds": time.perf_counter() - started}  # fmt: skip
 
 
