@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.flora-ray-installed
 LOCK := requirements.lock
-EXTRAS := dev,export,tracking
+EXTRAS := dev,export,tracking,bench
 LATEST := .venv-latest
 # The newest-versions canary runs these (search, pipeline, CLI and the cluster smoke tests).
 LATEST_TESTS := tests/search tests/pipeline tests/cli tests/cluster/test_cluster_files.py \
@@ -31,7 +31,7 @@ install: $(STAMP)
 LOCK_UPGRADE ?= --upgrade
 lock: install
 	$(BIN)/uv pip compile pyproject.toml --universal --generate-hashes --python-version 3.10 $(LOCK_UPGRADE) \
-	  --extra dev --extra export --extra tracking -o $(LOCK)
+	  --extra dev --extra export --extra tracking --extra bench -o $(LOCK)
 
 data:
 	bash experiments/get_fashion_mnist.sh

@@ -8,7 +8,7 @@ split, writes the fine-tuned weights as an export (``flora_ray.load_subnet`` loa
 ``finetune/trial_N/`` (with ``finetune.json``) and ``finetune/trial_N.json`` into the run.
 
 ``finetune_subnet`` is the same fine-tuning in this process without any file (benchmarks fine-tune many subnets of
-one run this way).
+one run this way); ``finetune_model`` the same for any student model (a ViT pruned by another method).
 """
 
 from __future__ import annotations
@@ -151,14 +151,46 @@ def finetune_subnet(
         split), ``history`` (one dict per epoch: loss, search_acc, ...), ``epochs``, ``seconds`` (training) and
         ``model``: the fine-tuned subnet (a timm model in eval mode; ``model.state_dict()`` its weights).
     """
-    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **recipe))
     store = run if isinstance(run, RunStore) else RunStore(run) if run is not None else RunStore.for_config(cfg)
     supernet = supernet if supernet is not None else run_supernet(store)
     teacher = teacher if teacher is not None else load_teacher(cfg, store, device)[0]
+    student = extract_subnet(supernet, ranks, within_candidates)  # no random draws: finetune_model seeds after it
+    return finetune_model(cfg, student, teacher, splits=splits, device=device, evaluate_before=evaluate_before,
+                          **recipe)  # fmt: skip
+
+
+def finetune_model(
+    cfg: Config,
+    student: nn.Module,
+    teacher: nn.Module,
+    *,
+    splits: Any = None,
+    device: str | torch.device = "cpu",
+    evaluate_before: bool = True,
+    **recipe: Any,
+) -> dict[str, Any]:
+    """Fine-tune any student model (a subnet, or a model compressed by other means) by distillation from
+    ``teacher`` with ``cfg.finetune``'s recipe, in this process, writing nothing: ``finetune_subnet``'s loop, for
+    students that are not a subnet of the run's supernet (benchmarks against other compression methods).
+
+    Args:
+        cfg: The configuration (its ``data`` and ``finetune`` sections, ``run.seed``).
+        student: The model to train (modified in place).
+        teacher: The dense teacher; it is put in eval mode and frozen.
+        splits: ``data.datasets.build_datasets(cfg.data, pixels=("train",), listing=run_listing(cfg))`` (default:
+            built here).
+        device: Where to train and evaluate.
+        evaluate_before: Also score the student on the test split before fine-tuning.
+        **recipe: ``finetune`` keys to change (``epochs=1``, ``lr=3e-4``, ...), validated like the config.
+
+    Returns:
+        As ``finetune_subnet``.
+    """
+    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **recipe))
     splits = splits if splits is not None else build_datasets(cfg.data, pixels=("train",), listing=run_listing(cfg))
     device = torch.device(device)
     setup_worker(0, cfg.run.seed)  # the seed only: the caller's threads are left alone
-    student = extract_subnet(supernet, ranks, within_candidates).to(device)
+    student = student.to(device)
     before = accuracy(student, splits.test, device) if evaluate_before else None
     opt = cfg.finetune
     loader, train_sampler = distributed_loader(splits.train, opt.batch_size, 1, 0, cfg.run.seed, STAGE,

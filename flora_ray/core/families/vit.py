@@ -9,6 +9,8 @@ product over the head dimension per block.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -51,6 +53,31 @@ def vit_token_geometry(model: nn.Module) -> TokenGeometry:
         if isinstance(getattr(model, name, None), nn.Linear):
             tokens[name] = head_tokens
     return tokens, other
+
+
+def set_attention_heads(model: nn.Module, heads: Mapping[str, int]) -> None:
+    """Make each timm ``Attention`` of a ViT whose heads were removed structurally (by a pruning tool that cut
+    ``qkv``'s output rows and ``proj``'s input columns head by head) run with its remaining heads: ``num_heads``,
+    ``head_dim`` and ``attn_dim`` (timm's reshape after attention) are set from ``heads``, by the attention's FQN
+    (``blocks.0.attn``), and the layers' shapes. The cost model reads the shapes, so it needs nothing else.
+
+    Raises:
+        ValueError: An FQN that is not an attention module, or a head count that does not divide its layers.
+    """
+    modules = dict(model.named_modules())
+    for fqn, count in heads.items():
+        attn = modules.get(fqn)
+        if attn is None or not hasattr(attn, "qkv") or not hasattr(attn, "num_heads"):
+            raise ValueError(f"heads: {fqn!r} is not an attention module of the model")
+        out = attn.qkv.out_features
+        if count < 1 or out % (3 * count):
+            raise ValueError(f"heads[{fqn!r}]={count}: qkv has {out} outputs, not 3 x a multiple of {count}")
+        attn.num_heads, attn.head_dim = count, out // (3 * count)
+        attn.attn_dim = count * attn.head_dim
+        if attn.proj.in_features != attn.attn_dim:
+            raise ValueError(
+                f"heads[{fqn!r}]: proj takes {attn.proj.in_features} inputs, attention gives {attn.attn_dim}"
+            )
 
 
 def vit_split_forward(model: nn.Module, block_name: str) -> Split | None:
