@@ -27,6 +27,7 @@ from flora_ray.search.study import DUPLICATE_OF, SearchProblem, finished_trials,
 from flora_ray.stages.inputs import load_teacher, open_run, provenance, ray_storage, study_name, working_dir
 from flora_ray.stages.preflight import preflight
 from flora_ray.stages.profile import run_latency_model
+from flora_ray.stages.records import SearchSummary
 from flora_ray.storage.files import write_bytes
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
@@ -146,17 +147,16 @@ def search_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
         baselines_task, problem, dense_state, resources=trial_resources(cfg), retries=cfg.run.max_failures
     )
     uniform = uniform_frame(rows, space, problem.objectives)
-    summary = write_search_outputs(cfg, store, study, trials, uniform)
-    summary.update(dense_costs(problem))
-    summary.update(
+    summary = SearchSummary(
+        **write_search_outputs(cfg, store, study, trials, uniform), **dense_costs(problem),
         dense_accuracy=dense_metrics["accuracy"], dense_accuracy_se=dense_metrics["accuracy_se"],
         eval_images=dense_metrics["eval_images"], seconds=seconds, evaluator_builds={str(k): v for k, v in builds.items()},
         budget=problem.trials,
+        dense_correct=dense_metrics["correct"],  # pairs with every trial's; in the file, not in the stage's summary
     )  # fmt: skip
-    # The dense model's per-image correctness pairs with every trial's; in the file, not in the printed summary.
-    store.write_json(ARTEFACTS.search_summary, {**summary, "dense_correct": dense_metrics["correct"]})
-    logger.info("search: %s", summary)
-    return summary  # an unfinished search (fewer trials than asked) is the caller's to report: see stages.STAGES
+    summary.write(store)
+    logger.info("search: %s", summary.stage_summary())
+    return summary.stage_summary()  # an unfinished search is the caller's to report: see stages.STAGES
 
 
 def dense_costs(problem: SearchProblem) -> dict[str, float]:
