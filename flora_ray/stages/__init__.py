@@ -27,12 +27,12 @@ def lazy(module: str, name: str) -> Callable[[Any, Any], dict[str, Any]]:
 
 def _search_left_work(cfg: Any, summary: dict[str, Any]) -> str | None:
     """The search's budget (``search.study.search_budget``: ``search.trials`` capped at the space's size) not spent."""
-    done = summary.get(
-        "finished", summary["complete"] + summary["failed"]
-    )  # summaries before 2026-12-07: no "finished"
-    budget = summary.get("budget", cfg.search.trials)
-    if done < budget:
-        return f"search stopped after {done} of {budget} trials; re-run the same command to continue"
+    from flora_ray.stages.records import SearchSummary
+
+    search = SearchSummary.from_dict(summary, source="the search stage's summary")
+    budget = search.budget if search.budget is not None else cfg.search.trials
+    if search.spent < budget:
+        return f"search stopped after {search.spent} of {budget} trials; re-run the same command to continue"
     return None
 
 
