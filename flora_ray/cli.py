@@ -499,35 +499,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def format_summary(stage: str, summary: dict[str, Any], seconds: float) -> str:
-    """What a stage command prints when it finishes."""
-    if "skipped" in summary:
-        return f"{stage}: skipped ({summary['skipped']})"
-    if stage == "filter":
-        return (
-            f"filter: done in {seconds:.0f} s; kept {summary['kept_per_block']} of "
-            f"{summary['candidates_per_block'][0]} candidates per block; space {summary['configs_before']:.3g} -> "
-            f"{summary['configs_after']:.3g} configurations\n  {summary['space']}\n  {summary['scores']}"
-        )
-    if stage == "search":
-        return (
-            f"search: {summary['complete']}/{summary['trials']} trials complete ({summary['failed']} failed) in "
-            f"{summary['seconds']:.0f} s ({summary['trials_per_second']:.2f} trials/s); front of "
-            f"{summary['front_size']}, hypervolume {summary.get('hypervolume_share', 0.0):.4f} (share of the box)"
-        )
-    if stage == "profile":
-        lines = [f"profile: done in {seconds:.0f} s, {summary['rows']} rows on {summary['device'].get('name')} "
-                 f"({summary['device'].get('dtype')}, {summary['device'].get('threads')} thread(s))"]  # fmt: skip
-        for batch, b in summary["batches"].items():
-            lines.append(
-                f"  batch {batch}: dense {b['dense_ms']:.3f} ms predicted (rest {b['rest_ms']:.3f} ms); calibration "
-                f"x{b['scale']:.3f} {b['offset_ms']:+.3f} ms, error {100 * (b['calibration_mape'] or 0):.1f}% on the "
-                "measured uniform models"
-            )
-        return "\n".join(lines)
-    metrics = ", ".join(
-        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.get("metrics", {}).items()
-    )
-    return f"{stage}: done in {seconds:.0f} s -> {summary.get('output', '')}\n  {metrics}"
+    """What a stage command prints when it finishes (``stages.Stage.summarize``: each stage's own text)."""
+    from flora_ray.stages import STAGES
+
+    return STAGES[stage].summarize(summary, seconds)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -62,6 +62,17 @@ def latency(model: nn.Module, dense: nn.Module, x: torch.Tensor, threads: int) -
         ).to_dict()
 
 
+def export_bundles(cfg: Config) -> list[dict[str, float]]:
+    """What the stage asks Ray for (``flora-ray plan``): one task with a search trial's resources."""
+    return [trial_resources(cfg)]
+
+
+def export_work(cfg: Config, work: Any) -> float:
+    """The stage's MACs for ``flora-ray plan``, as the plan has always counted them: two passes of the dense model
+    over ``search.eval_images`` (the subnet's and the dense model's test-split passes)."""
+    return 2 * cfg.search.eval_images * work.dense_macs
+
+
 def export_task(
     run_uri: str, row: dict[str, Any], threads: int, formats: tuple[str, ...] = ("safetensors",), evaluate: bool = True
 ) -> tuple[dict[str, bytes], dict[str, Any]]:

@@ -42,6 +42,22 @@ def trial_resources(cfg: Config) -> dict[str, float]:
     return resources
 
 
+def search_bundles(cfg: Config) -> list[dict[str, float]]:
+    """What the stage asks Ray for at once (``flora-ray plan``): ``search.concurrency`` evaluators."""
+    return [trial_resources(cfg)] * cfg.search.concurrency
+
+
+def search_work(cfg: Config, work: Any) -> float:
+    """The stage's MACs for ``flora-ray plan`` (``work``: a ``plan.Workload``): every trial and the uniform and
+    dense baselines scored on ``search.eval_images`` at the mean uniform configuration's cost."""
+    return (cfg.search.trials + 8) * cfg.search.eval_images * work.mean_macs
+
+
+def search_parallel(cfg: Config, work: Any, *, cluster: bool) -> float:
+    """Accelerators busy at once on a cluster (evaluators x their share of one); evaluators on this machine."""
+    return cfg.search.concurrency * (cfg.search.gpus_per_trial or 1.0) if cluster else cfg.search.concurrency
+
+
 def search_seed(cfg: Config) -> int:
     return cfg.search.seed if cfg.search.seed is not None else cfg.run.seed
 
