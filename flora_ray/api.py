@@ -80,7 +80,7 @@ def prepare_run(
     if not every_stage_done(store):  # a finished run re-run needs no device
         check_devices(cfg, on_this_machine=address is None)
     checked = [s for s in stages if STAGES[s].preflight and not (parent and s in TAKEN_OVER)]
-    unfinished = [s for s in checked if StageMarker.read(store, s) is None]
+    unfinished = [s for s in checked if StageMarker.read(store, stage=s) is None]
     if checked:  # a child's first own stage reads what it takes over: checked on the parent's copy
         adopted = parent is None or store.is_file(ARTEFACTS.supernet)
         preflight(cfg, (unfinished or checked)[0], store if adopted else parent)
@@ -117,7 +117,7 @@ def every_stage_done(store: RunStore) -> bool:
     from flora_ray.stages import STAGES
     from flora_ray.stages.records import StageMarker
 
-    return all(StageMarker.read(store, stage) is not None for stage in STAGES)
+    return all(StageMarker.read(store, stage=stage) is not None for stage in STAGES)
 
 
 @contextlib.contextmanager

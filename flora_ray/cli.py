@@ -502,7 +502,7 @@ def format_summary(stage: str, summary: dict[str, Any], seconds: float) -> str:
     """What a stage command prints when it finishes (``stages.Stage.summarize``: each stage's own text)."""
     from flora_ray.stages import STAGES
 
-    return STAGES[stage].summarize(summary, seconds)
+    return STAGES[stage].summarize(summary, seconds=seconds)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

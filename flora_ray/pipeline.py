@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 def stage_marker(store: RunStore, stage: str) -> dict[str, Any] | None:
     """The completion record of ``stage`` as its file holds it (``StageMarker.read`` gives it typed), or ``None``
     while it has not finished."""
-    marker = StageMarker.read(store, stage)
+    marker = StageMarker.read(store, stage=stage)
     return None if marker is None else marker.to_dict()
 
 
@@ -70,7 +70,7 @@ def _run_stages(cfg: Config, backend: Backend, store: RunStore) -> dict[str, dic
     markers: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
     for index, stage in enumerate(STAGES, start=1):
-        marker = StageMarker.read(store, stage)
+        marker = StageMarker.read(store, stage=stage)
         if marker is not None:
             logger.info("[%d/%d] %s: done earlier (%.0f s), skipped", index, len(STAGES), stage, marker.seconds)
             markers[stage] = marker.to_dict()

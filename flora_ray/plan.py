@@ -303,12 +303,12 @@ def make_plan(
     store = RunStore.for_config(cfg)
     plans = []
     for stage in (s for s in STAGES.values() if s.demand is not None):
-        plan = StagePlan(stage.name, stage.demand.bundles(cfg), macs=stage.demand.work(cfg, work))
-        skip = stage.demand.skipped(cfg, work)
+        plan = StagePlan(stage.name, stage.demand.bundles(cfg), macs=stage.demand.work(cfg, workload=work))
+        skip = stage.demand.skipped(cfg, workload=work)
         if skip:
             plan.skipped = skip
         else:
-            marker = StageMarker.read(store, stage.name) if store.is_local and store.exists("") else None
+            marker = StageMarker.read(store, stage=stage.name) if store.is_local and store.exists("") else None
             estimate(cfg, plan, work, cluster, local_rate, mfu, marker, rates)
             price(plan, cluster, prices or {})
         plans.append(plan)
@@ -327,14 +327,14 @@ def estimate(cfg, plan: StagePlan, work: Workload, cluster, local_rate, mfu, mar
     if marker is not None:
         plan.seconds, plan.source = float(marker.seconds), "measured: this run's finished stage"
     elif demand.time is not None:
-        plan.seconds, plan.source = demand.time(cfg, work)
+        plan.seconds, plan.source = demand.time(cfg, workload=work)
     elif cluster is None:
-        share = demand.parallel(cfg, work, cluster=False)
+        share = demand.parallel(cfg, workload=work, cluster=False)
         plan.seconds = plan.macs / (local_rate * min(share, 1.0 if cfg.run.threads_per_worker == 0 else share))
         plan.source = f"forward pass timed here: {local_rate / 1e9:.1f} GMAC/s per worker"
     else:
         rate, source = accelerator_rate(cluster, plan.nodes, mfu, list(rates), cfg.model.name, work.dense_macs)
-        plan.seconds = plan.macs / (rate * demand.parallel(cfg, work, cluster=True))
+        plan.seconds = plan.macs / (rate * demand.parallel(cfg, workload=work, cluster=True))
         plan.source = source
     gpus = {t: cluster["available_node_types"][t]["resources"].get("GPU", 0) for t in plan.nodes} if cluster else {}
     plan.gpu_hours = plan.seconds / 3600 * sum(n * gpus[t] for t, n in plan.nodes.items())

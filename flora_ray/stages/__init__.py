@@ -38,7 +38,7 @@ def _search_left_work(cfg: Any, summary: Mapping[str, Any]) -> str | None:
     return None
 
 
-def describe_outputs(summary: Mapping[str, Any], seconds: float, *, stage: str) -> str:
+def describe_outputs(summary: Mapping[str, Any], *, seconds: float, stage: str) -> str:
     """What a stage command prints by default: where its output went and its final metrics."""
     metrics = ", ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.get("metrics", {}).items()
@@ -50,31 +50,31 @@ def _nothing(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def _no_work(cfg: Any, work: Any) -> float:
+def _no_work(cfg: Any, *, workload: Any) -> float:
     return 0.0
 
 
-def _one(cfg: Any, work: Any, *, cluster: bool) -> float:
+def _one(cfg: Any, *, workload: Any, cluster: bool) -> float:
     return 1.0
 
 
 @dataclass(frozen=True)
 class Demand:
-    """What a stage asks of a cluster, for ``flora-ray plan`` (``work`` is a ``plan.Workload``).
+    """What a stage asks of a cluster, for ``flora-ray plan`` (``workload`` is a ``plan.Workload``).
 
     Attributes:
         bundles: ``bundles(cfg)``: the resource bundles it asks Ray for at once.
-        work: ``work(cfg, work)``: its multiply-accumulates.
-        parallel: ``parallel(cfg, work, cluster=...)``: accelerators (on this machine: workers) busy at once.
-        skipped: ``skipped(cfg, work)``: why it will have nothing to do, or ``None``.
-        time: ``time(cfg, work) -> (seconds, source)`` for a stage whose time is not its MACs over a rate.
+        work: ``work(cfg, workload=...)``: its multiply-accumulates.
+        parallel: ``parallel(cfg, workload=..., cluster=...)``: accelerators (on this machine: workers) busy at once.
+        skipped: ``skipped(cfg, workload=...)``: why it will have nothing to do, or ``None``.
+        time: ``time(cfg, workload=...) -> (seconds, source)`` for a stage whose time is not its MACs over a rate.
     """
 
     bundles: Callable[[Any], list[dict[str, float]]]
-    work: Callable[[Any, Any], float] = _no_work
+    work: Callable[..., float] = _no_work
     parallel: Callable[..., float] = _one
-    skipped: Callable[[Any, Any], str | None] = _nothing
-    time: Callable[[Any, Any], tuple[float, str]] | None = None
+    skipped: Callable[..., str | None] = _nothing
+    time: Callable[..., tuple[float, str]] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +87,7 @@ class Stage:
         help: One line for ``--help``.
         preflight: Whether ``stages.preflight`` checks its inputs before any work starts.
         left_work: ``(cfg, summary) -> message`` when the call finished without completing the stage.
-        describe: ``(summary, seconds) -> text``: what its command prints (default: output and metrics).
+        describe: ``(summary, seconds=...) -> text``: what its command prints (default: output and metrics).
         demand: What it asks of a cluster (``flora-ray plan``); ``None``: not planned.
     """
 
@@ -96,16 +96,16 @@ class Stage:
     help: str
     preflight: bool = True
     left_work: Callable[[Any, Mapping[str, Any]], str | None] = _nothing
-    describe: Callable[[Mapping[str, Any], float], str] | None = None
+    describe: Callable[..., str] | None = None
     demand: Demand | None = None
 
-    def summarize(self, summary: Mapping[str, Any], seconds: float) -> str:
+    def summarize(self, summary: Mapping[str, Any], *, seconds: float) -> str:
         """What the stage's command prints when it finishes with ``summary`` after ``seconds``."""
         if "skipped" in summary:
             return f"{self.name}: skipped ({summary['skipped']})"
         if self.describe is None:
-            return describe_outputs(summary, seconds, stage=self.name)
-        return self.describe(summary, seconds)
+            return describe_outputs(summary, seconds=seconds, stage=self.name)
+        return self.describe(summary, seconds=seconds)
 
 
 def _stage_functions(module: str, *names: str) -> list[Callable[..., Any]]:

@@ -67,10 +67,10 @@ def export_bundles(cfg: Config) -> list[dict[str, float]]:
     return [trial_resources(cfg)]
 
 
-def export_work(cfg: Config, work: Any) -> float:
+def export_work(cfg: Config, *, workload: Any) -> float:
     """The stage's MACs for ``flora-ray plan``, as the plan has always counted them: two passes of the dense model
     over ``search.eval_images`` (the subnet's and the dense model's test-split passes)."""
-    return 2 * cfg.search.eval_images * work.dense_macs
+    return 2 * cfg.search.eval_images * workload.dense_macs
 
 
 def export_task(

@@ -108,23 +108,23 @@ def filter_bundles(cfg: Config) -> list[dict[str, float]]:
     return [task_resources(cfg)] * (cfg.filter.concurrency if cfg.filter.mode == "local_supernet" else 1)
 
 
-def filter_work(cfg: Config, work: Any) -> float:
-    """The stage's MACs for ``flora-ray plan`` (``work``: a ``plan.Workload``): per block, every candidate scored on
+def filter_work(cfg: Config, *, workload: Any) -> float:
+    """The stage's MACs for ``flora-ray plan`` (``workload``: a ``plan.Workload``): per block, every candidate scored on
     ``filter.eval_images`` and, with local supernets, ``filter.epochs`` over ``filter.subset`` of the training data
     (forward + backward + the teacher's forward: 4 forward passes)."""
-    scoring = work.candidates * cfg.filter.eval_images * work.dense_macs  # every triple scored, per block
+    scoring = workload.candidates * cfg.filter.eval_images * workload.dense_macs  # every triple scored, per block
     if cfg.filter.mode != "local_supernet":
-        return scoring * work.blocks
-    per_block = cfg.filter.epochs * cfg.filter.subset * work.train_images * 4 * work.dense_macs
-    return (per_block + scoring) * work.blocks
+        return scoring * workload.blocks
+    per_block = cfg.filter.epochs * cfg.filter.subset * workload.train_images * 4 * workload.dense_macs
+    return (per_block + scoring) * workload.blocks
 
 
-def filter_parallel(cfg: Config, work: Any, *, cluster: bool) -> float:
+def filter_parallel(cfg: Config, *, workload: Any, cluster: bool) -> float:
     """Blocks filtered at once (``flora-ray plan``)."""
-    return min(cfg.filter.concurrency, work.blocks) if cfg.filter.mode == "local_supernet" else 1
+    return min(cfg.filter.concurrency, workload.blocks) if cfg.filter.mode == "local_supernet" else 1
 
 
-def describe_filter(summary: Mapping[str, Any], seconds: float) -> str:
+def describe_filter(summary: Mapping[str, Any], *, seconds: float) -> str:
     """What ``flora-ray filter`` prints: candidates kept per block, the space before and after, the files."""
     return (
         f"filter: done in {seconds:.0f} s; kept {summary['kept_per_block']} of "

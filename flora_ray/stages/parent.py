@@ -90,7 +90,7 @@ def adopt_parent(cfg: Config, store: RunStore, parent: RunStore | None) -> list[
         for name in names:
             if parent.is_file(name):
                 store.write_bytes(name, parent.read_bytes(name))
-        marker = StageMarker.read(parent, stage)
+        marker = StageMarker.read(parent, stage=stage)
         # last: the stage counts as done once its files are
         replace(marker, summary={**marker.summary, "from_parent": parent.uri}).write(store)
         adopted.append(stage)

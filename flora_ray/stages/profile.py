@@ -68,20 +68,20 @@ def profile_bundles(cfg: Config) -> list[dict[str, float]]:
     return [profile_resources(cfg)] if cfg.profile.enabled else []
 
 
-def profile_skipped(cfg: Config, work: Any) -> str | None:
+def profile_skipped(cfg: Config, *, workload: Any) -> str | None:
     """Why the stage will have nothing to do (``flora-ray plan``)."""
     return None if cfg.profile.enabled else "profile.enabled is false"
 
 
-def profile_time(cfg: Config, work: Any) -> tuple[float, str]:
-    """The plan's wall time of the stage and its source: every item of ``work`` (``plan.Workload``) timed at every
-    batch size for ``profile.min_run_time``, half as much again for set-up. Not a MAC count: timing is the work."""
+def profile_time(cfg: Config, *, workload: Any) -> tuple[float, str]:
+    """The plan's wall time of the stage and its source: every item of ``workload`` (``plan.Workload``) timed at every
+    batch size for ``profile.min_run_time``, half as much again for set-up. Not a MAC count: timing is the workload."""
     sizes = len(cfg.profile.batch_sizes)
-    seconds = work.profile_items * sizes * cfg.profile.min_run_time * 1.5
-    return seconds, f"{work.profile_items} items x {sizes} batch sizes x profile.min_run_time"
+    seconds = workload.profile_items * sizes * cfg.profile.min_run_time * 1.5
+    return seconds, f"{workload.profile_items} items x {sizes} batch sizes x profile.min_run_time"
 
 
-def describe_profile(summary: Mapping[str, Any], seconds: float) -> str:
+def describe_profile(summary: Mapping[str, Any], *, seconds: float) -> str:
     """What ``flora-ray profile`` prints: the table's size and device, per batch size the dense latency and the
     calibration (``profile_summary``)."""
     device = summary["device"]

@@ -169,7 +169,7 @@ class SearchSummary(Record):
         )
 
 
-def describe_search(summary: Mapping[str, Any], seconds: float) -> str:
+def describe_search(summary: Mapping[str, Any], *, seconds: float) -> str:
     """``Stage.describe`` of the search: its ``SearchSummary``'s line."""
     return SearchSummary.from_dict(summary, source="the search stage's summary").describe()
 
@@ -340,7 +340,7 @@ class StageMarker(Record):
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def read(cls, store: RunStore, stage: str) -> StageMarker | None:
+    def read(cls, store: RunStore, *, stage: str) -> StageMarker | None:
         """The marker of ``stage``, or ``None`` while the stage has not finished."""
         name = ARTEFACTS.stage_marker(stage)
         if not store.is_file(name):

@@ -47,13 +47,13 @@ def search_bundles(cfg: Config) -> list[dict[str, float]]:
     return [trial_resources(cfg)] * cfg.search.concurrency
 
 
-def search_work(cfg: Config, work: Any) -> float:
-    """The stage's MACs for ``flora-ray plan`` (``work``: a ``plan.Workload``): every trial and the uniform and
+def search_work(cfg: Config, *, workload: Any) -> float:
+    """The stage's MACs for ``flora-ray plan`` (``workload``: a ``plan.Workload``): every trial and the uniform and
     dense baselines scored on ``search.eval_images`` at the mean uniform configuration's cost."""
-    return (cfg.search.trials + 8) * cfg.search.eval_images * work.mean_macs
+    return (cfg.search.trials + 8) * cfg.search.eval_images * workload.mean_macs
 
 
-def search_parallel(cfg: Config, work: Any, *, cluster: bool) -> float:
+def search_parallel(cfg: Config, *, workload: Any, cluster: bool) -> float:
     """Accelerators busy at once on a cluster (evaluators x their share of one); evaluators on this machine."""
     return cfg.search.concurrency * (cfg.search.gpus_per_trial or 1.0) if cluster else cfg.search.concurrency
 

@@ -162,27 +162,27 @@ def training_bundles(cfg: Config) -> list[dict[str, float]]:
     return [worker_resources(cfg.scaling)] * cfg.scaling.num_workers
 
 
-def training_parallel(cfg: Config, work: Any, *, cluster: bool) -> float:
+def training_parallel(cfg: Config, *, workload: Any, cluster: bool) -> float:
     """Workers training at once (``flora-ray plan``)."""
     return cfg.scaling.num_workers
 
 
-def pretrain_work(cfg: Config, work: Any) -> float:
-    """The teacher's MACs for ``flora-ray plan`` (``work``: a ``plan.Workload``): forward + backward (3 forward
+def pretrain_work(cfg: Config, *, workload: Any) -> float:
+    """The teacher's MACs for ``flora-ray plan`` (``workload``: a ``plan.Workload``): forward + backward (3 forward
     passes) of the dense model per training image and epoch."""
-    return cfg.pretrain.epochs * work.train_images * 3 * work.dense_macs
+    return cfg.pretrain.epochs * workload.train_images * 3 * workload.dense_macs
 
 
-def train_work(cfg: Config, work: Any) -> float:
+def train_work(cfg: Config, *, workload: Any) -> float:
     """The supernet's MACs for ``flora-ray plan``: the teacher's forward pass and forward + backward of a subnet of
     mean uniform cost per training image and epoch."""
-    return cfg.train.epochs * work.train_images * (work.dense_macs + 3 * work.mean_macs)
+    return cfg.train.epochs * workload.train_images * (workload.dense_macs + 3 * workload.mean_macs)
 
 
-def pretrain_skipped(cfg: Config, work: Any) -> str | None:
+def pretrain_skipped(cfg: Config, *, workload: Any) -> str | None:
     """Why the pretrain stage will have nothing to do (``flora-ray plan``): ``model.pretrained`` weights for the
-    data's classes (``work.classes``) are the teacher."""
-    teacher = bool(cfg.model.pretrained) and pretrained_classes(cfg) in (None, work.classes)
+    data's classes (``workload.classes``) are the teacher."""
+    teacher = bool(cfg.model.pretrained) and pretrained_classes(cfg) in (None, workload.classes)
     return "model.pretrained is the teacher" if teacher else None
 
 
