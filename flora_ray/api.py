@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from flora_ray.backends.base import Backend
     from flora_ray.core.supernet import Supernet
-    from flora_ray.stages.records import FinetuneReport, SearchSummary, StageMarker
+    from flora_ray.records import FinetuneReport, SearchSummary, StageMarker
 
 BACKENDS = ("ray", "local")
 # The one default of every entry point (``flora-ray`` commands, ``run``, ``Run.export``, ``Run.finetune``): Ray, so
@@ -64,11 +64,11 @@ def prepare_run(
 ) -> RunStore:
     """What every command checks before any backend starts: the run storage (unless ``storage_checked``), a run
     made with another configuration, the inputs of the first unfinished stage; then the configuration is recorded."""
+    from flora_ray.records import StageMarker
     from flora_ray.stages import STAGES
     from flora_ray.stages.inputs import claim_run
     from flora_ray.stages.parent import TAKEN_OVER, adopt_parent, check_parent
     from flora_ray.stages.preflight import check_devices, check_run_storage, preflight
-    from flora_ray.stages.records import StageMarker
     from flora_ray.tracking import ensure_experiment
 
     if backend not in BACKENDS:
@@ -114,8 +114,8 @@ def writing_run(cfg: Config, stages: Sequence[str], address: str | None, backend
 def every_stage_done(store: RunStore) -> bool:
     """Whether every stage of the run has finished: a re-run then skips them all, and needs no backend (no Ray to
     start or join only to find nothing left to run)."""
+    from flora_ray.records import StageMarker
     from flora_ray.stages import STAGES
-    from flora_ray.stages.records import StageMarker
 
     return all(StageMarker.read(store, stage=stage) is not None for stage in STAGES)
 
@@ -238,7 +238,7 @@ class Run:
     def search_summary(self) -> SearchSummary:
         """The finished search's figures (``search_summary.json``): trials, front size, hypervolume, the dense
         model's accuracy and costs."""
-        from flora_ray.stages.records import SearchSummary
+        from flora_ray.records import SearchSummary
 
         return SearchSummary.read(self.store)
 
@@ -246,7 +246,7 @@ class Run:
     def stages(self) -> dict[str, StageMarker]:
         """The finished stages' completion records (``stages/<stage>.json``: wall time, summary), in the order
         they finished."""
-        from flora_ray.stages.records import StageMarker
+        from flora_ray.records import StageMarker
 
         return StageMarker.read_all(self.store)
 
@@ -254,7 +254,7 @@ class Run:
     def finetunes(self) -> list[FinetuneReport]:
         """Every fine-tuned subnet's figures (``Run.finetune``, ``flora-ray finetune`` or the pipeline's stage), by
         trial."""
-        from flora_ray.stages.records import FinetuneReport
+        from flora_ray.records import FinetuneReport
 
         return FinetuneReport.read_all(self.store)
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from flora_ray.errors import InputError, StageUnfinished, stage_of
 
 if TYPE_CHECKING:
-    from flora_ray.stages.records import ExportReport, FinetuneReport
+    from flora_ray.records import ExportReport, FinetuneReport
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -301,7 +301,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def format_finetune(report: FinetuneReport | Mapping[str, Any]) -> str:
     """What ``flora-ray finetune`` prints: the subnet, its test accuracy before and after, the folder."""
-    from flora_ray.stages.records import FinetuneReport
+    from flora_ray.records import FinetuneReport
 
     r = report if isinstance(report, FinetuneReport) else FinetuneReport.from_dict(report)
     return (
@@ -326,7 +326,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def format_export(report: ExportReport | Mapping[str, Any]) -> str:
     """What ``flora-ray export`` prints: cost, accuracy, latency (when evaluated), formats, the folder."""
-    from flora_ray.stages.records import ExportReport
+    from flora_ray.records import ExportReport
 
     r = report if isinstance(report, ExportReport) else ExportReport.from_dict(report)
     lines = [

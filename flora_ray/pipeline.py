@@ -16,9 +16,9 @@ from flora_ray import notify
 from flora_ray.backends.base import Backend
 from flora_ray.config import Config
 from flora_ray.errors import StageUnfinished, note_stage
+from flora_ray.records import StageMarker
 from flora_ray.stages import STAGES
 from flora_ray.stages.inputs import claim_run
-from flora_ray.stages.records import StageMarker
 from flora_ray.storage.lease import check_lease, hold_lease
 from flora_ray.storage.run_store import RunStore
 

@@ -287,9 +287,9 @@ def make_plan(
 ) -> tuple[list[StagePlan], dict[str, Any]]:
     """Every stage's plan and the totals (see the module docstring); ``throughput``: measured rate files
     (``experiments/gpu_check.py`` results) besides the repository's own and the published ones."""
+    from flora_ray.records import StageMarker
     from flora_ray.stages import STAGES
     from flora_ray.stages.preflight import check_geometry
-    from flora_ray.stages.records import StageMarker
     from flora_ray.storage.run_store import RunStore
     from flora_ray.throughput import known_rates
 

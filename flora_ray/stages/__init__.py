@@ -29,7 +29,7 @@ def lazy(module: str, name: str) -> Callable[..., Any]:
 
 def _search_left_work(cfg: Any, summary: Mapping[str, Any]) -> str | None:
     """The search's budget (``search.study.search_budget``: ``search.trials`` capped at the space's size) not spent."""
-    from flora_ray.stages.records import SearchSummary
+    from flora_ray.records import SearchSummary
 
     search = SearchSummary.from_dict(summary, source="the search stage's summary")
     budget = search.budget if search.budget is not None else cfg.search.trials
@@ -136,7 +136,7 @@ def _table() -> dict[str, Stage]:
               demand=Demand(training_bundles, lazy("flora_ray.stages.training", "train_work"), training_parallel)),
         Stage(name="search", run=lazy("flora_ray.stages.search", "search_stage"),
               help="NSGA-II search of the (filtered) space; Pareto front to Parquet", left_work=_search_left_work,
-              describe=lazy("flora_ray.stages.records", "describe_search"), demand=Demand(*trial)),
+              describe=lazy("flora_ray.records", "describe_search"), demand=Demand(*trial)),
         Stage(name="export", run=lazy("flora_ray.stages.export", "export_stage"),
               help="export the knee point of the front", preflight=False,
               demand=Demand(*_stage_functions("export", "export_bundles", "export_work"))),

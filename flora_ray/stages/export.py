@@ -29,6 +29,7 @@ from flora_ray.core.timing import forward_ms, time_ms, torch_threads
 from flora_ray.data.datasets import build_datasets, norm_stats
 from flora_ray.data.listing import run_listing
 from flora_ray.errors import MissingInput
+from flora_ray.records import CpuLatency, ExportReport, Int8Figures, Int8Latency
 from flora_ray.results import cost_axis, knee_point, load_front
 from flora_ray.stages.formats import CARD_FILE, CONFIG_FILE, check_formats, hf_config, model_card, write_formats
 from flora_ray.stages.inputs import load_teacher, open_run, working_dir
@@ -40,7 +41,6 @@ from flora_ray.stages.profile import (
     profile_settings,
     read_table,
 )
-from flora_ray.stages.records import CpuLatency, ExportReport, Int8Figures, Int8Latency
 from flora_ray.stages.runs import budget_of, calibrate_subnet, load_run_config, run_supernet, select_trial
 from flora_ray.stages.search import trial_resources
 from flora_ray.storage.files import write_bytes, write_json
@@ -48,7 +48,7 @@ from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.training.tasks import accuracy
 from flora_ray.training.worker import run_device
 
-EXPORT_FILE = "export.json"  # an export's figures (``stages.records.ExportReport``), in its folder
+EXPORT_FILE = "export.json"  # an export's figures (``records.ExportReport``), in its folder
 
 
 def latency(model: nn.Module, dense: nn.Module, x: torch.Tensor, threads: int) -> dict[str, float]:

@@ -45,11 +45,11 @@ from flora_ray.data.datasets import build_datasets, eval_subset
 from flora_ray.data.listing import run_listing
 from flora_ray.data.ray_data import train_dataset
 from flora_ray.errors import InputError, MissingInput
+from flora_ray.records import FinetuneReport
 from flora_ray.stages.export import data_geometry
 from flora_ray.stages.formats import CONFIG_FILE, hf_config
 from flora_ray.stages.inputs import load_teacher, open_run, ray_storage, working_dir
 from flora_ray.stages.preflight import RAY_DATA_NEEDS_RAY
-from flora_ray.stages.records import FinetuneReport
 from flora_ray.stages.runs import budget_of, load_run_config, run_supernet, select_trial
 from flora_ray.stages.search import trial_resources
 from flora_ray.stages.training import training_batches

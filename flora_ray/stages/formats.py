@@ -23,7 +23,7 @@ from torch import nn
 
 from flora_ray.core.subnet import INT8_WEIGHTS_FILE, WEIGHTS_FILE, load_subnet, save_subnet_int8
 from flora_ray.errors import InputError
-from flora_ray.stages.records import ExportReport
+from flora_ray.records import ExportReport
 
 FORMATS = ("safetensors", "pt2", "onnx", "int8")
 FORMAT_FILES = {"safetensors": "model.safetensors", "pt2": "model.pt2", "onnx": "model.onnx", "int8": INT8_WEIGHTS_FILE}

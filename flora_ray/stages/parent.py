@@ -19,7 +19,7 @@ import yaml
 
 from flora_ray.config import Config, changed_result_keys, config_to_dict, describe_change
 from flora_ray.errors import InputError, MissingInput
-from flora_ray.stages.records import StageMarker
+from flora_ray.records import StageMarker
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 logger = logging.getLogger(__name__)

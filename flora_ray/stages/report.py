@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from flora_ray.errors import MissingInput
+from flora_ray.records import ExportReport, FinetuneReport, SearchSummary, StageMarker, TargetLatency
 from flora_ray.results import (
     GAIN_BUDGETS,
     GAIN_DROPS,
@@ -35,7 +36,6 @@ from flora_ray.results import (
     row_se,
 )
 from flora_ray.search.interactive import front_html
-from flora_ray.stages.records import ExportReport, FinetuneReport, SearchSummary, StageMarker, TargetLatency
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 DROPS = GAIN_DROPS  # accuracy points below dense at which the front's extra cost reduction is reported

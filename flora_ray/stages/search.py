@@ -18,6 +18,7 @@ from flora_ray.config import Config, config_to_dict
 from flora_ray.core.cost import build_cost_model
 from flora_ray.core.models import ModelSpec
 from flora_ray.core.space import RankSpace
+from flora_ray.records import SearchSummary
 from flora_ray.results import hypervolume
 from flora_ray.search.evaluator import anchor_points, module_from_numpy, search_images
 from flora_ray.search.frames import trials_frame, uniform_frame
@@ -27,7 +28,6 @@ from flora_ray.search.study import DUPLICATE_OF, SearchProblem, finished_trials,
 from flora_ray.stages.inputs import load_teacher, open_run, provenance, ray_storage, study_name, working_dir
 from flora_ray.stages.preflight import preflight
 from flora_ray.stages.profile import run_latency_model
-from flora_ray.stages.records import SearchSummary
 from flora_ray.storage.files import write_bytes
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 

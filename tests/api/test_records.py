@@ -1,4 +1,4 @@
-"""The typed run records (``flora_ray.stages.records``) against the files a real run wrote: the digits run of
+"""The typed run records (``flora_ray.records``) against the files a real run wrote: the digits run of
 ``tests/api/conftest.py``. Each file read into its record and written back is the file, key for key and in order;
 the records agree with the frames and with each other."""
 
@@ -8,9 +8,9 @@ import shutil
 import pytest
 
 import flora_ray as fr
+from flora_ray.records import ExportReport, FinetuneReport, SearchSummary, StageMarker
 from flora_ray.stages import STAGES
 from flora_ray.stages.finetune import FINETUNE_FILE, finetune_from_run
-from flora_ray.stages.records import ExportReport, FinetuneReport, SearchSummary, StageMarker
 from flora_ray.storage.run_store import ARTEFACTS
 
 

@@ -1,4 +1,4 @@
-"""The typed run records (``flora_ray.stages.records``) on files as earlier versions wrote them: missing optional
+"""The typed run records (``flora_ray.records``) on files as earlier versions wrote them: missing optional
 keys get their defaults, unknown keys are kept and written back, a missing required key is named; the report, the
 command line and the search's completion check read them. No run, no torch model."""
 
@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from flora_ray.cli import format_export, format_finetune, format_summary
+from flora_ray.records import ExportReport, FinetuneReport, SearchSummary, StageMarker
 from flora_ray.stages import STAGES
-from flora_ray.stages.records import ExportReport, FinetuneReport, SearchSummary, StageMarker
 from flora_ray.stages.report import build_report
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 

@@ -7,7 +7,9 @@ the files have always had) and one ``from_dict``. ``from_dict`` reads files of e
 version did not write gets its field's default; a key the record does not know (written by a later version, or
 added by hand) is kept, in ``extra``, and written back after the known keys, so a read and rewrite loses nothing.
 A missing key that every version wrote is a ``ValueError`` naming the key and the file. Writers, the report, the
-command line and the API all go through these records; the JSON stays plain (no type tags). Torch-free.
+command line, the API, the registry and notifications all go through these records; the JSON stays plain (no type
+tags). Torch-free, and outside ``flora_ray.stages``: what only reads runs (``notify``, which the stages' preflight
+imports, ``registry``, ``api``) imports it without an import loop between packages.
 """
 
 from __future__ import annotations
