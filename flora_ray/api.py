@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from flora_ray.backends.base import Backend
     from flora_ray.core.supernet import Supernet
+    from flora_ray.records import FinetuneReport, SearchSummary, StageMarker
 
 BACKENDS = ("ray", "local")
 # The one default of every entry point (``flora-ray`` commands, ``run``, ``Run.export``, ``Run.finetune``): Ray, so
@@ -63,7 +64,7 @@ def prepare_run(
 ) -> RunStore:
     """What every command checks before any backend starts: the run storage (unless ``storage_checked``), a run
     made with another configuration, the inputs of the first unfinished stage; then the configuration is recorded."""
-    from flora_ray.pipeline import stage_marker
+    from flora_ray.records import StageMarker
     from flora_ray.stages import STAGES
     from flora_ray.stages.inputs import claim_run
     from flora_ray.stages.parent import TAKEN_OVER, adopt_parent, check_parent
@@ -79,7 +80,7 @@ def prepare_run(
     if not every_stage_done(store):  # a finished run re-run needs no device
         check_devices(cfg, on_this_machine=address is None)
     checked = [s for s in stages if STAGES[s].preflight and not (parent and s in TAKEN_OVER)]
-    unfinished = [s for s in checked if stage_marker(store, s) is None]
+    unfinished = [s for s in checked if StageMarker.read(store, stage=s) is None]
     if checked:  # a child's first own stage reads what it takes over: checked on the parent's copy
         adopted = parent is None or store.is_file(ARTEFACTS.supernet)
         preflight(cfg, (unfinished or checked)[0], store if adopted else parent)
@@ -113,10 +114,10 @@ def writing_run(cfg: Config, stages: Sequence[str], address: str | None, backend
 def every_stage_done(store: RunStore) -> bool:
     """Whether every stage of the run has finished: a re-run then skips them all, and needs no backend (no Ray to
     start or join only to find nothing left to run)."""
-    from flora_ray.pipeline import stage_marker
+    from flora_ray.records import StageMarker
     from flora_ray.stages import STAGES
 
-    return all(stage_marker(store, stage) is not None for stage in STAGES)
+    return all(StageMarker.read(store, stage=stage) is not None for stage in STAGES)
 
 
 @contextlib.contextmanager
@@ -232,6 +233,30 @@ class Run:
         from flora_ray.results import cost_axis
 
         return cost_axis(self.front)
+
+    @property
+    def search_summary(self) -> SearchSummary:
+        """The finished search's figures (``search_summary.json``): trials, front size, hypervolume, the dense
+        model's accuracy and costs."""
+        from flora_ray.records import SearchSummary
+
+        return SearchSummary.read(self.store)
+
+    @property
+    def stages(self) -> dict[str, StageMarker]:
+        """The finished stages' completion records (``stages/<stage>.json``: wall time, summary), in the order
+        they finished."""
+        from flora_ray.records import StageMarker
+
+        return StageMarker.read_all(self.store)
+
+    @property
+    def finetunes(self) -> list[FinetuneReport]:
+        """Every fine-tuned subnet's figures (``Run.finetune``, ``flora-ray finetune`` or the pipeline's stage), by
+        trial."""
+        from flora_ray.records import FinetuneReport
+
+        return FinetuneReport.read_all(self.store)
 
     @property
     def report(self) -> str:

@@ -16,10 +16,13 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from flora_ray.errors import InputError, StageUnfinished, stage_of
+
+if TYPE_CHECKING:
+    from flora_ray.records import ExportReport, FinetuneReport
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -296,13 +299,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_finetune(report: dict[str, Any]) -> str:
+def format_finetune(report: FinetuneReport | Mapping[str, Any]) -> str:
     """What ``flora-ray finetune`` prints: the subnet, its test accuracy before and after, the folder."""
-    change = report["test_accuracy"] - report["test_accuracy_before"]
+    from flora_ray.records import FinetuneReport
+
+    r = report if isinstance(report, FinetuneReport) else FinetuneReport.from_dict(report)
     return (
-        f"trial {report['trial']}: {report['macs'] / 1e6:.2f} MMACs, test acc {report['test_accuracy_before']:.2f}% -> "
-        f"{report['test_accuracy']:.2f}% ({change:+.2f} pts) after {report['epochs']} epoch(s) of fine-tuning in "
-        f"{report['seconds']:.0f} s\n  {report['directory']}"
+        f"trial {r.trial}: {r.macs / 1e6:.2f} MMACs, test acc {r.test_accuracy_before:.2f}% -> "
+        f"{r.test_accuracy:.2f}% ({r.change:+.2f} pts) after {r.epochs} epoch(s) of fine-tuning in "
+        f"{r.seconds:.0f} s\n  {r.directory}"
     )
 
 
@@ -319,36 +324,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_export(report: dict[str, Any]) -> str:
+def format_export(report: ExportReport | Mapping[str, Any]) -> str:
     """What ``flora-ray export`` prints: cost, accuracy, latency (when evaluated), formats, the folder."""
+    from flora_ray.records import ExportReport
+
+    r = report if isinstance(report, ExportReport) else ExportReport.from_dict(report)
     lines = [
-        f"trial {report['trial']}: {report['macs'] / 1e6:.2f} MMACs ({100 * report['macs'] / report['dense_macs']:.0f}% "
-        f"of dense), search acc {report['search_accuracy']:.2f}%"
-        + (f", test acc {report['test_accuracy']:.2f}%" if report.get("evaluated") else " (not evaluated: --no-eval)")
+        f"trial {r.trial}: {r.macs / 1e6:.2f} MMACs ({100 * r.macs_share:.0f}% of dense), search acc "
+        f"{r.search_accuracy:.2f}%"
+        + (f", test acc {r.test_accuracy:.2f}%" if r.evaluated else " (not evaluated: --no-eval)")
     ]
-    lat = report.get("latency")
-    if lat:
+    if r.latency:
+        lat = r.latency
         lines.append(
-            f"  CPU latency batch 1: {lat['subnet_batch1_ms']:.2f} ms (dense {lat['dense_batch1_ms']:.2f}), "
-            f"batch 32: {lat['subnet_batch32_ms']:.2f} ms (dense {lat['dense_batch32_ms']:.2f})"
+            f"  CPU latency batch 1: {lat.subnet_batch1_ms:.2f} ms (dense {lat.dense_batch1_ms:.2f}), "
+            f"batch 32: {lat.subnet_batch32_ms:.2f} ms (dense {lat.dense_batch32_ms:.2f})"
         )
-    target = report.get("target_latency")
-    for batch, b in (target or {}).get("batches", {}).items():
+    for batch, b in (r.target_latency.batches if r.target_latency else {}).items():
         lines.append(
-            f"  target device ({target['device']['name']}) batch {batch}: measured {b['measured_ms']:.3f} ms, "
-            f"predicted {b['predicted_ms']:.3f} ms ({b['error_pct']:+.1f}%)"
+            f"  target device ({r.target_latency.device['name']}) batch {batch}: measured {b.measured_ms:.3f} ms, "
+            f"predicted {b.predicted_ms:.3f} ms ({b.error_pct:+.1f}%)"
         )
-    for name, f in report.get("formats", {}).items():
+    for name, f in r.formats.items():
         lines.append(f"  {name}: {f['file']}, max abs difference to PyTorch {f['max_abs_diff']:.2e}")
-    int8 = report.get("int8")
-    if int8:
-        lat = int8["latency"]
+    if r.int8:
+        q = r.int8
         lines.append(
-            f"  int8: test acc {int8['test_accuracy']:.2f}% (fp32 {int8['fp32_test_accuracy']:.2f}%), CPU batch 1: "
-            f"{lat['int8_batch1_ms']:.2f} ms (fp32 {lat['fp32_batch1_ms']:.2f}), batch 32: {lat['int8_batch32_ms']:.2f}"
-            f" ms (fp32 {lat['fp32_batch32_ms']:.2f})"
+            f"  int8: test acc {q.test_accuracy:.2f}% (fp32 {q.fp32_test_accuracy:.2f}%), CPU batch 1: "
+            f"{q.latency.int8_batch1_ms:.2f} ms (fp32 {q.latency.fp32_batch1_ms:.2f}), batch 32: "
+            f"{q.latency.int8_batch32_ms:.2f} ms (fp32 {q.latency.fp32_batch32_ms:.2f})"
         )
-    return "\n".join([*lines, f"  {report['directory']}"])
+    return "\n".join([*lines, f"  {r.directory}"])
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -493,35 +499,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def format_summary(stage: str, summary: dict[str, Any], seconds: float) -> str:
-    """What a stage command prints when it finishes."""
-    if "skipped" in summary:
-        return f"{stage}: skipped ({summary['skipped']})"
-    if stage == "filter":
-        return (
-            f"filter: done in {seconds:.0f} s; kept {summary['kept_per_block']} of "
-            f"{summary['candidates_per_block'][0]} candidates per block; space {summary['configs_before']:.3g} -> "
-            f"{summary['configs_after']:.3g} configurations\n  {summary['space']}\n  {summary['scores']}"
-        )
-    if stage == "search":
-        return (
-            f"search: {summary['complete']}/{summary['trials']} trials complete ({summary['failed']} failed) in "
-            f"{summary['seconds']:.0f} s ({summary['trials_per_second']:.2f} trials/s); front of "
-            f"{summary['front_size']}, hypervolume {summary.get('hypervolume_share', 0.0):.4f} (share of the box)"
-        )
-    if stage == "profile":
-        lines = [f"profile: done in {seconds:.0f} s, {summary['rows']} rows on {summary['device'].get('name')} "
-                 f"({summary['device'].get('dtype')}, {summary['device'].get('threads')} thread(s))"]  # fmt: skip
-        for batch, b in summary["batches"].items():
-            lines.append(
-                f"  batch {batch}: dense {b['dense_ms']:.3f} ms predicted (rest {b['rest_ms']:.3f} ms); calibration "
-                f"x{b['scale']:.3f} {b['offset_ms']:+.3f} ms, error {100 * (b['calibration_mape'] or 0):.1f}% on the "
-                "measured uniform models"
-            )
-        return "\n".join(lines)
-    metrics = ", ".join(
-        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.get("metrics", {}).items()
-    )
-    return f"{stage}: done in {seconds:.0f} s -> {summary.get('output', '')}\n  {metrics}"
+    """What a stage command prints when it finishes (``stages.Stage.summarize``: each stage's own text)."""
+    from flora_ray.stages import STAGES
+
+    return STAGES[stage].summarize(summary, seconds=seconds)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -70,7 +70,11 @@ def stage_failed(cfg: Config, stage: str, error: BaseException) -> None:
 
 def run_finished(cfg: Config, markers: dict[str, dict[str, Any]], seconds: float) -> None:
     """The run's end, with its search's front size and trials (when it searched)."""
-    search = (markers.get("search") or {}).get("summary", {})
-    front = f"; front of {search['front_size']} from {search['complete']} trials" if "front_size" in search else ""
-    send(cfg, "finished", f"finished in {seconds:.0f} s{front}", seconds=round(seconds, 1),
-         front_size=search.get("front_size"), trials=search.get("complete"))  # fmt: skip
+    from flora_ray.records import SearchSummary
+
+    summary = (markers.get("search") or {}).get("summary")
+    search = SearchSummary.from_dict(summary, source="the search stage's summary") if summary else None
+    front_size, trials = (search.front_size, search.complete) if search else (None, None)
+    front = f"; front of {front_size} from {trials} trials" if front_size is not None else ""
+    send(cfg, "finished", f"finished in {seconds:.0f} s{front}", seconds=round(seconds, 1), front_size=front_size,
+         trials=trials)  # fmt: skip

@@ -16,18 +16,20 @@ from flora_ray import notify
 from flora_ray.backends.base import Backend
 from flora_ray.config import Config
 from flora_ray.errors import StageUnfinished, note_stage
+from flora_ray.records import StageMarker
 from flora_ray.stages import STAGES
 from flora_ray.stages.inputs import claim_run
 from flora_ray.storage.lease import check_lease, hold_lease
-from flora_ray.storage.run_store import ARTEFACTS, RunStore
+from flora_ray.storage.run_store import RunStore
 
 logger = logging.getLogger(__name__)
 
 
 def stage_marker(store: RunStore, stage: str) -> dict[str, Any] | None:
-    """The completion record of ``stage``, or ``None`` while it has not finished."""
-    name = ARTEFACTS.stage_marker(stage)
-    return store.read_json(name) if store.is_file(name) else None
+    """The completion record of ``stage`` as its file holds it (``StageMarker.read`` gives it typed), or ``None``
+    while it has not finished."""
+    marker = StageMarker.read(store, stage=stage)
+    return None if marker is None else marker.to_dict()
 
 
 def run_stage(cfg: Config, stage: str, backend: Backend) -> dict[str, Any]:
@@ -46,15 +48,15 @@ def run_stage(cfg: Config, stage: str, backend: Backend) -> dict[str, Any]:
         unfinished = STAGES[stage].left_work(cfg, summary)
         if unfinished:
             raise StageUnfinished(unfinished)
-        marker = {
-            "stage": stage,
-            "seconds": time.perf_counter() - started,
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "summary": summary,
-        }
-        store.write_json(ARTEFACTS.stage_marker(stage), marker)
-    notify.stage_done(cfg, stage, marker["seconds"])
-    return marker
+        marker = StageMarker(
+            stage=stage,
+            seconds=time.perf_counter() - started,
+            finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            summary=summary,
+        )
+        marker.write(store)
+    notify.stage_done(cfg, stage, marker.seconds)
+    return marker.to_dict()
 
 
 def run_pipeline(cfg: Config, backend: Backend) -> dict[str, dict[str, Any]]:
@@ -68,10 +70,10 @@ def _run_stages(cfg: Config, backend: Backend, store: RunStore) -> dict[str, dic
     markers: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
     for index, stage in enumerate(STAGES, start=1):
-        marker = stage_marker(store, stage)
+        marker = StageMarker.read(store, stage=stage)
         if marker is not None:
-            logger.info("[%d/%d] %s: done earlier (%.0f s), skipped", index, len(STAGES), stage, marker["seconds"])
-            markers[stage] = marker
+            logger.info("[%d/%d] %s: done earlier (%.0f s), skipped", index, len(STAGES), stage, marker.seconds)
+            markers[stage] = marker.to_dict()
             continue
         elapsed = time.perf_counter() - started
         logger.info("[%d/%d] %s: starting (%.0f s into this run)", index, len(STAGES), stage, elapsed)

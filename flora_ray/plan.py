@@ -73,6 +73,7 @@ class Workload:
     blocks: int
     candidates: int
     profile_items: int
+    classes: int = 0  # the classifier's classes (``pretrain``'s plan: are the pretrained weights the teacher?)
 
 
 def worker_nodes(cluster: dict[str, Any]) -> dict[str, Any]:
@@ -115,52 +116,10 @@ def gpu_model(node_type: dict[str, Any]) -> str | None:
 
 
 def stage_bundles(cfg: Config) -> dict[str, list[dict[str, float]]]:
-    """What each stage asks Ray for, from the functions the stages themselves call."""
-    from flora_ray.backends.ray import worker_resources
-    from flora_ray.stages.filter import task_resources
-    from flora_ray.stages.profile import profile_resources
-    from flora_ray.stages.search import trial_resources
+    """What each planned stage asks Ray for (``stages.Demand.bundles``: the functions the stages themselves call)."""
+    from flora_ray.stages import STAGES
 
-    training = [worker_resources(cfg.scaling)] * cfg.scaling.num_workers
-    return {
-        "profile": [profile_resources(cfg)] if cfg.profile.enabled else [],
-        "pretrain": training,
-        "filter": [task_resources(cfg)] * (cfg.filter.concurrency if cfg.filter.mode == "local_supernet" else 1),
-        "train": training,
-        "search": [trial_resources(cfg)] * cfg.search.concurrency,
-        "export": [trial_resources(cfg)],
-    }
-
-
-def stage_work(cfg: Config, work: Workload, stage: str) -> float:
-    """Multiply-accumulates of a stage (training: forward + backward = 3 forward passes, plus the teacher's)."""
-    n = work.train_images
-    if stage == "pretrain":
-        return cfg.pretrain.epochs * n * 3 * work.dense_macs
-    if stage == "filter":
-        scoring = work.candidates * cfg.filter.eval_images * work.dense_macs  # every triple scored, per block
-        if cfg.filter.mode != "local_supernet":
-            return scoring * work.blocks
-        per_block = cfg.filter.epochs * cfg.filter.subset * n * 4 * work.dense_macs
-        return (per_block + scoring) * work.blocks
-    if stage == "train":
-        return cfg.train.epochs * n * (work.dense_macs + 3 * work.mean_macs)
-    if stage == "search":
-        return (cfg.search.trials + 8) * cfg.search.eval_images * work.mean_macs  # + uniform and dense baselines
-    if stage == "export":
-        return 2 * cfg.search.eval_images * work.dense_macs
-    return 0.0
-
-
-def parallel_share(cfg: Config, stage: str, work: Workload) -> float:
-    """How many accelerators (or machines, for a local CPU estimate) work on the stage at once."""
-    if stage in ("pretrain", "train"):
-        return cfg.scaling.num_workers
-    if stage == "filter":
-        return min(cfg.filter.concurrency, work.blocks) if cfg.filter.mode == "local_supernet" else 1
-    if stage == "search":
-        return cfg.search.concurrency * (cfg.search.gpus_per_trial or 1.0)
-    return 1.0
+    return {name: stage.demand.bundles(cfg) for name, stage in STAGES.items() if stage.demand is not None}
 
 
 def measured_rate(cfg: Config, spec: Any) -> float:
@@ -305,7 +264,7 @@ def build_workload(cfg: Config, spec: Any, train_images: int) -> Workload:
     uniform = [cost.macs(c) for c in space.uniform_configs().values()]
     items = len(profile_items(space, cost, calibration_configs(space))) if cfg.profile.enabled else 0
     return Workload(train_images, float(cost.dense_macs), sum(uniform) / len(uniform), len(space.blocks),
-                    len(space.blocks[0].candidates), items)  # fmt: skip
+                    len(space.blocks[0].candidates), items, spec.kwargs["num_classes"])  # fmt: skip
 
 
 def make_plan(
@@ -319,8 +278,8 @@ def make_plan(
 ) -> tuple[list[StagePlan], dict[str, Any]]:
     """Every stage's plan and the totals (see the module docstring); ``throughput``: measured rate files
     (``experiments/gpu_check.py`` results) besides the repository's own and the published ones."""
-    from flora_ray.pipeline import stage_marker
-    from flora_ray.stages.inputs import pretrained_classes
+    from flora_ray.records import StageMarker
+    from flora_ray.stages import STAGES
     from flora_ray.stages.preflight import check_geometry
     from flora_ray.storage.run_store import RunStore
     from flora_ray.throughput import known_rates
@@ -334,44 +293,39 @@ def make_plan(
     rates = known_rates(list(throughput)) if cluster else []
     store = RunStore.for_config(cfg)
     plans = []
-    for stage, bundles in stage_bundles(cfg).items():
-        plan = StagePlan(stage, bundles, macs=stage_work(cfg, work, stage))
-        teacher = bool(cfg.model.pretrained) and pretrained_classes(cfg) in (None, spec.kwargs["num_classes"])
-        skip = skipped(cfg, stage, teacher)
+    for stage in (s for s in STAGES.values() if s.demand is not None):
+        plan = StagePlan(stage.name, stage.demand.bundles(cfg), macs=stage.demand.work(cfg, workload=work))
+        skip = stage.demand.skipped(cfg, workload=work)
         if skip:
             plan.skipped = skip
         else:
-            marker = stage_marker(store, stage) if store.is_local and store.exists("") else None
+            marker = StageMarker.read(store, stage=stage.name) if store.is_local and store.exists("") else None
             estimate(cfg, plan, work, cluster, local_rate, mfu, marker, rates)
             price(plan, cluster, prices or {})
         plans.append(plan)
     return plans, totals(plans, cluster, prices or {})
 
 
-def skipped(cfg: Config, stage: str, pretrained_teacher: bool) -> str | None:
-    if stage == "profile" and not cfg.profile.enabled:
-        return "profile.enabled is false"
-    if stage == "pretrain" and pretrained_teacher:
-        return "model.pretrained is the teacher"
-    return None
-
-
 def estimate(cfg, plan: StagePlan, work: Workload, cluster, local_rate, mfu, marker, rates=()) -> None:
-    """The stage's placement, wall time and GPU-hours, from the best source there is."""
+    """The stage's placement, wall time and GPU-hours, from the best source there is: this run's finished stage
+    (``marker``), the stage's own time (``Demand.time``), its MACs over a rate measured here or of the cluster's
+    accelerator."""
+    from flora_ray.stages import STAGES
+
+    demand = STAGES[plan.stage].demand
     if cluster is not None and plan.bundles:
         plan.nodes, plan.unplaced = place(cluster, plan.bundles)
     if marker is not None:
-        plan.seconds, plan.source = float(marker["seconds"]), "measured: this run's finished stage"
-    elif plan.stage == "profile":
-        plan.seconds = work.profile_items * len(cfg.profile.batch_sizes) * cfg.profile.min_run_time * 1.5
-        plan.source = f"{work.profile_items} items x {len(cfg.profile.batch_sizes)} batch sizes x profile.min_run_time"
+        plan.seconds, plan.source = float(marker.seconds), "measured: this run's finished stage"
+    elif demand.time is not None:
+        plan.seconds, plan.source = demand.time(cfg, workload=work)
     elif cluster is None:
-        share = parallel_share(cfg, plan.stage, work) if plan.stage != "search" else cfg.search.concurrency
+        share = demand.parallel(cfg, workload=work, cluster=False)
         plan.seconds = plan.macs / (local_rate * min(share, 1.0 if cfg.run.threads_per_worker == 0 else share))
         plan.source = f"forward pass timed here: {local_rate / 1e9:.1f} GMAC/s per worker"
     else:
         rate, source = accelerator_rate(cluster, plan.nodes, mfu, list(rates), cfg.model.name, work.dense_macs)
-        plan.seconds = plan.macs / (rate * parallel_share(cfg, plan.stage, work))
+        plan.seconds = plan.macs / (rate * demand.parallel(cfg, workload=work, cluster=True))
         plan.source = source
     gpus = {t: cluster["available_node_types"][t]["resources"].get("GPU", 0) for t in plan.nodes} if cluster else {}
     plan.gpu_hours = plan.seconds / 3600 * sum(n * gpus[t] for t, n in plan.nodes.items())

@@ -146,12 +146,12 @@ def search_figures(run: Run, done: Sequence[str]) -> dict[str, Any]:
     empty: dict[str, Any] = {"trials": None, "front": None, "cost_axis": None, **dict.fromkeys(BUDGET_COLUMNS.values())}
     if "search" not in done or not run.store.is_file(ARTEFACTS.pareto):
         return empty
-    summary = run.store.read_json(ARTEFACTS.search_summary, "search summary")
+    summary = run.search_summary
     front = load_front(run.store)
     axis = cost_axis(front)
-    figures = {"trials": int(summary["complete"]), "front": len(front), "cost_axis": axis}
+    figures = {"trials": int(summary.complete), "front": len(front), "cost_axis": axis}
     for share, column in BUDGET_COLUMNS.items():
-        best = best_under(front, share * float(summary[f"dense_{axis}"]), axis)
+        best = best_under(front, share * summary.dense(axis), axis)
         figures[column] = None if best is None else float(best["accuracy"])
     return figures
 
@@ -234,9 +234,9 @@ def run_points(run: Run) -> pd.DataFrame:
 
     if not run.store.is_file(ARTEFACTS.pareto) or not run.store.is_file(ARTEFACTS.search_summary):
         raise InputError(f"run {run.location!r} has no finished search (no pareto.parquet): run its search first")
-    summary = run.store.read_json(ARTEFACTS.search_summary, "search summary")
-    dense = {"kind": "dense", "accuracy": summary["dense_accuracy"],
-             **{axis: summary[f"dense_{axis}"] for axis in ("macs", "params", "latency_ms")}}  # fmt: skip
+    summary = run.search_summary
+    dense = {"kind": "dense", "accuracy": summary.dense_accuracy,
+             **{axis: summary.dense(axis) for axis in ("macs", "params", "latency_ms")}}  # fmt: skip
     parts = [load_front(run.store).assign(kind="front"), load_uniform(run.store).assign(kind="uniform")]
     frame = pd.concat([*parts, pd.DataFrame([dense])], ignore_index=True)
     frame = frame.reindex(columns=FRAME_COLUMNS)

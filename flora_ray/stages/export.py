@@ -29,6 +29,7 @@ from flora_ray.core.timing import forward_ms, time_ms, torch_threads
 from flora_ray.data.datasets import build_datasets, norm_stats
 from flora_ray.data.listing import run_listing
 from flora_ray.errors import MissingInput
+from flora_ray.records import CpuLatency, ExportReport, Int8Figures, Int8Latency
 from flora_ray.results import cost_axis, knee_point, load_front
 from flora_ray.stages.formats import CARD_FILE, CONFIG_FILE, check_formats, hf_config, model_card, write_formats
 from flora_ray.stages.inputs import load_teacher, open_run, working_dir
@@ -47,16 +48,29 @@ from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.training.tasks import accuracy
 from flora_ray.training.worker import run_device
 
+EXPORT_FILE = "export.json"  # an export's figures (``records.ExportReport``), in its folder
+
 
 def latency(model: nn.Module, dense: nn.Module, x: torch.Tensor, threads: int) -> dict[str, float]:
     """CPU latency of the subnet and the dense model at batch 1 and at the batch of ``x``, with ``threads``."""
     with torch_threads(threads):
-        return {
-            "subnet_batch1_ms": forward_ms(model, x[:1]),
-            "dense_batch1_ms": forward_ms(dense, x[:1]),
-            "subnet_batch32_ms": forward_ms(model, x),
-            "dense_batch32_ms": forward_ms(dense, x),
-        }
+        return CpuLatency(
+            subnet_batch1_ms=forward_ms(model, x[:1]),
+            dense_batch1_ms=forward_ms(dense, x[:1]),
+            subnet_batch32_ms=forward_ms(model, x),
+            dense_batch32_ms=forward_ms(dense, x),
+        ).to_dict()
+
+
+def export_bundles(cfg: Config) -> list[dict[str, float]]:
+    """What the stage asks Ray for (``flora-ray plan``): one task with a search trial's resources."""
+    return [trial_resources(cfg)]
+
+
+def export_work(cfg: Config, *, workload: Any) -> float:
+    """The stage's MACs for ``flora-ray plan``, as the plan has always counted them: two passes of the dense model
+    over ``search.eval_images`` (the subnet's and the dense model's test-split passes)."""
+    return 2 * cfg.search.eval_images * workload.dense_macs
 
 
 def export_task(
@@ -114,21 +128,22 @@ def int8_figures(
     latency, both models timed with the same batches, threads and timer (``core.timing.forward_ms``)."""
     int8_accuracy = accuracy(int8, test, torch.device("cpu"))
     with torch_threads(threads):
-        timed = {
-            f"{name}_{label}_ms": forward_ms(net, batch)
-            for label, batch in (("batch1", x[:1]), ("batch32", x))
-            for name, net in (("int8", int8), ("fp32", fp32))
-        }
-    return {
-        "scheme": SCHEME,
-        "test_accuracy": int8_accuracy,
-        "fp32_test_accuracy": fp32_accuracy,
-        "accuracy_drop": fp32_accuracy - int8_accuracy,
-        "latency": timed,
-        "speedup_batch1": timed["fp32_batch1_ms"] / timed["int8_batch1_ms"],
-        "speedup_batch32": timed["fp32_batch32_ms"] / timed["int8_batch32_ms"],
-        "threads": threads,
-    }
+        timed = Int8Latency(
+            int8_batch1_ms=forward_ms(int8, x[:1]),
+            fp32_batch1_ms=forward_ms(fp32, x[:1]),
+            int8_batch32_ms=forward_ms(int8, x),
+            fp32_batch32_ms=forward_ms(fp32, x),
+        )
+    return Int8Figures(
+        scheme=SCHEME,
+        test_accuracy=int8_accuracy,
+        fp32_test_accuracy=fp32_accuracy,
+        accuracy_drop=fp32_accuracy - int8_accuracy,
+        latency=timed,
+        speedup_batch1=timed.fp32_batch1_ms / timed.int8_batch1_ms,
+        speedup_batch32=timed.fp32_batch32_ms / timed.int8_batch32_ms,
+        threads=threads,
+    ).to_dict()
 
 
 def _check_batch(model: nn.Module, spec: ModelSpec, splits) -> torch.Tensor:
@@ -245,15 +260,16 @@ def export_from_run(
     out = Path(output) if output else store.local_path(name) if store.is_local else working_dir(cfg) / name
     for file_name, data in files.items():
         write_bytes(out / file_name, data)
-    report = {**figures, "directory": str(out) if output or store.is_local else store.location(name)}
+    where = str(out) if output or store.is_local else store.location(name)
+    report = ExportReport.from_dict({**figures, "directory": where}, source="the export's figures")
     spec = json.loads(files["subnet.json"])
     write_json(out / CONFIG_FILE, hf_config(spec, data_geometry(cfg)))
-    write_bytes(out / CARD_FILE, model_card(spec, report, card_context(store, cfg, figures)).encode())
-    write_json(out / "export.json", report)
+    write_bytes(out / CARD_FILE, model_card(spec, report, card_context(store, cfg, report)).encode())
+    write_json(out / EXPORT_FILE, report.to_dict())
     if not output and not store.is_local:
         for path in sorted(p for p in out.iterdir() if p.is_file()):
             store.write_bytes(f"{name}/{path.name}", path.read_bytes())
-    return report
+    return report.to_dict()
 
 
 def data_geometry(cfg: Config) -> dict[str, Any]:
@@ -262,18 +278,16 @@ def data_geometry(cfg: Config) -> dict[str, Any]:
     return {"img_size": cfg.data.img_size, "in_chans": cfg.data.in_chans, "mean": mean, "std": std}
 
 
-def card_context(store: RunStore, cfg: Config, figures: dict[str, Any]) -> dict[str, Any]:
+def card_context(store: RunStore, cfg: Config, report: ExportReport) -> dict[str, Any]:
     """The model card's facts about the run: data, base model, seed, target device, where the trial sits on
     the front."""
     front = load_front(store)
     axis = cost_axis(front)
     ordered = front.sort_values(axis).reset_index(drop=True)
-    at = ordered.index[ordered["trial"] == figures["trial"]].tolist()
+    at = ordered.index[ordered["trial"] == report.trial].tolist()
     knee = int(knee_point(front, axis)["trial"]) if len(front) else None
     if at:
-        position = f"point {at[0] + 1} of {len(ordered)} by {axis}" + (
-            " (the knee)" if knee == figures["trial"] else ""
-        )
+        position = f"point {at[0] + 1} of {len(ordered)} by {axis}" + (" (the knee)" if knee == report.trial else "")
     else:
         position = f"not on the front of {len(ordered)} points (a dominated trial)"
     pretrained = cfg.model.pretrained
@@ -284,7 +298,9 @@ def card_context(store: RunStore, cfg: Config, figures: dict[str, Any]) -> dict[
         if pretrained
         else "trained by `flora-ray pretrain`"
     )
-    device = (figures.get("target_latency") or {}).get("device", {}).get("name", "the target device")
+    device = (
+        report.target_latency.device.get("name", "the target device") if report.target_latency else "the target device"
+    )
     return {"dataset": cfg.data.name, "run": store.uri, "seed": cfg.run.seed, "base_model": base,
             "target_device": device, "front_position": position}  # fmt: skip
 

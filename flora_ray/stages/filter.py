@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -99,6 +100,37 @@ def task_resources(cfg: Config) -> dict[str, float]:
     if cfg.scaling.use_gpu:
         resources[cfg.scaling.accelerator] = 1
     return resources
+
+
+def filter_bundles(cfg: Config) -> list[dict[str, float]]:
+    """What the stage asks Ray for at once (``flora-ray plan``): ``filter.concurrency`` block tasks when local
+    supernets are trained, one scoring task with ``zero_training``."""
+    return [task_resources(cfg)] * (cfg.filter.concurrency if cfg.filter.mode == "local_supernet" else 1)
+
+
+def filter_work(cfg: Config, *, workload: Any) -> float:
+    """The stage's MACs for ``flora-ray plan`` (``workload``: a ``plan.Workload``): per block, every candidate scored on
+    ``filter.eval_images`` and, with local supernets, ``filter.epochs`` over ``filter.subset`` of the training data
+    (forward + backward + the teacher's forward: 4 forward passes)."""
+    scoring = workload.candidates * cfg.filter.eval_images * workload.dense_macs  # every triple scored, per block
+    if cfg.filter.mode != "local_supernet":
+        return scoring * workload.blocks
+    per_block = cfg.filter.epochs * cfg.filter.subset * workload.train_images * 4 * workload.dense_macs
+    return (per_block + scoring) * workload.blocks
+
+
+def filter_parallel(cfg: Config, *, workload: Any, cluster: bool) -> float:
+    """Blocks filtered at once (``flora-ray plan``)."""
+    return min(cfg.filter.concurrency, workload.blocks) if cfg.filter.mode == "local_supernet" else 1
+
+
+def describe_filter(summary: Mapping[str, Any], *, seconds: float) -> str:
+    """What ``flora-ray filter`` prints: candidates kept per block, the space before and after, the files."""
+    return (
+        f"filter: done in {seconds:.0f} s; kept {summary['kept_per_block']} of "
+        f"{summary['candidates_per_block'][0]} candidates per block; space {summary['configs_before']:.3g} -> "
+        f"{summary['configs_after']:.3g} configurations\n  {summary['space']}\n  {summary['scores']}"
+    )
 
 
 def filter_stage(cfg: Config, backend: Backend) -> dict[str, Any]:

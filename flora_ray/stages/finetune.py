@@ -45,6 +45,7 @@ from flora_ray.data.datasets import build_datasets, eval_subset
 from flora_ray.data.listing import run_listing
 from flora_ray.data.ray_data import train_dataset
 from flora_ray.errors import InputError, MissingInput
+from flora_ray.records import FinetuneReport
 from flora_ray.stages.export import data_geometry
 from flora_ray.stages.formats import CONFIG_FILE, hf_config
 from flora_ray.stages.inputs import load_teacher, open_run, ray_storage, working_dir
@@ -313,23 +314,23 @@ def finetune_from_run(
                                   resources=trial_resources(cfg), retries=cfg.run.max_failures)  # fmt: skip
     name = ARTEFACTS.finetune_dir(figures["trial"])
     out = Path(output) if output else store.local_path(name) if store.is_local else working_dir(cfg) / name
-    report = {**figures, "epochs": cfg.finetune.epochs, "seconds": seconds, "settings": finetune_settings(cfg),
-              "history": history, "directory": str(out) if output or store.is_local else store.location(name)}  # fmt: skip
-    logger.info("finetune trial %d: test accuracy %.2f%% -> %.2f%% in %.0f s", report["trial"],
-                report["test_accuracy_before"], report["test_accuracy"], seconds)  # fmt: skip
+    report = FinetuneReport(**figures, epochs=cfg.finetune.epochs, seconds=seconds, settings=finetune_settings(cfg),
+                            history=history, directory=str(out) if output or store.is_local else store.location(name))  # fmt: skip
+    logger.info("finetune trial %d: test accuracy %.2f%% -> %.2f%% in %.0f s", report.trial,
+                report.test_accuracy_before, report.test_accuracy, seconds)  # fmt: skip
     for file_name, data in files.items():
         write_bytes(out / file_name, data)
     write_json(out / CONFIG_FILE, hf_config(json.loads(files["subnet.json"]), data_geometry(cfg)))
-    write_json(out / FINETUNE_FILE, report)
+    write_json(out / FINETUNE_FILE, report.to_dict())
     if not output and not store.is_local:
         for path in sorted(p for p in out.iterdir() if p.is_file()):
             store.write_bytes(f"{name}/{path.name}", path.read_bytes())
-    store.write_json(ARTEFACTS.finetune_result(report["trial"]), report)
+    report.write(store)
     if store.is_file(ARTEFACTS.report):
         from flora_ray.stages.report import write_report
 
         write_report(store)
-    return report
+    return report.to_dict()
 
 
 def finetune_stage(cfg: Config, backend: Backend | None = None) -> dict[str, Any]:
@@ -342,4 +343,4 @@ def finetune_stage(cfg: Config, backend: Backend | None = None) -> dict[str, Any
     report = finetune_from_run(
         store, trial=cfg.finetune.trial, max_macs=cfg.finetune.max_macs, knee=knee, backend=backend, config=cfg
     )
-    return {k: v for k, v in report.items() if k != "history"}
+    return FinetuneReport.from_dict(report).stage_summary()

@@ -23,6 +23,7 @@ from torch import nn
 
 from flora_ray.core.subnet import INT8_WEIGHTS_FILE, WEIGHTS_FILE, load_subnet, save_subnet_int8
 from flora_ray.errors import InputError
+from flora_ray.records import ExportReport
 
 FORMATS = ("safetensors", "pt2", "onnx", "int8")
 FORMAT_FILES = {"safetensors": "model.safetensors", "pt2": "model.pt2", "onnx": "model.onnx", "int8": INT8_WEIGHTS_FILE}
@@ -127,7 +128,7 @@ def hf_config(spec: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any
     }
 
 
-def model_card(spec: Mapping[str, Any], figures: Mapping[str, Any], context: Mapping[str, Any]) -> str:
+def model_card(spec: Mapping[str, Any], report: ExportReport, context: Mapping[str, Any]) -> str:
     """The folder's ``README.md``: what the model is, its cost and accuracy, where it sits on the front, its
     ranks per layer, its files and its provenance."""
     macs, dense = spec["macs"], spec["dense_macs"]
@@ -137,7 +138,7 @@ def model_card(spec: Mapping[str, Any], figures: Mapping[str, Any], context: Map
         "library_name: timm",
         "tags: [image-classification, timm, flora-ray, low-rank]",
         "---",
-        f"# {name}, FLORA low-rank subnet (trial {figures['trial']})",
+        f"# {name}, FLORA low-rank subnet (trial {report.trial})",
         "",
         f"A subnet of `{name}` whose Linear layers are SVD low-rank factors at the ranks below, found by flora-ray's "
         f"architecture search on `{context['dataset']}` ({context['run']}). Base model: {context['base_model']}.",
@@ -146,24 +147,24 @@ def model_card(spec: Mapping[str, Any], figures: Mapping[str, Any], context: Map
         "| --- | ---: | ---: |",
         f"| MACs per image | {macs / 1e6:.2f} M ({100 * macs / dense:.1f}%) | {dense / 1e6:.2f} M |",
         f"| parameters | {spec['params'] / 1e6:.3f} M | {spec['dense_params'] / 1e6:.3f} M |",
-        f"| search-split accuracy | {figures['search_accuracy']:.2f}% | |",
+        f"| search-split accuracy | {report.search_accuracy:.2f}% | |",
     ]
-    if figures.get("test_accuracy") is not None:
-        lines.append(f"| test accuracy | {figures['test_accuracy']:.2f}% | {figures['dense_test_accuracy']:.2f}% |")
-    if figures.get("latency"):
-        lat = figures["latency"]
-        lines.append(f"| CPU latency, batch 1 | {lat['subnet_batch1_ms']:.2f} ms | {lat['dense_batch1_ms']:.2f} ms |")
-    if figures.get("int8"):
-        q = figures["int8"]
-        lines.append(f"| int8 (`model.int8.safetensors`): test accuracy, CPU batch 1 | {q['test_accuracy']:.2f}%, "
-                     f"{q['latency']['int8_batch1_ms']:.2f} ms | fp32 subnet: {q['fp32_test_accuracy']:.2f}%, "
-                     f"{q['latency']['fp32_batch1_ms']:.2f} ms |")  # fmt: skip
-    for batch, b in ((figures.get("target_latency") or {}).get("batches") or {}).items():
-        lines.append(f"| latency on {context['target_device']}, batch {batch} | {b['measured_ms']:.3f} ms "
-                     f"(predicted {b['predicted_ms']:.3f}) | {b['dense_measured_ms']:.3f} ms |")  # fmt: skip
+    if report.test_accuracy is not None:
+        lines.append(f"| test accuracy | {report.test_accuracy:.2f}% | {report.dense_test_accuracy:.2f}% |")
+    if report.latency:
+        lat = report.latency
+        lines.append(f"| CPU latency, batch 1 | {lat.subnet_batch1_ms:.2f} ms | {lat.dense_batch1_ms:.2f} ms |")
+    if report.int8:
+        q = report.int8
+        lines.append(f"| int8 (`model.int8.safetensors`): test accuracy, CPU batch 1 | {q.test_accuracy:.2f}%, "
+                     f"{q.latency.int8_batch1_ms:.2f} ms | fp32 subnet: {q.fp32_test_accuracy:.2f}%, "
+                     f"{q.latency.fp32_batch1_ms:.2f} ms |")  # fmt: skip
+    for batch, b in (report.target_latency.batches if report.target_latency else {}).items():
+        lines.append(f"| latency on {context['target_device']}, batch {batch} | {b.measured_ms:.3f} ms "
+                     f"(predicted {b.predicted_ms:.3f}) | {b.dense_measured_ms:.3f} ms |")  # fmt: skip
     lines += ["", f"Front: {context['front_position']}.", "", "## Files", ""]
     lines.append("- `model.safetensors` + `subnet.json`: `flora_ray.load_subnet(folder)` (timm + torch modules)")
-    for fmt, f in figures.get("formats", {}).items():
+    for fmt, f in report.formats.items():
         lines.append(f"- `{f['file']}` ({fmt}): max abs difference to PyTorch {f['max_abs_diff']:.2e}")
     lines += ["- `config.json`: timm's hub keys and the ranks; `export.json`: every figure", "", "## Ranks per layer"]
     lines += ["", "| layer | rank | of | form |", "| --- | ---: | ---: | --- |"]
@@ -171,6 +172,6 @@ def model_card(spec: Mapping[str, Any], figures: Mapping[str, Any], context: Map
     lines += ["", "## Provenance", "", f"- run: `{context['run']}`, seed {context['seed']}"]
     lines += [
         f"- versions: {json.dumps(spec['versions'])}",
-        f"- evaluated on: {figures.get('device', 'not evaluated')}",
+        f"- evaluated on: {report.device if report.evaluated else 'not evaluated'}",
     ]
     return "\n".join(lines) + "\n"

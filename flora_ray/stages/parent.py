@@ -12,12 +12,14 @@ export, fine-tune and report. The parent is only read.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import yaml
 
 from flora_ray.config import Config, changed_result_keys, config_to_dict, describe_change
 from flora_ray.errors import InputError, MissingInput
+from flora_ray.records import StageMarker
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 logger = logging.getLogger(__name__)
@@ -88,9 +90,9 @@ def adopt_parent(cfg: Config, store: RunStore, parent: RunStore | None) -> list[
         for name in names:
             if parent.is_file(name):
                 store.write_bytes(name, parent.read_bytes(name))
-        marker = parent.read_json(ARTEFACTS.stage_marker(stage))
-        marker["summary"] = {**marker.get("summary", {}), "from_parent": parent.uri}
-        store.write_json(ARTEFACTS.stage_marker(stage), marker)  # last: the stage counts as done once its files are
+        marker = StageMarker.read(parent, stage=stage)
+        # last: the stage counts as done once its files are
+        replace(marker, summary={**marker.summary, "from_parent": parent.uri}).write(store)
         adopted.append(stage)
     if adopted:
         logger.info("child run: took over %s from %s", ", ".join(adopted), parent.uri)

@@ -63,6 +63,39 @@ def profile_resources(cfg: Config) -> dict[str, float]:
     return resources
 
 
+def profile_bundles(cfg: Config) -> list[dict[str, float]]:
+    """What the stage asks Ray for (``flora-ray plan``): one profile task; nothing when profiling is off."""
+    return [profile_resources(cfg)] if cfg.profile.enabled else []
+
+
+def profile_skipped(cfg: Config, *, workload: Any) -> str | None:
+    """Why the stage will have nothing to do (``flora-ray plan``)."""
+    return None if cfg.profile.enabled else "profile.enabled is false"
+
+
+def profile_time(cfg: Config, *, workload: Any) -> tuple[float, str]:
+    """The plan's wall time of the stage and its source: every item of ``workload`` (``plan.Workload``) timed at every
+    batch size for ``profile.min_run_time``, half as much again for set-up. Not a MAC count: timing is the workload."""
+    sizes = len(cfg.profile.batch_sizes)
+    seconds = workload.profile_items * sizes * cfg.profile.min_run_time * 1.5
+    return seconds, f"{workload.profile_items} items x {sizes} batch sizes x profile.min_run_time"
+
+
+def describe_profile(summary: Mapping[str, Any], *, seconds: float) -> str:
+    """What ``flora-ray profile`` prints: the table's size and device, per batch size the dense latency and the
+    calibration (``profile_summary``)."""
+    device = summary["device"]
+    lines = [f"profile: done in {seconds:.0f} s, {summary['rows']} rows on {device.get('name')} "
+             f"({device.get('dtype')}, {device.get('threads')} thread(s))"]  # fmt: skip
+    for batch, b in summary["batches"].items():
+        lines.append(
+            f"  batch {batch}: dense {b['dense_ms']:.3f} ms predicted (rest {b['rest_ms']:.3f} ms); calibration "
+            f"x{b['scale']:.3f} {b['offset_ms']:+.3f} ms, error {100 * (b['calibration_mape'] or 0):.1f}% on the "
+            "measured uniform models"
+        )
+    return "\n".join(lines)
+
+
 def profile_settings(cfg: Config) -> dict[str, Any]:
     return {
         "device": cfg.profile.device,

@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from flora_ray.errors import MissingInput
+from flora_ray.records import ExportReport, FinetuneReport, SearchSummary, StageMarker, TargetLatency
 from flora_ray.results import (
     GAIN_BUDGETS,
     GAIN_DROPS,
@@ -40,12 +41,6 @@ from flora_ray.storage.run_store import ARTEFACTS, RunStore
 DROPS = GAIN_DROPS  # accuracy points below dense at which the front's extra cost reduction is reported
 
 
-def stage_markers(store: RunStore) -> dict[str, dict[str, Any]]:
-    """The completion records of a run's finished stages, in the order they finished."""
-    markers = [store.read_json(name) for name in store.list(ARTEFACTS.stages, ".json")]
-    return {m["stage"]: m for m in sorted(markers, key=lambda m: m["finished_at"])}
-
-
 def _macs(macs: float) -> str:
     """A MAC count with its unit: ``8.04 G`` or ``3.90 M``."""
     return f"{macs / 1e9:.2f} G" if macs >= 1e9 else f"{macs / 1e6:.2f} M"
@@ -57,13 +52,11 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def _dense_section(
-    markers: dict[str, dict[str, Any]], search: dict[str, Any], export: dict[str, Any] | None
-) -> list[str]:
-    pretrain = markers.get("pretrain", {}).get("summary", {})
+def _dense_section(markers: dict[str, StageMarker], search: SearchSummary, export: ExportReport | None) -> list[str]:
+    pretrain = markers["pretrain"].summary if "pretrain" in markers else {}
     test_acc = pretrain.get("metrics", {}).get("test_acc")
     if test_acc is None and export is not None:
-        test_acc = export.get("dense_test_accuracy")
+        test_acc = export.dense_test_accuracy
     tuned = pretrain.get("fine_tuned")
     source = pretrain.get("skipped") or (
         f"model.pretrained {tuned['from']!r} ({tuned['pretrained_classes']} classes) fine-tuned by `flora-ray "
@@ -71,13 +64,13 @@ def _dense_section(
         if tuned
         else "trained by `flora-ray pretrain` (teacher.safetensors)"
     )
-    lines = ["## Dense model", "", f"- weights: {source}", f"- cost: {_macs(search['dense_macs'])}MACs per image"]
-    if _known(search.get("dense_latency_ms")):
-        lines.append(f"- latency (predicted, batch {search['latency_batch']}): {search['dense_latency_ms']:.3f} ms")
+    lines = ["## Dense model", "", f"- weights: {source}", f"- cost: {_macs(search.dense_macs)}MACs per image"]
+    if _known(search.dense_latency_ms):
+        lines.append(f"- latency (predicted, batch {search.latency_batch}): {search.dense_latency_ms:.3f} ms")
     lines.append(
-        f"- accuracy: {search['dense_accuracy']:.2f}%"
-        + (f" ± {search['dense_accuracy_se']:.2f}" if _known(search.get("dense_accuracy_se")) else "")
-        + (f" on {search['eval_images']} search images" if search.get("eval_images") else " on the search images")
+        f"- accuracy: {search.dense_accuracy:.2f}%"
+        + (f" ± {search.dense_accuracy_se:.2f}" if _known(search.dense_accuracy_se) else "")
+        + (f" on {search.eval_images} search images" if search.eval_images else " on the search images")
         + (f", {test_acc:.2f}% on the test split" if test_acc is not None else "")
     )
     return lines
@@ -230,35 +223,27 @@ def _noise_note(
     return ("; " + "; ".join(parts) if parts else ""), info
 
 
-def _export_section(export: dict[str, Any]) -> list[str]:
-    lat = export["latency"]
+def _export_section(export: ExportReport) -> list[str]:
+    lat = export.latency
     return [
         "## Exported subnet (knee point of the front)",
         "",
-        f"- trial {export['trial']}: {_macs(export['macs'])}MACs ({100 * export['macs'] / export['dense_macs']:.1f}% "
-        f"of dense), {export['params'] / 1e6:.3f} M params",
-        f"- accuracy: {export['test_accuracy']:.2f}% on the test split ({export['search_accuracy']:.2f}% on the search "
+        f"- trial {export.trial}: {_macs(export.macs)}MACs ({100 * export.macs_share:.1f}% "
+        f"of dense), {export.params / 1e6:.3f} M params",
+        f"- accuracy: {export.test_accuracy:.2f}% on the test split ({export.search_accuracy:.2f}% on the search "
         "images)",
-        f"- CPU latency ({export['threads']} thread(s), median): batch 1 {lat['subnet_batch1_ms']:.2f} ms "
-        f"(dense {lat['dense_batch1_ms']:.2f} ms), batch 32 {lat['subnet_batch32_ms']:.2f} ms "
-        f"(dense {lat['dense_batch32_ms']:.2f} ms)",
-        *_target_latency_lines(export.get("target_latency")),
-        f"- files: `{export['directory']}` (model.safetensors, subnet.json, config.json, README.md model card, export.json)",
+        f"- CPU latency ({export.threads} thread(s), median): batch 1 {lat.subnet_batch1_ms:.2f} ms "
+        f"(dense {lat.dense_batch1_ms:.2f} ms), batch 32 {lat.subnet_batch32_ms:.2f} ms "
+        f"(dense {lat.dense_batch32_ms:.2f} ms)",
+        *_target_latency_lines(export.target_latency),
+        f"- files: `{export.directory}` (model.safetensors, subnet.json, config.json, README.md model card, export.json)",
     ]
 
 
-def finetune_results(store: RunStore) -> list[dict[str, Any]]:
-    """The figures of every fine-tuned subnet of the run (``flora-ray finetune`` or the pipeline's stage), by
-    trial."""
-    results = [store.read_json(name) for name in store.list(ARTEFACTS.finetunes, ".json")]
-    return sorted(results, key=lambda r: r["trial"])
-
-
-def _finetune_section(results: list[dict[str, Any]]) -> list[str]:
+def _finetune_section(results: list[FinetuneReport]) -> list[str]:
     rows = [
-        [str(r["trial"]), _macs(r["macs"]), f"{r['test_accuracy_before']:.2f}", f"{r['test_accuracy']:.2f}",
-         f"{r['test_accuracy'] - r['test_accuracy_before']:+.2f}", str(r["epochs"]), f"{r['seconds']:.0f}",
-         f"`{r['directory']}`"]
+        [str(r.trial), _macs(r.macs), f"{r.test_accuracy_before:.2f}", f"{r.test_accuracy:.2f}", f"{r.change:+.2f}",
+         str(r.epochs), f"{r.seconds:.0f}", f"`{r.directory}`"]
         for r in results
     ]  # fmt: skip
     headers = ["trial", "MACs", "test acc before (%)", "test acc after (%)", "change (pts)", "epochs", "seconds",
@@ -266,35 +251,35 @@ def _finetune_section(results: list[dict[str, Any]]) -> list[str]:
     return ["## Fine-tuned subnets (distilled from the teacher)", "", *_table(headers, rows)]
 
 
-def _target_latency_lines(target: dict[str, Any] | None) -> list[str]:
+def _target_latency_lines(target: TargetLatency | None) -> list[str]:
     """Measured against predicted latency on the target device, per profiled batch size."""
     if not target:
         return []
-    device = target["device"]
+    device = target.device
     lines = [f"- latency on the target device ({device['name']}, {device['dtype']}, {device['threads']} thread(s)):"]
-    for batch, b in target["batches"].items():
+    for batch, b in target.batches.items():
         lines.append(
-            f"  - batch {batch}: measured {b['measured_ms']:.3f} ms, predicted {b['predicted_ms']:.3f} ms "
-            f"({b['error_pct']:+.1f}%); dense measured {b['dense_measured_ms']:.3f} ms, predicted "
-            f"{b['dense_predicted_ms']:.3f} ms"
+            f"  - batch {batch}: measured {b.measured_ms:.3f} ms, predicted {b.predicted_ms:.3f} ms "
+            f"({b.error_pct:+.1f}%); dense measured {b.dense_measured_ms:.3f} ms, predicted "
+            f"{b.dense_predicted_ms:.3f} ms"
         )
     return lines
 
 
-def _closing_sections(store: RunStore, search: dict[str, Any], markers: dict[str, dict[str, Any]]) -> list[str]:
+def _closing_sections(store: RunStore, search: SearchSummary, markers: dict[str, StageMarker]) -> list[str]:
     """The search's figures, each stage's wall time and where the results are."""
     return [
         "## Search",
         "",
-        f"- {search['complete']} of {search['trials']} trials complete ({search['failed']} failed), "
-        f"{search.get('distinct_configurations', search['complete'])} distinct configurations "
-        f"({search.get('repeats_answered', 0)} repeated proposals answered from earlier evaluations), "
-        f"{search['trials_per_second']:.2f} trials/s, hypervolume {search.get('hypervolume_share', 0.0):.4f} of the "
+        f"- {search.complete} of {search.trials} trials complete ({search.failed} failed), "
+        f"{search.distinct} distinct configurations "
+        f"({search.repeats_answered} repeated proposals answered from earlier evaluations), "
+        f"{search.trials_per_second:.2f} trials/s, hypervolume {search.hypervolume_share:.4f} of the "
         f"box up to 1.01 x the dearest uniform configuration and 100%",
         "",
         "## Stage wall times",
         "",
-        *_table(["stage", "seconds"], [[s, f"{m['seconds']:.0f}"] for s, m in markers.items()]),
+        *_table(["stage", "seconds"], [[s, f"{m.seconds:.0f}"] for s, m in markers.items()]),
         "",
         "## Files",
         "",
@@ -319,13 +304,13 @@ def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
     store = run if isinstance(run, RunStore) else RunStore(run)
     if not store.is_file(ARTEFACTS.search_summary):
         raise MissingInput(f"{store.location(ARTEFACTS.search_summary)!r} does not exist: run the search stage first")
-    search = store.read_json(ARTEFACTS.search_summary)
+    search = SearchSummary.read(store)
     front, uniform = load_front(store), load_uniform(store)
-    markers = stage_markers(store)
-    export = markers.get("export", {}).get("summary")
-    dense_acc, dense_macs = float(search["dense_accuracy"]), float(search["dense_macs"])
-    axis = search.get("cost_axis", "macs")
-    dense = float(search.get(f"dense_{axis}", dense_macs))
+    markers = StageMarker.read_all(store)
+    export = ExportReport.from_dict(markers["export"].summary) if "export" in markers else None
+    dense_acc, dense_macs = float(search.dense_accuracy), float(search.dense_macs)
+    axis = search.cost_axis
+    dense = search.dense(axis)
     lines = [f"# flora-ray report: {store.name}", ""]
     lines += [*_dense_section(markers, search, export), ""]
     lines += [*_front_section(front, axis, dense, dense_acc), ""]
@@ -335,7 +320,7 @@ def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
     lines += [*gain_lines, "", *budget_lines, ""]
     if export is not None:
         lines += [*_export_section(export), ""]
-    tuned = finetune_results(store)
+    tuned = FinetuneReport.read_all(store)
     if tuned:
         lines += [*_finetune_section(tuned), ""]
     lines += _closing_sections(store, search, markers)
@@ -347,10 +332,10 @@ def build_report(run: str | Path | RunStore) -> tuple[str, dict[str, Any]]:
         "gain_over_uniform": gains,
         "gain_noise": noise,
         "advantage_at_budget": advantages,
-        "eval_images": search.get("eval_images"),
-        "export": export,
-        "finetune": [{k: v for k, v in r.items() if k != "history"} for r in tuned],
-        "stage_seconds": {s: m["seconds"] for s, m in markers.items()},
+        "eval_images": search.eval_images,
+        "export": None if export is None else export.to_dict(),
+        "finetune": [r.stage_summary() for r in tuned],
+        "stage_seconds": {s: m.seconds for s, m in markers.items()},
     }
     return "\n".join(lines), figures
 
@@ -368,11 +353,11 @@ def write_report(run: str | Path | RunStore) -> tuple[str, str]:
 
 def interactive_front(store: RunStore) -> str:
     """The run's ``front.html``: trials, front, uniform baseline and dense on the searched cost axis."""
-    search = store.read_json(ARTEFACTS.search_summary)
-    dense = {axis: float(search.get(f"dense_{axis}", float("nan"))) for axis in ("macs", "params", "latency_ms")}
-    dense["accuracy"] = float(search["dense_accuracy"])
+    search = SearchSummary.read(store)
+    dense = {axis: search.dense(axis) for axis in ("macs", "params", "latency_ms")}
+    dense["accuracy"] = float(search.dense_accuracy)
     trials, front, uniform = load_trials(store), load_front(store), load_uniform(store)
-    return front_html(trials, front, uniform, dense, search.get("cost_axis", "macs"))
+    return front_html(trials, front, uniform, dense, search.cost_axis)
 
 
 def report_stage(cfg: Any, backend: Any = None) -> dict[str, Any]:

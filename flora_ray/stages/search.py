@@ -18,6 +18,7 @@ from flora_ray.config import Config, config_to_dict
 from flora_ray.core.cost import build_cost_model
 from flora_ray.core.models import ModelSpec
 from flora_ray.core.space import RankSpace
+from flora_ray.records import SearchSummary
 from flora_ray.results import hypervolume
 from flora_ray.search.evaluator import anchor_points, module_from_numpy, search_images
 from flora_ray.search.frames import trials_frame, uniform_frame
@@ -39,6 +40,22 @@ def trial_resources(cfg: Config) -> dict[str, float]:
     if cfg.search.gpus_per_trial:
         resources[cfg.scaling.accelerator] = cfg.search.gpus_per_trial
     return resources
+
+
+def search_bundles(cfg: Config) -> list[dict[str, float]]:
+    """What the stage asks Ray for at once (``flora-ray plan``): ``search.concurrency`` evaluators."""
+    return [trial_resources(cfg)] * cfg.search.concurrency
+
+
+def search_work(cfg: Config, *, workload: Any) -> float:
+    """The stage's MACs for ``flora-ray plan`` (``workload``: a ``plan.Workload``): every trial and the uniform and
+    dense baselines scored on ``search.eval_images`` at the mean uniform configuration's cost."""
+    return (cfg.search.trials + 8) * cfg.search.eval_images * workload.mean_macs
+
+
+def search_parallel(cfg: Config, *, workload: Any, cluster: bool) -> float:
+    """Accelerators busy at once on a cluster (evaluators x their share of one); evaluators on this machine."""
+    return cfg.search.concurrency * (cfg.search.gpus_per_trial or 1.0) if cluster else cfg.search.concurrency
 
 
 def search_seed(cfg: Config) -> int:
@@ -146,17 +163,16 @@ def search_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
         baselines_task, problem, dense_state, resources=trial_resources(cfg), retries=cfg.run.max_failures
     )
     uniform = uniform_frame(rows, space, problem.objectives)
-    summary = write_search_outputs(cfg, store, study, trials, uniform)
-    summary.update(dense_costs(problem))
-    summary.update(
+    summary = SearchSummary(
+        **write_search_outputs(cfg, store, study, trials, uniform), **dense_costs(problem),
         dense_accuracy=dense_metrics["accuracy"], dense_accuracy_se=dense_metrics["accuracy_se"],
         eval_images=dense_metrics["eval_images"], seconds=seconds, evaluator_builds={str(k): v for k, v in builds.items()},
         budget=problem.trials,
+        dense_correct=dense_metrics["correct"],  # pairs with every trial's; in the file, not in the stage's summary
     )  # fmt: skip
-    # The dense model's per-image correctness pairs with every trial's; in the file, not in the printed summary.
-    store.write_json(ARTEFACTS.search_summary, {**summary, "dense_correct": dense_metrics["correct"]})
-    logger.info("search: %s", summary)
-    return summary  # an unfinished search (fewer trials than asked) is the caller's to report: see stages.STAGES
+    summary.write(store)
+    logger.info("search: %s", summary.stage_summary())
+    return summary.stage_summary()  # an unfinished search is the caller's to report: see stages.STAGES
 
 
 def dense_costs(problem: SearchProblem) -> dict[str, float]:

@@ -155,6 +155,37 @@ def fit_stage(cfg: Config, backend: Backend, stage: str) -> dict[str, Any]:
     return {"output": output, "metrics": numbers, "seconds": seconds}
 
 
+def training_bundles(cfg: Config) -> list[dict[str, float]]:
+    """What a training stage asks Ray for (``flora-ray plan``): ``scaling.num_workers`` Ray Train workers."""
+    from flora_ray.backends.ray import worker_resources
+
+    return [worker_resources(cfg.scaling)] * cfg.scaling.num_workers
+
+
+def training_parallel(cfg: Config, *, workload: Any, cluster: bool) -> float:
+    """Workers training at once (``flora-ray plan``)."""
+    return cfg.scaling.num_workers
+
+
+def pretrain_work(cfg: Config, *, workload: Any) -> float:
+    """The teacher's MACs for ``flora-ray plan`` (``workload``: a ``plan.Workload``): forward + backward (3 forward
+    passes) of the dense model per training image and epoch."""
+    return cfg.pretrain.epochs * workload.train_images * 3 * workload.dense_macs
+
+
+def train_work(cfg: Config, *, workload: Any) -> float:
+    """The supernet's MACs for ``flora-ray plan``: the teacher's forward pass and forward + backward of a subnet of
+    mean uniform cost per training image and epoch."""
+    return cfg.train.epochs * workload.train_images * (workload.dense_macs + 3 * workload.mean_macs)
+
+
+def pretrain_skipped(cfg: Config, *, workload: Any) -> str | None:
+    """Why the pretrain stage will have nothing to do (``flora-ray plan``): ``model.pretrained`` weights for the
+    data's classes (``workload.classes``) are the teacher."""
+    teacher = bool(cfg.model.pretrained) and pretrained_classes(cfg) in (None, workload.classes)
+    return "model.pretrained is the teacher" if teacher else None
+
+
 def pretrain(cfg: Config, backend: Backend) -> dict[str, Any]:
     """Train the dense teacher: skipped when ``model.pretrained`` is the teacher as it is; weights whose classifier
     has another class count than the data are fine-tuned into the run's teacher."""
