@@ -1,13 +1,19 @@
 """The benchmark harness (``experiments/benchmarks/harness.py``): arguments and smoke defaults, the environment
-record, provenance and the atomic JSON write."""
+record, provenance and the atomic JSON write; and every benchmark script's ``--help`` run as a script from the
+repository root, as a user runs it."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import harness
+import pytest
 from harness import RESULTS, ROOT, SMOKE_OUTPUT, bench_parser, environment, provenance, write_result
+
+BENCHMARKS = ROOT / "experiments" / "benchmarks"
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.stem.startswith("harness"))
 
 
 def _parser():
@@ -63,3 +69,17 @@ def test_provenance_without_git(monkeypatch):
     monkeypatch.setattr(harness, "git_commit", lambda root=ROOT: None)
     assert provenance(["a.py"])["git"] is None and provenance(["a.py"])["command"][1:] == ["a.py"]
     assert harness.git_commit(Path("/")) is None  # not a checkout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_runs_as_a_script_with_the_harness_arguments(script):
+    proc = subprocess.run(
+        [sys.executable, f"experiments/benchmarks/{script}.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},  # on sys.path: only the script's own folder
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--smoke" in proc.stdout and "--output" in proc.stdout, proc.stdout
