@@ -176,3 +176,22 @@ def test_no_import_loops_between_modules_or_packages():
     for name, targets in graph.items():
         packages.setdefault(package[name], set()).update(package[t] for t in targets if package[t] != package[name])
     assert not _cycle(packages), "an import loop between packages: " + " -> ".join(_cycle(packages))
+
+
+BENCHMARKS = ROOT / "experiments" / "benchmarks"
+
+
+def test_benchmarks_import_the_harness_not_each_other():
+    """A benchmark script imports only the harness modules (``harness*.py``) from its folder, never another
+    benchmark, and no module there edits ``sys.path`` (a script's own folder is on it when run as a script; pytest
+    gets it from pyproject's ``pythonpath``)."""
+    local = {p.stem for p in BENCHMARKS.glob("*.py")}
+    offences = []
+    for path in sorted(BENCHMARKS.glob("*.py")):
+        for line, module, _ in _imports(path):
+            name = module.split(".")[0]
+            if name in local and not name.startswith("harness"):
+                offences.append(f"{_where(path, line)}: imports the benchmark {name}")
+        if "sys.path" in path.read_text():
+            offences.append(f"{path.relative_to(ROOT)}: edits sys.path")
+    assert not offences, "benchmarks share code through harness*.py only:\n" + "\n".join(offences)

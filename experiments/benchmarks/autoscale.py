@@ -17,7 +17,6 @@ Needs port 6379 free (the provider dials the default GCS port).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -29,17 +28,16 @@ from typing import Any
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
+from harness import EXPERIMENTS, bench_parser, write_result
+
 from flora_ray.config import dump_config, load_config
 from flora_ray.core.models import dense_checkpoint_metadata
 from flora_ray.stages.inputs import resolve_model_spec
 from flora_ray.stages.search import search_problem
-from flora_ray.storage.files import write_json
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.testing.fake_cluster import HEAD_PORT, autoscaler_config, start_fake_cluster
 from flora_ray.testing.processes import port_in_use
 
-EXPERIMENTS = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
 ACCEL = "accel"
 MAX_WORKERS = 2
 
@@ -166,12 +164,7 @@ def relative(stages: dict[str, dict], t0: float) -> dict[str, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="train and a 4-trial search only")
-    parser.add_argument(
-        "--output", type=Path, help="directory for autoscale.json (default: results/; --smoke writes only with it)"
-    )
-    args = parser.parse_args()
+    args = bench_parser(__doc__, smoke_help="train and a 4-trial search only").parse_args()
     if port_in_use(HEAD_PORT):
         sys.exit(f"port {HEAD_PORT} is in use: another Ray head runs on this machine; try again later")
     stages = ("train", "search") if args.smoke else ("filter", "train", "search")
@@ -212,9 +205,7 @@ def main() -> None:
     }
     print_report(result)
     print(f"wall {result['wall_seconds']:.0f} s; load average {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}")
-    output = args.output or (None if args.smoke else RESULTS)
-    if output is not None:
-        write_json(output / "autoscale.json", result)
+    print(f"wrote {write_result(args.output / 'autoscale.json', result)}")
 
 
 if __name__ == "__main__":

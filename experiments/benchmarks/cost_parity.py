@@ -18,21 +18,16 @@ import os
 
 os.environ["TIMM_FUSED_ATTN"] = "0"  # FlopCounterMode does not see fused CPU attention; must precede timm's import
 
-import argparse
 import random
 import time
-from pathlib import Path
 
 import torch
-from bench_env import environment
+from harness import bench_parser, environment, write_result
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import flora_ray as fr
 from flora_ray.core.cost import CostModel, build_cost_model
-from flora_ray.storage.files import write_json
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # name: (timm model, kwargs, published dense GMACs)
 MODELS = {
@@ -163,13 +158,9 @@ def print_tables(rows: list[dict], published: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny models only (meta and real tensors), seconds")
+    parser = bench_parser(__doc__, smoke={"random": 2}, smoke_help="tiny models only (meta and real tensors), seconds")
     parser.add_argument("--random", type=int, default=3, help="random configurations per model")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (counting does not need more)")
-    parser.add_argument(
-        "--output", type=Path, help="directory for cost_parity.json (default: results/; --smoke writes only with it)"
-    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -178,7 +169,7 @@ def main() -> None:
     models = SMOKE_MODELS if args.smoke else MODELS
     rows = []
     for label, (name, kwargs, _) in models.items():
-        rows += parity_rows(label, name, kwargs, "meta", 2 if args.smoke else args.random)
+        rows += parity_rows(label, name, kwargs, "meta", args.random)
     for label, (name, kwargs, _) in models.items():
         rows += cross_check_rows(label, name, kwargs)
     published = published_rows(MODELS)
@@ -198,19 +189,15 @@ def main() -> None:
         f"(per layer {summary['max_abs_layer_diff_macs']}); published dense within 1%: "
         f"{', '.join(summary['published_within_1pct'])}; missed: {', '.join(summary['published_missed_1pct']) or 'none'}"
     )
-    output = args.output or (None if args.smoke else RESULTS)
-    if output is not None:
-        write_json(
-            output / "cost_parity.json",
-            {
-                "smoke": args.smoke,
-                "rows": rows,
-                "published": published,
-                "summary": summary,
-                **environment(),
-                "loadavg_before": loadavg_before,
-            },
-        )
+    result = {
+        "smoke": args.smoke,
+        "rows": rows,
+        "published": published,
+        "summary": summary,
+        **environment(),
+        "loadavg_before": loadavg_before,
+    }
+    print(f"wrote {write_result(args.output / 'cost_parity.json', result)}")
 
 
 if __name__ == "__main__":

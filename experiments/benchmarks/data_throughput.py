@@ -26,7 +26,6 @@ Prints tables, writes ``results/data_throughput.json``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import statistics
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_env import environment
+from harness import EXPERIMENTS, bench_parser, environment, write_result
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
@@ -45,10 +44,7 @@ from torchvision.datasets.folder import default_loader
 
 from flora_ray.config import load_config
 from flora_ray.data.transforms import RE_PROB, Preprocess, folder_transforms
-from flora_ray.storage.files import write_json
 
-EXPERIMENTS = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
 RECIPE = EXPERIMENTS / "deit_small_imagenet.yaml"
 WIDTH, HEIGHT = 500, 375  # ImageNet's median image size
 JPEG_QUALITY = 90
@@ -365,21 +361,17 @@ def print_cores(c: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="24 images, batch 8, one timed round: seconds")
+    parser = bench_parser(
+        __doc__,
+        smoke={"classes": 2, "per_class": 12, "batch": 8, "rounds": 1, "split_images": 8},
+        smoke_help="24 images, batch 8, one timed round: seconds",
+    )
     parser.add_argument("--classes", type=int, default=8)
     parser.add_argument("--per-class", type=int, default=64, help="JPEG files per class")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="timed passes per configuration")
     parser.add_argument("--split-images", type=int, default=128, help="images of the single-process split")
-    parser.add_argument(
-        "--output",
-        type=Path,
-        help="directory for data_throughput.json (default: results/; --smoke writes only with it)",
-    )
     args = parser.parse_args()
-    if args.smoke:
-        args.classes, args.per_class, args.batch, args.rounds, args.split_images = 2, 12, 8, 1, 8
     torch.set_num_threads(1)  # the 0-worker rows use one core, as each worker process does
     torch.manual_seed(0)
     env_before = environment(1)
@@ -398,24 +390,20 @@ def main() -> None:
         preprocess = preprocess_cost(root, tfs, args.batch, repeats=5 if args.smoke else 20)
     cores = cores_per_gpu(rows)
     print_cores(cores)
-    output = args.output or (None if args.smoke else RESULTS)
-    if output is not None:
-        write_json(
-            output / "data_throughput.json",
-            {
-                "smoke": args.smoke,
-                "folder": folder,
-                "transforms": {f"{k} pixels={p}": repr(tf) for (k, p), tf in tfs.items()},
-                "rows": rows,
-                "split": split,
-                "preprocess": preprocess,
-                "cores_per_gpu": cores,
-                "rounds": args.rounds,
-                "seconds": time.perf_counter() - started,
-                **environment(1),
-                "loadavg_before": env_before["loadavg"],
-            },
-        )
+    result = {
+        "smoke": args.smoke,
+        "folder": folder,
+        "transforms": {f"{k} pixels={p}": repr(tf) for (k, p), tf in tfs.items()},
+        "rows": rows,
+        "split": split,
+        "preprocess": preprocess,
+        "cores_per_gpu": cores,
+        "rounds": args.rounds,
+        "seconds": time.perf_counter() - started,
+        **environment(1),
+        "loadavg_before": env_before["loadavg"],
+    }
+    print(f"wrote {write_result(args.output / 'data_throughput.json', result)}")
 
 
 if __name__ == "__main__":

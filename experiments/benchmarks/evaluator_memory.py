@@ -30,7 +30,6 @@ import os
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # local Ray on 127.0.0.1 only; before Ray is imported
 
-import argparse
 import logging
 import resource
 import tempfile
@@ -40,17 +39,15 @@ import warnings
 from pathlib import Path
 
 import torch
-from bench_env import environment
+from harness import bench_parser, environment, write_result
 
 import flora_ray as fr
 from flora_ray.config import Config, DataConfig, RunConfig, SearchConfig, config_to_dict
 from flora_ray.search.evaluator import anchor_points, search_images
 from flora_ray.search.filtering import as_numpy_state
 from flora_ray.search.study import SearchProblem
-from flora_ray.storage.files import write_json
 from flora_ray.testing.imagefolder import write_image_folder
 
-RESULTS = Path(__file__).resolve().parent / "results"
 IMG_SIZE, FOLDER_SIZE = 224, 256
 GB, MB = 1e9, 1e6
 
@@ -358,8 +355,9 @@ def print_tables(result: dict, summary: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="200 images of 10 classes, about a minute")
+    parser = bench_parser(
+        __doc__, smoke={"images": 200, "classes": 10}, smoke_help="200 images of 10 classes, about a minute"
+    )
     parser.add_argument("--images", type=int, default=10_000, help="search images N (search.eval_images)")
     parser.add_argument("--classes", type=int, default=100, help="classes of the image folder")
     parser.add_argument("--batch-size", type=int, default=SearchConfig().batch_size, help="search.batch_size")
@@ -370,14 +368,7 @@ def main() -> None:
     parser.add_argument("--actors", type=int, default=2, help="evaluator actors sharing the images")
     parser.add_argument("--no-float", dest="float", action="store_false", help="skip the float32 (old way) actor")
     parser.add_argument("--folder", type=Path, help="image folder to write or reuse (default: a temporary one)")
-    parser.add_argument(
-        "--output",
-        type=Path,
-        help="directory for evaluator_memory.json (default: results/; --smoke writes only with it)",
-    )
     args = parser.parse_args()
-    if args.smoke:
-        args.images, args.classes = 200, 10
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     env_before = environment(1)
@@ -395,20 +386,16 @@ def main() -> None:
             ray.shutdown()
     summary = {**summarize(result, args), "write_seconds": write_seconds, "seconds": time.perf_counter() - started}
     print_tables(result, summary)
-    output = args.output or (None if args.smoke else RESULTS)
-    if output is not None:
-        write_json(
-            output / "evaluator_memory.json",
-            {
-                "smoke": args.smoke,
-                **result,
-                "summary": summary,
-                "batch_size": args.batch_size,
-                "model": args.model,
-                **environment(1),
-                "loadavg_before": env_before["loadavg"],
-            },
-        )
+    record = {
+        "smoke": args.smoke,
+        **result,
+        "summary": summary,
+        "batch_size": args.batch_size,
+        "model": args.model,
+        **environment(1),
+        "loadavg_before": env_before["loadavg"],
+    }
+    print(f"wrote {write_result(args.output / 'evaluator_memory.json', record)}")
 
 
 if __name__ == "__main__":

@@ -23,10 +23,7 @@ schedule) and reused while the teacher, space and configuration are unchanged.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -37,89 +34,31 @@ import numpy as np
 import optuna
 import pandas as pd
 import torch
-from search_efficiency import (
-    RESULTS,
-    ROOT,
-    SMOKE_RUN,
+from harness import bench_parser, write_result
+from harness_runs import (
     CachedEvaluator,
     build_evaluator,
-    config_at,
-    config_file,
     nsga2_search,
     pareto_points,
     points_hypervolume,
+    prepare_ablation,
     prepare_base_run,
     run_config,
-    run_missing_stages,
     uniform_search,
 )
 
-from flora_ray.config import Config, changed_result_keys, config_to_dict
-from flora_ray.core.space import RankSpace
+from flora_ray.config import Config
 from flora_ray.results import GAIN_DROPS, cheapest_within, gain_over_uniform
 from flora_ray.search.plots import pyplot, save_png
 from flora_ray.stages.inputs import load_teacher
-from flora_ray.storage.files import read_checkpoint_header, read_json, sha256_file, write_json
-from flora_ray.storage.run_store import ARTEFACTS, RunStore
+from flora_ray.storage.run_store import RunStore
 
 DROPS = GAIN_DROPS  # accuracy points below the reference
-SOURCE_FILE = "bench_source.json"
 # variant: (overrides of the base run's training configuration, whether it keeps the base run's trained space)
 ABLATIONS = {
     "no_filter": (("train.space_file=null",), False),
     "uniform_sampling": (("train.space_file=null", "train.sampler=uniform"), True),
 }
-
-
-# --- supernets ----------------------------------------------------------------------------------------------------
-
-
-def variant_dir(base: Path, variant: str, runs_root: Path) -> Path:
-    """``runs_root/bench-<base run>-<variant>``."""
-    return runs_root / f"bench-{base.name.removeprefix('bench-')}-{variant.replace('_', '')}"
-
-
-def same_source(recorded: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    """Whether a prepared variant was trained from the same teacher, space and result-changing configuration
-    (paths and other speed-only keys may differ: the same runs reached through another path are reused, not
-    deleted and retrained)."""
-    return (
-        recorded.get("teacher_sha256") == wanted["teacher_sha256"]
-        and recorded.get("space") == wanted["space"]
-        and not changed_result_keys(recorded.get("config", {}), wanted["config"])
-    )
-
-
-def prepare_ablation(
-    base: Path, variant: str, runs_root: Path, local: bool, ablation: tuple[tuple[str, ...], bool] | None = None
-) -> Path:
-    """Train (or reuse) one ablation supernet from the base run's teacher and training configuration.
-
-    ``ablation`` is ``(overrides, keep_space)`` (default: ``ABLATIONS[variant]``). The variant's run directory gets
-    the base run's teacher and, when the variant keeps it, the space the base supernet was trained on. It is reused
-    when ``bench_source.json`` (teacher hash, space, configuration) matches.
-    """
-    overrides, keep_space = ablation if ablation is not None else ABLATIONS[variant]
-    target = variant_dir(base, variant, runs_root)
-    cfg = config_at(config_file(base), target, overrides)
-    space = read_checkpoint_header(base / ARTEFACTS.supernet)["space"] if keep_space else None
-    teacher = base / ARTEFACTS.teacher
-    source = {"teacher_sha256": sha256_file(teacher), "space": space, "config": config_to_dict(cfg)}
-    source = json.loads(json.dumps(source))  # as it reads back from the file (tuples become lists)
-    marker = target / SOURCE_FILE
-    if (target / ARTEFACTS.supernet).is_file() and marker.is_file() and same_source(read_json(marker), source):
-        print(f"reusing {target} ({variant})", flush=True)
-        return target
-    if target.exists():
-        assert target.name.startswith("bench-"), target  # only ever delete this benchmark's own runs
-        shutil.rmtree(target)
-    store = RunStore(target)
-    store.write_bytes(ARTEFACTS.teacher, teacher.read_bytes())
-    if space is not None:
-        store.write_json(ARTEFACTS.space, RankSpace.from_dict(space).to_dict())
-    run_missing_stages(cfg, local, stages=("train",))
-    write_json(marker, source)
-    return target
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
@@ -305,28 +244,29 @@ def plot(path: Path, variants: dict[str, dict[str, Any]]) -> None:
     save_png(fig, path)
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args():
+    parser = bench_parser(
+        __doc__,
+        smoke={"trials": 16, "eval_images": 200},
+        smoke_help="tiny digits runs prepared in-process (under OUTPUT/runs), seconds",
+    )
     parser.add_argument("--run-dir", type=Path, help="a trained run (teacher, space.json, supernet.safetensors)")
-    parser.add_argument("--smoke", action="store_true", help="tiny digits runs prepared in-process, seconds")
-    parser.add_argument("--output", type=Path, help="where the JSON and PNG go (default: results/)")
     parser.add_argument("--trials", type=int, default=200, help="NSGA-II evaluations per variant")
     parser.add_argument("--eval-images", type=int, default=2000, help="search-split images per evaluation")
     parser.add_argument("--seeds", type=int, nargs="+", help="search seeds, one search each (default: the run's)")
     parser.add_argument("--floor-drop", type=float, default=10.0, help="HV floor below the dense accuracy")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of a prepared run")
-    args = parser.parse_args()
-    if args.smoke:
-        args.trials, args.eval_images = 16, 200
-    args.output = args.output or (ROOT / "runs" / SMOKE_RUN if args.smoke else RESULTS)
-    return args
+    return parser.parse_args()
 
 
 def prepare_variants(args) -> dict[str, Path]:
     """The base run (given or prepared) and its ablation supernets, by variant name."""
     base = prepare_base_run(args.run_dir, args.smoke, args.output, args.set).resolve()
     runs_root = base.parent  # beside the base run (ranking_fidelity.py puts them there too, and shares them)
-    return {"flora": base, **{v: prepare_ablation(base, v, runs_root, local=args.smoke) for v in ABLATIONS}}
+    ablations = {
+        v: prepare_ablation(base, v, spec, runs_root=runs_root, local=args.smoke) for v, spec in ABLATIONS.items()
+    }
+    return {"flora": base, **ablations}
 
 
 def main() -> None:
@@ -376,7 +316,7 @@ def main() -> None:
     if len(next(iter(spreads.values()))["searches"]) > 1:
         print_spread(variants)
     print(f"wall {out['wall_seconds']:.0f} s; load average {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}")
-    write_json(args.output / "flora_vs_uniform.json", out)
+    write_result(args.output / "flora_vs_uniform.json", out)
     plot(args.output / "flora_vs_uniform.png", variants)
     print(f"wrote {args.output / 'flora_vs_uniform.json'} and flora_vs_uniform.png")
 

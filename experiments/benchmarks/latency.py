@@ -15,7 +15,6 @@ table, writes ``results/latency.json``.
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import tempfile
@@ -23,18 +22,14 @@ import time
 from pathlib import Path
 
 import torch
-from bench_env import environment
+from harness import bench_parser, environment, write_result
+from harness_workloads import latency_workloads
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import flora_ray as fr
-from flora_ray.config import load_config
 from flora_ray.core.timing import forward_ms
-from flora_ray.stages.inputs import resolve_model_spec
-from flora_ray.storage.files import write_json
 
-EXPERIMENTS = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_RATIO = 1.25  # latency ratio / MAC ratio
 TARGET_MIN_SAVING = 0.30  # the target applies to subnets saving at least this share of the MACs
 # Ops whose work the MACs count: Linear layers, the patch-embedding convolution, attention (timm's fused
@@ -44,17 +39,6 @@ MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::mk
 
 def is_matmul(op: str) -> bool:
     return op in MATMUL_OPS or "scaled_dot_product" in op
-
-
-def workloads(smoke: bool) -> dict[str, tuple[str, dict, tuple[float, ...] | None]]:
-    """name: (timm model, kwargs, rank ratios); the quickstart model comes from ``experiments/quickstart.yaml``."""
-    cfg = load_config(EXPERIMENTS / "quickstart.yaml")
-    spec = resolve_model_spec(cfg)
-    out = {"quickstart-vit": (spec.name, dict(spec.kwargs), cfg.model.ratios)}
-    if not smoke:
-        out["deit-tiny-224"] = ("deit_tiny_patch16_224", {}, None)
-        out["deit-small-224"] = ("deit_small_patch16_224", {}, None)
-    return out
 
 
 def subnet_configs(space: fr.RankSpace, n_random: int, cost: fr.CostModel) -> dict[str, dict]:
@@ -220,25 +204,21 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="quickstart model, small budget, seconds")
+    parser = bench_parser(
+        __doc__, smoke={"random": 1, "min_runs": 3, "budget": 1.0}, smoke_help="quickstart model, small budget, seconds"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (pinned)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--random", type=int, default=2, help="random configurations per model")
     parser.add_argument("--min-runs", type=int, default=5, help="timed passes per model at least")
     parser.add_argument("--budget", type=float, default=30.0, help="timing seconds per workload and batch size")
-    parser.add_argument(
-        "--output", type=Path, help="directory for latency.json (default: results/; --smoke writes only with it)"
-    )
     args = parser.parse_args()
-    if args.smoke:
-        args.random, args.min_runs, args.budget = 1, 3, 1.0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     env_before = environment(args.threads)
     started = time.perf_counter()
     rows, splits = [], []
-    for label, (name, kwargs, ratios) in workloads(args.smoke).items():
+    for label, (name, kwargs, ratios) in latency_workloads(args.smoke).items():
         rows += measure_workload(label, name, kwargs, ratios, args)
         splits += split_rows(label, name, kwargs, ratios, args.batches)
     summary = {**summarize(rows), "seconds": time.perf_counter() - started}
@@ -248,23 +228,18 @@ def main() -> None:
     )
     for group, worst in summary["worst_by_group"].items():
         print(f"  {group:<28} worst latency/MAC {worst:.3f}")
-    output = args.output or (None if args.smoke else RESULTS)
-    if output is not None:
-        environment_after = environment(args.threads)
-        write_json(
-            output / "latency.json",
-            {
-                "smoke": args.smoke,
-                "rows": rows,
-                "profile": splits,
-                "summary": summary,
-                "batches": args.batches,
-                "min_runs": args.min_runs,
-                "budget_s": args.budget,
-                **environment_after,
-                "loadavg_before": env_before["loadavg"],
-            },
-        )
+    result = {
+        "smoke": args.smoke,
+        "rows": rows,
+        "profile": splits,
+        "summary": summary,
+        "batches": args.batches,
+        "min_runs": args.min_runs,
+        "budget_s": args.budget,
+        **environment(args.threads),
+        "loadavg_before": env_before["loadavg"],
+    }
+    print(f"wrote {write_result(args.output / 'latency.json', result)}")
 
 
 if __name__ == "__main__":

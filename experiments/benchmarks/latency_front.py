@@ -1,6 +1,6 @@
 """Latency front: a latency-searched front against a MAC-searched one and uniform ranks, measured after export.
 
-On one trained supernet (the quickstart's by default, prepared as ``search_efficiency.py`` prepares it), the latency
+On one trained supernet (the quickstart's by default, prepared by ``harness_runs.prepare_base_run``), the latency
 table is profiled (``stages.profile.profile_stage``: ``--batch-sizes``, ``--threads`` threads, ``--min-run-time``)
 and the flora-ray search (``stages.search.search_stage`` on the in-process ``LocalBackend``: the same NSGA-II
 sampler, anchors and evaluator as ``flora-ray search``) runs from the same supernet once with
@@ -34,7 +34,6 @@ and before the measurement. Prints the tables, writes ``results/latency_front.js
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -51,9 +50,9 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 import optuna
 import pandas as pd
 import torch
-from bench_env import environment
+from harness import ROOT, bench_parser, environment, write_result
+from harness_runs import SOURCE_FILE, config_at, config_file, prepare_base_run
 from scipy.stats import kendalltau
-from search_efficiency import RESULTS, ROOT, SMOKE_RUN, config_at, config_file, prepare_base_run
 from torch import nn
 
 from flora_ray.backends.local import LocalBackend
@@ -72,7 +71,6 @@ from flora_ray.storage.files import read_json, sha256_file, write_json
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 DROPS = (0.5, 1.0)
-SOURCE_FILE = "bench_source.json"
 MACS = "macs"
 SMOKE = {"trials": 12, "eval_images": 200, "min_run_time": 0.01, "rounds": 2, "batch_sizes": [1, 4]}
 
@@ -415,15 +413,15 @@ def print_tables(out: dict[str, Any]) -> None:
         print_errors(out["prediction_error_cpu"], CLOCKS["cpu"][0])
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args():
+    parser = bench_parser(
+        __doc__, smoke=SMOKE, smoke_help="a tiny digits run prepared in-process (under OUTPUT/runs), under a minute"
+    )
     parser.add_argument("--run-dir", type=Path, help="a trained run (teacher, space.json, supernet.safetensors)")
-    parser.add_argument("--smoke", action="store_true", help="a tiny digits run prepared in-process, under a minute")
-    parser.add_argument("--output", type=Path, help="where the JSON goes (default: results/)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", help="profiled, searched and measured (default: 1)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="profiled, searched and measured")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the profile and the measurement")
-    parser.add_argument("--min-run-time", type=float, help="seconds per timing (profile and measurement; 0.2)")
-    parser.add_argument("--rounds", type=int, help="measurement rounds over all models (default 3)")
+    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timing (profile, measurement)")
+    parser.add_argument("--rounds", type=int, default=3, help="measurement rounds over all models")
     parser.add_argument("--trials", type=int, help="search trials (default: the run's)")
     parser.add_argument("--population", type=int, help="NSGA-II population (default: the run's)")
     parser.add_argument("--eval-images", type=int, help="search images per subnet (default: the run's)")
@@ -433,11 +431,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true", help="profile and search again even if results exist")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of a prepared run")
     args = parser.parse_args()
-    defaults = SMOKE if args.smoke else {"min_run_time": 0.2, "rounds": 3, "batch_sizes": [1]}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.output = args.output or (ROOT / "runs" / SMOKE_RUN if args.smoke else RESULTS)
     args.runs_root = args.output / "runs" if args.smoke else ROOT / "runs"
     return args
 
@@ -596,7 +589,7 @@ def main() -> None:
     print_tables(out)
     print(f"wall {out['wall_seconds']:.0f} s; load average {env_start['loadavg'][0]:.2f} -> "
           f"{out['loadavg_end'][0]:.2f} (measurement at {quiet['loadavg'][0]:.2f})")  # fmt: skip
-    write_json(args.output / "latency_front.json", out)
+    write_result(args.output / "latency_front.json", out)
     print(f"wrote {args.output / 'latency_front.json'}")
 
 

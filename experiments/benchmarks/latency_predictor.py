@@ -28,7 +28,6 @@ Prints a table, writes ``results/latency_predictor.json``.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
@@ -40,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from bench_env import environment
-from latency import workloads
+from harness import bench_parser, environment, write_result
+from harness_workloads import latency_workloads
 from scipy.stats import kendalltau
 from torch import nn
 
@@ -49,9 +48,7 @@ import flora_ray as fr
 from flora_ray.core.latency import LatencyModel, calibration_configs, profile_items
 from flora_ray.core.timing import time_ms, torch_threads
 from flora_ray.stages.profile import model_input, profile_task
-from flora_ray.storage.files import write_json
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_MAPE = 0.05
 TARGET_TAU = 0.9
 VALIDATION_SEED = 1  # calibration_configs draws its random configurations with seed 0
@@ -306,9 +303,12 @@ def summarize(rows: list[dict], seconds: float) -> dict:
     }
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="quickstart model, batch 1 and 4, 6 subnets, seconds")
+def parse_args():
+    parser = bench_parser(
+        __doc__,
+        smoke={"min_run_time": 0.02, "random": 6, "rounds": 2, "table_rounds": 2, "quickstart_batches": [1, 4]},
+        smoke_help="quickstart model, batch 1 and 4, 6 subnets, seconds",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the table and the timings")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per time_ms measurement")
     parser.add_argument("--random", type=int, default=30, help="random validation subnets per model")
@@ -323,13 +323,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quickstart-batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--deit-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--only", nargs="+", help="workload labels to run (default: all)")
-    parser.add_argument(
-        "--output", type=Path, help="directory for latency_predictor.json (default: results/; --smoke: only with it)"
-    )
     args = parser.parse_args()
-    if args.smoke:
-        args.min_run_time, args.random, args.rounds, args.table_rounds = 0.02, 6, 2, 2
-        args.quickstart_batches = [1, 4]
     if not 1 <= args.table_rounds <= args.rounds:
         parser.error(f"--table-rounds must be between 1 and --rounds ({args.rounds})")
     args.batches = {"quickstart-vit": args.quickstart_batches}
@@ -344,7 +338,7 @@ def main() -> None:
     started = time.perf_counter()
     rows, subnets, table = [], [], []
     print_header()
-    for label, (name, kwargs, ratios) in workloads(args.smoke).items():
+    for label, (name, kwargs, ratios) in latency_workloads(args.smoke).items():
         if args.only and label not in args.only:
             continue
         r, s, t = run_workload(label, name, kwargs, ratios, args.batches[label], args)
@@ -355,21 +349,17 @@ def main() -> None:
         f"at {summary['tau_met']}; worst MAPE {100 * summary['worst_mape']:.2f}%, worst tau "
         f"{summary['worst_tau']:.3f}; {summary['seconds']:.0f} s"
     )
-    output = args.output or (None if args.smoke else RESULTS)
-    if output is not None:
-        write_json(
-            output / "latency_predictor.json",
-            {
-                "smoke": args.smoke,
-                "settings": {k: v for k, v in vars(args).items() if k not in ("output", "smoke")},
-                "rows": rows,
-                "subnets": subnets,
-                "table": table,
-                "summary": summary,
-                **environment(args.threads),
-                "loadavg_before": env_before["loadavg"],
-            },
-        )
+    result = {
+        "smoke": args.smoke,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("output", "smoke")},
+        "rows": rows,
+        "subnets": subnets,
+        "table": table,
+        "summary": summary,
+        **environment(args.threads),
+        "loadavg_before": env_before["loadavg"],
+    }
+    print(f"wrote {write_result(args.output / 'latency_predictor.json', result)}")
 
 
 if __name__ == "__main__":

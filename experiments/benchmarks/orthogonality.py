@@ -31,7 +31,6 @@ Prints a table, writes ``results/orthogonality.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import numpy as np
 import pandas as pd
 import torch
-from bench_env import environment
+from harness import EXPERIMENTS, ROOT, bench_parser, environment, write_result
 from torch import nn
 
 import flora_ray as fr
@@ -54,12 +53,9 @@ from flora_ray.data.datasets import build_datasets
 from flora_ray.results import binomial_se, cheapest_within, paired_difference, pareto_mask, unpack_correct
 from flora_ray.search.evaluator import Evaluator, build_evaluator, search_batch, search_images
 from flora_ray.stages.inputs import load_teacher
-from flora_ray.storage.files import read_json, write_json
+from flora_ray.storage.files import read_json
 from flora_ray.storage.run_store import ARTEFACTS
 
-ROOT = Path(__file__).resolve().parents[2]
-EXPERIMENTS = ROOT / "experiments"
-RESULTS = Path(__file__).resolve().parent / "results"
 PAPER = (0.21, 0.26)  # FLORA's extra FLOPs reduction on top of other compression (WACV 2024)
 DROPS = (0.5, 1.0)  # accuracy points below the technique alone
 BATCHES = (1, 32)
@@ -423,8 +419,8 @@ def reference_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args():
+    parser = bench_parser(__doc__, smoke_help="tiny digits runs in process (under OUTPUT/runs): about a minute")
     parser.add_argument("--techniques", nargs="+", choices=TECHNIQUES, default=list(TECHNIQUES))
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="proving_ground",
                         help="the runs' schedule (default: proving_ground; quickstart: shorter)")  # fmt: skip
@@ -432,8 +428,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds (fastest kept)")
     parser.add_argument("--runs-dir", type=Path, default=None, help="where the runs live (default: ./runs)")
     parser.add_argument("--retime", action="store_true", help="only time the models of the last result again")
-    parser.add_argument("--smoke", action="store_true", help="tiny digits runs in process: about a minute")
-    parser.add_argument("--output", type=Path, default=RESULTS)
     return parser.parse_args()
 
 
@@ -450,7 +444,7 @@ def main() -> None:
         retime(out, chosen, runs_dir, args.rounds)
         out["retimed"] = {**environment(1), "rounds": args.rounds}
         print(table(out["techniques"]))
-        write_json(path, plain(out))
+        write_result(path, plain(out))
         return
     base = prepare(chosen["int8"], runs_dir, args.smoke) if {"tome", "int8"} & set(args.techniques) else None
     results = {}
@@ -466,7 +460,7 @@ def main() -> None:
     results = {name: merged[name] for name in TECHNIQUES if name in merged}
     out = {**environment(1), "smoke": args.smoke, "recipe": recipe, "paper": PAPER, "drops": DROPS, "batches": BATCHES,
            "rounds": 1 if args.smoke else args.rounds, "techniques": results}  # fmt: skip
-    write_json(path, plain(out))
+    write_result(path, plain(out))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Needs root (network and mount namespaces), like ``tests/cluster/test_preemption.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,15 +26,13 @@ import time
 from pathlib import Path
 
 import yaml
-from bench_env import environment
+from harness import bench_parser, environment, write_result
 
 from flora_ray.config import config_to_dict, load_config
-from flora_ray.storage.files import write_json
 from flora_ray.testing.imagefolder import write_image_folder
 from flora_ray.testing.multinode import can_make_namespaces, run_on_two_nodes
 from flora_ray.testing.preemption import CHECKPOINT_STEPS, FAST_FAILURE_DETECTION, SMALL_RUN, costs
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {"full": ["train.epochs=3", "search.trials=16"], "smoke": []}
 
 
@@ -74,11 +71,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="the test's sizes (2 epochs, 10 trials)")
+    parser = bench_parser(__doc__, smoke_help="the test's sizes (2 epochs, 10 trials)")
     parser.add_argument("--gap", type=float, default=3.0, help="seconds without a worker node after each kill")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill points")
-    parser.add_argument("--output", type=Path, help="directory for preemption.json (default results/)")
     args = parser.parse_args()
     if not can_make_namespaces():
         raise SystemExit("needs network and mount namespaces (root): unshare --net and unshare --mount")
@@ -90,13 +85,11 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
     print(table(rows))
     print(f"whole preempted run: {wall:.0f} s (gap without a worker node: {args.gap:.0f} s per reclaim)")
-    out = args.output or (None if args.smoke else RESULTS)
-    if out is not None:
-        record = {"environment": env_before, "loadavg_after": list(os.getloadavg()), "gap_s": args.gap,
-                  "seed": args.seed, "checkpoint_every_steps": CHECKPOINT_STEPS, "wall_s": wall, "reclaims": rows,
-                  "size": "smoke" if args.smoke else "full"}  # fmt: skip
-        write_json(Path(out) / "preemption.json", record)
-        print(json.dumps({"written": str(Path(out) / "preemption.json")}))
+    record = {"environment": env_before, "loadavg_after": list(os.getloadavg()), "gap_s": args.gap,
+              "seed": args.seed, "checkpoint_every_steps": CHECKPOINT_STEPS, "wall_s": wall, "reclaims": rows,
+              "size": "smoke" if args.smoke else "full"}  # fmt: skip
+    path = write_result(args.output / "preemption.json", record)
+    print(json.dumps({"written": str(path)}))
 
 
 if __name__ == "__main__":

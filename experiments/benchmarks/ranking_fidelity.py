@@ -18,9 +18,9 @@ space (``lowrank``: the run itself; ``uniform``; ``sandwich``) and with the defa
   accuracy advantage at 25/33/50% of dense MACs), inherited (search images, reference: the teacher on them) and
   fine-tuned (test split, reference: the teacher on it).
 
-Ablation supernets are trained as in ``flora_vs_uniform.py`` (``runs/bench-<run>-<variant>``, reused while the
-teacher, space and configuration are unchanged). Results are cached per subnet in the output folder, so an
-interrupted benchmark resumes.
+Ablation supernets are trained as in ``flora_vs_uniform.py`` (``harness_runs.prepare_ablation``:
+``runs/bench-<run>-<variant>``, reused while the teacher, space and configuration are unchanged). Results are cached
+per subnet in the output folder, so an interrupted benchmark resumes.
 
     .venv/bin/python experiments/benchmarks/ranking_fidelity.py --run-dir runs/proving_ground
     .venv/bin/python experiments/benchmarks/ranking_fidelity.py --smoke --output /tmp/x    # digits, a minute
@@ -28,7 +28,6 @@ interrupted benchmark resumes.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -41,17 +40,8 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 import numpy as np
 import pandas as pd
 import torch
-from flora_vs_uniform import prepare_ablation
-from search_efficiency import (
-    RESULTS,
-    ROOT,
-    SMOKE_RUN,
-    CachedEvaluator,
-    build_evaluator,
-    nsga2_search,
-    prepare_base_run,
-    run_config,
-)
+from harness import bench_parser, write_result
+from harness_runs import CachedEvaluator, build_evaluator, nsga2_search, prepare_ablation, prepare_base_run, run_config
 
 from flora_ray.data.datasets import build_datasets, eval_subset
 from flora_ray.results import bootstrap_interval, gain_table, kendall_tau, load_front, pareto_mask, spearman_rho
@@ -259,11 +249,13 @@ def print_tables(out: dict[str, Any]) -> None:
             print(f"| {r['kind']} | {value} | {target} | {front} | {uni} | {gain} |")
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args():
+    parser = bench_parser(
+        __doc__,
+        smoke={"random": 4, "finetune_images": 400, "resamples": 200, "front_trials": 16},
+        smoke_help="tiny digits runs prepared in-process (under OUTPUT/runs), a minute",
+    )
     parser.add_argument("--run-dir", type=Path, help="a searched run (default: a prepared quickstart run)")
-    parser.add_argument("--smoke", action="store_true", help="tiny digits runs prepared in-process, a minute")
-    parser.add_argument("--output", type=Path, help="where the JSON and the cache go (default: results/)")
     parser.add_argument("--random", type=int, default=8, help="random subnets, one per MAC stratum")
     parser.add_argument("--finetune-images", type=int, default=6000, help="training images of the short fine-tune")
     parser.add_argument("--finetune-epochs", type=int, default=1, help="epochs of the short fine-tune")
@@ -273,9 +265,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random subnets")
     parser.add_argument("--front-trials", type=int, default=120, help="NSGA-II trials for a run with no front yet")
     args = parser.parse_args()
-    if args.smoke:
-        args.random, args.finetune_images, args.resamples, args.front_trials = 4, 400, 200, 16
-    args.output = args.output or (ROOT / "runs" / SMOKE_RUN if args.smoke else RESULTS)
     args.settings = f"ft{args.finetune_epochs}x{args.finetune_images}/ev{args.eval_images}"
     return args
 
@@ -298,7 +287,7 @@ def main() -> None:
     started, load_start = time.perf_counter(), os.getloadavg()
     base = prepare_base_run(args.run_dir, args.smoke, args.output).resolve()
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
-    dirs = {name: base if spec is None else prepare_ablation(base, name, base.parent, args.smoke, spec)
+    dirs = {name: base if spec is None else prepare_ablation(base, name, spec, runs_root=base.parent, local=args.smoke)
             for name, spec in VARIANTS.items() if name in args.variants}  # fmt: skip
     evaluate = build_evaluator(run_config(base), base, args.eval_images or run_config(base).search.eval_images)
     space, cost = evaluate.space, evaluate.evaluator.supernet.cost
@@ -344,7 +333,7 @@ def main() -> None:
     }
     print_tables(out)
     print(f"\nwall {out['wall_seconds']:.0f} s; load average {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}")
-    write_json(args.output / "ranking_fidelity.json", out)
+    write_result(args.output / "ranking_fidelity.json", out)
     print(f"wrote {args.output / 'ranking_fidelity.json'}")
 
 

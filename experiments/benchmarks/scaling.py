@@ -22,16 +22,15 @@ import os
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # local Ray on 127.0.0.1 only; before Ray is imported
 
-import argparse
 import dataclasses
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from bench_env import environment
+from harness import EXPERIMENTS, bench_parser, environment, write_result
+from harness_runs import prepare_search_run
 
 from flora_ray.backends.ray import RayBackend, init_ray
 from flora_ray.config import load_config
@@ -40,14 +39,8 @@ from flora_ray.results import load_trials
 from flora_ray.stages.inputs import resolve_model_spec
 from flora_ray.stages.search import search_problem, search_stage
 from flora_ray.stages.training import train
-from flora_ray.storage.files import write_json
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark next to this one:
-import search_overhead
-
-EXPERIMENTS = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
 WORKER_COUNTS = (1, 2)
 
 
@@ -112,7 +105,7 @@ def steady_trials_per_s(cfg, actors: int) -> float:
 
 def search_throughput(actors: int, out: Path, trials: int, eval_images: int) -> dict:
     """The search with ``actors`` evaluator actors (``search.concurrency``): steady-state trials/s and images/s."""
-    cfg, _ = search_overhead.prepare_run(trials, eval_images, out)
+    cfg, _ = prepare_search_run(trials, eval_images, out)
     cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, concurrency=actors))
     summary = search_stage(cfg, RayBackend())
     steady = steady_trials_per_s(cfg, actors)
@@ -169,19 +162,17 @@ def summarize(measurements: list[dict]) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny data and few trials")
+    parser = bench_parser(
+        __doc__,
+        smoke={"train_subset": 0.02, "epochs": 1, "trials": 4, "eval_images": 200, "repeats": 1},
+        smoke_help="tiny data and few trials",
+    )
     parser.add_argument("--train-subset", type=float, default=0.2, help="share of the Fashion-MNIST training split")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--eval-images", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=2, help="measurements of each worker count (ABBA order)")
-    parser.add_argument(
-        "--output", type=Path, help="directory for scaling.json (default: results/; --smoke writes only with it)"
-    )
     args = parser.parse_args()
-    if args.smoke:
-        args.train_subset, args.epochs, args.trials, args.eval_images, args.repeats = 0.02, 1, 4, 200, 1
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     env_before = environment()
@@ -205,21 +196,17 @@ def main() -> None:
             f"{r['kind']:<28} {r['workers']:>7} {r['throughput']:>9.2f} {r['unit']:<8}{r['wall_s']:>6.1f} "
             f"{r['speedup']:>7.2f} {r['efficiency']:>10.2f} {100 * r['machine_cpu_busy']:>7.0f}%  {detail}"
         )
-    output = args.output or (None if args.smoke else RESULTS)
-    if output is not None:
-        write_json(
-            output / "scaling.json",
-            {
-                "smoke": args.smoke,
-                "rows": rows,
-                "measurements": measurements,
-                "repeats": args.repeats,
-                "train_subset": args.train_subset,
-                "seconds": time.perf_counter() - started,
-                **environment(),
-                "loadavg_before": env_before["loadavg"],
-            },
-        )
+    result = {
+        "smoke": args.smoke,
+        "rows": rows,
+        "measurements": measurements,
+        "repeats": args.repeats,
+        "train_subset": args.train_subset,
+        "seconds": time.perf_counter() - started,
+        **environment(),
+        "loadavg_before": env_before["loadavg"],
+    }
+    print(f"wrote {write_result(args.output / 'scaling.json', result)}")
 
 
 if __name__ == "__main__":

@@ -31,14 +31,11 @@ under ``OUTPUT/runs``.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import functools
 import itertools
 import os
-import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,208 +43,25 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import numpy as np
 import optuna
-import pandas as pd
-import torch
-
-from flora_ray.backends.local import LocalBackend
-from flora_ray.backends.ray import RayBackend, init_ray
-from flora_ray.config import Config, SearchConfig, config_to_dict, load_config
-from flora_ray.core.space import RankConfig, RankSpace
-from flora_ray.data.datasets import build_datasets
-from flora_ray.pipeline import run_stage
-from flora_ray.results import hypervolume, pareto_mask
-from flora_ray.search.evaluator import Evaluator, anchor_points, genes_to_config, search_batch, supernet_from_numpy
-from flora_ray.search.plots import pyplot, save_png
-from flora_ray.storage.files import write_json
-from flora_ray.storage.run_store import ARTEFACTS, RunStore
-
-ROOT = Path(__file__).resolve().parents[2]
-EXPERIMENTS = ROOT / "experiments"
-RESULTS = Path(__file__).resolve().parent / "results"
-BENCH_RUN = "bench-quickstart"
-SMOKE_RUN = "bench-smoke"
-# The tiny digits run of the smoke mode: 2 blocks, 3 ratios, seconds per stage in-process.
-SMOKE_OVERRIDES = (
-    "model.kwargs={patch_size: 2, embed_dim: 32, depth: 2, num_heads: 2, mlp_ratio: 2}",
-    "model.ratios=[0.25, 0.5, 1.0]",
-    "pretrain.epochs=8",
-    "pretrain.batch_size=64",
-    "pretrain.warmup_epochs=0",
-    "filter.mode=zero_training",
-    "filter.eval_images=100",
-    "filter.keep_fraction=0.5",
-    "train.epochs=2",
-    "train.batch_size=64",
-    "train.warmup_epochs=0",
-    "train.eval_images=100",
-    "search.population=8",
-    "search.eval_images=200",
+from harness import bench_parser, write_result
+from harness_runs import (
+    CachedEvaluator,
+    Evaluate,
+    Point,
+    build_evaluator,
+    nsga2_search,
+    pareto_points,
+    points_hypervolume,
+    prepare_base_run,
+    run_config,
+    uniform_search,
 )
-PREPARED_STAGES = ("pretrain", "filter", "train")
-STAGE_OUTPUTS = {"pretrain": ARTEFACTS.teacher, "filter": ARTEFACTS.space, "train": ARTEFACTS.supernet}
-Point = tuple[float, float]  # (macs, accuracy)
-Evaluate = Callable[[RankConfig], Point]
 
-
-# --- run preparation (also used by flora_vs_uniform.py) ------------------------------------------------------------
-
-
-def config_at(path: Path, run_dir: Path, overrides: Sequence[str] = ()) -> Config:
-    """The experiment at ``path`` with its run directory set to ``run_dir``."""
-    return load_config(path, [*overrides, f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"])
-
-
-def recorded_configs(run_dir: Path) -> list[Path]:
-    """The configuration files of a run: its ``run_config.yaml`` and, in a run made before the run store, the
-    ``<stage>_config.yaml`` each stage wrote."""
-    names = (ARTEFACTS.run_config, *(f"{stage}_config.yaml" for stage in PREPARED_STAGES))
-    return [run_dir / name for name in names if (run_dir / name).is_file()]
-
-
-def config_file(run_dir: Path) -> Path:
-    """The configuration file a run's supernet was trained with: ``run_config.yaml`` (``train_config.yaml`` in a run
-    made before the run store)."""
-    for path in (run_dir / ARTEFACTS.run_config, run_dir / "train_config.yaml"):
-        if path.is_file():
-            return path
-    raise SystemExit(
-        f"error: {run_dir / ARTEFACTS.run_config} does not exist; is {run_dir} a run trained with `flora-ray train`?"
-    )
-
-
-def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
-    """The configuration a run's supernet was trained with, pointed at ``run_dir``."""
-    return config_at(config_file(run_dir), run_dir, overrides)
-
-
-def run_missing_stages(cfg: Config, local: bool, stages: Sequence[str] = PREPARED_STAGES) -> None:
-    """Run ``stages`` of the run in order, from the first whose output is missing (all later ones are redone).
-
-    Each stage runs with ``pipeline.run_stage`` (as ``flora-ray run`` does); ``local``: on ``LocalBackend``, in this
-    process; otherwise on ``RayBackend`` with local Ray, started here only if a stage has to run.
-    """
-    store = RunStore.for_config(cfg)
-    missing = [i for i, stage in enumerate(stages) if not store.is_file(STAGE_OUTPUTS[stage])]
-    todo = list(stages[missing[0] :]) if missing else []
-    if not todo:
-        return
-    with contextlib.nullcontext() if local else local_ray():
-        backend = LocalBackend() if local else RayBackend()
-        for stage in todo:
-            started = time.perf_counter()
-            run_stage(cfg, stage, backend)
-            print(f"prepared {store.root}: {stage} in {time.perf_counter() - started:.0f} s", flush=True)
-
-
-def _preparation(cfg: Config) -> dict[str, Any]:
-    """What the prepared outputs depend on: every section but ``search`` (the benchmarks set their own budgets)."""
-    return {k: v for k, v in config_to_dict(cfg).items() if k != "search"}
-
-
-def prepare_base_run(run_dir: Path | None, smoke: bool, output: Path, overrides: Sequence[str] = ()) -> Path:
-    """The run directory to benchmark: ``run_dir`` as given, else a prepared quickstart (or smoke digits) run.
-
-    A prepared run is redone from scratch when its configuration (but for the ``search`` section) differs from the
-    wanted one (the quickstart file or ``overrides`` changed).
-    """
-    if run_dir is not None:
-        if not (run_dir / ARTEFACTS.supernet).is_file():
-            raise SystemExit(f"error: {run_dir} has no {ARTEFACTS.supernet}; train it first or omit --run-dir")
-        return run_dir
-    if smoke:
-        cfg = config_at(EXPERIMENTS / "digits_tiny.yaml", output / "runs" / SMOKE_RUN, [*SMOKE_OVERRIDES, *overrides])
-    else:
-        cfg = config_at(EXPERIMENTS / "quickstart.yaml", ROOT / "runs" / BENCH_RUN, overrides)
-    target = cfg.run.run_dir
-    if any(_preparation(config_at(path, target)) != _preparation(cfg) for path in recorded_configs(target)):
-        print(f"{target} was prepared with another configuration: preparing it again", flush=True)
-        shutil.rmtree(target)
-    run_missing_stages(cfg, local=smoke)
-    return target
-
-
-@contextlib.contextmanager
-def local_ray() -> Iterator[None]:
-    """Local Ray on 127.0.0.1 for the block; shuts down only a Ray it started (never ``ray stop``)."""
-    import ray
-
-    started = not ray.is_initialized()
-    init_ray(None)
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
-
-
-# --- evaluation ---------------------------------------------------------------------------------------------------
-
-
-class CachedEvaluator:
-    """``Evaluator.evaluate`` memoised by configuration; evaluation is deterministic, so a repeat is free.
-
-    Attributes:
-        cache: ``(macs, accuracy)`` by rank tuple in layer order.
-        eval_seconds: Time spent in real evaluations.
-    """
-
-    def __init__(self, evaluator: Evaluator) -> None:
-        self.evaluator = evaluator
-        self.space: RankSpace = evaluator.supernet.space
-        self.cache: dict[tuple[int, ...], Point] = {}
-        self.eval_seconds = 0.0
-
-    def __call__(self, config: RankConfig) -> Point:
-        key = tuple(int(config[fqn]) for fqn in self.space.fqns)
-        if key not in self.cache:
-            metrics = self.evaluator.evaluate(dict(zip(self.space.fqns, key, strict=True)))
-            self.cache[key] = (metrics["macs"], metrics["accuracy"])
-            self.eval_seconds += metrics["eval_seconds"]
-        return self.cache[key]
-
-    def macs(self, config: RankConfig) -> float:
-        """MACs per image of ``config`` from the cost model (no evaluation)."""
-        return float(self.evaluator.supernet.cost.macs(config))
-
-    def full_rank(self) -> RankConfig:
-        """Every factorised layer at full rank (the dense model's cost)."""
-        return {layer.fqn: layer.max_rank for layer in self.space.layers}
-
-
-def build_evaluator(cfg: Config, run_dir: Path, eval_images: int) -> CachedEvaluator:
-    """The cached evaluator of a run's supernet on the first ``eval_images`` search-split images (one thread)."""
-    torch.set_num_threads(max(cfg.run.threads_per_worker, 1))
-    tensors, header = RunStore(run_dir).read_checkpoint(ARTEFACTS.supernet)
-    supernet = supernet_from_numpy(header, {k: v.numpy() for k, v in tensors.items()})
-    images, labels = search_batch(build_datasets(cfg.data).search, eval_images)
-    return CachedEvaluator(Evaluator(supernet, images, labels, "cpu", cfg.search.batch_size))
-
+from flora_ray.config import SearchConfig
+from flora_ray.core.space import RankConfig, RankSpace
+from flora_ray.search.plots import pyplot, save_png
 
 # --- the four methods ---------------------------------------------------------------------------------------------
-
-
-def nsga2_search(space: RankSpace, evaluate: Evaluate, search: SearchConfig, trials: int, seed: int) -> list[Point]:
-    """flora-ray's NSGA-II (the sampler settings and enqueued anchor points of ``stages.search.search_problem``),
-    asked and told in this process on an in-memory study."""
-    sampler = optuna.samplers.NSGAIISampler(
-        population_size=search.population,
-        mutation_prob=search.mutation_prob,
-        crossover_prob=search.crossover_prob,
-        seed=seed,
-    )
-    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
-    for genes in anchor_points(space)[:trials]:
-        study.enqueue_trial(genes)
-    distributions = {
-        b.name: optuna.distributions.CategoricalDistribution(list(range(len(b.candidates)))) for b in space.blocks
-    }
-    points = []
-    for _ in range(trials):
-        trial = study.ask(distributions)
-        macs, accuracy = evaluate(genes_to_config(space, trial.params))
-        study.tell(trial, [accuracy, macs])
-        points.append((macs, accuracy))
-    return points
 
 
 def random_config(space: RankSpace, rng: np.random.Generator) -> RankConfig:
@@ -358,22 +172,7 @@ def reference_evolution(
     return points, window_of
 
 
-def uniform_search(evaluate: CachedEvaluator) -> list[Point]:
-    """Every uniform configuration (each ratio), largest first."""
-    configs = evaluate.space.uniform_all()
-    return [evaluate(configs[ratio]) for ratio in sorted(configs, reverse=True)]
-
-
 # --- hypervolume curves -------------------------------------------------------------------------------------------
-
-
-def pareto_points(points: Sequence[Point]) -> list[Point]:
-    df = pd.DataFrame(points, columns=["macs", "accuracy"])
-    return [tuple(p) for p in df[pareto_mask(df)].to_numpy()]
-
-
-def points_hypervolume(points: Sequence[Point], ref: Point) -> float:
-    return hypervolume(pd.DataFrame(list(points), columns=["macs", "accuracy"]), ref) if points else 0.0
 
 
 def hv_curve(points: Sequence[Point], ref: Point) -> list[float]:
@@ -537,11 +336,13 @@ def plot(path: Path, summary: dict[str, Any], trials: int) -> None:
     save_png(fig, path)
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args():
+    parser = bench_parser(
+        __doc__,
+        smoke={"seeds": 2, "trials": 16, "eval_images": 200, "windows": 2, "evo_population": 4},
+        smoke_help="tiny digits run prepared in-process (under OUTPUT/runs), seconds",
+    )
     parser.add_argument("--run-dir", type=Path, help="a trained run (teacher, space.json, supernet.safetensors)")
-    parser.add_argument("--smoke", action="store_true", help="tiny digits run prepared in-process, seconds")
-    parser.add_argument("--output", type=Path, help="where the JSON and PNG go (default: results/)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--trials", type=int, default=120, help="evaluations per method and seed")
     parser.add_argument("--eval-images", type=int, default=1000, help="search-split images per evaluation")
@@ -549,11 +350,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--evo-population", type=int, default=10, help="reference: 50")
     parser.add_argument("--floor-drop", type=float, default=10.0, help="HV floor below full-rank accuracy")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of a prepared run")
-    args = parser.parse_args()
-    if args.smoke:
-        args.seeds, args.trials, args.eval_images, args.windows, args.evo_population = 2, 16, 200, 2, 4
-    args.output = args.output or (ROOT / "runs" / SMOKE_RUN if args.smoke else RESULTS)
-    return args
+    return parser.parse_args()
 
 
 def main() -> None:
@@ -633,7 +430,7 @@ def main() -> None:
         f"{len(evaluate.cache)} distinct configurations, {evaluate.eval_seconds:.0f} s evaluating, "
         f"{result['wall_seconds']:.0f} s wall; load average {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}"
     )
-    write_json(args.output / "search_efficiency.json", result)
+    write_result(args.output / "search_efficiency.json", result)
     plot(args.output / "search_efficiency.png", summary, args.trials)
     print(f"wrote {args.output / 'search_efficiency.json'} and search_efficiency.png")
 

@@ -9,12 +9,11 @@ Ray Tune wall time is that of ``stages.search.search_stage`` on ``RayBackend`` b
 10%. Prints a table, writes ``results/search_overhead.json``.
 
     .venv/bin/python experiments/benchmarks/search_overhead.py            # 60 trials each (about 4 minutes)
-    .venv/bin/python experiments/benchmarks/search_overhead.py --smoke    # 6 trials each
+    .venv/bin/python experiments/benchmarks/search_overhead.py --smoke    # 6 trials each, writes runs/bench-smoke/
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -24,40 +23,14 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import optuna
 import torch
+from harness import EXPERIMENTS, bench_parser, write_result
+from harness_runs import prepare_search_run
 
-import flora_ray as fr
 from flora_ray.backends.ray import RayBackend, init_ray
 from flora_ray.config import load_config
-from flora_ray.core.models import dense_checkpoint_metadata
 from flora_ray.results import load_trials
-from flora_ray.stages.inputs import build_run_supernet, resolve_model_spec
 from flora_ray.stages.search import search_problem, search_stage
-from flora_ray.storage.files import write_json
-from flora_ray.storage.run_store import ARTEFACTS, RunStore
-
-EXPERIMENTS = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def prepare_run(trials: int, eval_images: int, out: Path):
-    """A run directory with the quickstart model's teacher (random init) and its SVD supernet."""
-    cfg = load_config(
-        EXPERIMENTS / "quickstart.yaml",
-        [
-            f"run.output_dir={out}",
-            "run.name=overhead",
-            f"search.trials={trials}",
-            "search.population=12",
-            f"search.eval_images={eval_images}",
-            "search.concurrency=1",
-        ],
-    )
-    spec = resolve_model_spec(cfg)
-    store = RunStore.for_config(cfg)
-    store.write_checkpoint(ARTEFACTS.teacher, spec.create().state_dict(), dense_checkpoint_metadata(spec))
-    supernet, _ = build_run_supernet(cfg, store)
-    fr.save_supernet(supernet, store.local_path(ARTEFACTS.supernet))
-    return cfg, supernet
+from flora_ray.storage.run_store import RunStore
 
 
 def plain_optuna(cfg) -> tuple[float, float]:
@@ -83,22 +56,20 @@ def plain_optuna(cfg) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true")
+    parser = bench_parser(__doc__, smoke={"trials": 6, "eval_images": 200}, smoke_help="6 trials each, 200 images")
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument(
         "--eval-images", type=int, default=None, help="search images per subnet (default: the quickstart's)"
     )
-    parser.add_argument("--output", type=Path, default=RESULTS / "search_overhead.json")
     args = parser.parse_args()
     if args.eval_images is None:
         args.eval_images = load_config(EXPERIMENTS / "quickstart.yaml").search.eval_images
-    trials = 6 if args.smoke else args.trials
+    trials = args.trials
     torch.set_num_threads(1)
     import ray
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, _ = prepare_run(trials, 200 if args.smoke else args.eval_images, Path(tmp))
+        cfg, _ = prepare_search_run(trials, args.eval_images, Path(tmp))
         plain_wall, plain_inside = plain_optuna(cfg)
         init_ray(num_cpus=2)
         try:
@@ -120,17 +91,15 @@ def main() -> None:
             f"overhead {100 * row['overhead_share']:5.1f}%  {row['trials_per_s']:.2f} trials/s",
             flush=True,
         )
-    if not args.smoke or args.output != RESULTS / "search_overhead.json":
-        write_json(
-            args.output,
-            {
-                "rows": rows,
-                "trials": trials,
-                "eval_images": 200 if args.smoke else args.eval_images,
-                "date": time.strftime("%Y-%m-%d"),
-                "load_average": os.getloadavg(),
-            },
-        )
+    result = {
+        "smoke": args.smoke,
+        "rows": rows,
+        "trials": trials,
+        "eval_images": args.eval_images,
+        "date": time.strftime("%Y-%m-%d"),
+        "load_average": os.getloadavg(),
+    }
+    print(f"wrote {write_result(args.output / 'search_overhead.json', result)}")
 
 
 if __name__ == "__main__":

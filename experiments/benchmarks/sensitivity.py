@@ -15,7 +15,6 @@ Writes ``results/sensitivity_<run name>.json`` and prints the table.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -26,17 +25,14 @@ import numpy as np
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from bench_env import environment
+from harness import ROOT, bench_parser, environment, write_result
 
 import flora_ray as fr
 from flora_ray.config import load_config
 from flora_ray.data.datasets import build_datasets
 from flora_ray.results import paired_difference, unpack_correct
 from flora_ray.search.evaluator import Evaluator, search_batch
-from flora_ray.storage.files import write_json
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 SMOKE = ["model.name=test_vit", "model.kwargs={patch_size: 2, embed_dim: 32, depth: 2, num_heads: 2, mlp_ratio: 2}",
          "model.ratios=[0.25, 0.5, 1.0]", "data.name=digits", "data.img_size=8", "data.in_chans=1",
          "data.augment=false", "pretrain.epochs=3", "pretrain.lr=0.003", "pretrain.warmup_epochs=0",
@@ -95,17 +91,14 @@ def print_table(out: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__, smoke_help="a digits run made in this process (under OUTPUT/runs), in seconds")
     parser.add_argument("--run", help="run directory (default: runs/<config's run.name>)")
     parser.add_argument("--config", default=str(ROOT / "experiments" / "proving_ground.yaml"),
                         help="made with this config when the run has no supernet yet")  # fmt: skip
     parser.add_argument("--images", type=int, default=10_000, help="test images (stratified, seeded subset)")
-    parser.add_argument("--output", help="JSON file (default: results/sensitivity_<run name>.json)")
-    parser.add_argument("--smoke", action="store_true", help="a digits run made in this process, in seconds")
     args = parser.parse_args(argv)
     if args.smoke:
-        output_dir = Path(args.output).parent if args.output else HERE / "results"
-        run = fr.run({}, SMOKE, backend="local", output=output_dir / "runs")
+        run = fr.run({}, SMOKE, backend="local", output=args.output / "runs")
     else:
         name = Path(args.run).name if args.run else load_config(args.config).run.name
         run_dir = Path(args.run) if args.run else ROOT / "runs" / name
@@ -116,8 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = measure(run, args.images)
     out["command"] = " ".join(["python", "experiments/benchmarks/sensitivity.py", *(argv or sys.argv[1:])])
     out["environment"] = environment()
-    path = Path(args.output) if args.output else HERE / "results" / f"sensitivity_{run.store.name}.json"
-    write_json(path, out)
+    path = write_result(args.output / f"sensitivity_{run.store.name}.json", out)
     print_table(out)
     print(f"wrote {path}")
     return out

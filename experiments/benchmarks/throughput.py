@@ -8,7 +8,8 @@ plus three times the sampled subnet's forward MACs (forward, and a backward pass
 Evaluation runs the search's ``Evaluator`` (inherited supernet weights, fixed search images) on random
 configurations; GMAC/s is images x subnet MACs / seconds. The physical limit is the best GMAC/s of large square
 float32 ``torch.mm`` on the same thread count. The supernet-step / subnet-step ratio of the training issue is
-re-measured with ``supernet_step.py``'s own functions. Weights are random (the teacher is a random-init model).
+re-measured as ``supernet_step.py`` measures it (``harness_workloads``). Weights are random (the teacher is a
+random-init model).
 Prints a table, writes ``results/throughput.json``.
 
     .venv/bin/python experiments/benchmarks/throughput.py            # full run (a few minutes on 2 CPU cores)
@@ -17,19 +18,18 @@ Prints a table, writes ``results/throughput.json``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from bench_env import environment
+from harness import EXPERIMENTS, bench_parser, environment, write_result
+from harness_workloads import STEP_WORKLOADS, configs_for, interleaved_step_times
 
 import flora_ray as fr
 from flora_ray.config import Config, load_config
@@ -37,18 +37,11 @@ from flora_ray.core.models import dense_checkpoint_metadata
 from flora_ray.data.datasets import DataSplits, build_datasets
 from flora_ray.search.evaluator import Evaluator, search_batch
 from flora_ray.stages.inputs import build_run_supernet, resolve_model_spec
-from flora_ray.storage.files import write_json
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.training.sampling import build_sampler
 from flora_ray.training.tasks import SupernetTask
 from flora_ray.training.trainer import Callback, LocalSession, Trainer
 from flora_ray.training.worker import distributed_loader
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark next to this one:
-import supernet_step
-
-EXPERIMENTS = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # name: dotted overrides of experiments/quickstart.yaml
 WORKLOADS = {
@@ -202,20 +195,21 @@ def evaluation_throughput(workload: Workload, n_configs: int) -> dict:
 
 
 def step_ratios(smoke: bool, steps: int) -> list[dict]:
-    """Supernet-step / extracted-subnet-step ratios from ``supernet_step.py`` (its workloads and configurations)."""
-    names = ["quickstart-vit"] if smoke else list(supernet_step.WORKLOADS)
+    """Supernet-step / extracted-subnet-step ratios as ``supernet_step.py`` measures them (its workloads and
+    configurations, ``harness_workloads``)."""
+    names = ["quickstart-vit"] if smoke else list(STEP_WORKLOADS)
     rows = []
     for workload in names:
-        name, kwargs, batch = supernet_step.WORKLOADS[workload]
+        name, kwargs, batch = STEP_WORKLOADS[workload]
         supernet = fr.build_supernet(name, model_kwargs=kwargs)
         model = supernet.model
         x = torch.randn(batch, model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
         y = torch.randint(0, model.num_classes, (batch,))
-        configs = list(supernet_step.configs_for(supernet.space, random.Random(0)).items())
+        configs = list(configs_for(supernet.space, random.Random(0)).items())
         for label, config in configs[:2] if smoke else configs:
             supernet.set_ranks(config)
             subnet = fr.extract_subnet(supernet, config)
-            t_super, t_sub = supernet_step.interleaved_step_times([supernet, subnet], x, y, steps, 1 if smoke else 3)
+            t_super, t_sub = interleaved_step_times([supernet, subnet], x, y, steps, 1 if smoke else 3)
             rows.append(
                 {
                     "workload": workload,
@@ -229,15 +223,13 @@ def step_ratios(smoke: bool, steps: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="quickstart model, a few steps, seconds")
+    parser = bench_parser(
+        __doc__, smoke={"steps": 3, "configs": 2, "ratio_steps": 2}, smoke_help="quickstart model, a few steps, seconds"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads for everything, the peak included")
     parser.add_argument("--steps", type=int, default=12, help="timed training steps per workload")
     parser.add_argument("--configs", type=int, default=4, help="evaluated configurations per workload")
     parser.add_argument("--ratio-steps", type=int, default=10, help="steps per configuration of the step ratio")
-    parser.add_argument(
-        "--output", type=Path, help="directory for throughput.json (default: results/; --smoke writes only with it)"
-    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -254,8 +246,8 @@ def main() -> None:
     for workload, overrides in workloads.items():
         with tempfile.TemporaryDirectory() as tmp:
             run = build_workload(overrides + (["search.eval_images=128"] if args.smoke else []), Path(tmp))
-            train = training_throughput(run, 3 if args.smoke else args.steps, 1 if args.smoke else 2)
-            evaluation = evaluation_throughput(run, 2 if args.smoke else args.configs)
+            train = training_throughput(run, args.steps, 1 if args.smoke else 2)
+            evaluation = evaluation_throughput(run, args.configs)
         for kind, r in (("supernet training", train), ("subnet evaluation", evaluation)):
             r.update(workload=workload, kind=kind, share_of_peak=r["gmacs_per_s"] / peak["peak_gmacs_per_s"])
             rows.append(r)
@@ -264,7 +256,7 @@ def main() -> None:
                 f"{r['gmacs_per_s']:7.2f} GMAC/s  ({100 * r['share_of_peak']:4.1f}% of peak)",
                 flush=True,
             )
-    ratios = step_ratios(args.smoke, 2 if args.smoke else args.ratio_steps)
+    ratios = step_ratios(args.smoke, args.ratio_steps)
     for r in ratios:
         print(
             f"{r['workload']:<15} {r['config']:<14} supernet step {r['supernet_step_ms']:8.1f} ms  "
@@ -273,21 +265,17 @@ def main() -> None:
         )
     worst = max(r["ratio"] for r in ratios)
     print(f"worst supernet/subnet step ratio: {worst:.3f} (target <= 1.15)")
-    output = args.output or (None if args.smoke else RESULTS)
-    if output is not None:
-        write_json(
-            output / "throughput.json",
-            {
-                "smoke": args.smoke,
-                "matmul_peak": peak,
-                "rows": rows,
-                "step_ratios": ratios,
-                "worst_step_ratio": worst,
-                "seconds": time.perf_counter() - started,
-                **environment(args.threads),
-                "loadavg_before": loadavg_before,
-            },
-        )
+    result = {
+        "smoke": args.smoke,
+        "matmul_peak": peak,
+        "rows": rows,
+        "step_ratios": ratios,
+        "worst_step_ratio": worst,
+        "seconds": time.perf_counter() - started,
+        **environment(args.threads),
+        "loadavg_before": loadavg_before,
+    }
+    print(f"wrote {write_result(args.output / 'throughput.json', result)}")
 
 
 if __name__ == "__main__":

@@ -14,21 +14,18 @@ from the cost model
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import torch
-from bench_env import environment
+from harness import bench_parser, environment, write_result
 from torch import nn
 
 import flora_ray as fr
 from flora_ray.core.cost import build_cost_model
 from flora_ray.core.quantize import save_int8
 from flora_ray.core.timing import forward_ms
-from flora_ray.storage.files import write_json
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MODEL, KWARGS, R_VALUES, BATCHES = "deit_tiny_patch16_224", {}, (0, 8, 13), (1, 8)
 ROUNDS, RUNS = 4, 6
 SMOKE = ("test_vit", {"img_size": 64}, (0, 2), (1, 2))
@@ -65,9 +62,7 @@ def measure(models: dict, img_size: tuple[int, int], batches: tuple[int, ...], r
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="test_vit at 64 px: seconds")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser = bench_parser(__doc__, smoke_help="test_vit at 64 px: seconds")
     args = parser.parse_args()
     torch.set_num_threads(1)
     name, kwargs, r_values, batches = SMOKE if args.smoke else (MODEL, KWARGS, R_VALUES, BATCHES)
@@ -83,7 +78,7 @@ def main() -> None:
         print(f"  r={row['tome_r']:>2} {row['form']:>6} {row['precision']} batch {row['batch']}: "
               f"{row['macs'] / 1e6:8.1f} MMACs {row['ms']:8.2f} ms  x{row['speedup']:.2f}")  # fmt: skip
     result = {**environment(1), "smoke": args.smoke, "model": name, "rounds": rounds, "runs": runs, "rows": rows}
-    write_json(args.output / "tome_int8.json", result)
+    print(f"wrote {write_result(args.output / 'tome_int8.json', result)}")
 
 
 if __name__ == "__main__":

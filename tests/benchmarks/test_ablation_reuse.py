@@ -1,24 +1,8 @@
 """The benchmarks' prepared ablation supernets are reused when only a path differs, and redone when results would."""
 
-import importlib.util
-from pathlib import Path
+from harness_runs import same_source
 
 from flora_ray.config import config_to_dict, load_config
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks"
-
-
-def _same_source():
-    import sys
-
-    sys.path.insert(0, str(BENCHMARKS))  # the benchmarks import each other by module name
-    try:
-        spec = importlib.util.spec_from_file_location("flora_vs_uniform", BENCHMARKS / "flora_vs_uniform.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module.same_source
 
 
 def _source(*overrides):
@@ -27,7 +11,6 @@ def _source(*overrides):
 
 
 def test_a_variant_reached_through_another_path_is_reused():
-    same_source = _same_source()
     recorded = _source("run.output_dir=/work/main/runs")
     assert same_source(recorded, _source("run.output_dir=/elsewhere/runs"))  # a symlink or another checkout
     assert same_source(recorded, _source("run.output_dir=/work/main/runs", "search.concurrency=1"))
