@@ -52,7 +52,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import numpy as np
 import torch
-from bench_env import environment
+from harness import bench_parser, environment, write_result
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -67,7 +67,6 @@ from flora_ray.results import pack_correct, paired_difference, pareto_mask, unpa
 from flora_ray.search.evaluator import Evaluator, search_batch
 from flora_ray.stages.finetune import finetune_model
 from flora_ray.stages.inputs import load_teacher
-from flora_ray.storage.files import write_json
 from flora_ray.training.callbacks import Progress
 from flora_ray.training.sampling import BlockwiseSampler
 from flora_ray.training.tasks import SupernetTask
@@ -259,9 +258,9 @@ def train_supernet(cfg: Config, supernet: fr.Supernet, teacher: nn.Module, split
 
 
 def search_pruned(cfg: Config, supernet: fr.Supernet, splits: Any, trials: int, images: int) -> list[dict[str, Any]]:
-    """flora-ray's NSGA-II (``search_efficiency.nsga2_search``: the search stage's sampler and anchors) over the
+    """flora-ray's NSGA-II (``harness_runs.nsga2_search``: the search stage's sampler and anchors) over the
     supernet on ``images`` search images; every distinct evaluated configuration with its MACs and accuracy."""
-    from search_efficiency import nsga2_search
+    from harness_runs import nsga2_search
 
     x, y = search_batch(splits.search, images, cfg.data.seed)
     evaluator = Evaluator(supernet, x, y, "cpu", cfg.search.batch_size)
@@ -608,8 +607,14 @@ def smoke_run(output: Path) -> Path:
     return cfg.run.run_dir
 
 
+# The digits space's cheapest subnet is 37% of dense (attn.proj and the attention products stay dense): the smoke
+# budgets sit above it.
+SMOKE_DEFAULTS = {"epochs": 1, "search_images": 200, "combo_trials": 8, "combo_images": 150, "budgets": [0.4, 0.55, 0.7],
+                  "combo_base": 0.85, "taylor_batches": 2, "rounds": 1, "latency_runs": 3}  # fmt: skip
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = bench_parser(__doc__, smoke=SMOKE_DEFAULTS, smoke_help="a digits run made in this process, every method on it")
     p.add_argument("--run", type=Path, default=ROOT / "runs" / "proving_ground")
     p.add_argument(
         "--methods",
@@ -636,30 +641,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--latency-runs", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--output", type=Path, default=None)
     p.add_argument("--pair-with", type=Path, default=None, help="an earlier result whose flora rows the rows pair with")
-    p.add_argument("--smoke", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.smoke:
-        if args.output is None:
-            raise SystemExit("--smoke writes only with --output DIR")
         args.run = smoke_run(args.output)
-        args.epochs, args.search_images, args.combo_trials, args.combo_images = 1, 200, 8, 150
-        # The digits space's cheapest subnet is 37% of dense (attn.proj and the attention products stay dense).
-        args.budgets, args.combo_base = [0.4, 0.55, 0.7], 0.85
-        args.taylor_batches, args.rounds, args.latency_runs = 2, 1, 3
     result = measure(args) | {"environment": environment(args.threads), "versions": versions(),
                               "command": " ".join([Path(sys.executable).name, *sys.argv])}  # fmt: skip
     print(table(result))
-    name = f"peers_{result['config']['run']['name']}.json"
-    if args.output is not None:
-        write_json(args.output / name, result)
-    elif not args.smoke:
-        write_json(HERE / "results" / name, result)
+    write_result(args.output / f"peers_{result['config']['run']['name']}.json", result)
     return result
 
 

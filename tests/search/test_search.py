@@ -238,7 +238,7 @@ def test_search_end_to_end_with_budget_and_export(module_ray, searched_run, monk
         "flora_ray.storage.run_store.RunStore.read_checkpoint",
         "flora_ray.stages.export.load_teacher",
         "flora_ray.stages.export.load_subnet",
-        "flora_ray.stages.export.supernet_from_numpy",
+        "flora_ray.stages.export.run_supernet",
     ):
         monkeypatch.setattr(where, lambda *a, **k: pytest.fail("the driver loaded weights"))
     report = export_from_run(cfg.run.run_dir, max_macs=0.8 * supernet.cost.dense_macs, backend=RayBackend())
