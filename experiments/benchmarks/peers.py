@@ -18,7 +18,7 @@ On one finished run (its teacher, supernet and front; default ``runs/proving_gro
 - **flora_on_tp**: flora-ray on top of a Torch-Pruning model: the teacher pruned (magnitude) to ``--combo-base`` of
   dense MACs and fine-tuned is the teacher and the starting point of a supernet over the run's rank ratios (no
   filtering: every triple; ``--combo-epochs`` of supernet training with the run's ``train`` recipe), searched by
-  flora-ray's NSGA-II in this process (``search_efficiency.nsga2_search``, ``--combo-trials`` on ``--combo-images``
+  flora-ray's NSGA-II in this process (``harness_runs.nsga2_search``, ``--combo-trials`` on ``--combo-images``
   search images); at each budget (of the original dense MACs) its most accurate searched point within it, fine-tuned
   from the pruned teacher.
 
