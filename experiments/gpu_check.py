@@ -205,8 +205,9 @@ def parse_smi_line(line: str) -> tuple[float, int, float, float]:
 
 
 def stage_window(marker: dict) -> tuple[float, float]:
-    """Wall-clock start and end of a finished stage (its marker: end to the second, duration)."""
-    end = datetime.fromisoformat(marker["finished_at"]).timestamp() + 1.0  # the marker rounds down to the second
+    """Wall-clock start and end of a finished stage (its marker: end, to the microsecond in markers written since
+    2026-12-07 and to the second before, and duration); a second of margin on both sides covers the older ones."""
+    end = datetime.fromisoformat(marker["finished_at"]).timestamp() + 1.0
     return end - marker["seconds"] - 1.0, end
 
 

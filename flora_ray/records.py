@@ -332,9 +332,10 @@ class FinetuneReport(Record):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StageMarker(Record):
-    """``stages/<stage>.json``: the stage finished, in ``seconds`` of wall time, at ``finished_at`` (ISO 8601, UTC).
-    ``summary`` is what the stage returned, as it returned it: its shape is the stage's (``SearchSummary``,
-    ``ExportReport``, ``FinetuneReport`` for those stages, ``{"skipped": why}`` for a stage that had nothing to do)."""
+    """``stages/<stage>.json``: the stage finished, in ``seconds`` of wall time, at ``finished_at`` (ISO 8601, UTC, to the
+    microsecond; markers written before 2026-12-07 have whole seconds).
+        ``summary`` is what the stage returned, as it returned it: its shape is the stage's (``SearchSummary``,
+        ``ExportReport``, ``FinetuneReport`` for those stages, ``{"skipped": why}`` for a stage that had nothing to do)."""
 
     stage: str
     seconds: float
