@@ -119,3 +119,17 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if BENCHMARK_TESTS in item.path.parents:
             item.add_marker(pytest.mark.bench)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3 server (moto) on 127.0.0.1 for one test module; its ``env`` holds the AWS variables that reach it."""
+    from flora_ray.testing import skip_unless_ci
+    from flora_ray.testing.s3 import s3_server
+
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        skip_unless_ci("moto[server] (the dev extra) is not installed", "the object-storage tests")
+    with s3_server() as server:
+        yield server

@@ -20,19 +20,11 @@ from flora_ray.cli import main
 from flora_ray.registry import BUDGET_COLUMNS, COLUMNS
 from flora_ray.storage.lease import hold_lease
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
-from flora_ray.testing.s3 import s3_server
 
 LATER_STAGES = {"running": ["search", "export", "finetune", "report"], "crashed": ["train", "search", "export",
                 "finetune", "report"], "stopped": ["report"]}  # fmt: skip
 STALE = {"host": "elsewhere", "pid": 1, "job": "77", "nonce": "old", "acquired_at": "2020-01-01T00:00:00+00:00",
          "renewed_at": "2020-01-01T00:00:00+00:00", "ttl_s": 120.0}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def s3():
-    pytest.importorskip("moto.server", reason="moto[server] (the dev extra) is not installed")
-    with s3_server() as server:
-        yield server
 
 
 @pytest.fixture

@@ -17,23 +17,11 @@ from flora_ray.errors import InputError
 from flora_ray.stages.preflight import preflight
 from flora_ray.storage.filesystems import s3_filesystem
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
-from flora_ray.testing import skip_unless_ci
 from flora_ray.testing.imagefolder import write_image_folder
-from flora_ray.testing.s3 import s3_server
 
 pytestmark = pytest.mark.timeout(180)
 
 CLASSES = 4
-
-
-@pytest.fixture(scope="module")
-def s3():
-    try:
-        import moto.server  # noqa: F401
-    except ImportError:
-        skip_unless_ci("moto[server] (the dev extra) is not installed", "the object-storage tests")
-    with s3_server() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

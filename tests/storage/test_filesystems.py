@@ -18,8 +18,7 @@ from flora_ray.storage.filesystems import (
     location_uri,
     resolve_filesystem,
 )
-from flora_ray.testing import skip_unless_ci
-from flora_ray.testing.s3 import AWS_VARIABLES_CLEARED, free_port, s3_server
+from flora_ray.testing.s3 import AWS_VARIABLES_CLEARED, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,16 +32,6 @@ def clean_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     return monkeypatch
-
-
-@pytest.fixture(scope="module")
-def s3():
-    try:
-        import moto.server  # noqa: F401
-    except ImportError:
-        skip_unless_ci("moto[server] (the dev extra) is not installed", "the object-storage tests")
-    with s3_server() as server:
-        yield server
 
 
 def options(fs):

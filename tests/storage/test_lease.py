@@ -14,16 +14,8 @@ import pytest
 from flora_ray.errors import InputError
 from flora_ray.storage.lease import RunLease, S3LeaseObject, check_lease, hold_lease, read_lease
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
-from flora_ray.testing.s3 import s3_server
 
 LONG_AGO = "2020-01-01T00:00:00+00:00"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    pytest.importorskip("moto.server", reason="moto[server] (the dev extra) is not installed")
-    with s3_server() as server:
-        yield server
 
 
 @pytest.fixture(params=["local", "s3"])
