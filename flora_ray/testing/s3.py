@@ -7,9 +7,7 @@ instance metadata off) and ``make_bucket``. It is a process rather than a thread
 ``env`` can reach it too. The server keeps everything in memory; it is stopped (SIGTERM, then SIGKILL) on exit, and
 the kernel stops it if the process (more precisely, the thread) that started it dies (``PR_SET_PDEATHSIG``).
 
-Needs ``moto[server]`` (the ``dev`` extra). In a test module::
-
-    s3 = pytest.fixture(scope="module")(s3_server_fixture)
+Needs ``moto[server]`` (the ``dev`` extra). The tests share one per module (``tests/conftest.py``, fixture ``s3``)::
 
     def test_something(s3, monkeypatch):
         s3.patch_env(monkeypatch)
@@ -193,9 +191,3 @@ def s3_server(start_timeout_s: float = 60.0, attempts: int = 3) -> Iterator[S3Se
             yield server
         finally:
             _stop(process)
-
-
-def s3_server_fixture() -> Iterator[S3Server]:
-    """``s3_server()`` as a generator, for ``pytest.fixture(scope=...)(s3_server_fixture)``."""
-    with s3_server() as server:
-        yield server
