@@ -226,7 +226,7 @@ def _add_registry_parsers(sub: Any) -> None:
         help="the runs under a storage prefix: state, stages, progress, trials, front, best accuracy, last update",
         description="One row per run under STORAGE (a local folder or an s3:// or gs:// prefix): finished, running "
         "(its lease is held), failed, interrupted or incomplete; the stage running and its progress; trials, front "
-        "size, the best accuracy within 50/75/90%% of the dense cost; the last update.",
+        "size, the best accuracy within 50/75/90% of the dense cost; the last update.",
     )
     listing.add_argument("storage", help="run.storage or the output folder: runs/, s3://bucket/prefix")
     listing.add_argument("--json", action="store_true", help="print one JSON array instead of a table")
@@ -241,7 +241,7 @@ def _add_registry_parsers(sub: Any) -> None:
         "compare",
         help="several runs' fronts and uniform baselines on one interactive page",
         description="Read the fronts, uniform baselines and dense models of finished searches; print the best "
-        "accuracy of each within 50/75/90%% of its dense cost, and with --html draw them all on one "
+        "accuracy of each within 50/75/90% of its dense cost, and with --html draw them all on one "
         "self-contained page (plotly, no network needed to view it).",
     )
     compare.add_argument("runs", nargs="+", metavar="RUN", help="run directories or storage URIs")

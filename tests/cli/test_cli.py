@@ -94,3 +94,17 @@ def test_bad_input_through_the_console_has_no_traceback(bad_files):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
     assert result.stdout == ""
+
+
+def test_every_commands_help_renders_its_text_as_written():
+    """argparse %-formats ``help`` strings but prints ``description`` as given: a literal "%%" in either is a typo the
+    user sees (``list --help`` once printed "90%%")."""
+    from flora_ray.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict)).choices
+    assert {"run", "list", "compare", "export", "plan"} <= set(commands)
+    for name, command in commands.items():
+        text = command.format_help()
+        assert "%%" not in text and "%(" not in text, name
+    assert "50/75/90% of the dense cost" in commands["list"].format_help().replace("\n", " ").replace("  ", " ")
