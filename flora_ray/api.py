@@ -100,6 +100,10 @@ def writing_run(cfg: Config, stages: Sequence[str], address: str | None, backend
     if backend not in BACKENDS:
         raise InputError(f"backend={backend!r} is not one of {list(BACKENDS)}")
     check_run_storage(cfg, cluster=address is not None, local_backend=backend == "local")
+    if address is not None and backend != "local":  # nothing recorded for a cluster nobody can reach
+        from flora_ray.backends.ray import check_reachable
+
+        check_reachable(address)
     run_store = RunStore.for_config(cfg)
     nested = holds_lease(run_store)
     with hold_lease(run_store) as lease:

@@ -157,3 +157,13 @@ def test_a_bad_command_on_a_fresh_directory_claims_nothing(setup, capsys):
     assert main(["run", str(config), "model.name=deit_tiny_patch16_2244"]) == 2
     assert not (run_dir / RUN_CONFIG_FILE).exists()  # fixing the typo must not then be a "different config"
     capsys.readouterr()
+
+
+def test_an_unreachable_cluster_claims_nothing(setup, capsys):
+    """Nothing is recorded for a cluster nobody can reach: retrying with another setting is not refused as "made with a
+    different configuration" (the run's configuration and job record were once written before Ray was joined)."""
+    config, _, _ = setup
+    run_dir = load_config(config).run.run_dir
+    assert main(["run", str(config), "--address", f"127.0.0.1:{_free_port()}"]) == 2
+    assert "cannot reach the Ray cluster" in capsys.readouterr().err
+    assert not run_dir.exists() or not any(run_dir.iterdir())
