@@ -26,8 +26,6 @@ if TYPE_CHECKING:
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
-STAGE_COMMANDS = ("profile", "pretrain", "filter", "train", "search")  # export and report have commands of their own
-
 # Local Ray binds every component to 127.0.0.1 only when this is set before Ray starts.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
@@ -81,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     from flora_ray.stages import STAGES
 
-    for name in STAGE_COMMANDS:
+    for name in (name for name, entry in STAGES.items() if entry.command):
         text = STAGES[name].help
         stage = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         _add_run_arguments(stage)

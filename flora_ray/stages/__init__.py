@@ -89,6 +89,8 @@ class Stage:
         left_work: ``(cfg, summary) -> message`` when the call finished without completing the stage.
         describe: ``(summary, seconds=...) -> text``: what its command prints (default: output and metrics).
         demand: What it asks of a cluster (``flora-ray plan``); ``None``: not planned.
+        command: Whether ``flora-ray <name> CONFIG`` runs it alone (export and finetune have commands of their own
+            that read a run; the report is written by ``run``).
     """
 
     name: str
@@ -98,6 +100,7 @@ class Stage:
     left_work: Callable[[Any, Mapping[str, Any]], str | None] = _nothing
     describe: Callable[..., str] | None = None
     demand: Demand | None = None
+    command: bool = True
 
     def summarize(self, summary: Mapping[str, Any], *, seconds: float) -> str:
         """What the stage's command prints when it finishes with ``summary`` after ``seconds``."""
@@ -138,16 +141,24 @@ def _table() -> dict[str, Stage]:
               help="NSGA-II search of the (filtered) space; Pareto front to Parquet", left_work=_search_left_work,
               describe=lazy("flora_ray.records", "describe_search"), demand=Demand(*trial)),
         Stage(name="export", run=lazy("flora_ray.stages.export", "export_stage"),
-              help="export the knee point of the front", preflight=False,
+              help="export the knee point of the front", preflight=False, command=False,
               demand=Demand(*_stage_functions("export", "export_bundles", "export_work"))),
         Stage(name="finetune", run=lazy("flora_ray.stages.finetune", "finetune_stage"),
-              help="fine-tune an exported subnet from the teacher (finetune.enabled)", preflight=False),
+              help="fine-tune an exported subnet from the teacher (finetune.enabled)", preflight=False,
+              command=False),
         Stage(name="report", run=lazy("flora_ray.stages.report", "report_stage"), help="write report.md",
-              preflight=False),
+              preflight=False, command=False),
     )  # fmt: skip
     return {stage.name: stage for stage in stages}
 
 
 STAGES: dict[str, Stage] = _table()
 
-__all__ = ["STAGES", "Demand", "Stage", "describe_outputs", "lazy"]
+
+def stages_from(first: str) -> list[str]:
+    """``first`` and the stages after it, in pipeline order."""
+    names = list(STAGES)
+    return names[names.index(first) :]
+
+
+__all__ = ["STAGES", "Demand", "Stage", "describe_outputs", "lazy", "stages_from"]

@@ -25,6 +25,7 @@ from flora_ray.core.supernet import Supernet, build_space, build_supernet
 from flora_ray.data.datasets import num_classes
 from flora_ray.data.listing import run_classes
 from flora_ray.errors import InputError, MissingInput
+from flora_ray.stages import stages_from
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 
 logger = logging.getLogger(__name__)
@@ -228,10 +229,6 @@ def study_name(cfg: Config) -> str:
     return f"{cfg.run.name}-search"
 
 
-SEARCH_AND_AFTER = ("search", "export", "finetune", "report")
-"""The stages an extended search runs again (the search continues its study; the others follow its new front)."""
-
-
 def extends_search(stored: dict[str, Any], current: dict[str, Any], changed: list[str]) -> bool:
     """Whether the only result-changing difference is a larger ``search.trials``: the run's search is extended,
     continuing its Optuna study (every other search setting must stay: a child run, ``run.parent``, changes them)."""
@@ -242,7 +239,7 @@ def extends_search(stored: dict[str, Any], current: dict[str, Any], changed: lis
 def extend_search(store: RunStore, cfg: Config, before: int) -> None:
     """Record the larger budget and mark the search and what follows it unfinished; the finished Tune experiment's
     state is set aside, so the search starts Tune again over the same journal for the trials it lacks."""
-    for stage in SEARCH_AND_AFTER:
+    for stage in stages_from("search"):  # the search continues its study; the stages after it follow its new front
         name = ARTEFACTS.stage_marker(stage)
         if store.is_file(name):
             store.filesystem.delete_file(store.location(name))
