@@ -223,16 +223,20 @@ def parse_prices(items: list[str], files: list[str] = ()) -> dict[str, float]:
 def model_spec(cfg: Config, classes: int | None) -> Any:
     """The run's timm spec; for an image folder that is not on this machine, with ``classes`` given."""
     from flora_ray.core.models import ModelSpec
+    from flora_ray.data.listing import is_remote
     from flora_ray.stages.inputs import resolve_model_spec
 
     folder_here = cfg.data.name != "imagefolder" or (cfg.data.root is not None and Path(cfg.data.root).is_dir())
     if folder_here:
         return resolve_model_spec(cfg)
+    hint = "give its class count and training images (--classes 1000 --train-images 1281167 for ImageNet-1k)"
+    if classes is None and is_remote(cfg.data.root):  # a bucket: its class folders, listed
+        try:
+            return resolve_model_spec(cfg)
+        except InputError as exc:
+            raise InputError(f"{exc}; or {hint}") from None
     if classes is None:
-        raise InputError(
-            f"data.root {cfg.data.root!r} is not on this machine: give its class count and training images "
-            "(--classes 1000 --train-images 1281167 for ImageNet-1k)"
-        )
+        raise InputError(f"data.root {cfg.data.root!r} is not on this machine: {hint}")
     return ModelSpec(cfg.model.name, {"img_size": cfg.data.img_size, "in_chans": cfg.data.in_chans,
                                       "num_classes": classes, **cfg.model.kwargs}, cfg.model.tome_r)  # fmt: skip
 
@@ -242,10 +246,14 @@ def count_train_images(cfg: Config, given: int | None) -> int:
     if given is not None:
         return given
     if cfg.data.name == "imagefolder":
-        root = Path(cfg.data.root or "")
-        if not root.is_dir():
-            raise InputError(f"data.root {cfg.data.root!r} is not on this machine: give --train-images N")
-        return sum(1 for p in (root / "train").rglob("*") if p.is_file())
+        from flora_ray.data.listing import list_image_folder, run_listing
+
+        listing = run_listing(cfg)  # a bucket: the run's recorded listing, else one listing of it
+        if listing is None:
+            if cfg.data.root is None or not Path(cfg.data.root).is_dir():
+                raise InputError(f"data.root {cfg.data.root!r} is not on this machine: give --train-images N")
+            listing = list_image_folder(cfg.data.root)  # the images the loaders read (not other files)
+        return len(listing.paths["train"])
     from flora_ray.data.datasets import build_datasets
 
     return len(build_datasets(cfg.data).train)

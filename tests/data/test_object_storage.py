@@ -140,3 +140,18 @@ def test_the_command_refuses_a_missing_bucket_in_one_line_before_ray_starts(buck
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bucket 'no-such-bucket' does not exist" in err, err
     assert "Ray" not in err
+
+
+def test_plan_counts_the_classes_and_training_images_of_a_bucket(folder, bucket, tmp_path):
+    """``flora-ray plan`` on data in a bucket needs no --classes or --train-images: the bucket's listing (the run's
+    recorded one once the driver has listed it) gives both, as counting the same folder on disk does."""
+    from flora_ray.plan import count_train_images, model_spec
+
+    overrides = ["model.name=test_vit", "model.kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
+                 "data.name=imagefolder", "data.img_size=16", f"run.output_dir={tmp_path}"]  # fmt: skip
+    remote = load_config(None, [*overrides, f"data.root={bucket}"])
+    local = load_config(None, [*overrides, f"data.root={folder}"])
+    assert model_spec(remote, None).kwargs["num_classes"] == model_spec(local, None).kwargs["num_classes"] == CLASSES
+    on_disk = sum(1 for p in (folder / "train").rglob("*") if p.is_file() and p.suffix == ".jpg")
+    assert count_train_images(remote, None) == count_train_images(local, None) == on_disk == CLASSES * 10 + 1
+    assert count_train_images(remote, 500) == 500 and model_spec(remote, 7).kwargs["num_classes"] == 7
