@@ -73,7 +73,7 @@ def train_worker(payload: dict[str, Any], session: Session) -> None:
         sampler = build_sampler(cfg.train.sampler, supernet.space)
         task = SupernetTask(
             supernet, teacher, sampler, cfg.run.seed, opt.temperature, opt.label_weight, opt.label_smoothing,
-            probes,
+            probes, distill_from=opt.distill_from,
         )  # fmt: skip
         state = (lambda: (supernet.model.state_dict(), supernet.header()), supernet.model)
         callbacks.append(ConfigCheck())
@@ -202,5 +202,6 @@ def pretrain(cfg: Config, backend: Backend) -> dict[str, Any]:
 
 
 def train(cfg: Config, backend: Backend) -> dict[str, Any]:
-    """Train the supernet by distillation from the teacher on the run's (filtered) space."""
+    """Train the supernet on the run's (filtered) space by distillation from the teacher, or in place from the
+    largest subnet (``train.distill_from``)."""
     return fit_stage(cfg, backend, "train")

@@ -184,3 +184,36 @@ def test_teacher_mode_is_bit_identical_to_todays_step(sampler):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     supernet, _ = _models(seed=5)  # and the steps did train: the weights moved
     assert not torch.equal(supernet.model.state_dict()["head.weight"], states[0]["head.weight"])
+
+
+@pytest.mark.slow
+def test_a_digits_supernet_trains_with_the_sandwich_inplace_recipe(digits_config):
+    """The train stage on the local backend (``train_worker``, as each Ray Train worker runs it), recipe
+    ``sandwich_inplace``: the run records the resolved recipe and every epoch's largest and smallest accuracies."""
+    import yaml
+
+    from flora_ray.backends.local import LocalBackend
+    from flora_ray.stages.training import fit_stage
+    from flora_ray.storage.run_store import ARTEFACTS, RunStore
+
+    cfg = digits_config(
+        "pretrain.epochs=8", "pretrain.lr=0.003", "pretrain.batch_size=32", "train.recipe=sandwich_inplace",
+        "train.epochs=3", "train.batch_size=32", "train.lr=0.001",
+    )  # fmt: skip
+    teacher = fit_stage(cfg, LocalBackend(), "pretrain")["metrics"]
+    fit_stage(cfg, LocalBackend(), "train")
+    store = RunStore.for_config(cfg)
+    recorded = yaml.safe_load(store.read_text(ARTEFACTS.run_config))["train"]
+    assert (recorded["recipe"], recorded["sampler"], recorded["distill_from"]) == (
+        "sandwich_inplace",
+        "sandwich",
+        "largest",
+    )
+    history = store.read_json(ARTEFACTS.history("train"))
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    for h in history:
+        assert 0 <= h["search_acc_smallest"] <= 100 and 0 <= h["search_acc_largest"] <= 100
+    assert history[-1]["loss"] < history[0]["loss"]
+    # The largest subnet keeps close to the teacher it starts as (chance is 10%); the smallest learns from it.
+    assert history[-1]["search_acc_largest"] > 40 and teacher["search_acc"] > 40
+    assert history[-1]["search_acc_smallest"] > 20
