@@ -144,6 +144,23 @@ def test_a_step_costs_one_teacher_forward_and_one_forward_per_subnet(sampler, di
         assert all(n == (1 if c[-1] == largest else 2) for n, c in zip(sizes, count.configs, strict=True))
 
 
+def test_the_plan_counts_every_subnet_a_step_trains():
+    """``flora-ray plan``'s training MACs: one teacher forward per image and forward + backward (3 forwards) of each
+    subnet of the step (the counts the test above observes), at the mean uniform cost."""
+    from flora_ray.config import load_config
+    from flora_ray.plan import Workload
+    from flora_ray.stages.training import train_work
+
+    workload = Workload(train_images=100, dense_macs=10.0, mean_macs=4.0, blocks=2, candidates=8, profile_items=0)
+
+    def work(*overrides):
+        return train_work(load_config(None, ["train.epochs=2", *overrides]), workload=workload)
+
+    assert work() == work("train.recipe=uniform") == 2 * 100 * (10 + 3 * 4)
+    assert work("train.recipe=sandwich") == work("train.recipe=sandwich_inplace") == 2 * 100 * (10 + 3 * 3 * 4)
+    assert work("train.distill_from=largest") == 2 * 100 * (10 + 3 * 2 * 4)
+
+
 class TodaysSupernetTask(SupernetTask):
     """The supernet step as it was before ``distill_from`` (the main branch's code path, copied): the trusted
     reference for teacher mode."""
