@@ -2,8 +2,8 @@
 
 ``SupernetTask`` trains ONE sampled subnet per step (or a few, accumulated, for the sandwich sampler or in-place
 distillation, which adds the largest subnet as the others' target), the same on every worker: each worker draws it
-from a generator seeded by ``(seed, epoch, step)``. The filter's local
-supernets are ``SupernetTask`` s too, over a space in which only one block varies.
+from a generator seeded by ``(seed, epoch, step)``. The filter's local supernets are ``SupernetTask`` s too, over a
+space in which only one block varies.
 """
 
 from __future__ import annotations
