@@ -22,12 +22,21 @@ Ablation supernets are trained as in ``flora_vs_uniform.py`` (``harness_runs.pre
 ``runs/bench-<run>-<variant>``, reused while the teacher, space and configuration are unchanged). Results are cached
 per subnet in the output folder, so an interrupted benchmark resumes.
 
+``--recipes flora,sandwich,sandwich_inplace`` compares named training recipes (``train.recipe``, config/schema.py
+``RECIPES``) instead: one supernet per recipe on the run's filtered space (variant ``recipe_<name>``; a recipe the
+base run was trained with is the base run itself), the same subnets on each. ``--subnets N`` makes the common set N
+distinct subnets (the random strata fill what the front and the uniform configurations leave); the measurement that
+picks the default recipe wants N >= 40.
+
     .venv/bin/python experiments/benchmarks/ranking_fidelity.py --run-dir runs/proving_ground
+    .venv/bin/python experiments/benchmarks/ranking_fidelity.py --run-dir runs/proving_ground \
+        --recipes flora,sandwich,sandwich_inplace --subnets 40
     .venv/bin/python experiments/benchmarks/ranking_fidelity.py --smoke --output /tmp/x    # digits, a minute
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -43,6 +52,7 @@ import torch
 from harness import bench_parser, write_result
 from harness_runs import CachedEvaluator, build_evaluator, nsga2_search, prepare_ablation, prepare_base_run, run_config
 
+from flora_ray.config import RECIPES
 from flora_ray.data.datasets import build_datasets, eval_subset
 from flora_ray.results import bootstrap_interval, gain_table, kendall_tau, load_front, pareto_mask, spearman_rho
 from flora_ray.stages.finetune import finetune_subnet
@@ -60,6 +70,19 @@ VARIANTS: dict[str, tuple[tuple[str, ...], bool] | None] = {
     "no_filter": (("train.space_file=null",), False),
 }
 CACHE_FILE = "ranking_fidelity_rows.json"
+RECIPE_PREFIX = "recipe_"  # the variant of a named recipe: recipe_flora, recipe_sandwich_inplace, ...
+
+
+def recipe_variant(recipe: str) -> tuple[tuple[str, ...], bool]:
+    """The ablation of a named recipe: the base run's configuration with ``train.recipe`` set and the keys it sets
+    unpinned (a recorded configuration holds them resolved), on the base run's trained space."""
+    return ("train.space_file=null", f"train.recipe={recipe}", "train.sampler=null", "train.distill_from=null"), True
+
+
+def trained_with(run_dir: Path, recipe: str) -> bool:
+    """Whether ``run_dir``'s supernet was trained the way ``recipe`` trains (same sampler and distillation)."""
+    train = run_config(run_dir).train
+    return (train.sampler, train.distill_from) == RECIPES[recipe]
 
 
 # --- the subnets --------------------------------------------------------------------------------------------------
@@ -80,28 +103,44 @@ def front_subnets(base: Path, evaluate: CachedEvaluator, trials: int, seed: int)
 
 
 def choose_subnets(base: Path, evaluate: CachedEvaluator, args) -> list[dict[str, Any]]:
-    """Front points of the run, every uniform configuration, and ``args.random`` random configurations of the
-    filtered space, one from each MAC stratum (equal-count bins of 4000 random draws)."""
-    space, cost, n_random = evaluate.space, evaluate.evaluator.supernet.cost, args.random
+    """Front points of the run, every uniform configuration, and random configurations of the filtered space, one
+    from each MAC stratum (equal-count bins of 4000 random draws): ``args.random`` of them, or as many as make
+    ``args.subnets`` distinct subnets in all."""
+    space = evaluate.space
     subnets = front_subnets(base, evaluate, args.front_trials, args.seed)
     rng = np.random.default_rng(args.seed)
     for ratio, ranks in sorted(space.uniform_all().items()):
         subnets.append({"kind": "uniform", "name": f"uniform {ratio:g}", "ratio": ratio, "ranks": dict(ranks)})
+    seen = {tuple(sorted(s["ranks"].items())) for s in subnets}
+    n_random = max(args.random, (args.subnets or 0) - len(seen))
+    subnets += random_subnets(evaluate, n_random, rng, seen)
+    seen = set()
+    for subnet in subnets:  # a front point may be a uniform configuration: it stays in both (measured once, cached)
+        key = tuple(sorted(subnet["ranks"].items()))
+        subnet["repeat"] = key in seen  # left out of the rank correlations, which count each subnet once
+        seen.add(key)
+    return subnets
+
+
+def random_subnets(evaluate: CachedEvaluator, n: int, rng: np.random.Generator, seen: set) -> list[dict[str, Any]]:
+    """One random configuration from each of ``n`` MAC strata of 4000 draws; where the stratum's pick is already in
+    ``seen``, another configuration of that stratum that is not (if it has one)."""
+    space, cost = evaluate.space, evaluate.evaluator.supernet.cost
     draws = []
     for _ in range(4000):
         tuples = [b.candidates[rng.integers(len(b.candidates))] for b in space.blocks]
         ranks = space.from_block_tuples(tuples)
         draws.append((cost.macs(ranks), ranks))
     draws.sort(key=lambda d: d[0])
-    for i, stratum in enumerate(np.array_split(np.arange(len(draws)), n_random)):
-        _, ranks = draws[int(rng.choice(stratum))]
-        subnets.append({"kind": "random", "name": f"random {i}", "ranks": dict(ranks)})
-    seen: set[tuple] = set()
-    for subnet in subnets:  # a front point may be a uniform configuration: it stays in both (measured once, cached)
-        key = tuple(sorted(subnet["ranks"].items()))
-        subnet["repeat"] = key in seen  # left out of the rank correlations, which count each subnet once
-        seen.add(key)
-    return subnets
+    out: list[dict[str, Any]] = []
+    for i, stratum in enumerate(np.array_split(np.arange(len(draws)), n) if n else []):
+        ranks = draws[int(rng.choice(stratum))][1]
+        if tuple(sorted(ranks.items())) in seen:
+            fresh = [draws[j][1] for j in rng.permutation(stratum) if tuple(sorted(draws[j][1].items())) not in seen]
+            ranks = fresh[0] if fresh else ranks
+        seen.add(tuple(sorted(ranks.items())))
+        out.append({"kind": "random", "name": f"random {i}", "ranks": dict(ranks)})
+    return out
 
 
 # --- one supernet ---------------------------------------------------------------------------------------------------
@@ -220,12 +259,13 @@ def print_tables(out: dict[str, Any]) -> None:
     """The fidelity table per supernet, the filter's per-block score fidelity and the gains."""
     print(f"\nRanking fidelity ({out['distinct_subnets']} distinct subnets; inherited search accuracy vs test accuracy after the same "
           f"fine-tune; 95% bootstrap intervals over {out['resamples']} resamples):")  # fmt: skip
-    print("| supernet | sampler | space | Kendall tau [95% CI] | Spearman rho [95% CI] | inherited vs test before "
-          "fine-tune (tau) | fine-tune gain (pts, mean) |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| supernet | sampler | distill from | space | Kendall tau [95% CI] | Spearman rho [95% CI] | inherited vs "
+          "test before fine-tune (tau) | fine-tune gain (pts, mean) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, v in out["variants"].items():
         c, b = v["inherited_vs_finetuned"], v["inherited_vs_test_before"]
-        print(f"| {name} | {v['sampler']} | {v['space']} | {_ci(c['kendall_tau'], c['kendall_tau_ci95'])} | "
+        print(f"| {name} | {v['sampler']} | {v['distill_from']} | {v['space']} | "
+              f"{_ci(c['kendall_tau'], c['kendall_tau_ci95'])} | "
               f"{_ci(c['spearman_rho'], c['spearman_rho_ci95'])} | {b['kendall_tau']:+.3f} | "
               f"{v['mean_finetune_gain']:+.2f} |")  # fmt: skip
     if out["filter_score_fidelity"]:
@@ -260,20 +300,39 @@ def parse_args():
     parser.add_argument("--finetune-images", type=int, default=6000, help="training images of the short fine-tune")
     parser.add_argument("--finetune-epochs", type=int, default=1, help="epochs of the short fine-tune")
     parser.add_argument("--eval-images", type=int, help="search images per inherited accuracy (default: the run's)")
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
+                        help="ablation supernets (default: all of them, or none with --recipes)")  # fmt: skip
+    parser.add_argument("--recipes", type=recipe_list, default=[],
+                        help=f"comma-separated train.recipe names, one supernet each: {', '.join(RECIPES)}")  # fmt: skip
+    parser.add_argument("--subnets", type=int, help="distinct subnets in all (random strata fill the rest)")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random subnets")
     parser.add_argument("--front-trials", type=int, default=120, help="NSGA-II trials for a run with no front yet")
     args = parser.parse_args()
+    if args.variants is None:
+        args.variants = [] if args.recipes else list(VARIANTS)
+    if not args.variants and not args.recipes:
+        parser.error("nothing to measure: name --variants or --recipes")
     args.settings = f"ft{args.finetune_epochs}x{args.finetune_images}/ev{args.eval_images}"
     return args
+
+
+def recipe_list(text: str) -> list[str]:
+    """``--recipes flora,sandwich_inplace``: names of ``RECIPES``, in order, each once."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"--recipes={text!r}: {unknown or 'none'} not in {list(RECIPES)}")
+    return names
 
 
 def summarise_variant(name: str, run_dir: Path, rows: list[dict], resamples: int) -> dict[str, Any]:
     cfg = run_config(run_dir)
     return {
         "run_dir": str(run_dir),
+        "recipe": cfg.train.recipe,
         "sampler": cfg.train.sampler,
+        "distill_from": cfg.train.distill_from,
         "space": "unfiltered" if name == "no_filter" else "filtered",
         "inherited_vs_finetuned": correlations(rows, "inherited", "test_after", resamples),
         "inherited_vs_test_before": correlations(rows, "inherited", "test_before", resamples),
@@ -282,13 +341,21 @@ def summarise_variant(name: str, run_dir: Path, rows: list[dict], resamples: int
     }
 
 
+def supernet_dirs(base: Path, args) -> dict[str, Path]:
+    """The run directory of every supernet measured: ``--variants`` then ``--recipes`` (``recipe_<name>``)."""
+    specs = {name: VARIANTS[name] for name in VARIANTS if name in args.variants}
+    for recipe in args.recipes:
+        specs[RECIPE_PREFIX + recipe] = None if trained_with(base, recipe) else recipe_variant(recipe)
+    return {name: base if spec is None else prepare_ablation(base, name, spec, runs_root=base.parent, local=args.smoke)
+            for name, spec in specs.items()}  # fmt: skip
+
+
 def main() -> None:
     args = parse_args()
     started, load_start = time.perf_counter(), os.getloadavg()
     base = prepare_base_run(args.run_dir, args.smoke, args.output).resolve()
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
-    dirs = {name: base if spec is None else prepare_ablation(base, name, spec, runs_root=base.parent, local=args.smoke)
-            for name, spec in VARIANTS.items() if name in args.variants}  # fmt: skip
+    dirs = supernet_dirs(base, args)
     evaluate = build_evaluator(run_config(base), base, args.eval_images or run_config(base).search.eval_images)
     space, cost = evaluate.space, evaluate.evaluator.supernet.cost
     subnets = choose_subnets(base, evaluate, args)
@@ -300,7 +367,7 @@ def main() -> None:
         variants[name] = summarise_variant(name, run_dir, rows, args.resamples)
     teacher_search, teacher_test = teacher_accuracies(base, evaluate)
     dense_cost = cost.macs(evaluate.full_rank())
-    main_rows = variants.get("lowrank", next(iter(variants.values())))["rows"]
+    main_rows = next((variants[n] for n, d in dirs.items() if d == base), next(iter(variants.values())))["rows"]
     cfg = run_config(base)
     out = {
         "benchmark": "ranking_fidelity",
@@ -311,6 +378,7 @@ def main() -> None:
         "dataset": cfg.data.name,
         "ratios": list(space.ratios),
         "subnets": len(subnets),
+        "recipes": args.recipes,
         "distinct_subnets": sum(not s["repeat"] for s in subnets),
         "finetune": {
             "epochs": args.finetune_epochs,

@@ -104,6 +104,7 @@ def build_workload(overrides: list[str], run_dir: Path) -> Workload:
         opt.temperature,
         opt.label_weight,
         opt.label_smoothing,
+        distill_from=opt.distill_from,
     )
     return Workload(cfg, build_datasets(cfg.data), task, session)
 

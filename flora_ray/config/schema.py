@@ -13,6 +13,17 @@ from typing import Any
 from flora_ray.errors import InputError
 
 SAMPLERS = ("lowrank", "uniform", "sandwich")
+DISTILL_SOURCES = ("teacher", "largest")  # what the sampled subnets of a supernet step distil from
+# Named supernet training recipes: ``train.recipe`` -> (``train.sampler``, ``train.distill_from``). ``flora`` is
+# FLORA's own; ``sandwich_inplace`` is the BigNAS / AttentiveNAS rule (largest + smallest + one draw, in-place
+# distillation from the largest). The default stays ``flora`` until ranking_fidelity.py has measured which recipe
+# ranks subnets best (>= 40 subnets per recipe on the proving ground; not measured yet).
+RECIPES = {
+    "flora": ("lowrank", "teacher"),
+    "uniform": ("uniform", "teacher"),
+    "sandwich": ("sandwich", "teacher"),
+    "sandwich_inplace": ("sandwich", "largest"),
+}
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 DATASET_NAMES = ("fashion_mnist", "digits", "imagefolder")
 # The image geometry (side, channels) each data set has by itself: data.img_size and data.in_chans default to it.
@@ -268,12 +279,26 @@ class PretrainConfig(TrainStageConfig):
 
 @dataclass(frozen=True)
 class TrainConfig(TrainStageConfig):
-    """Supernet training: one sampled subnet per step, distilled from the dense teacher.
+    """Supernet training: the sampled subnet(s) of each step, distilled from the dense teacher or in place.
 
     Attributes:
+        recipe: A named recipe (``RECIPES``) that sets ``sampler`` and ``distill_from`` in one word: ``flora``
+            (``lowrank`` + ``teacher``, FLORA's own), ``uniform`` (``uniform`` + ``teacher``), ``sandwich``
+            (``sandwich`` + ``teacher``) or ``sandwich_inplace`` (``sandwich`` + ``largest``: BigNAS /
+            AttentiveNAS). ``flora`` is the default until measured: which recipe ranks subnets most faithfully is
+            what ``experiments/benchmarks/ranking_fidelity.py --recipes`` measures (>= 40 subnets per recipe), and
+            that measurement has not been made. The epochs are not part of a recipe: ``train.epochs`` says them.
         sampler: ``lowrank`` (a block's tuple drawn with probability proportional to 1 / product of its ratios,
             the FLORA default), ``uniform``, or ``sandwich`` (largest, smallest and a low-rank aware sample,
-            gradients accumulated, an extension).
+            gradients accumulated, an extension). Unset: the recipe's; set, it overrides the recipe. The loaded
+            configuration holds the resolved value (what ``run_config.yaml`` records).
+        distill_from: What the sampled subnets learn from. ``teacher``: every subnet distils from the dense
+            teacher (the reference). ``largest`` (in-place distillation): each step trains the largest subnet
+            first, on the teacher loss (with ``label_weight``'s label term), and every other subnet of the step
+            distils from the largest subnet's detached logits (KL divergence at ``temperature``, no label term);
+            the largest is trained once a step, also when the sampler draws it. The teacher runs once a step in
+            both modes: with ``largest`` it is the largest subnet's target, the only one when ``label_weight`` is
+            0. Unset: the recipe's; set, it overrides the recipe.
         temperature: Distillation temperature.
         label_weight: Weight of an extra cross-entropy term on the labels (0: pure distillation, the reference).
         space_file: A filtered ``space.json`` to sample from (default: the run's filtered space if it exists,
@@ -284,7 +309,11 @@ class TrainConfig(TrainStageConfig):
 
     lr: float = 5e-4
     weight_decay: float = 0.01
-    sampler: str = "lowrank"
+    # A name only: what it sets (sampler, distill_from) is recorded resolved and compared, so the name never
+    # changes the results by itself (a run recorded with sampler: sandwich continues under recipe: sandwich).
+    recipe: str = field(default="flora", metadata={AFFECTS_RESULTS: False})
+    sampler: str | None = None
+    distill_from: str | None = field(default=None, metadata={ABSENT_MEANS: "teacher"})
     temperature: float = 1.0
     label_weight: float = 0.0
     space_file: str | None = None
@@ -292,7 +321,15 @@ class TrainConfig(TrainStageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(self.recipe in RECIPES, "train.recipe", self.recipe, f"one of {list(RECIPES)}")
+        sampler, distill_from = RECIPES[self.recipe]
+        if self.sampler is None:
+            object.__setattr__(self, "sampler", sampler)
+        if self.distill_from is None:
+            object.__setattr__(self, "distill_from", distill_from)
         _check(self.sampler in SAMPLERS, "train.sampler", self.sampler, f"one of {SAMPLERS}")
+        allowed = f"one of {list(DISTILL_SOURCES)}"
+        _check(self.distill_from in DISTILL_SOURCES, "train.distill_from", self.distill_from, allowed)
         _check(self.temperature > 0, "train.temperature", self.temperature, "must be positive")
         _check(self.label_weight >= 0, "train.label_weight", self.label_weight, "must be >= 0")
         _check(self.eval_images >= 1, "train.eval_images", self.eval_images, "must be at least 1")

@@ -73,7 +73,7 @@ def train_worker(payload: dict[str, Any], session: Session) -> None:
         sampler = build_sampler(cfg.train.sampler, supernet.space)
         task = SupernetTask(
             supernet, teacher, sampler, cfg.run.seed, opt.temperature, opt.label_weight, opt.label_smoothing,
-            probes,
+            probes, distill_from=opt.distill_from,
         )  # fmt: skip
         state = (lambda: (supernet.model.state_dict(), supernet.header()), supernet.model)
         callbacks.append(ConfigCheck())
@@ -174,9 +174,19 @@ def pretrain_work(cfg: Config, *, workload: Any) -> float:
 
 
 def train_work(cfg: Config, *, workload: Any) -> float:
-    """The supernet's MACs for ``flora-ray plan``: the teacher's forward pass and forward + backward of a subnet of
-    mean uniform cost per training image and epoch."""
-    return cfg.train.epochs * workload.train_images * (workload.dense_macs + 3 * workload.mean_macs)
+    """The supernet's MACs for ``flora-ray plan``: the teacher's forward pass (once a step in every recipe) and
+    forward + backward of each subnet a step trains, each counted at the mean uniform cost, per training image and
+    epoch."""
+    subnets = subnets_per_step(cfg.train.sampler, cfg.train.distill_from)
+    return cfg.train.epochs * workload.train_images * (workload.dense_macs + 3 * subnets * workload.mean_macs)
+
+
+def subnets_per_step(sampler: str, distill_from: str) -> int:
+    """Subnets one supernet step trains: the sandwich's three (its largest is the in-place target too), else the
+    draw, after the largest when distilling in place (one fewer when the draw is the largest)."""
+    if sampler == "sandwich":
+        return 3
+    return 2 if distill_from == "largest" else 1
 
 
 def pretrain_skipped(cfg: Config, *, workload: Any) -> str | None:
@@ -202,5 +212,6 @@ def pretrain(cfg: Config, backend: Backend) -> dict[str, Any]:
 
 
 def train(cfg: Config, backend: Backend) -> dict[str, Any]:
-    """Train the supernet by distillation from the teacher on the run's (filtered) space."""
+    """Train the supernet on the run's (filtered) space by distillation from the teacher, or in place from the
+    largest subnet (``train.distill_from``)."""
     return fit_stage(cfg, backend, "train")

@@ -37,6 +37,22 @@ def distillation_loss(
     return loss
 
 
+def inplace_distillation_loss(
+    student_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """In-place distillation loss (BigNAS): ``T^2 * mean_batch KL(softmax(l / T) || softmax(s / T))`` of a sampled
+    subnet's logits ``s`` against the largest subnet's ``l``, which are detached: no gradient reaches the largest
+    subnet through its role as a target.
+
+    Its gradient equals ``soft_cross_entropy``'s; the value is that minus the target's entropy, so 0 means the
+    subnet predicts what the largest subnet does.
+    """
+    t = float(temperature)
+    log_targets = F.log_softmax(target_logits.detach().float() / t, dim=-1)
+    log_probs = F.log_softmax(student_logits.float() / t, dim=-1)
+    return (log_targets.exp() * (log_targets - log_probs)).sum(dim=-1).mean() * (t * t)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups of the reference: no weight decay on norms, biases, tokens and position embeddings.
 

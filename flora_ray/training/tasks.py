@@ -1,8 +1,9 @@
 """What the trainer trains: the dense teacher (cross-entropy) and a supernet distilled from the teacher.
 
-``SupernetTask`` trains ONE sampled subnet per step (or a few, accumulated, for the sandwich sampler), the same on
-every worker: each worker draws it from a generator seeded by ``(seed, epoch, step)``. The filter's local
-supernets are ``SupernetTask`` s too, over a space in which only one block varies.
+``SupernetTask`` trains ONE sampled subnet per step (or a few, accumulated, for the sandwich sampler or in-place
+distillation, which adds the largest subnet as the others' target), the same on every worker: each worker draws it
+from a generator seeded by ``(seed, epoch, step)``. The filter's local supernets are ``SupernetTask`` s too, over a
+space in which only one block varies.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader
 from flora_ray.core.space import RankSpace
 from flora_ray.core.supernet import Supernet
 from flora_ray.data.datasets import eval_subset
-from flora_ray.training.optim import distillation_loss
+from flora_ray.training.optim import distillation_loss, inplace_distillation_loss
 from flora_ray.training.sampling import Sampler, step_generator
 from flora_ray.training.trainer import Trainer
 
@@ -71,7 +72,7 @@ class DenseTask:
 
 
 class SupernetTask:
-    """Distillation of the sampled subnet(s) of each step from the frozen dense teacher.
+    """Distillation of the sampled subnet(s) of each step from the frozen dense teacher, or in place.
 
     Args:
         supernet: The supernet (``net``).
@@ -81,6 +82,10 @@ class SupernetTask:
         temperature, label_weight, label_smoothing: The distillation loss (``optim.distillation_loss``).
         search: Search split for the per-epoch probe accuracies (``None``: no evaluation).
         eval_images: Images of ``search`` each probe is scored on.
+        distill_from: ``teacher``: every configuration of the step distils from the teacher. ``largest``
+            (in-place distillation): the largest configuration runs first, on the teacher loss, and the sampled
+            ones distil from its detached logits (``optim.inplace_distillation_loss``); a draw of the largest is
+            not run a second time. Either way the teacher runs once per step.
     """
 
     def __init__(
@@ -94,17 +99,30 @@ class SupernetTask:
         label_smoothing: float = 0.0,
         search: Any = None,
         eval_images: int | None = None,
+        distill_from: str = "teacher",
     ) -> None:
+        if distill_from not in ("teacher", "largest"):
+            raise ValueError(f"distill_from={distill_from!r} is not supported; use 'teacher' or 'largest'")
         self.net, self.supernet, self.teacher, self.sampler, self.seed = supernet, supernet, teacher, sampler, seed
         self.loss_args = (temperature, label_weight, label_smoothing)
         self.search, self.eval_images = search, eval_images
+        self.largest = supernet.space.largest() if distill_from == "largest" else None
+
+    def step_configs(self, epoch: int, step: int) -> list[dict[str, int]]:
+        """The configurations trained at ``(epoch, step)``, in order: the sampler's draw, after the largest one
+        (once) when distilling in place. The last is the sampler's own last draw, which ``ConfigCheck`` compares
+        across workers."""
+        configs = self.sampler.sample(step_generator(self.seed, epoch, step))
+        if self.largest is None:
+            return configs
+        return [self.largest, *(c for c in configs if c != self.largest)]
 
     def train_step(self, trainer: Trainer, step: int, x: torch.Tensor, y: torch.Tensor) -> float:
-        configs = self.sampler.sample(step_generator(self.seed, trainer.epoch, step))
+        configs = self.step_configs(trainer.epoch, step)
         trainer.emit("on_configs", step, configs)
         with torch.no_grad(), trainer.autocast():
             teacher_logits = self.teacher(x)
-        total = 0.0
+        total, largest_logits = 0.0, None
         no_sync = getattr(trainer.model, "no_sync", None)
         for i, config in enumerate(configs):
             self.supernet.set_ranks(config)
@@ -113,8 +131,13 @@ class SupernetTask:
             with context:
                 with trainer.autocast():
                     logits = trainer.model(x)
-                loss = distillation_loss(logits, teacher_logits, y, *self.loss_args)
+                if largest_logits is None:
+                    loss = distillation_loss(logits, teacher_logits, y, *self.loss_args)
+                else:
+                    loss = inplace_distillation_loss(logits, largest_logits, self.loss_args[0])
                 trainer.backward(loss / len(configs))
+            if self.largest is not None and largest_logits is None:
+                largest_logits = logits.detach()  # the targets of the step's other subnets
             total += loss.item() / len(configs)
         return total
 

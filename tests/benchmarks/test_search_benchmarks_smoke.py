@@ -210,3 +210,51 @@ def test_ranking_fidelity_gains_and_resume(fidelity):
     again = _run("ranking_fidelity.py", "--output", str(out), "--run-dir", str(out / "runs" / "bench-smoke"))
     assert "inherited" not in again.split("subnets (")[1].split("Ranking fidelity")[0]
     assert json.loads((out / "ranking_fidelity.json").read_text())["variants"] == result["variants"]
+
+
+def test_ranking_fidelity_compares_named_recipes(fidelity):
+    """``--recipes flora,sandwich_inplace --subnets N``: the base run is the ``flora`` supernet (its rows come from
+    the cache of the run above), ``sandwich_inplace`` trains one ablation supernet in place, and the random strata
+    make N distinct subnets."""
+    import shutil
+
+    out, _, first = fidelity
+    recipes = out / "recipes"
+    recipes.mkdir(exist_ok=True)
+    shutil.copy(out / "ranking_fidelity_rows.json", recipes / "ranking_fidelity_rows.json")
+    wanted = first["distinct_subnets"] + 2
+    run = out / "runs" / "bench-smoke"
+    args = ("--output", str(recipes), "--run-dir", str(run), "--recipes", "flora,sandwich_inplace")
+    stdout = _run("ranking_fidelity.py", *args, "--subnets", str(wanted))
+    assert "| recipe_sandwich_inplace | sandwich | largest | filtered |" in stdout
+    result = json.loads((recipes / "ranking_fidelity.json").read_text())
+    variants = result["variants"]
+    assert list(variants) == ["recipe_flora", "recipe_sandwich_inplace"] and result["recipes"] == list(
+        ("flora", "sandwich_inplace")
+    )
+    flora, inplace = variants["recipe_flora"], variants["recipe_sandwich_inplace"]
+    assert Path(flora["run_dir"]) == run.resolve() and (flora["sampler"], flora["distill_from"]) == (
+        "lowrank",
+        "teacher",
+    )
+    assert (inplace["recipe"], inplace["sampler"], inplace["distill_from"]) == (
+        "sandwich_inplace",
+        "sandwich",
+        "largest",
+    )
+    header = read_checkpoint_header(Path(inplace["run_dir"]) / "supernet.safetensors")
+    assert [("search_acc_largest" in h, "search_acc_smallest" in h) for h in header["history"]] == [(True, True)] * len(
+        header["history"]
+    )
+    assert result["distinct_subnets"] == wanted
+    cached = {r["name"]: r for r in first["variants"]["lowrank"]["rows"]}  # the same supernet as the first run's
+    for row in flora["rows"]:
+        if row["kind"] != "random":  # the front and uniform subnets are those of the first run
+            assert row["inherited"] == cached[row["name"]]["inherited"], row["name"]
+    for variant in variants.values():
+        distinct = [r for r in variant["rows"] if not r["repeat"]]
+        assert len(distinct) == wanted
+        inherited, tuned = [r["inherited"] for r in distinct], [r["test_after"] for r in distinct]
+        assert variant["inherited_vs_finetuned"]["kendall_tau"] == pytest.approx(
+            kendall_tau(inherited, tuned), nan_ok=True
+        )

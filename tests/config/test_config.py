@@ -50,6 +50,8 @@ def test_overrides_are_typed():
         (["train.lr=0"], "train.lr=0.0 is invalid: must be positive"),
         (["train.min_lr=1"], "train.min_lr=1.0 is invalid: must be in [0, lr]"),
         (["train.sampler=greedy"], "train.sampler='greedy' is invalid: one of"),
+        (["train.recipe=bignas"], "train.recipe='bignas' is invalid: one of ['flora', 'uniform', 'sandwich', "),
+        (["train.distill_from=smallest"], "train.distill_from='smallest' is invalid: one of ['teacher', 'largest']"),
         (["model.ratios=[0, 1]"], "model.ratios=(0.0, 1.0) is invalid"),
         (["data.name=cifar"], "cifar"),
         (["scaling.num_workers=0"], "scaling.num_workers=0 is invalid"),
@@ -62,6 +64,35 @@ def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ValueError) as raised:
         load_config(None, overrides)
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], ("flora", "lowrank", "teacher")),
+        (["train.recipe=sandwich_inplace"], ("sandwich_inplace", "sandwich", "largest")),
+        (["train.recipe=sandwich"], ("sandwich", "sandwich", "teacher")),
+        (["train.recipe=uniform"], ("uniform", "uniform", "teacher")),
+        (["train.recipe=sandwich_inplace", "train.sampler=lowrank"], ("sandwich_inplace", "lowrank", "largest")),
+        (["train.recipe=sandwich", "train.distill_from=largest"], ("sandwich", "sandwich", "largest")),
+        (["train.sampler=uniform"], ("flora", "uniform", "teacher")),
+    ],
+)
+def test_a_recipe_expands_and_explicit_keys_override_it(tmp_path, overrides, expected):
+    cfg = load_config(None, overrides)
+    assert (cfg.train.recipe, cfg.train.sampler, cfg.train.distill_from) == expected
+    recorded = config_to_dict(cfg)["train"]  # what run_config.yaml records: the resolved values
+    assert (recorded["recipe"], recorded["sampler"], recorded["distill_from"]) == expected
+    path = tmp_path / "run_config.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+def test_shipped_experiments_take_a_recipe_in_one_word():
+    """No shipped file pins what a recipe sets, so ``train.recipe=...`` alone changes the recipe."""
+    for name in ("quickstart.yaml", "digits_tiny.yaml", "fashion_mnist_full.yaml", "proving_ground.yaml"):
+        cfg = load_config(EXPERIMENTS / name, ["train.recipe=sandwich_inplace"])
+        assert (cfg.train.sampler, cfg.train.distill_from) == ("sandwich", "largest"), name
 
 
 def test_bad_files(tmp_path):

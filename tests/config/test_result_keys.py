@@ -35,6 +35,7 @@ SPEED_ONLY = {
     "filter.concurrency",
     "filter.cpus_per_task",
     "filter.log_every",
+    "train.recipe",  # a name: the sampler and distill_from it sets are compared
     "train.log_every",
     "train.checkpoint_every",
     "train.checkpoint_every_steps",
@@ -113,7 +114,8 @@ def test_a_run_directory_refuses_result_changes_only(tmp_path):
 def _recorded_before_upgrade(**sections):
     """A configuration as an earlier flora-ray recorded it: without the keys added since."""
     old = config_to_dict(Config())
-    for key in ("model.tome_r", "filter.cost_floor", "filter.cost_bins", "search.bn_recalibration_images"):
+    added = ("model.tome_r", "filter.cost_floor", "filter.cost_bins", "search.bn_recalibration_images")
+    for key in (*added, "train.recipe", "train.distill_from"):
         section, name = key.split(".")
         del old[section][name]
     del old["finetune"]
@@ -137,6 +139,17 @@ def test_keys_added_later_compare_by_what_their_absence_meant():
     old["model"]["tome_r"] = 1
     del old["train"]["sampler"]
     assert changed_result_keys(old, new) == ["model.tome_r", "train.sampler"]
+
+
+def test_runs_recorded_before_recipes_continue_with_the_recipe_they_used():
+    """A run recorded before ``train.recipe`` and ``train.distill_from`` trained from the teacher, with its sampler."""
+    old = _recorded_before_upgrade(search__bn_recalibration_images=0, train__sampler="sandwich")
+    same = config_to_dict(load_config(None, ["search.bn_recalibration_images=0", "train.sampler=sandwich"]))
+    assert changed_result_keys(old, same) == []
+    named = config_to_dict(load_config(None, ["search.bn_recalibration_images=0", "train.recipe=sandwich"]))
+    assert changed_result_keys(old, named) == []  # the same training, by its name
+    inplace = config_to_dict(load_config(None, ["search.bn_recalibration_images=0", "train.recipe=sandwich_inplace"]))
+    assert changed_result_keys(old, inplace) == ["train.distill_from"]
 
 
 def test_an_upgraded_run_is_refused_with_the_value_that_continues_it(tmp_path):

@@ -89,3 +89,18 @@ def test_pretrain_on_ray_writes_a_teacher_build_supernet_loads(local_ray, digits
     spec = resolve_model_spec(cfg)
     supernet = fr.build_supernet(spec.name, model_kwargs=spec.kwargs, pretrained=outcome["output"])
     assert supernet.space.fqns[0] == "blocks.0.attn.qkv"
+
+
+def test_two_workers_train_the_sandwich_inplace_recipe(local_ray, digits_config, with_teacher):
+    """In-place distillation on Ray Train's path (2 gloo workers, DDP): each step's three subnets (the largest
+    first, its logits the others' targets) train under ``no_sync`` but the last, and every step's draw is checked
+    across workers."""
+    cfg = digits_config("train.epochs=2", "scaling.num_workers=2", "train.recipe=sandwich_inplace")
+    with_teacher(cfg)
+    outcome = train(cfg, RayBackend())
+    history = json.loads((cfg.run.run_dir / "train_history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all({"search_acc_largest", "search_acc_smallest", "loss"} <= set(h) for h in history)
+    checks = outcome["metrics"]["config_checks"]  # every step of both epochs, verified by all-reduce
+    assert checks > 0 and checks % 2 == 0
+    assert load_supernet(outcome["output"]).spec.name == "test_vit"
