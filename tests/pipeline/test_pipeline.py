@@ -15,10 +15,12 @@ import pandas as pd
 import pytest
 import yaml
 
+import flora_ray as fr
 from flora_ray import pipeline
 from flora_ray.config import config_to_dict
 from flora_ray.stages import STAGES
 from flora_ray.stages.inputs import claim_run as claim_run_dir
+from flora_ray.stages.inputs import resolve_model_spec
 from flora_ray.stages.report import build_report
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.testing.processes import kill_group
@@ -183,6 +185,12 @@ def test_pipeline_runs_every_stage_then_skips_and_resumes(digits_config, tmp_pat
     _, figures = build_report(run_dir)
     assert set(figures["stage_seconds"]) == set(PIPELINE_STAGES) and figures["front_size"] == len(front)
     _check_mlflow(cfg, pd.read_parquet(run_dir / "trials.parquet"))
+    # The teacher that pretraining on Ray Train (two workers) wrote loads into a supernet through the public API.
+    spec = resolve_model_spec(cfg)
+    teacher = stage_marker(run_dir, "pretrain")["summary"]["output"]
+    assert cfg.scaling.num_workers == 2 and Path(teacher) == run_dir / ARTEFACTS.teacher
+    supernet = fr.build_supernet(spec.name, model_kwargs=spec.kwargs, pretrained=teacher)
+    assert supernet.space.fqns[0] == "blocks.0.attn.qkv"
 
     # Everything done: a second run skips every stage and rebuilds nothing; with nothing left to run, the default
     # (Ray) backend starts no Ray (on a cluster and on object storage: the cluster-true runs in tests/cluster).
