@@ -1,16 +1,11 @@
-"""Settings that only matter off a laptop: run storage, --address, a stale local cluster file, SIGTERM.
+"""Settings that only matter off a laptop: run storage and --address.
 
-Every bad storage setting is one line and exit 2 within seconds, before Ray starts; a stale
-``ray_current_cluster`` file never captures a local run; SIGTERM stops a run within seconds with one line.
+Every bad storage setting is one line and exit 2 within seconds, before Ray starts. (A stale
+``ray_current_cluster`` file that never captures a local run, and SIGTERM stopping a run within seconds with one
+line, are checked on the interrupted run of ``tests/pipeline/test_pipeline.py``.)
 """
 
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
@@ -78,40 +73,3 @@ def test_an_unreachable_object_store_fails_in_seconds(monkeypatch, config_file, 
     err = capsys.readouterr().err
     assert "run.storage 's3://bucket/runs' is not writable: cannot reach" in err and err.count("\n") == 1
     assert time.perf_counter() - started < 20
-
-
-@pytest.fixture
-def ray_tmpdir():
-    """A private Ray temp root (short: Ray's socket paths live below it), holding a stale cluster file."""
-    root = Path(tempfile.mkdtemp(prefix="frs-", dir="/tmp"))
-    (root / "ray").mkdir()
-    (root / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_closed_port()}\n")  # a head that died
-    yield root
-    subprocess.run(["pkill", "-f", str(root)], check=False)  # nothing of ours may outlive the test
-    import shutil
-
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.mark.slow
-def test_a_local_run_ignores_a_stale_cluster_file_and_stops_on_sigterm(ray_tmpdir, config_file, tmp_path):
-    """Ray's temp root names a dead head in ``ray_current_cluster``: the CLI still starts its own local Ray and
-    trains (joining the stale address would retry for minutes), and SIGTERM stops it within seconds."""
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmpdir), "TIMM_FUSED_ATTN": "0"}
-    command = [sys.executable, "-m", "flora_ray.cli", "run", str(config_file), "pretrain.epochs=50"]
-    out, err = tmp_path / "out.log", tmp_path / "err.log"
-    with open(out, "w") as stdout, open(err, "w") as stderr:
-        process = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr, text=True)
-        deadline = time.time() + 150
-        while time.time() < deadline and "pretrain epoch 1/50:" not in err.read_text():
-            time.sleep(0.5)  # training is under way on Ray Train workers
-        assert process.poll() is None, err.read_text()[-3000:]
-        assert "Failed to connect to GCS" not in err.read_text()
-        process.send_signal(signal.SIGTERM)
-        sent = time.perf_counter()
-        process.wait(timeout=60)
-    assert process.returncode == 130 and time.perf_counter() - sent < 30
-    assert err.read_text().strip().splitlines()[-1] == "flora-ray: interrupted"
-    time.sleep(3)
-    leftover = subprocess.run(["pgrep", "-f", str(ray_tmpdir)], capture_output=True, text=True).stdout.split()
-    assert not leftover, "the run's Ray processes outlived it"

@@ -1,21 +1,26 @@
-"""``flora-ray run``: run-directory ownership, stage markers, skip and resume (a Ctrl-C in supernet training, a
-finished run, an interrupted search), and the report (slow end to end)."""
+"""``flora-ray run``: run-directory ownership, stage markers, skip and resume (an interrupt in supernet training, a
+finished run, an interrupted search), the report, and a stale local cluster file (slow end to end)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
+import flora_ray as fr
 from flora_ray import pipeline
 from flora_ray.config import config_to_dict
 from flora_ray.stages import STAGES
 from flora_ray.stages.inputs import claim_run as claim_run_dir
+from flora_ray.stages.inputs import resolve_model_spec
 from flora_ray.stages.report import build_report
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.testing.processes import kill_group
@@ -50,13 +55,35 @@ def _run(config_file, *extra):
     return result.stdout + result.stderr
 
 
-def _interrupt_in_training(config_file, train_storage, log_path):
-    """``flora-ray run`` until Ray Train's snapshot records the supernet's first checkpoint, then SIGINT to the
-    driver only, as Ctrl-C would."""
-    env = {**os.environ, "TIMM_FUSED_ATTN": "0"}
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """A private Ray temp root (short: Ray's socket paths live below it), holding a stale cluster file."""
+    root = Path(tempfile.mkdtemp(prefix="frs-", dir="/tmp"))
+    (root / "ray").mkdir()
+    (root / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_closed_port()}\n")  # a head that died
+    yield root
+    subprocess.run(["pkill", "-f", str(root)], check=False)  # nothing of ours may outlive the test
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _interrupt_in_training(config_file, train_storage, logs, ray_tmpdir):
+    """``flora-ray run`` until Ray Train's snapshot records the supernet's first checkpoint, then SIGTERM to the
+    driver only (the CLI turns it into Ctrl-C's KeyboardInterrupt): it must stop within seconds with one line and
+    leave no Ray process behind. Ray's temp root names a dead head in ``ray_current_cluster``: the CLI still starts
+    its own local Ray and trains (joining the stale address would retry for minutes)."""
+    env = {**os.environ, "TIMM_FUSED_ATTN": "0", "RAY_TMPDIR": str(ray_tmpdir)}
     command = [sys.executable, "-m", "flora_ray.cli", "run", str(config_file)]
-    with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would stall the driver
-        first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    out, err = logs
+    with open(out, "w") as stdout, open(err, "w") as stderr:  # files, not pipes: a full pipe would stall the driver
+        first = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, start_new_session=True)
 
     def recorded_checkpoint():
         """The checkpoint Ray Train's snapshot records (what a re-run resumes from), once one is recorded."""
@@ -70,9 +97,18 @@ def _interrupt_in_training(config_file, train_storage, log_path):
     try:
         while recorded_checkpoint() is None and time.time() < deadline and first.poll() is None:
             time.sleep(0.5)
-        assert recorded_checkpoint() is not None, "no checkpoint recorded: " + log_path.read_text()[-4000:]
-        first.send_signal(signal.SIGINT)
-        first.wait(timeout=90)
+        assert recorded_checkpoint() is not None, "no checkpoint recorded: " + err.read_text()[-4000:]
+        assert first.poll() is None, err.read_text()[-3000:]  # still training
+        assert "Failed to connect to GCS" not in err.read_text()
+        first.send_signal(signal.SIGTERM)
+        sent = time.perf_counter()
+        first.wait(timeout=60)
+        assert first.returncode == 130 and time.perf_counter() - sent < 30, err.read_text()[-3000:]
+        assert err.read_text().strip().splitlines()[-1] == "flora-ray: interrupted"
+        exited = time.perf_counter()
+        while leftover := subprocess.run(["pgrep", "-f", str(ray_tmpdir)], capture_output=True, text=True).stdout:
+            assert time.perf_counter() - exited < 3, "the run's Ray processes outlived it: " + leftover
+            time.sleep(0.1)
     finally:
         kill_group(first.pid)  # whatever the interrupted driver left behind
 
@@ -110,9 +146,9 @@ def _check_mlflow(cfg, trials):
 
 
 @pytest.mark.slow
-def test_pipeline_runs_every_stage_then_skips_and_resumes(digits_config, tmp_path):
-    """One run: interrupted (Ctrl-C) in supernet training, resumed by the same command through every stage, then
-    skipped entirely, then resumed from the search."""
+def test_pipeline_runs_every_stage_then_skips_and_resumes(digits_config, tmp_path, ray_tmpdir):
+    """One run: interrupted (SIGTERM, as Ctrl-C) in supernet training under a stale local cluster file, resumed by
+    the same command through every stage, then skipped entirely, then resumed from the search."""
     cfg = digits_config(
         "pretrain.epochs=3",
         "pretrain.lr=0.003",
@@ -130,7 +166,8 @@ def test_pipeline_runs_every_stage_then_skips_and_resumes(digits_config, tmp_pat
     run_dir = cfg.run.run_dir
 
     # Interrupted in supernet training: a re-run of the same command resumes it from its checkpoint, then goes on.
-    _interrupt_in_training(config_file, run_dir / "ray" / f"{cfg.run.name}-train", tmp_path / "first.log")
+    first_logs = (tmp_path / "first.out"), (tmp_path / "first.err")
+    _interrupt_in_training(config_file, run_dir / "ray" / f"{cfg.run.name}-train", first_logs, ray_tmpdir)
     assert not (run_dir / "supernet.safetensors").exists(), "the first run was not interrupted"
     out = _run(config_file)
     assert RAY_STARTED in out  # work was left: the default backend started Ray
@@ -148,6 +185,12 @@ def test_pipeline_runs_every_stage_then_skips_and_resumes(digits_config, tmp_pat
     _, figures = build_report(run_dir)
     assert set(figures["stage_seconds"]) == set(PIPELINE_STAGES) and figures["front_size"] == len(front)
     _check_mlflow(cfg, pd.read_parquet(run_dir / "trials.parquet"))
+    # The teacher that pretraining on Ray Train (two workers) wrote loads into a supernet through the public API.
+    spec = resolve_model_spec(cfg)
+    teacher = stage_marker(run_dir, "pretrain")["summary"]["output"]
+    assert cfg.scaling.num_workers == 2 and Path(teacher) == run_dir / ARTEFACTS.teacher
+    supernet = fr.build_supernet(spec.name, model_kwargs=spec.kwargs, pretrained=teacher)
+    assert supernet.space.fqns[0] == "blocks.0.attn.qkv"
 
     # Everything done: a second run skips every stage and rebuilds nothing; with nothing left to run, the default
     # (Ray) backend starts no Ray (on a cluster and on object storage: the cluster-true runs in tests/cluster).

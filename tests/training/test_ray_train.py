@@ -1,7 +1,8 @@
 """Ray Train end to end on a local 2-CPU Ray: 2 gloo workers, failure recovery.
 
-(A driver interrupted by Ctrl-C in supernet training, resumed by re-running the command, is checked within the
-``flora-ray run`` test in ``tests/pipeline/test_pipeline.py``, which shares that run.)
+(A driver interrupted in supernet training, resumed by re-running the command, and a teacher pretrained by two Ray
+Train workers that ``flora_ray.build_supernet`` loads, are checked within the ``flora-ray run`` test in
+``tests/pipeline/test_pipeline.py``, which shares that run.)
 """
 
 import json
@@ -9,11 +10,9 @@ import json
 import pytest
 import torch
 
-import flora_ray as fr
 from flora_ray.backends.ray import RayBackend
 from flora_ray.core.supernet import load_supernet
-from flora_ray.stages.inputs import resolve_model_spec
-from flora_ray.stages.training import pretrain, train
+from flora_ray.stages.training import train
 from flora_ray.testing.faults import FaultyRayBackend
 from flora_ray.training.trainer import STATE_FILE
 
@@ -81,14 +80,6 @@ def test_two_workers_train_the_same_subnet_every_step_and_restart_from_the_check
     checkpoints = [p for p in (cfg.run.run_dir / "ray" / f"{cfg.run.name}-train").glob("checkpoint_*") if p.is_dir()]
     kept = sorted(torch.load(p / STATE_FILE, weights_only=True)["epoch"] for p in checkpoints)
     assert kept == [2, 3]  # one per epoch, in the run's storage; Ray keeps the latest two
-
-
-def test_pretrain_on_ray_writes_a_teacher_build_supernet_loads(local_ray, digits_config):
-    cfg = digits_config("pretrain.epochs=1", "scaling.num_workers=2")
-    outcome = pretrain(cfg, RayBackend())
-    spec = resolve_model_spec(cfg)
-    supernet = fr.build_supernet(spec.name, model_kwargs=spec.kwargs, pretrained=outcome["output"])
-    assert supernet.space.fqns[0] == "blocks.0.attn.qkv"
 
 
 def test_two_workers_train_the_sandwich_inplace_recipe(local_ray, digits_config, with_teacher):
