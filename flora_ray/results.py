@@ -153,7 +153,7 @@ def hypervolume(df: pd.DataFrame, ref: tuple[float, float], cost: str = "macs") 
     return area
 
 
-def ranked_under(df: pd.DataFrame, max_cost: float, cost: str = "macs") -> pd.DataFrame:
+def ranked_under(df: pd.DataFrame, *, max_cost: float, cost: str = "macs") -> pd.DataFrame:
     """The rows with ``cost <= max_cost``, most accurate first (the cheaper first on ties; then in frame order)."""
     _check_columns(df, cost)
     return df[df[cost] <= max_cost].sort_values(["accuracy", cost], ascending=[False, True], kind="stable")
@@ -161,7 +161,7 @@ def ranked_under(df: pd.DataFrame, max_cost: float, cost: str = "macs") -> pd.Da
 
 def best_under(df: pd.DataFrame, max_macs: float, cost: str = "macs") -> pd.Series | None:
     """The most accurate row with ``cost <= max_macs`` (the cheaper one on ties); ``None`` if there is none."""
-    within = ranked_under(df, max_macs, cost)
+    within = ranked_under(df, max_cost=max_macs, cost=cost)
     return None if within.empty else within.iloc[0]
 
 

@@ -195,7 +195,7 @@ def finetune_model(
     started = time.perf_counter()
     history = trainer.fit()
     seconds = time.perf_counter() - started
-    correct = correct_per_image(student, splits.test, device)
+    correct = correct_per_image(student, dataset=splits.test, device=device)
     return {"test_accuracy_before": before, "test_accuracy": 100.0 * int(correct.sum()) / max(len(correct), 1),
             "test_correct": correct, "history": history, "epochs": opt.epochs, "seconds": seconds,
             "model": student.eval()}  # fmt: skip
@@ -219,7 +219,7 @@ def check_finetune(
     store = run if isinstance(run, RunStore) else RunStore(run)
     if not store.is_file(ARTEFACTS.trials):
         raise MissingInput(f"{store.location(ARTEFACTS.trials)!r} does not exist: run `flora-ray search` first")
-    cfg = config_with_overrides(store, overrides, sections=(STAGE,), what="a fine-tune", config=config)
+    cfg = config_with_overrides(store, overrides=overrides, sections=(STAGE,), what="a fine-tune", config=config)
     return store, cfg, select_trial(store, trial=trial, budget=budget_of(max_macs=max_macs), knee=knee)
 
 

@@ -94,12 +94,12 @@ def _rows(frame: pd.DataFrame, *, kind: str) -> pd.DataFrame:
     })  # fmt: skip
 
 
-def budget_candidates(front: pd.DataFrame, uniform: pd.DataFrame, *, axis: str, value: float, k: int) -> pd.DataFrame:
+def budget_candidates(front: pd.DataFrame, *, uniform: pd.DataFrame, axis: str, value: float, k: int) -> pd.DataFrame:
     """The candidates of one budget: the ``k`` front points most accurate within it by inherited accuracy (the
     cheaper first on ties), then the most accurate uniform configuration within it, if any (``position`` 0)."""
-    ours = _rows(ranked_under(front, value, axis).head(k), kind=FRONT)
+    ours = _rows(ranked_under(front, max_cost=value, cost=axis).head(k), kind=FRONT)
     ours.insert(1, "position", range(1, len(ours) + 1))
-    best_uniform = _rows(ranked_under(uniform, value, axis).head(1), kind=UNIFORM)
+    best_uniform = _rows(ranked_under(uniform, max_cost=value, cost=axis).head(1), kind=UNIFORM)
     best_uniform.insert(1, "position", 0)
     rows = pd.concat([ours, best_uniform], ignore_index=True)
     if rows.empty:
@@ -111,7 +111,7 @@ def budget_candidates(front: pd.DataFrame, uniform: pd.DataFrame, *, axis: str, 
     return rows.assign(budget_axis=axis, budget_value=value)
 
 
-def plan_refine(store: RunStore, budgets: Sequence[tuple[str, float]], *, k: int) -> pd.DataFrame:
+def plan_refine(store: RunStore, *, budgets: Sequence[tuple[str, float]], k: int) -> pd.DataFrame:
     """Every budget's candidates (``budget_candidates``), budget after budget; ``NothingWithin`` names a budget
     nothing reaches, an ``InputError`` an axis the run did not measure."""
     front, uniform = load_front(store), load_uniform(store)
@@ -123,7 +123,7 @@ def plan_refine(store: RunStore, budgets: Sequence[tuple[str, float]], *, k: int
             raise InputError(
                 f"the run's front has no {axis}: run `flora-ray profile` and search again, or use --max-macs"
             )
-        plans.append(budget_candidates(front, uniform, axis=axis, value=value, k=k))
+        plans.append(budget_candidates(front, uniform=uniform, axis=axis, value=value, k=k))
     return pd.concat(plans, ignore_index=True)
 
 
@@ -142,8 +142,8 @@ def check_refine(
         raise MissingInput(f"{store.location(ARTEFACTS.pareto)!r} does not exist: run `flora-ray search` first")
     pairs = parse_budgets(budgets)
     extra = [] if k is None else [f"{STAGE}.k={k}"]
-    cfg = config_with_overrides(store, [*overrides, *extra], sections=(STAGE, "finetune"), what="refine")
-    return store, cfg, plan_refine(store, pairs, k=cfg.refine.k)
+    cfg = config_with_overrides(store, overrides=[*overrides, *extra], sections=(STAGE, "finetune"), what="refine")
+    return store, cfg, plan_refine(store, budgets=pairs, k=cfg.refine.k)
 
 
 def refine_schedule(cfg: Config) -> dict[str, Any]:
@@ -177,7 +177,9 @@ def refine_task(shared: dict[str, Any], ranks: str) -> dict[str, Any]:
     }
 
 
-def fine_tune_candidates(store: RunStore, cfg: Config, candidates: pd.DataFrame, backend: Backend) -> dict[str, dict]:
+def fine_tune_candidates(
+    store: RunStore, *, cfg: Config, candidates: pd.DataFrame, backend: Backend
+) -> dict[str, dict]:
     """Each distinct configuration of ``candidates`` fine-tuned once (``refine_task`` on ``backend``, at most
     ``refine.concurrency`` at once), by its ranks (canonical JSON)."""
     distinct = list(dict.fromkeys(candidates["ranks"]))
@@ -198,7 +200,7 @@ def _name(row: pd.Series) -> str:
     return f"trial {row['trial']}" if row["kind"] == FRONT else f"uniform {row['ratio']:g}"
 
 
-def compare_candidates(candidates: pd.DataFrame, results: Mapping[str, dict]) -> pd.DataFrame:
+def compare_candidates(candidates: pd.DataFrame, *, results: Mapping[str, dict]) -> pd.DataFrame:
     """``candidates`` with their fine-tuned figures, the ``winner`` of each budget (the most accurate after
     fine-tuning; the cheaper on the budget's axis on ties, then the uniform configuration, then the front's order)
     and each candidate's paired difference to the budget's uniform configuration on the test images
@@ -221,7 +223,7 @@ def compare_candidates(candidates: pd.DataFrame, results: Mapping[str, dict]) ->
     return frame[list(COLUMNS)]
 
 
-def verdict(difference: float, se: float, *, winner_kind: str) -> str:
+def verdict(difference: float, *, se: float, winner_kind: str) -> str:
     """``uniform`` (the uniform configuration won), ``close call`` (``|difference| < se``, or no difference at all),
     else ``gain``: never a gain within one paired standard error."""
     if winner_kind == UNIFORM:
@@ -248,7 +250,7 @@ def budget_summary(group: pd.DataFrame) -> RefineBudget:
         return RefineBudget(**common, verdict="no uniform")
     difference, se = float(winner["diff_vs_uniform"]), float(winner["diff_se"])
     return RefineBudget(**common, uniform=_candidate(uniform.iloc[0]), difference=difference, se=se,
-                        verdict=verdict(difference, se, winner_kind=winner["kind"]))  # fmt: skip
+                        verdict=verdict(difference, se=se, winner_kind=winner["kind"]))  # fmt: skip
 
 
 def refine_from_run(
@@ -264,8 +266,8 @@ def refine_from_run(
     process). Writes and returns ``refine.parquet`` (``compare_candidates``) and ``refine.json``."""
     store, cfg, candidates = check_refine(run, budgets=budgets, k=k, overrides=overrides)
     started = time.perf_counter()
-    results = fine_tune_candidates(store, cfg, candidates, backend or LocalBackend())
-    frame = compare_candidates(candidates, results)
+    results = fine_tune_candidates(store, cfg=cfg, candidates=candidates, backend=backend or LocalBackend())
+    frame = compare_candidates(candidates, results=results)
     settings = {**finetune_settings(cfg), **refine_schedule(cfg), "train_images": cfg.refine.train_images}
     summary = RefineSummary(
         budgets=[budget_summary(g) for _, g in frame.groupby(["budget_axis", "budget_value"], sort=False)],

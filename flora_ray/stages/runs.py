@@ -45,7 +45,7 @@ def load_run_config(store: RunStore) -> Config:
 
 
 def config_with_overrides(
-    store: RunStore, overrides: Sequence[str], *, sections: Sequence[str], what: str, config: Config | None = None
+    store: RunStore, *, overrides: Sequence[str], sections: Sequence[str], what: str, config: Config | None = None
 ) -> Config:
     """The run's configuration (or ``config``) with ``key=value`` ``overrides`` applied, refusing any that would
     change the run's results outside ``sections`` (what a command that reads the run, ``what``, may set: the keys

@@ -25,7 +25,7 @@ from flora_ray.training.trainer import Trainer
 
 @torch.no_grad()
 def correct_per_image(
-    model: nn.Module, dataset, device: torch.device, max_images: int | None = None, batch_size: int = 256
+    model: nn.Module, *, dataset, device: torch.device, max_images: int | None = None, batch_size: int = 256
 ) -> np.ndarray:
     """Whether ``model`` gets each image of ``dataset`` right (booleans in the dataset's order), or of a stratified
     seeded subset of ``max_images`` of its images: two models scored here are scored on the same images, so their
@@ -42,7 +42,7 @@ def accuracy(
     model: nn.Module, dataset, device: torch.device, max_images: int | None = None, batch_size: int = 256
 ) -> float:
     """Top-1 accuracy (%) on ``dataset``, or on a stratified seeded subset of ``max_images`` of its images."""
-    correct = correct_per_image(model, dataset, device, max_images, batch_size)
+    correct = correct_per_image(model, dataset=dataset, device=device, max_images=max_images, batch_size=batch_size)
     return 100.0 * int(correct.sum()) / max(len(correct), 1)
 
 
