@@ -348,7 +348,8 @@ class RefineConfig:
 
     The defaults were chosen, not measured: ``k = 3`` candidates (the issue's proposal: the front's top three cost
     three fine-tunes per budget, and a fourth adds another), and the schedule of the ``finetune`` section, so that a
-    refined candidate's accuracy is the one ``flora-ray finetune`` gives the same subnet.
+    refined candidate's accuracy is the one ``flora-ray finetune`` gives the same subnet with one training worker
+    (``--backend local``).
 
     Attributes:
         k: Front points fine-tuned per budget (the most accurate within it by inherited accuracy).

@@ -12,6 +12,10 @@ however many budgets share it. Every candidate is scored on the whole test split
 
 The winner is chosen on the test split that reports it, among ``k + 1`` candidates: its test accuracy is slightly
 optimistic, and the paired comparison with the best uniform configuration says when the choice is a close call.
+
+Each candidate trains in one process (one task), as ``finetune_subnet``: its figures are those of ``flora-ray
+finetune`` with ``--backend local`` or one training worker; ``flora-ray finetune`` on Ray Train with
+``scaling.num_workers`` > 1 trains data-parallel, an effective batch that many times larger, so it differs.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ FRONT, UNIFORM = "front", "uniform"  # a candidate's kind
 # The columns of refine.parquet, in order (``correct``, long strings, last).
 COLUMNS = ("budget_axis", "budget_value", "kind", "position", "trial", "ratio", "ranks", "macs", "params",
            "latency_ms", "inherited_accuracy", "inherited_test_accuracy", "test_accuracy", "winner",
-           "diff_vs_uniform", "diff_se", "test_images", "seconds", "correct")  # fmt: skip
+           "diff_vs_uniform", "diff_se", "test_images", "train_images", "seconds", "correct")  # fmt: skip
 
 
 def parse_budgets(budgets: Mapping[str, Any] | Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
@@ -171,6 +175,7 @@ def refine_task(shared: dict[str, Any], ranks: str) -> dict[str, Any]:
         "inherited_test_accuracy": result["test_accuracy_before"],
         "test_accuracy": 100.0 * int(correct.sum()) / len(correct),
         "test_images": len(correct),
+        "train_images": len(splits.train),  # the images it was fine-tuned on (each epoch: the full batches of them)
         "correct": pack_correct(correct),
         "seconds": result["seconds"],
         "device": str(device),

@@ -17,6 +17,7 @@ import pytest
 
 import flora_ray as fr
 from flora_ray.cli import main
+from flora_ray.data.datasets import build_datasets
 from flora_ray.records import RefineSummary
 from flora_ray.results import unpack_correct
 from flora_ray.storage.run_store import ARTEFACTS
@@ -113,6 +114,8 @@ def test_the_uniform_row_is_the_best_uniform_configuration_within_the_budget(ref
 def test_the_paired_difference_and_its_se_are_the_hand_computation(refined):
     run, frame, _, _ = refined
     assert frame["test_images"].nunique() == 1  # every candidate on the same test images
+    splits = build_datasets(run.config.data)
+    assert set(frame["test_images"]) == {len(splits.test)} and set(frame["train_images"]) == {len(splits.train)}
     summary = run.refine_summary
     for group, budget in zip(_budgets(frame), summary.budgets, strict=True):
         uniform = group[group["kind"] == "uniform"].iloc[0]
@@ -201,3 +204,16 @@ def test_budgets_in_python_are_checked_before_any_fine_tune(digits_tiny_run):
     with pytest.raises(ValueError, match="budget macs <= 'many' is invalid"):
         run.refine([("macs", "many")], backend="local")
     assert not run.store.exists(ARTEFACTS.refine_table)
+
+
+def test_train_images_and_epochs_set_every_candidates_schedule(refined, tmp_path):
+    """``refine.train_images``: a stratified subset of the training split, the same size for every candidate;
+    ``refine.epochs`` replaces ``finetune.epochs`` in the recorded settings."""
+    run, _, budgets, _ = refined
+    copy = tmp_path / "run"
+    shutil.copytree(run.location, copy, ignore=shutil.ignore_patterns(ARTEFACTS.ray))
+    short = ["refine.train_images=200", "refine.epochs=1"]
+    frame = fr.Run.open(copy).refine({"macs": budgets[0]}, k=1, overrides=[*RECIPE, *short], backend="local")
+    assert set(frame["train_images"]) == {200}
+    summary = fr.Run.open(copy).refine_summary
+    assert summary.settings["epochs"] == 1 and summary.settings["train_images"] == 200
