@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from flora_ray.backends.base import Backend
     from flora_ray.core.supernet import Supernet
-    from flora_ray.records import FinetuneReport, SearchSummary, StageMarker
+    from flora_ray.records import FinetuneReport, RefineSummary, SearchSummary, StageMarker
 
 BACKENDS = ("ray", "local")
 # The one default of every entry point (``flora-ray`` commands, ``run``, ``Run.export``, ``Run.finetune``): Ray, so
@@ -393,6 +393,34 @@ class Run:
         with open_backend(backend, address) as chosen:
             return finetune_from_run(self.store, trial=number, max_macs=max_macs, knee=knee, overrides=overrides,
                                      output=output, backend=chosen)  # fmt: skip
+
+    def refine(
+        self,
+        budgets: Mapping[str, Any] | Sequence[tuple[str, float]],
+        *,
+        k: int | None = None,
+        overrides: Sequence[str] = (),
+        backend: str = DEFAULT_BACKEND,
+        address: str | None = None,
+    ) -> pd.DataFrame:
+        """Choose the subnet of each budget after fine-tuning, as ``flora-ray refine`` does: ``budgets`` maps an axis
+        (``macs``, ``params``, ``latency_ms``) to a value or a list of values (``{"macs": [2e6, 3e6]}``), or is a
+        sequence of ``(axis, value)`` pairs; ``k``: front points fine-tuned per budget (default ``refine.k``);
+        ``overrides``: ``refine.*``, ``finetune.*`` or speed-only keys. Returns ``refine.parquet``'s frame: one row
+        per budget and candidate, ``winner`` marking each budget's choice; ``refine_summary`` reads the summary."""
+        from flora_ray.stages.refine import check_refine, refine_from_run
+
+        check_refine(self.store, budgets=budgets, k=k, overrides=overrides)
+        with open_backend(backend, address) as chosen:
+            frame, _ = refine_from_run(self.store, budgets=budgets, k=k, overrides=overrides, backend=chosen)
+        return frame
+
+    @property
+    def refine_summary(self) -> RefineSummary:
+        """The latest refine's choice per budget (``refine.json``; ``MissingInput`` when the run was never refined)."""
+        from flora_ray.records import RefineSummary
+
+        return RefineSummary.read(self.store)
 
 
 def _trial_number(trial: int | pd.Series | Mapping[str, Any]) -> int:

@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         stage.set_defaults(func=cmd_stage, stage=name)
     _add_export_parser(sub)
     _add_finetune_parser(sub)
+    _add_refine_parser(sub)
     _add_registry_parsers(sub)
     return parser
 
@@ -217,6 +218,32 @@ def _add_finetune_parser(sub: Any) -> None:
     finetune.set_defaults(func=cmd_finetune)
 
 
+def _add_refine_parser(sub: Any) -> None:
+    from flora_ray.api import BACKENDS, DEFAULT_BACKEND
+
+    refine = sub.add_parser(
+        "refine",
+        help="choose the subnet of each budget after fine-tuning its best front points and best uniform configuration",
+        description="For each budget, fine-tune the k most accurate front points within it (by inherited accuracy) "
+        "and the best uniform configuration within it on one schedule (the run's finetune recipe), score them on the "
+        "same test images and report the most accurate, with its paired difference to the uniform configuration. "
+        "Writes RUN_DIR/refine.parquet and refine.json. key=value overrides may set refine.* and finetune.* keys "
+        "(refine.epochs=1) and speed-only keys.",
+    )
+    refine.add_argument("run_dir", help="the run: its directory (runs/<name>) or storage URI (s3://bucket/p/<name>)")
+    refine.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. refine.epochs=1 finetune.lr=3e-4")
+    for flag, what in (("--max-macs", "MACs per image"), ("--max-params", "parameters"),
+                       ("--max-latency-ms", "predicted latency (ms)")):  # fmt: skip
+        refine.add_argument(flag, type=float, action="append", default=[], metavar="VALUE",
+                            help=f"a budget of at most this many {what}; repeatable")  # fmt: skip
+    refine.add_argument("--k", type=_positive_int, help="front points fine-tuned per budget (default: refine.k, 3)")
+    refine.add_argument("--address", help="Ray cluster to fine-tune on (default: local Ray on 127.0.0.1)")
+    refine.add_argument(
+        "--backend", choices=BACKENDS, default=DEFAULT_BACKEND, help="ray (default: Ray tasks) or local (this process)"
+    )
+    refine.set_defaults(func=cmd_refine)
+
+
 def _add_registry_parsers(sub: Any) -> None:
     """``list``, ``status`` and ``compare``: the runs under a storage prefix, one run, several runs' fronts."""
     listing = sub.add_parser(
@@ -307,6 +334,20 @@ def format_finetune(report: FinetuneReport | Mapping[str, Any]) -> str:
         f"{r.test_accuracy:.2f}% ({r.change:+.2f} pts) after {r.epochs} epoch(s) of fine-tuning in "
         f"{r.seconds:.0f} s\n  {r.directory}"
     )
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    from flora_ray.stages.refine import check_refine, refine_from_run
+    from flora_ray.storage.run_store import ARTEFACTS
+
+    budgets = [(axis, value) for axis, values in (("macs", args.max_macs), ("params", args.max_params),
+                                                  ("latency_ms", args.max_latency_ms)) for value in values]  # fmt: skip
+    choice = {"budgets": budgets, "k": args.k, "overrides": args.overrides}
+    store, *_ = check_refine(args.run_dir, **choice)  # before Ray starts
+    with _backend(args) as backend:
+        _, summary = refine_from_run(store, **choice, backend=backend)
+    print(f"{summary.describe()}\n  {store.location(ARTEFACTS.refine_table)}, {ARTEFACTS.refine_summary}")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -43,13 +43,15 @@ class Record:
     """A JSON object with known keys (the fields) and the unknown ones it was read with (``extra``).
 
     Class attributes a record sets: ``NESTED`` (key -> record type of a nested object), ``NESTED_BY_KEY`` (key ->
-    record type of each value of a nested mapping), ``OMIT_NONE`` (keys not written while their value is ``None``).
+    record type of each value of a nested mapping), ``NESTED_LIST`` (key -> record type of each item of a nested
+    list), ``OMIT_NONE`` (keys not written while their value is ``None``).
     """
 
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     NESTED: ClassVar[dict[str, type[Record]]] = {}
     NESTED_BY_KEY: ClassVar[dict[str, type[Record]]] = {}
+    NESTED_LIST: ClassVar[dict[str, type[Record]]] = {}
     OMIT_NONE: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
@@ -79,6 +81,9 @@ class Record:
         if key in cls.NESTED_BY_KEY:
             kind = cls.NESTED_BY_KEY[key]
             return {k: kind.from_dict(v, source=f"{where}, {key!r}[{k!r}]") for k, v in value.items()}
+        if key in cls.NESTED_LIST:
+            kind = cls.NESTED_LIST[key]
+            return [kind.from_dict(v, source=f"{where}, {key!r}[{i}]") for i, v in enumerate(value)]
         return value
 
     def omitted(self) -> set[str]:
@@ -327,6 +332,102 @@ class FinetuneReport(Record):
         return self.test_accuracy - self.test_accuracy_before
 
 
+# -- refine: the choice per budget after fine-tuning ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RefineCandidate(Record):
+    """One fine-tuned candidate of a budget: a front point (``trial``) or a uniform configuration (``ratio``)."""
+
+    kind: str
+    trial: int | None = None
+    ratio: float | None = None
+    macs: float
+    params: float
+    latency_ms: float | None = None
+    inherited_accuracy: float
+    test_accuracy: float
+
+    def describe(self) -> str:
+        """``trial 7`` or ``uniform 0.25``."""
+        return f"trial {self.trial}" if self.kind == "front" else f"uniform {self.ratio:g}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RefineBudget(Record):
+    """One budget's choice: the candidate most accurate after fine-tuning (``winner``), the best uniform
+    configuration within the budget (``uniform``), the winner's paired accuracy difference to it on the test images
+    (``difference`` and its standard error ``se``, points) and the ``verdict``: ``uniform`` (the uniform
+    configuration won), ``close call`` (``|difference| < se``, or no difference), ``gain`` (a front point won by at
+    least one paired standard error) or ``no uniform`` (no uniform configuration is within the budget)."""
+
+    axis: str
+    value: float
+    candidates: int
+    winner: RefineCandidate
+    uniform: RefineCandidate | None = None
+    difference: float | None = None
+    se: float | None = None
+    verdict: str
+
+    NESTED: ClassVar[dict[str, type[Record]]] = {"winner": RefineCandidate, "uniform": RefineCandidate}
+
+    def describe(self) -> str:
+        """What ``flora-ray refine`` prints for the budget."""
+        from flora_ray.results import format_cost
+
+        w = self.winner
+        line = (
+            f"{self.axis} <= {format_cost(self.axis, self.value)}: {w.describe()} ({format_cost(self.axis, getattr(w, self.axis))}) "
+            f"{w.test_accuracy:.2f}% after fine-tuning (inherited {w.inherited_accuracy:.2f}%), best of {self.candidates}"
+        )
+        if self.uniform is None:
+            return line + "; no uniform configuration is within the budget"
+        if self.verdict == "uniform":
+            return line + "; the best uniform configuration wins"
+        u = self.uniform
+        return line + (
+            f"; best uniform ({u.describe()}) {u.test_accuracy:.2f}%: {self.difference:+.2f} ± {self.se:.2f} pt "
+            f"(paired), {self.verdict}"
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RefineSummary(Record):
+    """``refine.json``: per budget the choice after fine-tuning (``budgets``), with what made it: ``k`` front points
+    per budget, the schedule (``settings``: the ``finetune`` recipe, ``epochs``, ``train_images``), the distinct
+    candidates fine-tuned (``fine_tunes``: one fine-tune per configuration, however many budgets share it), the test
+    images every candidate was scored on, the seed, device, package versions and wall time."""
+
+    budgets: list[RefineBudget]
+    k: int
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    fine_tunes: int
+    test_images: int
+    seed: int
+    device: str | None = None
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    seconds: float
+
+    NESTED_LIST: ClassVar[dict[str, type[Record]]] = {"budgets": RefineBudget}
+
+    @classmethod
+    def read(cls, store: RunStore) -> RefineSummary:
+        """The run's ``refine.json`` (``MissingInput`` when the run was never refined)."""
+        data = store.read_json(ARTEFACTS.refine_summary, "refine summary")
+        return cls.from_dict(data, source=store.location(ARTEFACTS.refine_summary))
+
+    def write(self, store: RunStore) -> None:
+        store.write_json(ARTEFACTS.refine_summary, self.to_dict())
+
+    def describe(self) -> str:
+        """What ``flora-ray refine`` prints: one line per budget, then what was fine-tuned."""
+        lines = [b.describe() for b in self.budgets]
+        epochs = self.settings.get("epochs")
+        return "\n".join([*lines, f"  {self.fine_tunes} fine-tune(s) of {epochs} epoch(s), scored on the same "
+                           f"{self.test_images} test images, in {self.seconds:.0f} s"])  # fmt: skip
+
+
 # -- a stage's completion ------------------------------------------------------------------------------------------
 
 
@@ -374,6 +475,9 @@ __all__ = [
     "Int8Figures",
     "Int8Latency",
     "Record",
+    "RefineBudget",
+    "RefineCandidate",
+    "RefineSummary",
     "SearchSummary",
     "StageMarker",
     "TargetLatency",

@@ -153,13 +153,16 @@ def hypervolume(df: pd.DataFrame, ref: tuple[float, float], cost: str = "macs") 
     return area
 
 
+def ranked_under(df: pd.DataFrame, *, max_cost: float, cost: str = "macs") -> pd.DataFrame:
+    """The rows with ``cost <= max_cost``, most accurate first (the cheaper first on ties; then in frame order)."""
+    _check_columns(df, cost)
+    return df[df[cost] <= max_cost].sort_values(["accuracy", cost], ascending=[False, True], kind="stable")
+
+
 def best_under(df: pd.DataFrame, max_macs: float, cost: str = "macs") -> pd.Series | None:
     """The most accurate row with ``cost <= max_macs`` (the cheaper one on ties); ``None`` if there is none."""
-    _check_columns(df, cost)
-    within = df[df[cost] <= max_macs]
-    if within.empty:
-        return None
-    return within.sort_values(["accuracy", cost], ascending=[False, True]).iloc[0]
+    within = ranked_under(df, max_cost=max_macs, cost=cost)
+    return None if within.empty else within.iloc[0]
 
 
 def cheapest_within(df: pd.DataFrame, min_accuracy: float, cost: str = "macs") -> pd.Series | None:

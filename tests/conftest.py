@@ -87,6 +87,21 @@ def in_process_run(tmp_path_factory):
     return cfg, markers, ray.is_initialized()
 
 
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.fixture(scope="session")
+def digits_tiny_run(tmp_path_factory):
+    """A finished run of ``experiments/digits_tiny.yaml`` (every stage in this process, the local backend: about two
+    minutes): a teacher of about 92% test accuracy and a front of several points, for tests that compare subnets
+    after fine-tuning (the runs above train their teachers for seconds and stay near chance, with fronts of one or
+    two points). Read-only: copy the run directory to change it."""
+    import flora_ray as fr
+
+    output = tmp_path_factory.mktemp("digits-tiny") / "runs"
+    return fr.run(EXPERIMENTS / "digits_tiny.yaml", overrides=["search.concurrency=1"], backend="local", output=output)
+
+
 @pytest.fixture
 def with_teacher():
     """Write a (randomly initialised) dense teacher checkpoint into the run directory of a config."""

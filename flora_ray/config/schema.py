@@ -374,6 +374,44 @@ class FinetuneConfig(TrainStageConfig):
         _check(self.eval_images >= 1, "finetune.eval_images", self.eval_images, "must be at least 1")
 
 
+@dataclass(frozen=True)
+class RefineConfig:
+    """Choosing a subnet per budget after fine-tuning (``flora-ray refine``, ``Run.refine``).
+
+    Inherited (supernet) accuracy ranks subnets differently from their accuracy after a fine-tune, so for each budget
+    the ``k`` most accurate front points within it (by inherited accuracy) and the best uniform configuration within
+    it are fine-tuned on one schedule (the ``finetune`` section's recipe: distillation from the run's teacher) and
+    scored on the same test images; the most accurate after fine-tuning is the budget's choice.
+
+    The defaults were chosen, not measured: ``k = 3`` candidates (the issue's proposal: the front's top three cost
+    three fine-tunes per budget, and a fourth adds another), and the schedule of the ``finetune`` section, so that a
+    refined candidate's accuracy is the one ``flora-ray finetune`` gives the same subnet with one training worker
+    (``--backend local``).
+
+    Attributes:
+        k: Front points fine-tuned per budget (the most accurate within it by inherited accuracy).
+        epochs: Fine-tuning epochs of every candidate (``None``: ``finetune.epochs``).
+        train_images: Training images each candidate is fine-tuned on: a stratified subset seeded by ``data.seed``,
+            the same for every candidate (``None``: the whole training split, as ``flora-ray finetune``).
+        concurrency: Candidates fine-tuned at once (one task each, with ``search.cpus_per_trial`` and
+            ``search.gpus_per_trial``).
+    """
+
+    k: int = 3
+    epochs: int | None = None
+    train_images: int | None = None
+    concurrency: int = field(default=1, metadata=SPEED_ONLY)
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.k) and self.k >= 1, "refine.k", self.k, "an integer >= 1")
+        _check(self.epochs is None or (_is_int(self.epochs) and self.epochs >= 1), "refine.epochs", self.epochs,
+               "an integer >= 1, or null for finetune.epochs")  # fmt: skip
+        _check(self.train_images is None or (_is_int(self.train_images) and self.train_images >= 1),
+               "refine.train_images", self.train_images, "an integer >= 1, or null for every training image")  # fmt: skip
+        _check(_is_int(self.concurrency) and self.concurrency >= 1, "refine.concurrency", self.concurrency,
+               "an integer >= 1")  # fmt: skip
+
+
 FILTER_MODES = ("local_supernet", "zero_training")
 FILTER_SCORES = ("flops_aware", "accuracy")
 UNIFORM_MIN = "uniform_min"  # filter.cost_floor: the cost of the cheapest uniform configuration
@@ -752,6 +790,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={ABSENT_MEANS: SECTION_DEFAULTS})
+    refine: RefineConfig = field(default_factory=RefineConfig, metadata={ABSENT_MEANS: SECTION_DEFAULTS})
     scaling: ScalingConfig = field(default_factory=ScalingConfig, metadata=SPEED_ONLY)
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=SPEED_ONLY)
     notify: NotifyConfig = field(default_factory=NotifyConfig, metadata=SPEED_ONLY)

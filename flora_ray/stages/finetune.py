@@ -29,15 +29,7 @@ from torch import nn
 
 from flora_ray.backends.base import Backend, TrainJob
 from flora_ray.backends.local import LocalBackend
-from flora_ray.config import (
-    AFFECTS_RESULTS,
-    Config,
-    apply_override,
-    build_dataclass,
-    changed_result_keys,
-    config_to_dict,
-    dotted_value,
-)
+from flora_ray.config import AFFECTS_RESULTS, Config, build_dataclass, config_to_dict
 from flora_ray.core.models import load_state_dict_strict
 from flora_ray.core.subnet import extract_subnet, load_subnet, package_versions, save_subnet
 from flora_ray.core.supernet import Supernet
@@ -50,14 +42,14 @@ from flora_ray.stages.export import data_geometry
 from flora_ray.stages.formats import CONFIG_FILE, hf_config
 from flora_ray.stages.inputs import load_teacher, open_run, ray_storage, working_dir
 from flora_ray.stages.preflight import RAY_DATA_NEEDS_RAY
-from flora_ray.stages.runs import budget_of, load_run_config, run_supernet, select_trial
+from flora_ray.stages.runs import budget_of, config_with_overrides, run_supernet, select_trial
 from flora_ray.stages.search import trial_resources
 from flora_ray.stages.training import training_batches
 from flora_ray.storage.files import write_bytes, write_json
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
 from flora_ray.tracking import EpochMetrics, enabled
 from flora_ray.training.callbacks import Checkpoint, Progress, read_final_checkpoint
-from flora_ray.training.tasks import SubnetTask, accuracy
+from flora_ray.training.tasks import SubnetTask, accuracy, correct_per_image
 from flora_ray.training.trainer import LocalSession, Session, Trainer
 from flora_ray.training.worker import distributed_loader, run_device, setup_worker
 
@@ -149,7 +141,8 @@ def finetune_subnet(
 
     Returns:
         ``test_accuracy_before`` (``None`` without ``evaluate_before``) and ``test_accuracy`` (%, whole test
-        split), ``history`` (one dict per epoch: loss, search_acc, ...), ``epochs``, ``seconds`` (training) and
+        split), ``test_correct`` (whether each test image is right after, ``training.tasks.correct_per_image``),
+        ``history`` (one dict per epoch: loss, search_acc, ...), ``epochs``, ``seconds`` (training) and
         ``model``: the fine-tuned subnet (a timm model in eval mode; ``model.state_dict()`` its weights).
     """
     store = run if isinstance(run, RunStore) else RunStore(run) if run is not None else RunStore.for_config(cfg)
@@ -202,8 +195,10 @@ def finetune_model(
     started = time.perf_counter()
     history = trainer.fit()
     seconds = time.perf_counter() - started
-    return {"test_accuracy_before": before, "test_accuracy": accuracy(student, splits.test, device),
-            "history": history, "epochs": opt.epochs, "seconds": seconds, "model": student.eval()}  # fmt: skip
+    correct = correct_per_image(student, dataset=splits.test, device=device)
+    return {"test_accuracy_before": before, "test_accuracy": 100.0 * int(correct.sum()) / max(len(correct), 1),
+            "test_correct": correct, "history": history, "epochs": opt.epochs, "seconds": seconds,
+            "model": student.eval()}  # fmt: skip
 
 
 # -- a run's subnet, fine-tuned and exported -------------------------------------------------------------------------
@@ -224,17 +219,7 @@ def check_finetune(
     store = run if isinstance(run, RunStore) else RunStore(run)
     if not store.is_file(ARTEFACTS.trials):
         raise MissingInput(f"{store.location(ARTEFACTS.trials)!r} does not exist: run `flora-ray search` first")
-    stored = config_to_dict(config if config is not None else load_run_config(store))
-    data = json.loads(json.dumps(stored))
-    for item in overrides:
-        apply_override(data, item)
-    cfg = build_dataclass(Config, data, "")
-    other = [k for k in changed_result_keys(stored, config_to_dict(cfg)) if not k.startswith(f"{STAGE}.")]
-    if other:
-        raise InputError(
-            f"{other[0]}={dotted_value(config_to_dict(cfg), other[0])!r} would change the run's results (it was made "
-            f"with {dotted_value(stored, other[0])!r}): a fine-tune may override finetune.* keys and speed-only keys"
-        )
+    cfg = config_with_overrides(store, overrides=overrides, sections=(STAGE,), what="a fine-tune", config=config)
     return store, cfg, select_trial(store, trial=trial, budget=budget_of(max_macs=max_macs), knee=knee)
 
 

@@ -4,12 +4,14 @@ Parquet only: torch is imported where a supernet is read."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import pandas as pd
 import yaml
 
-from flora_ray.config import Config, build_dataclass
+from flora_ray.config import Config, apply_override, build_dataclass, changed_result_keys, config_to_dict, dotted_value
 from flora_ray.errors import InputError, MissingInput
 from flora_ray.results import best_under, cost_axis, format_cost, knee_point, load_front, load_trials
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
@@ -40,6 +42,27 @@ def load_run_config(store: RunStore) -> Config:
             f"{store.location(ARTEFACTS.run_config)!r} is not valid YAML; remove the run directory"
         ) from exc
     return build_dataclass(Config, data, "")
+
+
+def config_with_overrides(
+    store: RunStore, *, overrides: Sequence[str], sections: Sequence[str], what: str, config: Config | None = None
+) -> Config:
+    """The run's configuration (or ``config``) with ``key=value`` ``overrides`` applied, refusing any that would
+    change the run's results outside ``sections`` (what a command that reads the run, ``what``, may set: the keys
+    of its own sections and speed-only keys)."""
+    stored = config_to_dict(config if config is not None else load_run_config(store))
+    data = json.loads(json.dumps(stored))
+    for item in overrides:
+        apply_override(data, item)
+    cfg = build_dataclass(Config, data, "")
+    other = [k for k in changed_result_keys(stored, config_to_dict(cfg)) if k.split(".")[0] not in sections]
+    if other:
+        allowed = " and ".join(f"{s}.*" for s in sections)
+        raise InputError(
+            f"{other[0]}={dotted_value(config_to_dict(cfg), other[0])!r} would change the run's results (it was made "
+            f"with {dotted_value(stored, other[0])!r}): {what} may override {allowed} keys and speed-only keys"
+        )
+    return cfg
 
 
 def budget_of(

@@ -48,6 +48,8 @@ class Artefacts:
     front_html: str = "front.html"
     exports: str = "export"
     finetunes: str = "finetune"
+    refine_table: str = "refine.parquet"
+    refine_summary: str = "refine.json"
     report: str = "report.md"
     report_json: str = "report.json"
     stages: str = "stages"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -24,20 +25,26 @@ from flora_ray.training.trainer import Trainer
 
 
 @torch.no_grad()
+def correct_per_image(
+    model: nn.Module, *, dataset, device: torch.device, max_images: int | None = None, batch_size: int = 256
+) -> np.ndarray:
+    """Whether ``model`` gets each image of ``dataset`` right (booleans in the dataset's order), or of a stratified
+    seeded subset of ``max_images`` of its images: two models scored here are scored on the same images, so their
+    difference can be compared paired (``results.paired_difference``)."""
+    dataset = eval_subset(dataset, max_images, seed=0)
+    was_training = model.training
+    model.eval()
+    correct = [(model(x.to(device)).argmax(-1).cpu() == y) for x, y in DataLoader(dataset, batch_size=batch_size)]
+    model.train(was_training)
+    return torch.cat(correct).numpy() if correct else np.zeros(0, dtype=bool)
+
+
 def accuracy(
     model: nn.Module, dataset, device: torch.device, max_images: int | None = None, batch_size: int = 256
 ) -> float:
     """Top-1 accuracy (%) on ``dataset``, or on a stratified seeded subset of ``max_images`` of its images."""
-    dataset = eval_subset(dataset, max_images, seed=0)
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        logits = model(x.to(device))
-        correct += (logits.argmax(-1).cpu() == y).sum().item()
-        total += len(y)
-    model.train(was_training)
-    return 100.0 * correct / max(total, 1)
+    correct = correct_per_image(model, dataset=dataset, device=device, max_images=max_images, batch_size=batch_size)
+    return 100.0 * int(correct.sum()) / max(len(correct), 1)
 
 
 def probe_configs(space: RankSpace) -> dict[str, dict[str, int]]:

@@ -99,8 +99,8 @@ def test_config_refuses_an_unknown_model_as_plan_and_run_do(config_file, capsys)
 
 
 def test_every_entry_point_chooses_the_backend_by_the_same_rule():
-    """The CLI's commands, ``flora_ray.run``, ``Run.export`` and ``Run.finetune`` default to the same backend (Ray), so a
-    notebook's export or fine-tune goes where ``flora-ray export``/``finetune`` would send it."""
+    """The CLI's commands, ``flora_ray.run``, ``Run.export``, ``Run.finetune`` and ``Run.refine`` default to the same
+    backend (Ray), so a notebook's export or fine-tune goes where ``flora-ray export``/``finetune`` would send it."""
     import inspect
 
     import flora_ray as fr
@@ -108,7 +108,7 @@ def test_every_entry_point_chooses_the_backend_by_the_same_rule():
     from flora_ray.cli import build_parser
 
     assert DEFAULT_BACKEND == "ray"
-    for fn in (fr.run, Run.export, Run.finetune, open_backend):
+    for fn in (fr.run, Run.export, Run.finetune, Run.refine, open_backend):
         assert inspect.signature(fn).parameters["backend"].default == DEFAULT_BACKEND, fn.__qualname__
     parser = build_parser()
     for command in (
@@ -116,5 +116,6 @@ def test_every_entry_point_chooses_the_backend_by_the_same_rule():
         ["search", "c.yaml"],
         ["export", "r", "--trial", "1"],
         ["finetune", "r", "--knee"],
+        ["refine", "r", "--max-macs", "1e6"],
     ):
         assert parser.parse_args(command).backend == DEFAULT_BACKEND, command

@@ -46,6 +46,7 @@ SPEED_ONLY = {
     "finetune.log_every",
     "finetune.checkpoint_every",
     "finetune.checkpoint_every_steps",
+    "refine.concurrency",
 }
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from flora_ray.cli import format_export, format_finetune, format_summary
-from flora_ray.records import ExportReport, FinetuneReport, SearchSummary, StageMarker
+from flora_ray.records import ExportReport, FinetuneReport, RefineSummary, SearchSummary, StageMarker
 from flora_ray.stages import STAGES
 from flora_ray.stages.report import build_report
 from flora_ray.storage.run_store import ARTEFACTS, RunStore
@@ -65,6 +65,42 @@ def test_an_older_finetune_report_reads_and_prints():
     assert report.settings == {} and report.device is None and report.change == pytest.approx(1.0)
     assert "history" not in report.stage_summary() and report.to_dict()["history"] == [{"epoch": 1}]
     assert "87.50% -> 88.50% (+1.00 pts) after 2 epoch(s)" in format_finetune(report)
+
+
+# refine.json of two budgets: a front point that beats the uniform configuration by less than one paired standard
+# error, and a budget no uniform configuration is within.
+REFINE = {
+    "budgets": [
+        {"axis": "macs", "value": 2e6, "candidates": 4, "verdict": "close call", "difference": 0.4, "se": 0.5,
+         "winner": {"kind": "front", "trial": 7, "macs": 1.9e6, "params": 1e5, "inherited_accuracy": 85.0,
+                    "test_accuracy": 87.0},
+         "uniform": {"kind": "uniform", "ratio": 0.25, "macs": 1.8e6, "params": 9e4, "inherited_accuracy": 84.0,
+                     "test_accuracy": 86.6}},
+        {"axis": "params", "value": 1e5, "candidates": 2, "verdict": "no uniform",
+         "winner": {"kind": "front", "trial": 3, "macs": 1.8e6, "params": 9e4, "inherited_accuracy": 84.0,
+                    "test_accuracy": 86.6}},
+    ],
+    "k": 3, "settings": {"epochs": 2}, "fine_tunes": 5, "test_images": 10000, "seed": 0, "seconds": 300.0,
+}  # fmt: skip
+
+
+def test_a_refine_summary_reads_its_nested_budgets_and_prints_one_line_each(tmp_path):
+    summary = RefineSummary.from_dict(REFINE)
+    first, second = summary.budgets
+    assert first.winner.trial == 7 and first.uniform.ratio == 0.25 and second.uniform is None
+    assert summary.to_dict()["budgets"][0] == {**REFINE["budgets"][0], "winner": {
+        **REFINE["budgets"][0]["winner"], "ratio": None, "latency_ms": None}, "uniform": {
+        **REFINE["budgets"][0]["uniform"], "trial": None, "latency_ms": None}}  # fmt: skip
+    lines = summary.describe().splitlines()
+    assert lines[0] == ("macs <= 2.00 MMACs: trial 7 (1.90 MMACs) 87.00% after fine-tuning (inherited 85.00%), best "
+                        "of 4; best uniform (uniform 0.25) 86.60%: +0.40 ± 0.50 pt (paired), close call")  # fmt: skip
+    assert lines[1].startswith("params <= 0.100 M params: trial 3 (0.090 M params) 86.60%")
+    assert lines[1].endswith("; no uniform configuration is within the budget")
+    assert lines[2] == "  5 fine-tune(s) of 2 epoch(s), scored on the same 10000 test images, in 300 s"
+    summary.write(RunStore(tmp_path))
+    assert RefineSummary.read(RunStore(tmp_path)) == summary
+    with pytest.raises(ValueError, match=r"'budgets'\[1\], 'winner' has no 'kind'"):
+        RefineSummary.from_dict({**REFINE, "budgets": [REFINE["budgets"][0], {**REFINE["budgets"][1], "winner": {}}]})
 
 
 def test_unknown_keys_are_kept_and_a_missing_required_key_is_named():
