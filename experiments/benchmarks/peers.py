@@ -68,7 +68,7 @@ from flora_ray.search.evaluator import Evaluator, search_batch
 from flora_ray.stages.finetune import finetune_model
 from flora_ray.stages.inputs import load_teacher
 from flora_ray.training.callbacks import Progress
-from flora_ray.training.sampling import BlockwiseSampler
+from flora_ray.training.sampling import build_sampler
 from flora_ray.training.tasks import SupernetTask
 from flora_ray.training.trainer import LocalSession, Trainer
 from flora_ray.training.worker import distributed_loader
@@ -245,14 +245,14 @@ def describe_pruned(model: nn.Module) -> dict[str, Any]:
 
 
 def train_supernet(cfg: Config, supernet: fr.Supernet, teacher: nn.Module, splits: Any, epochs: int) -> list:
-    """``epochs`` of supernet training (the run's ``train`` recipe, low-rank aware sampling) by the one trainer."""
+    """``epochs`` of supernet training (the run's ``train`` recipe: its sampler and distillation) by the one trainer."""
     opt = dataclasses.replace(cfg.train, epochs=epochs)
     teacher.eval().requires_grad_(False)
     loader, sampler = distributed_loader(splits.train, opt.batch_size, 1, 0, cfg.run.seed, "train",
                                          device=torch.device("cpu"), random_items=cfg.data.augment)  # fmt: skip
-    task = SupernetTask(supernet, teacher, BlockwiseSampler(supernet.space, cfg.train.sampler), cfg.run.seed,
+    task = SupernetTask(supernet, teacher, build_sampler(cfg.train.sampler, supernet.space), cfg.run.seed,
                         cfg.train.temperature, cfg.train.label_weight, search=splits.search,
-                        eval_images=cfg.train.eval_images)  # fmt: skip
+                        eval_images=cfg.train.eval_images, distill_from=cfg.train.distill_from)  # fmt: skip
     return Trainer(task, opt, LocalSession(None, "cpu"), loader, "train", [Progress(opt.log_every)],
                    train_sampler=sampler, prepare=splits.preprocess).fit()  # fmt: skip
 
