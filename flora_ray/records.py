@@ -101,11 +101,29 @@ def _no_default(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunFile(Record):
+    """A record that is one JSON file of a run: ``FILE`` (its ``ARTEFACTS`` name) and ``WHAT`` (how errors name it)."""
+
+    FILE: ClassVar[str]
+    WHAT: ClassVar[str]
+
+    @classmethod
+    def read(cls: type[R], store: RunStore) -> R:
+        """The run's ``FILE`` (``MissingInput`` when it does not exist)."""
+        data = store.read_json(cls.FILE, cls.WHAT)
+        return cls.from_dict(data, source=store.location(cls.FILE))
+
+    def write(self, store: RunStore) -> None:
+        """Write ``FILE`` into the run (atomically, as every run file)."""
+        store.write_json(self.FILE, self.to_dict())
+
+
 # -- the search ----------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SearchSummary(Record):
+class SearchSummary(RunFile):
     """``search_summary.json`` (and, without ``dense_correct``, the search stage's summary).
 
     Defaults are what a summary of an earlier version means: ``finished`` (2026-12-07) falls back to complete +
@@ -138,14 +156,8 @@ class SearchSummary(Record):
 
     OMIT_NONE: ClassVar[tuple[str, ...]] = ("dense_correct",)
 
-    @classmethod
-    def read(cls, store: RunStore) -> SearchSummary:
-        """The run's ``search_summary.json`` (``MissingInput`` when the search has not finished)."""
-        data = store.read_json(ARTEFACTS.search_summary, "search summary")
-        return cls.from_dict(data, source=store.location(ARTEFACTS.search_summary))
-
-    def write(self, store: RunStore) -> None:
-        store.write_json(ARTEFACTS.search_summary, self.to_dict())
+    FILE: ClassVar[str] = ARTEFACTS.search_summary  # MissingInput from read() until the search has finished
+    WHAT: ClassVar[str] = "search summary"
 
     def stage_summary(self) -> dict[str, Any]:
         """The search stage's summary (its marker, what ``search_stage`` returns): all but ``dense_correct``."""
@@ -393,7 +405,7 @@ class RefineBudget(Record):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RefineSummary(Record):
+class RefineSummary(RunFile):
     """``refine.json``: per budget the choice after fine-tuning (``budgets``), with what made it: ``k`` front points
     per budget, the schedule (``settings``: the ``finetune`` recipe, ``epochs``, ``train_images``), the distinct
     candidates fine-tuned (``fine_tunes``: one fine-tune per configuration, however many budgets share it), the test
@@ -411,14 +423,8 @@ class RefineSummary(Record):
 
     NESTED_LIST: ClassVar[dict[str, type[Record]]] = {"budgets": RefineBudget}
 
-    @classmethod
-    def read(cls, store: RunStore) -> RefineSummary:
-        """The run's ``refine.json`` (``MissingInput`` when the run was never refined)."""
-        data = store.read_json(ARTEFACTS.refine_summary, "refine summary")
-        return cls.from_dict(data, source=store.location(ARTEFACTS.refine_summary))
-
-    def write(self, store: RunStore) -> None:
-        store.write_json(ARTEFACTS.refine_summary, self.to_dict())
+    FILE: ClassVar[str] = ARTEFACTS.refine_summary  # MissingInput from read() until the run is refined
+    WHAT: ClassVar[str] = "refine summary"
 
     def describe(self) -> str:
         """What ``flora-ray refine`` prints: one line per budget, then what was fine-tuned."""
