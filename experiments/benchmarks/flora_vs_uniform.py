@@ -8,8 +8,8 @@ one trained run (Fashion-MNIST quickstart by default), for each supernet variant
 - ``uniform_sampling``: the run's filtered space trained with ``train.sampler=uniform`` (the sampling ablation);
 
 the product's own search stage runs once per search seed (``harness_runs.product_search``: ``pipeline.run_stage``
-as ``flora-ray search`` runs it, ``LocalBackend`` with ``--smoke``, else local Ray; ``search.seed`` and
-``search.trials`` set, the supernet shared) into ``runs/bench-<variant run>-seed<seed>-t<trials>``. Its front
+as ``flora-ray search`` runs it, on local Ray or with ``--backend local`` (the default with ``--smoke``) on
+``LocalBackend``; ``search.seed`` and ``search.trials`` set, the supernet shared) into ``runs/bench-<variant run>-seed<seed>-t<trials>``. Its front
 (``pareto.parquet``) is compared with two baselines scored on the same supernet and the same search images:
 
 - uniform ranks: the search stage's own ``uniform.parquet``;
@@ -27,7 +27,7 @@ configuration (``run_config.yaml``) by the ``train`` stage into ``runs/bench-<ru
 teacher, space and configuration are unchanged; a seed's search is reused while its configuration and supernet are.
 
     .venv/bin/python experiments/benchmarks/flora_vs_uniform.py                           # prepares runs/bench-quickstart if needed
-    .venv/bin/python experiments/benchmarks/flora_vs_uniform.py --run-dir runs/proving_ground --variants flora --seeds 0 1 2
+    .venv/bin/python experiments/benchmarks/flora_vs_uniform.py --run-dir runs/proving_ground --variants flora --seeds 0 1 2 --trials 120
     .venv/bin/python experiments/benchmarks/flora_vs_uniform.py --smoke --output /tmp/x    # digits, a minute
 """
 
@@ -149,7 +149,8 @@ def search_variant(run_dir: Path, args, runs_root: Path) -> dict[str, Any]:
     the same images) and each seed's comparisons."""
     cfg = run_config(run_dir)
     seeds = args.seeds or [cfg.search.seed if cfg.search.seed is not None else cfg.run.seed]
-    searches = [read_search(product_search(run_dir, s, args.trials, runs_root=runs_root, local=args.smoke), s)
+    local = args.backend == "local"
+    searches = [read_search(product_search(run_dir, s, args.trials, runs_root=runs_root, local=local), s)
                 for s in seeds]  # fmt: skip
     guided, drops = guided_baseline(Path(searches[0]["run_dir"]))
     for search in searches:
@@ -283,12 +284,14 @@ def plot(path: Path, variants: dict[str, dict[str, Any]]) -> None:
 def parse_args():
     parser = bench_parser(
         __doc__,
-        smoke={"trials": 16},
+        smoke={"trials": 16, "backend": "local"},
         smoke_help="tiny digits runs prepared and searched in-process (under OUTPUT/runs), a minute",
     )
     parser.add_argument("--run-dir", type=Path, help="a trained run (teacher, space.json, supernet.safetensors)")
     parser.add_argument("--trials", type=int, default=200, help="search trials per seed (search.trials)")
     parser.add_argument("--seeds", type=int, nargs="+", help="search seeds, one search each (default: the run's)")
+    parser.add_argument("--backend", choices=["ray", "local"], default="ray", help="where the searches run (local Ray, "
+                        "or LocalBackend: in this process, one evaluator; the default with --smoke)")  # fmt: skip
     parser.add_argument("--variants", nargs="+", choices=["flora", *ABLATIONS], default=["flora", *ABLATIONS])
     parser.add_argument("--floor-drop", type=float, default=10.0, help="HV floor below the dense accuracy")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of a prepared run")
@@ -309,7 +312,7 @@ def main() -> None:
     load_start, started = os.getloadavg(), time.perf_counter()
     dirs = prepare_variants(args)
     prepared = time.perf_counter() - started
-    with contextlib.nullcontext() if args.smoke else local_ray():
+    with contextlib.nullcontext() if args.backend == "local" else local_ray():
         results = {name: search_variant(run_dir, args, run_dir.parent) for name, run_dir in dirs.items()}
     variants = {name: summarise(dirs[name], r, args.floor_drop) for name, r in results.items()}
     cfg, v0 = next(iter(results.values()))["cfg"], next(iter(results.values()))
@@ -318,7 +321,7 @@ def main() -> None:
         "model_kwargs": cfg.model.kwargs, "dataset": cfg.data.name, "ratios": sorted({*v0["guided"]["low"], *v0["guided"]["mid"]}),
         "trials": args.trials, "seeds": [s["seed"] for s in next(iter(variants.values()))["seeds"]],
         "search": "the product's search stage (pipeline.run_stage), "
-        + ("LocalBackend" if args.smoke else "RayBackend (local Ray)"),
+        + ("LocalBackend" if args.backend == "local" else "RayBackend (local Ray)"),
         "drops": list(DROPS), "budgets": list(BUDGETS), "close_call_se": CLOSE_SE, "variants": variants,
         "prepare_seconds": prepared, "wall_seconds": time.perf_counter() - started,
         "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
