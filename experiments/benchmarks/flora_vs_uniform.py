@@ -87,7 +87,7 @@ def read_search(seed_dir: Path, seed: int) -> dict[str, Any]:
             "trials": summary.trials, "front_size": summary.front_size, "search_seconds": summary.seconds}  # fmt: skip
 
 
-def guided_baseline(seed_dir: Path) -> tuple[pd.DataFrame, dict[str, float]]:
+def guided_baseline(seed_dir: Path, step: int) -> tuple[pd.DataFrame, dict[str, float]]:
     """The sensitivity-guided allocations of a searched run's supernet, scored by its search evaluator on its search
     images (the images every seed's search used), and the per-layer drops they were built from."""
     cfg = run_config(seed_dir)
@@ -97,7 +97,7 @@ def guided_baseline(seed_dir: Path) -> tuple[pd.DataFrame, dict[str, float]]:
     supernet = evaluator.supernet
     drops = layer_sensitivity(evaluator)
     rows = []
-    for config in guided_allocations(supernet.space, drops, supernet.cost):
+    for config in guided_allocations(supernet.space, drops, supernet.cost, step=step):
         metrics = evaluator.evaluate(config["ranks"])
         rows.append({**{k: v for k, v in config.items() if k != "ranks"}, "accuracy": metrics["accuracy"],
                      "correct": metrics["correct"], "eval_images": metrics["eval_images"],
@@ -152,7 +152,7 @@ def search_variant(run_dir: Path, args, runs_root: Path) -> dict[str, Any]:
     local = args.backend == "local"
     searches = [read_search(product_search(run_dir, s, args.trials, runs_root=runs_root, local=local), s)
                 for s in seeds]  # fmt: skip
-    guided, drops = guided_baseline(Path(searches[0]["run_dir"]))
+    guided, drops = guided_baseline(Path(searches[0]["run_dir"]), args.guided_step)
     for search in searches:
         reference, dense_macs = search["dense_accuracy"], search["dense_macs"]
         search["versus_uniform"] = versus(search["front"], search["uniform"], reference, dense_macs)
@@ -293,6 +293,7 @@ def parse_args():
     parser.add_argument("--backend", choices=["ray", "local"], default="ray", help="where the searches run (local Ray, "
                         "or LocalBackend: in this process, one evaluator; the default with --smoke)")  # fmt: skip
     parser.add_argument("--variants", nargs="+", choices=["flora", *ABLATIONS], default=["flora", *ABLATIONS])
+    parser.add_argument("--guided-step", type=int, default=1, help="layers lowered per step of the guided family")
     parser.add_argument("--floor-drop", type=float, default=10.0, help="HV floor below the dense accuracy")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of a prepared run")
     return parser.parse_args()
@@ -322,7 +323,7 @@ def main() -> None:
         "trials": args.trials, "seeds": [s["seed"] for s in next(iter(variants.values()))["seeds"]],
         "search": "the product's search stage (pipeline.run_stage), "
         + ("LocalBackend" if args.backend == "local" else "RayBackend (local Ray)"),
-        "drops": list(DROPS), "budgets": list(BUDGETS), "close_call_se": CLOSE_SE, "variants": variants,
+        "drops": list(DROPS), "budgets": list(BUDGETS), "close_call_se": CLOSE_SE, "guided_step": args.guided_step, "variants": variants,
         "prepare_seconds": prepared, "wall_seconds": time.perf_counter() - started,
         "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
     }  # fmt: skip

@@ -82,7 +82,7 @@ def layer_sensitivity(evaluator: Evaluator) -> dict[str, float]:
 
 
 def guided_allocations(
-    space: fr.RankSpace, drops: Mapping[str, float], cost: CostModel, *, keep_full: int | None = None
+    space: fr.RankSpace, drops: Mapping[str, float], cost: CostModel, *, keep_full: int | None = None, step: int = 1
 ) -> list[dict[str, Any]]:
     """The sensitivity-guided baseline: allocations that lower the least sensitive layers first.
 
@@ -92,7 +92,8 @@ def guided_allocations(
     ``keep_full`` most sensitive layers at full rank, the ``n`` (up to ``L - keep_full``) least sensitive at ``low``
     and the rest at ``mid`` (default ``keep_full``: L / 6 rounded, at least 1; 2 of 12 layers gives the issue's
     example, the 4 least sensitive at 1/16, the 2 most at full rank, the rest at 1/8). A configuration reached
-    twice is kept once (the first name). Returns per configuration ``name``, ``low``, ``mid``, ``lowered``,
+    twice is kept once (the first name). ``step``: ``n`` runs in steps of ``step`` (its last value always
+    included), for a smaller family. Returns per configuration ``name``, ``low``, ``mid``, ``lowered``,
     ``full`` (layers at full rank, ``mid == 1`` counted), ``ranks`` and ``macs`` (``cost.macs``).
     """
     if set(drops) != set(space.fqns):
@@ -103,10 +104,12 @@ def guided_allocations(
     keep_full = max(1, round(n_layers / 6)) if keep_full is None else keep_full
     if not 0 <= keep_full <= n_layers:
         raise ValueError(f"keep_full={keep_full} must be between 0 and the {n_layers} layers")
+    if step < 1:
+        raise ValueError(f"step={step} must be at least 1")
     out, seen = [], set()
     for low, mid in itertools.pairwise(ratios):
         for full in sorted({0, keep_full if mid < 1 else 0}):
-            for lowered in range(n_layers - full + 1):
+            for lowered in sorted({*range(0, n_layers - full + 1, step), n_layers - full}):
                 at = {f: low for f in order[:lowered]} | {f: 1.0 for f in order[n_layers - full :]}
                 ranks = {f: rank_for_ratio(at.get(f, mid), space.layer(f).max_rank) for f in space.fqns}
                 key = tuple(ranks.values())

@@ -165,7 +165,7 @@ def test_flora_vs_uniform_guided_baseline_is_the_sensitivity_family(versus_unifo
     _, _, result = versus_uniform
     for name, variant in result["variants"].items():
         supernet = fr.Run.open(variant["seeds"][0]["run_dir"]).supernet
-        family = guided_allocations(supernet.space, variant["layer_drops"], supernet.cost)
+        family = guided_allocations(supernet.space, variant["layer_drops"], supernet.cost, step=result["guided_step"])
         guided = variant["guided"]
         assert [g["name"] for g in guided] == [f["name"] for f in family], name
         assert [g["macs"] for g in guided] == [f["macs"] for f in family], name

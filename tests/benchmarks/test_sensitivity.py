@@ -109,6 +109,14 @@ def test_guided_allocations_macs_are_the_cost_models_and_fall_as_layers_are_lowe
     assert all(all(a > b for a, b in itertools.pairwise(s)) for s in series.values())
 
 
+def test_guided_allocations_in_steps_keep_both_ends(tiny):
+    every = {c["name"]: c for c in sensitivity.guided_allocations(tiny.space, DROPS, tiny.cost, keep_full=2)}
+    stepped = sensitivity.guided_allocations(tiny.space, DROPS, tiny.cost, keep_full=2, step=3)
+    assert all(every[c["name"]] == c for c in stepped)
+    assert sorted({c["lowered"] for c in stepped if c["full"] == 2}) == [0, 3, 4]  # 0..4 in steps of 3, and 4
+    assert sorted({c["lowered"] for c in stepped if c["mid"] == 1}) == [0, 3]  # 6 is uniform 0.5, met before
+
+
 def test_guided_allocations_need_every_layers_sensitivity(tiny):
     with pytest.raises(ValueError, match="drops name"):
         sensitivity.guided_allocations(tiny.space, {k: v for k, v in DROPS.items() if "qkv" not in k}, tiny.cost)
