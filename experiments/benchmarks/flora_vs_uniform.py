@@ -139,7 +139,7 @@ def versus(front: pd.DataFrame, baseline: pd.DataFrame, reference: float, dense_
         row["baseline_name"] = None if theirs is None else str(theirs.get("name", f"uniform {theirs.get('ratio')}"))
         row["paired_difference"] = None if paired is None else paired["difference"]
         row["paired_se"] = None if paired is None else paired["se"]
-        row["close_call"] = gain is not None and close_call(kind, ours, theirs, baseline, target, paired)
+        row["close_call"] = gain is not None and bool(close_call(kind, ours, theirs, baseline, target, paired))
         rows.append(row)
     return rows
 
