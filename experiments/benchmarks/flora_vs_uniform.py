@@ -21,7 +21,8 @@ Against each: the extra MAC reduction at 0.5/1/2/3 points below the dense teache
 search's ``search_summary.json``) and the accuracy advantage at 25/33/50% of dense MACs (``results.gain_over_uniform``
 and ``accuracy_advantage``), with the paired front - baseline accuracy difference of the two points compared
 (``results.compare_paired``). A close call: a paired difference within one standard error, or (at an accuracy
-target) a front point clearing, or a cheaper baseline point missing, the target by less than one standard error.
+target) either side's point clearing it, or either side's dearest cheaper point missing it, by less than one
+standard error.
 Per seed, and the mean over seeds with its standard deviation. Ablation supernets are trained with the base run's
 configuration (``run_config.yaml``) by the ``train`` stage into ``runs/bench-<run>-<variant>`` and reused while the
 teacher, space and configuration are unchanged; a seed's search is reused while its configuration and supernet are.
@@ -105,20 +106,26 @@ def guided_baseline(seed_dir: Path, step: int) -> tuple[pd.DataFrame, dict[str, 
     return pd.DataFrame(rows), drops
 
 
-def close_call(kind: str, ours: pd.Series, theirs: pd.Series, baseline: pd.DataFrame, target: float, paired) -> bool:
-    """Whether the comparison hangs on noise (``CLOSE_SE`` standard errors): at a budget, the paired difference; at an
-    accuracy target, the front point clearing it or the dearest cheaper baseline point missing it."""
-    if kind == "budget":
-        return paired is not None and abs(paired["difference"]) <= CLOSE_SE * paired["se"]
-    se = row_se(ours)
-    if se is not None and ours["accuracy"] - target < CLOSE_SE * se:
+def _hangs_on_noise(frame: pd.DataFrame, point: pd.Series, target: float) -> bool:
+    """Whether ``point`` (the cheapest of ``frame`` reaching ``target``) clears it, or the dearest cheaper point of
+    ``frame`` misses it, by less than ``CLOSE_SE`` standard errors: another draw of images could change the pick."""
+    se = row_se(point)
+    if se is not None and point["accuracy"] - target < CLOSE_SE * se:
         return True
-    below = baseline[(baseline["accuracy"] < target) & (baseline["macs"] < theirs["macs"])].sort_values("macs")
+    below = frame[(frame["accuracy"] < target) & (frame["macs"] < point["macs"])].sort_values("macs")
     if below.empty:
         return False
-    nearest = below.iloc[-1]
-    se = row_se(nearest)
-    return se is not None and target - nearest["accuracy"] < CLOSE_SE * se
+    se = row_se(below.iloc[-1])
+    return se is not None and target - below.iloc[-1]["accuracy"] < CLOSE_SE * se
+
+
+def close_call(kind: str, ours: pd.Series, theirs: pd.Series, frames: tuple[pd.DataFrame, pd.DataFrame],
+               target: float, paired) -> bool:  # fmt: skip
+    """Whether the comparison hangs on noise (``CLOSE_SE`` standard errors): at a budget, the paired difference; at an
+    accuracy target, either side's pick (``_hangs_on_noise``; ``frames``: the front and the baseline)."""
+    if kind == "budget":
+        return paired is not None and abs(paired["difference"]) <= CLOSE_SE * paired["se"]
+    return _hangs_on_noise(frames[0], ours, target) or _hangs_on_noise(frames[1], theirs, target)
 
 
 def versus(front: pd.DataFrame, baseline: pd.DataFrame, reference: float, dense_macs: float) -> list[dict[str, Any]]:
@@ -139,7 +146,7 @@ def versus(front: pd.DataFrame, baseline: pd.DataFrame, reference: float, dense_
         row["baseline_name"] = None if theirs is None else str(theirs.get("name", f"uniform {theirs.get('ratio')}"))
         row["paired_difference"] = None if paired is None else paired["difference"]
         row["paired_se"] = None if paired is None else paired["se"]
-        row["close_call"] = gain is not None and bool(close_call(kind, ours, theirs, baseline, target, paired))
+        row["close_call"] = gain is not None and bool(close_call(kind, ours, theirs, (front, baseline), target, paired))
         rows.append(row)
     return rows
 
