@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from sensitivity import guided_allocations
+from harness_sensitivity import guided_allocations
 
 import flora_ray as fr
 from flora_ray.results import (

@@ -4,6 +4,7 @@ FlopCounterMode."""
 
 import itertools
 
+import harness_sensitivity
 import pytest
 import sensitivity
 import torch
@@ -73,7 +74,7 @@ def at(supernet, ratios: dict[str, float]) -> dict[str, int]:
 
 
 def test_guided_allocations_lower_the_least_sensitive_layers_first(tiny):
-    configs = sensitivity.guided_allocations(tiny.space, DROPS, tiny.cost, keep_full=2)
+    configs = harness_sensitivity.guided_allocations(tiny.space, DROPS, tiny.cost, keep_full=2)
     by_name = {c["name"]: c for c in configs}
     # the issue's example at this size: the 2 least sensitive at the lowest rank, the 2 most at full, the rest between
     example = by_name["2 least sensitive at 0.25, 2 most at 1, rest at 0.5"]
@@ -96,7 +97,9 @@ def test_guided_allocations_lower_the_least_sensitive_layers_first(tiny):
 
 
 def test_guided_allocations_macs_are_the_cost_models_and_fall_as_layers_are_lowered(tiny):
-    configs = sensitivity.guided_allocations(tiny.space, DROPS, tiny.cost)  # default: 1 of 6 layers kept at full
+    configs = harness_sensitivity.guided_allocations(
+        tiny.space, DROPS, tiny.cost
+    )  # default: 1 of 6 layers kept at full
     assert {c["full"] for c in configs if c["mid"] < 1} == {0, 1}
     x = input_for(tiny.model, batch=1)
     for c in configs:
@@ -110,8 +113,8 @@ def test_guided_allocations_macs_are_the_cost_models_and_fall_as_layers_are_lowe
 
 
 def test_guided_allocations_in_steps_keep_both_ends(tiny):
-    every = {c["name"]: c for c in sensitivity.guided_allocations(tiny.space, DROPS, tiny.cost, keep_full=2)}
-    stepped = sensitivity.guided_allocations(tiny.space, DROPS, tiny.cost, keep_full=2, step=3)
+    every = {c["name"]: c for c in harness_sensitivity.guided_allocations(tiny.space, DROPS, tiny.cost, keep_full=2)}
+    stepped = harness_sensitivity.guided_allocations(tiny.space, DROPS, tiny.cost, keep_full=2, step=3)
     assert all(every[c["name"]] == c for c in stepped)
     assert sorted({c["lowered"] for c in stepped if c["full"] == 2}) == [0, 3, 4]  # 0..4 in steps of 3, and 4
     assert sorted({c["lowered"] for c in stepped if c["mid"] == 1}) == [0, 3]  # 6 is uniform 0.5, met before
@@ -119,4 +122,6 @@ def test_guided_allocations_in_steps_keep_both_ends(tiny):
 
 def test_guided_allocations_need_every_layers_sensitivity(tiny):
     with pytest.raises(ValueError, match="drops name"):
-        sensitivity.guided_allocations(tiny.space, {k: v for k, v in DROPS.items() if "qkv" not in k}, tiny.cost)
+        harness_sensitivity.guided_allocations(
+            tiny.space, {k: v for k, v in DROPS.items() if "qkv" not in k}, tiny.cost
+        )
