@@ -4,7 +4,9 @@
 trained run: given with ``--run-dir``, or prepared here (``prepare_base_run``: the quickstart as
 ``runs/bench-quickstart``, or with ``--smoke`` a tiny digits run in-process). ``prepare_ablation`` trains a variant
 supernet beside it; ``CachedEvaluator`` scores subnets of a supernet on fixed search images; ``nsga2_search`` and
-``uniform_search`` are flora-ray's NSGA-II as an in-process ask/tell loop and the uniform baseline.
+``uniform_search`` are flora-ray's NSGA-II as an in-process ask/tell loop and the uniform baseline;
+``product_search`` runs the product's own search stage (``pipeline.run_stage``, as ``flora-ray search``) on a
+supernet with another search seed, in a run directory of its own.
 ``prepare_search_run`` makes a run with a random-init teacher and its SVD supernet, ready to search
 (``search_overhead.py``, ``scaling.py``).
 """
@@ -25,6 +27,7 @@ import torch
 from harness import EXPERIMENTS, ROOT
 
 import flora_ray as fr
+from flora_ray.api import writing_run
 from flora_ray.backends.local import LocalBackend
 from flora_ray.backends.ray import RayBackend, init_ray
 from flora_ray.config import Config, SearchConfig, changed_result_keys, config_to_dict, load_config
@@ -32,6 +35,7 @@ from flora_ray.core.models import dense_checkpoint_metadata
 from flora_ray.core.space import RankConfig, RankSpace
 from flora_ray.data.datasets import build_datasets
 from flora_ray.pipeline import run_stage
+from flora_ray.records import StageMarker
 from flora_ray.results import hypervolume, pareto_mask
 from flora_ray.search.evaluator import Evaluator, anchor_points, genes_to_config, search_batch, supernet_from_numpy
 from flora_ray.stages.inputs import build_run_supernet, resolve_model_spec
@@ -230,6 +234,60 @@ def prepare_search_run(trials: int, eval_images: int, out: Path) -> tuple[Config
     supernet, _ = build_run_supernet(cfg, store)
     fr.save_supernet(supernet, store.local_path(ARTEFACTS.supernet))
     return cfg, supernet
+
+
+# --- the product's search on a trained supernet, one run per search seed ---------------------------------------------
+
+SEARCH_INPUTS = (ARTEFACTS.teacher, ARTEFACTS.space, ARTEFACTS.filter_scores, ARTEFACTS.supernet)
+
+
+def seed_run_dir(source: Path, seed: int, trials: int, runs_root: Path) -> Path:
+    """``runs_root/bench-<source run>-seed<seed>-t<trials>``: where ``product_search`` searches ``source``'s
+    supernet."""
+    return runs_root / f"bench-{source.name.removeprefix('bench-')}-seed{seed}-t{trials}"
+
+
+def product_search(source: Path, seed: int, trials: int, *, runs_root: Path, local: bool) -> Path:
+    """The product's search stage on ``source``'s supernet with search seed ``seed`` and ``trials`` trials.
+
+    The run directory (``seed_run_dir``) gets copies of ``source``'s teacher, space, filter scores and supernet (the
+    files a child run, ``run.parent``, takes over; ablation supernets have no pretrain and filter markers, so the
+    copy is made here) and ``source``'s configuration with ``search.seed`` and ``search.trials`` set; then
+    ``search`` runs as ``flora-ray search`` runs it (``api.writing_run``, ``pipeline.run_stage``) on
+    ``LocalBackend`` if ``local``, else on the Ray that the caller started (``local_ray``). A finished search with
+    the same configuration and supernet is reused. Returns the run directory.
+    """
+    target = seed_run_dir(source, seed, trials, runs_root)
+    overrides = [f"search.seed={seed}", f"search.trials={trials}"]
+    cfg = config_at(config_file(source), target, overrides)
+    wanted = {
+        "config": json.loads(json.dumps(config_to_dict(cfg))),
+        "supernet": sha256_file(source / ARTEFACTS.supernet),
+    }
+    marker = target / SOURCE_FILE
+    done = StageMarker.read(RunStore(target), stage="search") if target.is_dir() else None
+    if done is not None and marker.is_file() and _same_search(read_json(marker), wanted):
+        print(f"reusing {target} (search seed {seed})", flush=True)
+        return target
+    if target.exists():
+        assert target.name.startswith("bench-"), target  # only ever delete this benchmark's own runs
+        shutil.rmtree(target)
+    store = RunStore(target)
+    for name in SEARCH_INPUTS:
+        if (source / name).is_file():
+            store.write_bytes(name, (source / name).read_bytes())
+    started = time.perf_counter()
+    with writing_run(cfg, ["search"], None, "local" if local else "ray"):
+        run_stage(cfg, "search", LocalBackend() if local else RayBackend())
+    print(f"searched {target} (seed {seed}, {trials} trials) in {time.perf_counter() - started:.0f} s", flush=True)
+    write_json(marker, wanted)
+    return target
+
+
+def _same_search(recorded: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    return recorded.get("supernet") == wanted["supernet"] and not changed_result_keys(
+        recorded.get("config", {}), wanted["config"]
+    )
 
 
 # --- evaluation and in-process search ---------------------------------------------------------------------------

@@ -5,7 +5,8 @@ accuracy does. On one trained run (the proving ground: `flora-ray run experiment
 ``--run-dir runs/proving_ground``), for supernets trained from the run's teacher with each sampler on the filtered
 space (``lowrank``: the run itself; ``uniform``; ``sandwich``) and with the default sampler on the unfiltered space:
 
-- one common set of subnets spread over the cost range: the run's front points, every uniform configuration, and
+- one common set of subnets spread over the cost range: the run's front points (a run not searched yet is searched
+  by the product's search stage, ``harness_runs.product_search``), every uniform configuration, and
   random configurations of the filtered space, one per MAC stratum (the same subnets for every supernet);
 - per subnet and supernet: the inherited accuracy on the search images, and the test accuracy (whole test split)
   after the same short fine-tune (``stages.finetune.finetune_subnet``: distillation from the run's teacher with the
@@ -37,6 +38,7 @@ picks the default recipe wants N >= 40.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -50,11 +52,19 @@ import numpy as np
 import pandas as pd
 import torch
 from harness import bench_parser, write_result
-from harness_runs import CachedEvaluator, build_evaluator, nsga2_search, prepare_ablation, prepare_base_run, run_config
+from harness_runs import (
+    CachedEvaluator,
+    build_evaluator,
+    local_ray,
+    prepare_ablation,
+    prepare_base_run,
+    product_search,
+    run_config,
+)
 
 from flora_ray.config import RECIPES
 from flora_ray.data.datasets import build_datasets, eval_subset
-from flora_ray.results import bootstrap_interval, gain_table, kendall_tau, load_front, pareto_mask, spearman_rho
+from flora_ray.results import bootstrap_interval, gain_table, kendall_tau, load_front, spearman_rho
 from flora_ray.stages.finetune import finetune_subnet
 from flora_ray.stages.inputs import load_teacher
 from flora_ray.storage.files import read_json, write_json
@@ -88,18 +98,17 @@ def trained_with(run_dir: Path, recipe: str) -> bool:
 # --- the subnets --------------------------------------------------------------------------------------------------
 
 
-def front_subnets(base: Path, evaluate: CachedEvaluator, trials: int, seed: int) -> list[dict[str, Any]]:
-    """The run's front (``pareto.parquet``) or, for a run not searched yet, the front of an in-process NSGA-II
-    search of ``trials`` evaluations (flora-ray's sampler settings)."""
-    if RunStore(base).is_file(ARTEFACTS.pareto):
-        front = load_front(base)
-        return [{"kind": "front", "name": f"trial {r.trial}", "ranks": json.loads(r.ranks)} for r in front.itertuples()]
-    nsga2_search(evaluate.space, evaluate, run_config(base).search, trials, seed)
-    keys = list(evaluate.cache)
-    points = pd.DataFrame([evaluate.cache[k] for k in keys], columns=["macs", "accuracy"])
-    chosen = [keys[i] for i in np.flatnonzero(pareto_mask(points))]
-    return [{"kind": "front", "name": f"front {i}", "ranks": dict(zip(evaluate.space.fqns, k, strict=True))}
-            for i, k in enumerate(chosen)]  # fmt: skip
+def front_subnets(base: Path, trials: int, local: bool) -> list[dict[str, Any]]:
+    """The run's front (``pareto.parquet``) or, for a run not searched yet, the front of the product's search stage
+    (``harness_runs.product_search``: ``trials`` trials with the run's search seed, beside the run)."""
+    store = RunStore(base)
+    if not store.is_file(ARTEFACTS.pareto):
+        cfg = run_config(base)
+        seed = cfg.search.seed if cfg.search.seed is not None else cfg.run.seed
+        with contextlib.nullcontext() if local else local_ray():
+            store = RunStore(product_search(base, seed, trials, runs_root=base.parent, local=local))
+    front = load_front(store)
+    return [{"kind": "front", "name": f"trial {r.trial}", "ranks": json.loads(r.ranks)} for r in front.itertuples()]
 
 
 def choose_subnets(base: Path, evaluate: CachedEvaluator, args) -> list[dict[str, Any]]:
@@ -107,7 +116,7 @@ def choose_subnets(base: Path, evaluate: CachedEvaluator, args) -> list[dict[str
     from each MAC stratum (equal-count bins of 4000 random draws): ``args.random`` of them, or as many as make
     ``args.subnets`` distinct subnets in all."""
     space = evaluate.space
-    subnets = front_subnets(base, evaluate, args.front_trials, args.seed)
+    subnets = front_subnets(base, args.front_trials, args.smoke)
     rng = np.random.default_rng(args.seed)
     for ratio, ranks in sorted(space.uniform_all().items()):
         subnets.append({"kind": "uniform", "name": f"uniform {ratio:g}", "ratio": ratio, "ranks": dict(ranks)})
@@ -307,7 +316,7 @@ def parse_args():
     parser.add_argument("--subnets", type=int, help="distinct subnets in all (random strata fill the rest)")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random subnets")
-    parser.add_argument("--front-trials", type=int, default=120, help="NSGA-II trials for a run with no front yet")
+    parser.add_argument("--front-trials", type=int, default=120, help="search trials for a run with no front yet")
     args = parser.parse_args()
     if args.variants is None:
         args.variants = [] if args.recipes else list(VARIANTS)

@@ -26,11 +26,11 @@ import numpy as np
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from harness import ROOT, bench_parser, environment, write_result
+from harness_sensitivity import configurations, score
 
 import flora_ray as fr
 from flora_ray.config import load_config
 from flora_ray.data.datasets import build_datasets
-from flora_ray.results import paired_difference, unpack_correct
 from flora_ray.search.evaluator import Evaluator, search_batch
 
 SMOKE = ["model.name=test_vit", "model.kwargs={patch_size: 2, embed_dim: 32, depth: 2, num_heads: 2, mlp_ratio: 2}",
@@ -41,33 +41,13 @@ SMOKE = ["model.name=test_vit", "model.kwargs={patch_size: 2, embed_dim: 32, dep
          "profile.enabled=false", "run.threads_per_worker=1", "run.name=sensitivity-smoke"]  # fmt: skip
 
 
-def configurations(space: fr.RankSpace) -> list[dict[str, Any]]:
-    """Full rank, each layer alone at its lowest rank, each block at its lowest ranks, uniform lowest."""
-    full = {layer.fqn: layer.max_rank for layer in space.layers}
-    lowest = {layer.fqn: min(layer.rank_choices) for layer in space.layers}
-    out = [{"kind": "full", "name": "full rank", "ranks": full}]
-    out += [{"kind": "layer", "name": fqn, "block": block.name, "ranks": {**full, fqn: lowest[fqn]}}
-            for block in space.blocks for fqn in block.fqns]  # fmt: skip
-    out += [{"kind": "block", "name": block.name, "block": block.name,
-             "ranks": {**full, **{fqn: lowest[fqn] for fqn in block.fqns}}} for block in space.blocks]  # fmt: skip
-    out.append({"kind": "uniform", "name": f"uniform {min(space.ratios):g}", "ranks": lowest})
-    return out
-
-
 def measure(run: fr.Run, images: int, seed: int = 0) -> dict[str, Any]:
     """Every configuration's MACs and test accuracy, and its paired difference to full rank."""
     supernet = run.supernet
     test_images, test_labels = search_batch(build_datasets(run.config.data).test, images, seed)
     evaluator = Evaluator(supernet, test_images, test_labels, "cpu", run.config.search.batch_size)
-    rows, started = [], time.perf_counter()
-    for item in configurations(supernet.space):
-        metrics = evaluator.evaluate(item["ranks"])
-        rows.append({**{k: v for k, v in item.items() if k != "ranks"}, "macs": metrics["macs"],
-                     "accuracy": metrics["accuracy"], "correct": unpack_correct(metrics["correct"], len(test_labels))})  # fmt: skip
-    full = rows[0]
-    for row in rows:
-        diff, se = paired_difference(row["correct"], full["correct"])
-        row.update(drop=-diff, drop_se=se, macs_saved=1.0 - row["macs"] / full["macs"])
+    started = time.perf_counter()
+    rows = score(evaluator, configurations(supernet.space))
     layers = [r for r in rows if r["kind"] == "layer"]
     drops = np.array([r["drop"] for r in layers])
     spread = float(drops.max() - drops.min())

@@ -17,8 +17,19 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
+from harness_sensitivity import guided_allocations
 
-from flora_ray.results import cheapest_within, gain_table, hypervolume, kendall_tau, pareto_mask, spearman_rho
+import flora_ray as fr
+from flora_ray.results import (
+    best_under,
+    cheapest_within,
+    gain_table,
+    hypervolume,
+    kendall_tau,
+    pareto_mask,
+    spearman_rho,
+)
 from flora_ray.storage.files import read_checkpoint_header
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks"
@@ -95,56 +106,84 @@ def test_search_efficiency_target_follows_from_the_curves(efficiency):
     assert len(goal["nsga2_evaluations_to_reach_per_seed"]) == len(result["seeds"])
 
 
-def test_flora_vs_uniform_variants_and_gains(versus_uniform, efficiency):
-    out, stdout, result = versus_uniform
-    assert (out / "flora_vs_uniform.png").stat().st_size > 1000
-    assert "extra reduction over uniform" in stdout
-    variants = result["variants"]
-    assert set(variants) == {"flora", "no_filter", "uniform_sampling"}
-    assert [variants[v]["sampler"] for v in variants] == ["lowrank", "lowrank", "uniform"]
-    full = len(result["ratios"]) ** 3
-    assert variants["no_filter"]["candidates_per_block"] == [full] * len(variants["no_filter"]["candidates_per_block"])
-    assert all(n < full for n in variants["flora"]["candidates_per_block"])
-    assert variants["uniform_sampling"]["candidates_per_block"] == variants["flora"]["candidates_per_block"]
-    for name, variant in variants.items():
-        front, uniform = _frame(variant["front"]), pd.DataFrame(variant["uniform"])
-        assert pareto_mask(front).all() and len(uniform) == len(result["ratios"]), name
-        for row in variant["versus_dense"]:
-            assert row["target_accuracy"] == pytest.approx(result["dense_accuracy"] - row["drop"])
-            ours, theirs = (
-                cheapest_within(front, row["target_accuracy"]),
-                cheapest_within(uniform, row["target_accuracy"]),
-            )
-            assert row["front_macs"] == (None if ours is None else ours["macs"])
-            assert row["uniform_macs"] == (None if theirs is None else theirs["macs"])
-            if ours is not None and theirs is not None:
-                assert row["extra_reduction_over_uniform"] == pytest.approx(1 - ours["macs"] / theirs["macs"])
-            else:
-                assert row["extra_reduction_over_uniform"] is None
-    # Without filtering, every uniform configuration is in the space and enqueued first, so the front is never
-    # worse than the best uniform configuration at any target.
-    no_filter = variants["no_filter"]
-    assert all(u["in_space"] for u in no_filter["uniform"])
-    for row in no_filter["versus_dense"] + no_filter["versus_full_rank"]:
-        if row["uniform_macs"] is not None:
-            assert row["front_macs"] is not None and row["front_macs"] <= row["uniform_macs"]
+def _recompute(front: pd.DataFrame, baseline: pd.DataFrame, row: dict, reference: float, dense_macs: float):
+    """The two points a comparison row names and its gain, from the recorded frames."""
+    if row["kind"] == "drop":
+        assert row["target"] == pytest.approx(reference - row["value"])
+        ours, theirs = cheapest_within(front, row["target"]), cheapest_within(baseline, row["target"])
+        gain = None if ours is None or theirs is None else 1 - ours["macs"] / theirs["macs"]
+    else:
+        assert row["target"] == pytest.approx(row["value"] * dense_macs)
+        ours, theirs = best_under(front, row["target"]), best_under(baseline, row["target"])
+        gain = None if ours is None or theirs is None else ours["accuracy"] - theirs["accuracy"]
+    return ours, theirs, gain
+
+
+def test_flora_vs_uniform_searches_with_the_product_for_every_seed(versus_uniform):
+    _, _, result = versus_uniform
+    assert result["seeds"] == [0, 1] and "the product's search stage" in result["search"]
+    assert set(result["variants"]) == {"flora", "no_filter", "uniform_sampling"}
+    for name, variant in result["variants"].items():
+        proposals = []
+        for entry in variant["seeds"]:
+            run = Path(entry["run_dir"])
+            assert run.name.endswith(f"-seed{entry['seed']}-t{result['trials']}"), name
+            assert json.loads((run / "stages" / "search.json").read_text())["stage"] == "search"
+            assert yaml.safe_load((run / "run_config.yaml").read_text())["search"]["seed"] == entry["seed"]
+            trials, front = pd.read_parquet(run / "trials.parquet"), pd.read_parquet(run / "pareto.parquet")
+            # the recorded front is the search stage's own, and it is the Pareto set of the trials it ran
+            assert pd.DataFrame(entry["front"])[["macs", "accuracy"]].equals(front[["macs", "accuracy"]])
+            done = trials[trials["state"] == "COMPLETE"]
+            assert sorted(done[pareto_mask(done)]["trial"]) == sorted(front["trial"])
+            proposals.append(list(trials["ranks"]))
+        assert proposals[0] != proposals[1], name  # two seeds, two searches
+
+
+def test_flora_vs_uniform_gains_recompute_against_both_baselines(versus_uniform):
+    _, stdout, result = versus_uniform
+    assert "vs sensitivity-guided" in stdout
+    for name, variant in result["variants"].items():
+        guided = pd.DataFrame(variant["guided"])
+        for entry in variant["seeds"]:
+            front, uniform = pd.DataFrame(entry["front"]), pd.DataFrame(entry["uniform"])
+            assert len(uniform) == len(result["ratios"])
+            for key, baseline in (("versus_uniform", uniform), ("versus_guided", guided)):
+                assert [(r["kind"], r["value"]) for r in entry[key]] == [("drop", d) for d in result["drops"]] + [
+                    ("budget", b) for b in result["budgets"]
+                ]
+                for row in entry[key]:
+                    args = (variant["dense_accuracy"], variant["dense_macs"])
+                    ours, theirs, gain = _recompute(front, baseline, row, *args)
+                    assert row["front_macs"] == (None if ours is None else ours["macs"]), (name, key)
+                    assert row["baseline_macs"] == (None if theirs is None else theirs["macs"]), (name, key)
+                    assert row["gain"] == (None if gain is None else pytest.approx(gain)), (name, key)
+                    if row["paired_se"] is not None and row["kind"] == "budget":
+                        assert row["close_call"] == (abs(row["paired_difference"]) <= row["paired_se"])
+
+
+def test_flora_vs_uniform_guided_baseline_is_the_sensitivity_family(versus_uniform):
+    _, _, result = versus_uniform
+    for name, variant in result["variants"].items():
+        supernet = fr.Run.open(variant["seeds"][0]["run_dir"]).supernet
+        family = guided_allocations(supernet.space, variant["layer_drops"], supernet.cost, step=result["guided_step"])
+        guided = variant["guided"]
+        assert [g["name"] for g in guided] == [f["name"] for f in family], name
+        assert [g["macs"] for g in guided] == [f["macs"] for f in family], name
+        assert all(0 <= g["accuracy"] <= 100 for g in guided)
 
 
 def test_flora_vs_uniform_spread_over_search_seeds(versus_uniform):
     _, stdout, result = versus_uniform
-    assert result["seeds"] == [0, 1] and result["drops"] == [0.5, 1.0, 2.0, 3.0]
-    assert "across search seeds" in stdout
+    assert "Gain over the seeds" in stdout
     for name, variant in result["variants"].items():
-        seeds = variant["seeds"]
-        assert seeds["seeds"] == [0, 1] and len(seeds["searches"]) == 2, name
-        # The first seed's search is the one the tables show.
-        assert seeds["searches"][0] == [row["extra_reduction_over_uniform"] for row in variant["versus_dense"]]
-        for i, entry in enumerate(seeds["per_drop"]):
-            values = [s[i] for s in seeds["searches"] if s[i] is not None]
-            assert entry["reached"] == len(values)
-            if values:
-                assert entry["mean"] == pytest.approx(sum(values) / len(values))
-                assert entry["min"] == min(values) and entry["max"] == max(values)
+        for key in ("versus_uniform", "versus_guided"):
+            for i, entry in enumerate(variant[f"spread_{key}"]):
+                values = [s[key][i]["gain"] for s in variant["seeds"] if s[key][i]["gain"] is not None]
+                assert entry["reached"] == len(values) and entry["seeds"] == 2, name
+                assert entry["close_calls"] == sum(s[key][i]["close_call"] for s in variant["seeds"])
+                if values:
+                    assert entry["mean"] == pytest.approx(sum(values) / len(values))
+                    assert entry["min"] == min(values) and entry["max"] == max(values)
 
 
 def test_flora_vs_uniform_trains_the_ablations_on_their_spaces(versus_uniform):
@@ -258,3 +297,31 @@ def test_ranking_fidelity_compares_named_recipes(fidelity):
         assert variant["inherited_vs_finetuned"]["kendall_tau"] == pytest.approx(
             kendall_tau(inherited, tuned), nan_ok=True
         )
+
+
+@pytest.fixture(scope="module")
+def eval_rate(versus_uniform):
+    """``eval_rate.py --smoke`` on flora_vs_uniform's searched seed-0 run (a front and uniform configurations)."""
+    out, _, result = versus_uniform
+    run = Path(result["variants"]["flora"]["seeds"][0]["run_dir"])
+    stdout = _run("eval_rate.py", "--output", str(out), "--run-dir", str(run))
+    return run, stdout, json.loads((out / f"eval_rate_{run.name}.json").read_text())
+
+
+def test_eval_rate_scores_the_searched_subnets_as_the_search_did(eval_rate):
+    run, stdout, result = eval_rate
+    assert "overall:" in stdout and result["target"] == 0.9 and result["repeats"] == 2
+    front = pd.read_parquet(run / "pareto.parquet").set_index("trial")
+    names = [r["name"] for r in result["subnets"]]
+    assert {f"front trial {t}" for t in front.index} <= set(names)
+    for row in result["subnets"]:
+        # the search path and the extracted model score the same images alike (one image of float rounding at most)
+        assert abs(row["search_accuracy"] - row["plain_accuracy"]) <= 100.0 / row["images"] + 1e-9, row["name"]
+        if row["name"].startswith("front trial"):  # and as the search stage itself scored them
+            trial = front.loc[int(row["name"].split()[-1])]
+            assert row["search_accuracy"] == pytest.approx(trial["accuracy"]) and row["macs"] == trial["macs"]
+        assert len(row["search_seconds"]) == len(row["plain_seconds"]) == 2
+        median = sorted(row["search_seconds"])[0] / 2 + sorted(row["search_seconds"])[1] / 2
+        assert row["search_images_per_s"] == pytest.approx(row["images"] / median)
+    medians = [(sum(r["search_seconds"]) / 2, sum(r["plain_seconds"]) / 2) for r in result["subnets"]]
+    assert result["overall_ratio"] == pytest.approx(sum(p for _, p in medians) / sum(s for s, _ in medians))
