@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -26,6 +27,37 @@ from flora_ray.training.trainer import STATE_FILE, Callback, Trainer
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
+STAGING_PREFIX = "flora-ckpt-"  # + "<pid>-": a checkpoint written locally before Ray Train copies it to storage
+
+
+def staging_dir() -> Path:
+    """A new local directory for one checkpoint report, named after this process. Directories that processes no
+    longer running left behind (a worker killed while Ray Train collected its checkpoint: a spot reclaim, a stopped
+    job) are removed first, so a node's temporary disk does not fill with one model copy per interruption."""
+    remove_orphaned_staging(Path(tempfile.gettempdir()))
+    return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
+
+
+def remove_orphaned_staging(root: Path) -> list[Path]:
+    """Remove the staging directories under ``root`` whose process is gone; returns them. A directory of a live
+    process (or of a reused process id) is kept, as are names without a process id."""
+    removed = []
+    for path in root.glob(f"{STAGING_PREFIX}*-*"):
+        pid = path.name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class Checkpoint(Callback):
@@ -82,7 +114,7 @@ class Checkpoint(Callback):
         self._report(trainer, metrics)
 
     def _report(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        directory = Path(tempfile.mkdtemp(prefix="flora-ckpt-")) if trainer.is_main else None
+        directory = staging_dir() if trainer.is_main else None
         try:
             if directory is not None:
                 self._write(trainer, directory)

@@ -266,3 +266,28 @@ def test_resume_from_a_mid_epoch_checkpoint_repeats_at_most_the_interval_and_end
     b, _ = read_checkpoint(tmp_path / "c2" / "latest" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_checkpoint_staged_by_a_killed_process_is_removed_by_the_next_report(tmp_path, monkeypatch):
+    """A worker killed between staging its checkpoint and Ray Train collecting it (a reclaimed node, a stopped job)
+    leaves the staging directory behind; the next process to stage one removes it, and nothing of a live process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from flora_ray.training.callbacks import staging_dir
+
+    script = ("import os, signal; from flora_ray.training.callbacks import staging_dir; "
+              "(staging_dir() / 'model.safetensors').write_bytes(b'weights'); os.kill(os.getpid(), signal.SIGKILL)")  # fmt: skip
+    killed = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TMPDIR": str(tmp_path)}, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    (orphan,) = tmp_path.glob("flora-ckpt-*")
+    older = tmp_path / "flora-ckpt-04vlyg_z"  # a name without a process id (earlier versions): not ours to judge
+    older.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    first = staging_dir()
+    second = staging_dir()  # this process is alive: its own directories stay
+    assert not orphan.exists() and older.is_dir() and first.is_dir() and second.is_dir()
+    assert first.name.startswith(f"flora-ckpt-{os.getpid()}-")
