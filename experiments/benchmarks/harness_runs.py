@@ -178,6 +178,18 @@ def same_source(recorded: dict[str, Any], wanted: dict[str, Any]) -> bool:
     )
 
 
+def reuse_or_clear(target: Path, reusable: bool, what: str) -> bool:
+    """``True`` (and a line saying so) when ``target`` can be reused; otherwise ``target``, one of this benchmark's
+    own ``bench-`` runs, is deleted if it exists and ``False`` returned."""
+    if reusable:
+        print(f"reusing {target} ({what})", flush=True)
+        return True
+    if target.exists():
+        assert target.name.startswith("bench-"), target  # only ever delete this benchmark's own runs
+        shutil.rmtree(target)
+    return False
+
+
 def prepare_ablation(
     base: Path, variant: str, ablation: tuple[tuple[str, ...], bool], *, runs_root: Path, local: bool
 ) -> Path:
@@ -196,12 +208,9 @@ def prepare_ablation(
     source = {"teacher_sha256": sha256_file(teacher), "space": space, "config": config_to_dict(cfg)}
     source = json.loads(json.dumps(source))  # as it reads back from the file (tuples become lists)
     marker = target / SOURCE_FILE
-    if (target / ARTEFACTS.supernet).is_file() and marker.is_file() and same_source(read_json(marker), source):
-        print(f"reusing {target} ({variant})", flush=True)
+    trained = (target / ARTEFACTS.supernet).is_file() and marker.is_file()
+    if reuse_or_clear(target, trained and same_source(read_json(marker), source), variant):
         return target
-    if target.exists():
-        assert target.name.startswith("bench-"), target  # only ever delete this benchmark's own runs
-        shutil.rmtree(target)
     store = RunStore(target)
     store.write_bytes(ARTEFACTS.teacher, teacher.read_bytes())
     if space is not None:
@@ -266,12 +275,9 @@ def product_search(source: Path, seed: int, trials: int, *, runs_root: Path, loc
     }
     marker = target / SOURCE_FILE
     done = StageMarker.read(RunStore(target), stage="search") if target.is_dir() else None
-    if done is not None and marker.is_file() and _same_search(read_json(marker), wanted):
-        print(f"reusing {target} (search seed {seed})", flush=True)
+    searched = done is not None and marker.is_file()
+    if reuse_or_clear(target, searched and _same_search(read_json(marker), wanted), f"search seed {seed}"):
         return target
-    if target.exists():
-        assert target.name.startswith("bench-"), target  # only ever delete this benchmark's own runs
-        shutil.rmtree(target)
     store = RunStore(target)
     for name in SEARCH_INPUTS:
         if (source / name).is_file():
