@@ -4,10 +4,8 @@ import copy
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -175,6 +173,27 @@ def _brute_force_front(df):
     )
 
 
+# The search CLI with Ctrl-C pressed at a set point: right after the 8th trial of this process has ended (Optuna told,
+# the journal written), the driver signals itself, as a user's Ctrl-C would. Watching the journal from outside and
+# signalling raced fast machines: CI once saw all 16 trials finish before the signal landed.
+INTERRUPTED_AFTER_8 = """
+import os, signal, sys
+import flora_ray.backends.ray_tune as glue
+from flora_ray.cli import main
+made = glue.progress_callback
+def interrupting(total, after_trial, cost="macs"):
+    ended = []
+    def after():
+        after_trial()
+        ended.append(1)
+        if len(ended) == 8:
+            os.kill(os.getpid(), signal.SIGINT)
+    return made(total, after, cost)
+glue.progress_callback = interrupting
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_interrupted_search_continues_without_duplicates(searched_run, tmp_path):
     cfg, _ = searched_run
@@ -182,23 +201,20 @@ def test_interrupted_search_continues_without_duplicates(searched_run, tmp_path)
     data["search"]["trials"] = 16  # two generations of 8: interrupted in the second, which the second run finishes
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(data))
-    command = [sys.executable, "-m", "flora_ray.cli", "search", str(config_file), "search.concurrency=1"]
+    arguments = ["search", str(config_file), "search.concurrency=1"]
     journal = cfg.run.run_dir / "search_journal.log"
     first = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    deadline = time.time() + 180
-    while time.time() < deadline and first.poll() is None:
-        if journal.is_file() and journal.read_text().count('"state":1,') >= 8:  # 8 completed trials
-            break
-        time.sleep(0.3)
-    first.send_signal(signal.SIGINT)
+        [sys.executable, "-c", INTERRUPTED_AFTER_8, *arguments],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
     try:
-        first.wait(timeout=90)
+        out, _ = first.communicate(timeout=240)
     finally:
         kill_group(first.pid)  # whatever the interrupted driver left behind
+    assert "Stop signal received" in out, out[-3000:]  # Tune took the Ctrl-C
     completed_first = journal.read_text().count('"state":1,')
     assert 8 <= completed_first < 16, f"the first search was not interrupted mid-way ({completed_first} trials)"
+    command = [sys.executable, "-m", "flora_ray.cli", *arguments]
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "search: continuing" in second.stdout + second.stderr
