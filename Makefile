@@ -49,12 +49,16 @@ tools:
 	  echo "no headless Chromium and no root: the browser test of front.html will be skipped"
 
 # The product's tests. The benchmark scripts' smoke tests (tests/benchmarks, marked `bench` there) are
-# `make test-bench`; .ci/run runs both.
+# `make test-bench`; .ci/run runs both. TEST_WORKERS pytest-xdist processes share the tests, a module to each at a
+# time (--dist loadscope: a module's shared fixture, such as a trained run or a two-node cluster, is built once);
+# TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadscope
 test: install data tools
-	$(BIN)/python -m pytest -q -m "not bench"
+	$(BIN)/python -m pytest -q -m "not bench" $(XDIST)
 
 test-bench: install data tools
-	$(BIN)/python -m pytest -q -m bench
+	$(BIN)/python -m pytest -q -m bench $(XDIST)
 
 # The small default on Fashion-MNIST, local Ray, 2 CPU workers: teacher, filter, supernet, search, export, report.
 quickstart: install data
