@@ -54,11 +54,13 @@ SHORT = [
 
 def _copy_checkout(destination: Path) -> None:
     """The repository as a user's checkout holds it, without the build and tool outputs of this one."""
-    top = {".git", ".venv", "runs", "data", "build", ".pytest_cache", ".ruff_cache"}
+    top = {".git", "runs", "data", "build", ".pytest_cache", ".ruff_cache"}
 
     def ignore(directory: str, names: list[str]) -> set[str]:
         ignored = {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
-        return ignored | (top & set(names) if Path(directory) == REPO else set())
+        # .venv, and .venv-latest after `make test-latest` (7 GB: it once filled /tmp)
+        venvs = {n for n in names if n.startswith(".venv")}
+        return ignored | ((top & set(names)) | venvs if Path(directory) == REPO else set())
 
     shutil.copytree(REPO, destination, ignore=ignore)
 
