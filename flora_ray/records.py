@@ -152,6 +152,7 @@ class SearchSummary(RunFile):
     seconds: float | None = None
     evaluator_builds: dict[str, int] = dataclasses.field(default_factory=dict)
     budget: int | None = None
+    guided_anchors: int = 0  # sensitivity-guided allocations evaluated first (earlier versions: none)
     dense_correct: Any = None  # the dense model's per-image correctness: in the file, not in the stage's summary
 
     OMIT_NONE: ClassVar[tuple[str, ...]] = ("dense_correct",)

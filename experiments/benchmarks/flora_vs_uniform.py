@@ -14,7 +14,7 @@ as ``flora-ray search`` runs it, on local Ray or with ``--backend local`` (the d
 
 - uniform ranks: the search stage's own ``uniform.parquet``;
 - sensitivity-guided allocations (what pruning tools do cheaply): each layer's accuracy drop alone at its lowest
-  rank (``harness_sensitivity.layer_sensitivity``), then the family of ``harness_sensitivity.guided_allocations`` (the least
+  rank (``sensitivity.layer_sensitivity``), then the family of ``sensitivity.guided_allocations`` (the least
   sensitive layers lowered first, the most sensitive kept high), scored inherited with the search's evaluator.
 
 Against each: the extra MAC reduction at 0.5/1/2/3 points below the dense teacher (on the search images, from the
@@ -48,7 +48,6 @@ import numpy as np
 import pandas as pd
 from harness import bench_parser, write_result
 from harness_runs import local_ray, points_hypervolume, prepare_ablation, prepare_base_run, product_search, run_config
-from harness_sensitivity import guided_allocations, layer_sensitivity
 
 from flora_ray.records import SearchSummary
 from flora_ray.results import (
@@ -65,6 +64,7 @@ from flora_ray.results import (
 )
 from flora_ray.search.evaluator import search_images
 from flora_ray.search.plots import pyplot, save_png
+from flora_ray.search.sensitivity import guided_allocations, layer_sensitivity
 from flora_ray.stages.search import search_problem
 from flora_ray.storage.run_store import RunStore
 

@@ -26,12 +26,12 @@ import numpy as np
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from harness import ROOT, bench_parser, environment, write_result
-from harness_sensitivity import configurations, score
 
 import flora_ray as fr
 from flora_ray.config import load_config
 from flora_ray.data.datasets import build_datasets
 from flora_ray.search.evaluator import Evaluator, search_batch
+from flora_ray.search.sensitivity import configurations, score
 
 SMOKE = ["model.name=test_vit", "model.kwargs={patch_size: 2, embed_dim: 32, depth: 2, num_heads: 2, mlp_ratio: 2}",
          "model.ratios=[0.25, 0.5, 1.0]", "data.name=digits", "data.img_size=8", "data.in_chans=1",

@@ -526,6 +526,12 @@ class SearchConfig:
             is scored (filtering, search, uniform baselines) and exported, in batches of ``train.batch_size``
             (``core.batchnorm``); 0: off, every subnet uses the supernet's shared statistics. Models without
             BatchNorm (ViT, Swin) are not affected and load no images for it.
+        guided_anchors: Before the first trial, score each layer alone at its lowest rank (the rest at full rank)
+            on the search images, ``L + 1`` evaluations written to ``sensitivity.parquet``, and evaluate first,
+            beside the uniform configurations, the sensitivity-guided allocations the space holds (the least
+            sensitive layers lowered first, the most sensitive kept high: the cheap heuristic of pruning tools;
+            at most ``population`` of them, spread over their cost), so the front starts from that heuristic's
+            points as well as uniform ones. ``false``: uniform anchors only, as FLORA.
         batch_size: Evaluation batch size.
         concurrency: Trials evaluated at once (evaluator actors).
         cpus_per_trial: CPUs an evaluator reserves.
@@ -546,6 +552,7 @@ class SearchConfig:
     min_latency_ms: float | str | None = None
     eval_images: int = 2000
     bn_recalibration_images: int = field(default=500, metadata={ABSENT_MEANS: 0})  # earlier runs: no recalibration
+    guided_anchors: bool = field(default=True, metadata={ABSENT_MEANS: False})  # earlier runs: uniform anchors only
     batch_size: int = field(default=500, metadata=SPEED_ONLY)
     concurrency: int = field(default=2, metadata=SPEED_ONLY)
     cpus_per_trial: float = field(default=1.0, metadata=SPEED_ONLY)

@@ -13,6 +13,8 @@ import logging
 import time
 from typing import Any
 
+import pandas as pd
+
 from flora_ray.backends.base import Backend, SearchJob
 from flora_ray.config import Config, config_to_dict
 from flora_ray.core.cost import build_cost_model
@@ -24,6 +26,7 @@ from flora_ray.search.evaluator import anchor_points, module_from_numpy, search_
 from flora_ray.search.frames import trials_frame, uniform_frame
 from flora_ray.search.objectives import Objectives, dense_value, latency_predictor, resolve_bounds, subnet_costs
 from flora_ray.search.plots import front_figure, hypervolume_figure
+from flora_ray.search.sensitivity import configurations, evenly, guided_points, score
 from flora_ray.search.study import DUPLICATE_OF, SearchProblem, finished_trials, search_budget
 from flora_ray.stages.inputs import load_teacher, open_run, provenance, ray_storage, study_name, working_dir
 from flora_ray.stages.preflight import preflight
@@ -136,6 +139,51 @@ def baselines_task(problem: SearchProblem, dense_state: dict[str, Any]) -> tuple
     return rows, evaluator.model_metrics(dense.to(evaluator.device).eval())
 
 
+def sensitivity_task(problem: SearchProblem) -> list[dict[str, Any]]:
+    """Full rank and each layer alone at its lowest rank (the rest at full rank) on the search images: each row's
+    ``accuracy``, paired ``drop`` from full rank with ``drop_se`` (points), ``macs`` and ``macs_saved``."""
+    evaluator = problem.build_evaluator()
+    items = [c for c in configurations(evaluator.supernet.space) if c["kind"] in ("full", "layer")]
+    keep = ("kind", "block", "accuracy", "drop", "drop_se", "macs", "macs_saved")
+    return [{"layer": r["name"] if r["kind"] == "layer" else None, **{k: r.get(k) for k in keep}}
+            for r in score(evaluator, items)]  # fmt: skip
+
+
+SUPERNET_KEY = "flora_ray.search_key"  # sensitivity.parquet's metadata: the supernet, data and images it was scored on
+
+
+def guided_anchors(cfg: Config, store: RunStore, problem: SearchProblem, backend: Backend) -> list[dict[str, int]]:
+    """The genes of the sensitivity-guided allocations the search evaluates first (``search.guided_anchors``): the
+    layers' sensitivities from the run's ``sensitivity.parquet`` when it was measured on this supernet and these
+    images, else measured now (one evaluator task) and written; those of the allocations the space holds that are
+    not anchors already, at most ``search.population``."""
+    if not cfg.search.guided_anchors:
+        return []
+    import pyarrow.parquet as pq
+
+    stored = None
+    if store.is_file(ARTEFACTS.sensitivity):
+        schema = pq.read_schema(store.location(ARTEFACTS.sensitivity), filesystem=store.filesystem)
+        if (schema.metadata or {}).get(SUPERNET_KEY.encode(), b"").decode() == problem.key:
+            stored = store.read_parquet(ARTEFACTS.sensitivity, "sensitivity table")
+    if stored is None:
+        started = time.perf_counter()
+        rows = backend.call(sensitivity_task, problem, resources=trial_resources(cfg), retries=cfg.run.max_failures)
+        stored = pd.DataFrame(rows)
+        store.write_parquet(ARTEFACTS.sensitivity, stored, {**provenance(cfg, seed=search_seed(cfg)),
+                                                            SUPERNET_KEY: problem.key})  # fmt: skip
+        logger.info("search: layer sensitivities measured in %.1f s (%d evaluations)",
+                    time.perf_counter() - started, len(stored))  # fmt: skip
+    layers = stored[stored["kind"] == "layer"]
+    space = RankSpace.from_dict(problem.header["space"])
+    cost = build_cost_model(ModelSpec.from_dict(problem.header["model"]).create(device="meta"))
+    points = guided_points(space, dict(zip(layers["layer"], layers["drop"], strict=True)), cost)
+    new = evenly([p for p in points if p not in problem.anchors], cfg.search.population)
+    logger.info("search: %d sensitivity-guided allocations evaluated first (%d the space holds; layer drops "
+                "%.2f to %.2f points)", len(new), len(points), layers["drop"].min(), layers["drop"].max())  # fmt: skip
+    return new
+
+
 def search_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
     """Run (or continue) the search of a run on ``backend`` and write its files; returns a summary."""
     store = open_run(cfg)
@@ -149,6 +197,8 @@ def search_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
         search_images, problem.config, resources=trial_resources(cfg), retries=cfg.run.max_failures
     )
     logger.info("search: %d search images (%.0f MB of uint8 pixels)", len(problem.labels), problem.images.nbytes / 1e6)
+    guided = guided_anchors(cfg, store, problem, backend)
+    problem.anchors = [*problem.anchors, *guided]
     path, filesystem = ray_storage(store)
     retries = cfg.run.max_failures
     job = SearchJob(problem, trial_resources(cfg), cfg.search.concurrency, path, filesystem, journal, retries)
@@ -167,7 +217,7 @@ def search_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
         **write_search_outputs(cfg, store, study, trials, uniform), **dense_costs(problem),
         dense_accuracy=dense_metrics["accuracy"], dense_accuracy_se=dense_metrics["accuracy_se"],
         eval_images=dense_metrics["eval_images"], seconds=seconds, evaluator_builds={str(k): v for k, v in builds.items()},
-        budget=problem.trials,
+        budget=problem.trials, guided_anchors=len(guided),
         dense_correct=dense_metrics["correct"],  # pairs with every trial's; in the file, not in the stage's summary
     )  # fmt: skip
     summary.write(store)

@@ -38,6 +38,7 @@ class Artefacts:
     supernet: str = "supernet.safetensors"
     checkpoints: str = "checkpoints"
     ray: str = "ray"
+    sensitivity: str = "sensitivity.parquet"
     journal: str = "search_journal.log"
     trials: str = "trials.parquet"
     pareto: str = "pareto.parquet"

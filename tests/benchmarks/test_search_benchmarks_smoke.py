@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from harness_sensitivity import guided_allocations
+from flora_ray.search.sensitivity import guided_allocations
 
 import flora_ray as fr
 from flora_ray.results import (

@@ -400,3 +400,41 @@ def test_in_process_search_marks_failures_and_continues_an_interrupted_study(sea
     late = trials["trial"] > 4
     assert (trials.loc[late & (genes == raising), "state"] == "FAIL").all()
     assert not trials.loc[trials["state"] == "FAIL", "is_pareto"].any()
+
+
+@pytest.mark.slow
+def test_sensitivity_guided_allocations_the_space_holds_are_evaluated_first(searched_run):
+    from dataclasses import replace
+
+    from flora_ray.backends.local import LocalBackend
+    from flora_ray.search.sensitivity import guided_allocations
+    from flora_ray.stages.search import search_stage
+
+    cfg, supernet = searched_run
+    space, run_dir = supernet.space, cfg.run.run_dir
+    # a filtered space: block 0 keeps the triples with qkv at 1/4 or full rank, so only some allocations fit
+    kept = {b.name: [c for c in b.candidates if b.name != "blocks.0" or c[0] in (8, 32)] for b in space.blocks}
+    supernet.space = space = space.restrict(kept)
+    fr.save_supernet(supernet, run_dir / ARTEFACTS.supernet)
+    cfg = replace(cfg, search=replace(cfg.search, trials=20, population=4, concurrency=1))
+    summary = search_stage(cfg, LocalBackend())
+    table = pd.read_parquet(run_dir / ARTEFACTS.sensitivity)
+    assert table["kind"].tolist() == ["full"] + ["layer"] * len(space.fqns) and table["layer"].iloc[
+        1:
+    ].tolist() == list(space.fqns)
+    np.testing.assert_allclose(table["drop"], table["accuracy"].iloc[0] - table["accuracy"])
+    drops = dict(zip(table["layer"].iloc[1:], table["drop"].iloc[1:], strict=True))
+    every = guided_allocations(space, drops, supernet.cost)
+    held = sorted((a for a in every if space.contains(a["ranks"])), key=lambda a: a["macs"])
+    assert 0 < len(held) < len(every)  # the filter dropped some
+    uniform = [json.dumps(c) for c in space.uniform_configs().values()]
+    guided = [json.dumps(a["ranks"]) for a in held if json.dumps(a["ranks"]) not in uniform]
+    assert len(guided) > 4  # more than the population: 4 of them, evenly over their MACs, both ends kept
+    picks = [guided[round(i * (len(guided) - 1) / 3)] for i in range(4)]
+    trials = pd.read_parquet(run_dir / TRIALS_FILE).sort_values("trial")
+    first = trials[trials["enqueued"]]["ranks"].map(lambda r: json.dumps(json.loads(r))).tolist()
+    assert first[: len(uniform)] == uniform and first[len(uniform) :] == picks
+    assert summary["guided_anchors"] == 4
+    measured_at = (run_dir / ARTEFACTS.sensitivity).stat().st_mtime_ns
+    search_stage(cfg, LocalBackend())  # done already: the stored sensitivities are this supernet's, not measured again
+    assert (run_dir / ARTEFACTS.sensitivity).stat().st_mtime_ns == measured_at

@@ -1,11 +1,13 @@
-"""Per-layer sensitivity and the sensitivity-guided baseline, shared by ``sensitivity.py`` and
-``flora_vs_uniform.py``.
+"""Per-layer sensitivity and the sensitivity-guided allocations: what the search evaluates first beside the uniform
+configurations (``search.guided_anchors``) and what the benchmarks (``sensitivity.py``, ``flora_vs_uniform.py``)
+compare the front with.
 
 ``configurations`` lists full rank, each layer and each block alone at its lowest ranks, and uniform lowest rank;
 ``score`` scores configurations with an ``Evaluator`` and pairs each with full rank image by image;
 ``layer_sensitivity`` is each layer's drop alone at its lowest rank; ``guided_allocations`` builds from those drops
 the allocations a pruning tool's cheap heuristic makes (least sensitive layers lowered first, the most sensitive
-kept high).
+kept high); ``guided_points`` keeps those the (filtered) space holds, as genes; ``evenly`` picks some of them
+over their cost range.
 """
 
 from __future__ import annotations
@@ -14,14 +16,13 @@ import itertools
 from collections.abc import Mapping
 from typing import Any
 
-import flora_ray as fr
 from flora_ray.core.cost import CostModel
-from flora_ray.core.space import rank_for_ratio
+from flora_ray.core.space import RankSpace, rank_for_ratio
 from flora_ray.results import paired_difference, unpack_correct
-from flora_ray.search.evaluator import Evaluator
+from flora_ray.search.evaluator import Evaluator, config_to_genes
 
 
-def configurations(space: fr.RankSpace) -> list[dict[str, Any]]:
+def configurations(space: RankSpace) -> list[dict[str, Any]]:
     """Full rank, each layer alone at its lowest rank, each block at its lowest ranks, uniform lowest."""
     full = {layer.fqn: layer.max_rank for layer in space.layers}
     lowest = {layer.fqn: min(layer.rank_choices) for layer in space.layers}
@@ -58,7 +59,7 @@ def layer_sensitivity(evaluator: Evaluator) -> dict[str, float]:
 
 
 def guided_allocations(
-    space: fr.RankSpace, drops: Mapping[str, float], cost: CostModel, *, keep_full: int | None = None, step: int = 1
+    space: RankSpace, drops: Mapping[str, float], cost: CostModel, *, keep_full: int | None = None, step: int = 1
 ) -> list[dict[str, Any]]:
     """The sensitivity-guided baseline: allocations that lower the least sensitive layers first.
 
@@ -96,3 +97,20 @@ def guided_allocations(
                 out.append({"name": f"{name}rest at {mid:g}", "low": low, "mid": mid, "lowered": lowered,
                             "full": n_layers - lowered if mid == 1 else full, "ranks": ranks, "macs": float(cost.macs(ranks))})  # fmt: skip
     return out
+
+
+def guided_points(space: RankSpace, drops: Mapping[str, float], cost: CostModel) -> list[dict[str, int]]:
+    """Genes of the guided allocations (``guided_allocations``, every ``n``) that ``space`` holds (a filtered space
+    keeps some of them), cheapest first."""
+    held = [a for a in guided_allocations(space, drops, cost) if space.contains(a["ranks"])]
+    return [config_to_genes(space, a["ranks"]) for a in sorted(held, key=lambda a: a["macs"])]
+
+
+def evenly(items: list[Any], limit: int) -> list[Any]:
+    """``items`` when there are at most ``limit``, else ``limit`` of them evenly spaced in their order (both ends
+    kept when ``limit`` >= 2)."""
+    if len(items) <= limit:
+        return list(items)
+    if limit <= 1:
+        return items[:limit]
+    return [items[i] for i in sorted({round(i * (len(items) - 1) / (limit - 1)) for i in range(limit)})]
