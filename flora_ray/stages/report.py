@@ -276,6 +276,14 @@ def _closing_sections(store: RunStore, search: SearchSummary, markers: dict[str,
         f"({search.repeats_answered} repeated proposals answered from earlier evaluations), "
         f"{search.trials_per_second:.2f} trials/s, hypervolume {search.hypervolume_share:.4f} of the "
         f"box up to 1.01 x the dearest uniform configuration and 100%",
+        *(
+            [
+                f"- evaluated first: the uniform configurations and {search.guided_anchors} sensitivity-guided "
+                f"allocations (the least sensitive layers lowered first; `{ARTEFACTS.sensitivity}`)"
+            ]
+            if search.guided_anchors
+            else []
+        ),
         "",
         "## Stage wall times",
         "",
