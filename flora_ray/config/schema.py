@@ -530,7 +530,7 @@ class SearchConfig:
             on the search images, ``L + 1`` evaluations written to ``sensitivity.parquet``, and evaluate first,
             beside the uniform configurations, the sensitivity-guided allocations the space holds (the least
             sensitive layers lowered first, the most sensitive kept high: the cheap heuristic of pruning tools;
-            at most ``population`` of them, spread over their cost), so the front starts from that heuristic's
+            at most ``population`` of them and half of the trials the uniform ones leave, spread over their cost), so the front starts from that heuristic's
             points as well as uniform ones. ``false``: uniform anchors only, as FLORA.
         batch_size: Evaluation batch size.
         concurrency: Trials evaluated at once (evaluator actors).

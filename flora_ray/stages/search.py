@@ -156,7 +156,7 @@ def guided_anchors(cfg: Config, store: RunStore, problem: SearchProblem, backend
     """The genes of the sensitivity-guided allocations the search evaluates first (``search.guided_anchors``): the
     layers' sensitivities from the run's ``sensitivity.parquet`` when it was measured on this supernet and these
     images, else measured now (one evaluator task) and written; those of the allocations the space holds that are
-    not anchors already, at most ``search.population``."""
+    not anchors already, at most ``search.population`` and half of the trials the other anchors leave."""
     if not cfg.search.guided_anchors:
         return []
     import pyarrow.parquet as pq
@@ -178,7 +178,8 @@ def guided_anchors(cfg: Config, store: RunStore, problem: SearchProblem, backend
     space = RankSpace.from_dict(problem.header["space"])
     cost = build_cost_model(ModelSpec.from_dict(problem.header["model"]).create(device="meta"))
     points = guided_points(space, dict(zip(layers["layer"], layers["drop"], strict=True)), cost)
-    new = evenly([p for p in points if p not in problem.anchors], cfg.search.population)
+    room = (problem.trials - len(problem.anchors)) // 2  # NSGA-II keeps at least half of the trials left
+    new = evenly([p for p in points if p not in problem.anchors], max(0, min(cfg.search.population, room)))
     logger.info("search: %d sensitivity-guided allocations evaluated first (%d the space holds; layer drops "
                 "%.2f to %.2f points)", len(new), len(points), layers["drop"].min(), layers["drop"].max())  # fmt: skip
     return new

@@ -52,6 +52,7 @@ SMALL_RUN = [
     "train.epochs=2", "train.batch_size=16", "train.warmup_epochs=0", "train.eval_images=48",
     f"train.checkpoint_every_steps={CHECKPOINT_STEPS}",
     "search.trials=10", "search.population=4", "search.eval_images=48", "search.concurrency=2",
+    "search.guided_anchors=false",  # uniform anchors only: 10 trials leave NSGA-II a second generation to breed
     "run.threads_per_worker=1", "run.max_failures=10", "scaling.num_workers=2",
 ]  # fmt: skip
 # The head marks a dead node after about 1.5 s instead of Ray's default 15 s (raylet health checks).
