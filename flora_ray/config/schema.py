@@ -289,7 +289,8 @@ class TrainConfig(TrainStageConfig):
             (``sandwich`` + ``teacher``) or ``sandwich_inplace`` (``sandwich`` + ``largest``: BigNAS /
             AttentiveNAS). ``flora`` is the default until measured: which recipe ranks subnets most faithfully is
             what ``experiments/benchmarks/ranking_fidelity.py --recipes`` measures (>= 40 subnets per recipe): on
-            the proving ground flora ranked worst (tau 0.32; the others 0.58-0.60, docs/results.md). The epochs are not part of a recipe: ``train.epochs`` says them.
+            the proving ground flora ranked worst (tau 0.32; the others 0.58-0.60, docs/results.md). The epochs
+            are not part of a recipe: ``train.epochs`` says them.
         sampler: ``lowrank`` (a block's tuple drawn with probability proportional to 1 / product of its ratios,
             the FLORA default), ``uniform``, or ``sandwich`` (largest, smallest and a low-rank aware sample,
             gradients accumulated, an extension). Unset: the recipe's; set, it overrides the recipe. The loaded
@@ -532,8 +533,9 @@ class SearchConfig:
             on the search images, ``L + 1`` evaluations written to ``sensitivity.parquet``, and evaluate first,
             beside the uniform configurations, the sensitivity-guided allocations the space holds (the least
             sensitive layers lowered first, the most sensitive kept high: the cheap heuristic of pruning tools;
-            at most ``population`` of them and half of the trials the uniform ones leave, spread over their cost), so the front starts from that heuristic's
-            points as well as uniform ones. ``false``: uniform anchors only, as FLORA.
+            at most ``population`` of them and half of the trials the uniform ones leave, spread over their cost),
+            so the front starts from that heuristic's points as well as uniform ones. ``false``: uniform anchors
+            only, as FLORA.
         batch_size: Evaluation batch size.
         concurrency: Trials evaluated at once (evaluator actors).
         cpus_per_trial: CPUs an evaluator reserves.

@@ -51,11 +51,16 @@ def score(evaluator: Evaluator, items: list[dict[str, Any]]) -> list[dict[str, A
     return rows
 
 
+def layer_rows(evaluator: Evaluator) -> list[dict[str, Any]]:
+    """``score`` of full rank and of each layer alone at its lowest rank, every other layer at full rank, on the
+    evaluator's images (the full-rank row first)."""
+    return score(evaluator, [c for c in configurations(evaluator.supernet.space) if c["kind"] in ("full", "layer")])
+
+
 def layer_sensitivity(evaluator: Evaluator) -> dict[str, float]:
-    """Each layer's accuracy drop (points) alone at its lowest rank, every other layer at full rank, on the
-    evaluator's images: what ``guided_allocations`` orders layers by."""
-    items = [c for c in configurations(evaluator.supernet.space) if c["kind"] in ("full", "layer")]
-    return {r["name"]: r["drop"] for r in score(evaluator, items) if r["kind"] == "layer"}
+    """Each layer's accuracy drop (points) alone at its lowest rank (``layer_rows``): what ``guided_allocations``
+    orders layers by."""
+    return {r["name"]: r["drop"] for r in layer_rows(evaluator) if r["kind"] == "layer"}
 
 
 def guided_allocations(

@@ -26,7 +26,7 @@ from flora_ray.search.evaluator import anchor_points, module_from_numpy, search_
 from flora_ray.search.frames import trials_frame, uniform_frame
 from flora_ray.search.objectives import Objectives, dense_value, latency_predictor, resolve_bounds, subnet_costs
 from flora_ray.search.plots import front_figure, hypervolume_figure
-from flora_ray.search.sensitivity import configurations, evenly, guided_points, score
+from flora_ray.search.sensitivity import evenly, guided_points, layer_rows
 from flora_ray.search.study import DUPLICATE_OF, SearchProblem, finished_trials, search_budget
 from flora_ray.stages.inputs import load_teacher, open_run, provenance, ray_storage, study_name, working_dir
 from flora_ray.stages.preflight import preflight
@@ -142,17 +142,17 @@ def baselines_task(problem: SearchProblem, dense_state: dict[str, Any]) -> tuple
 def sensitivity_task(problem: SearchProblem) -> list[dict[str, Any]]:
     """Full rank and each layer alone at its lowest rank (the rest at full rank) on the search images: each row's
     ``accuracy``, paired ``drop`` from full rank with ``drop_se`` (points), ``macs`` and ``macs_saved``."""
-    evaluator = problem.build_evaluator()
-    items = [c for c in configurations(evaluator.supernet.space) if c["kind"] in ("full", "layer")]
     keep = ("kind", "block", "accuracy", "drop", "drop_se", "macs", "macs_saved")
     return [{"layer": r["name"] if r["kind"] == "layer" else None, **{k: r.get(k) for k in keep}}
-            for r in score(evaluator, items)]  # fmt: skip
+            for r in layer_rows(problem.build_evaluator())]  # fmt: skip
 
 
 SUPERNET_KEY = "flora_ray.search_key"  # sensitivity.parquet's metadata: the supernet, data and images it was scored on
 
 
-def guided_anchors(cfg: Config, store: RunStore, problem: SearchProblem, backend: Backend) -> list[dict[str, int]]:
+def guided_anchors(
+    cfg: Config, store: RunStore, problem: SearchProblem, space: RankSpace, backend: Backend
+) -> list[dict[str, int]]:
     """The genes of the sensitivity-guided allocations the search evaluates first (``search.guided_anchors``): the
     layers' sensitivities from the run's ``sensitivity.parquet`` when it was measured on this supernet and these
     images, else measured now (one evaluator task) and written; those of the allocations the space holds that are
@@ -175,7 +175,6 @@ def guided_anchors(cfg: Config, store: RunStore, problem: SearchProblem, backend
         logger.info("search: layer sensitivities measured in %.1f s (%d evaluations)",
                     time.perf_counter() - started, len(stored))  # fmt: skip
     layers = stored[stored["kind"] == "layer"]
-    space = RankSpace.from_dict(problem.header["space"])
     cost = build_cost_model(ModelSpec.from_dict(problem.header["model"]).create(device="meta"))
     points = guided_points(space, dict(zip(layers["layer"], layers["drop"], strict=True)), cost)
     room = (problem.trials - len(problem.anchors)) // 2  # NSGA-II keeps at least half of the trials left
@@ -198,7 +197,7 @@ def search_stage(cfg: Config, backend: Backend) -> dict[str, Any]:
         search_images, problem.config, resources=trial_resources(cfg), retries=cfg.run.max_failures
     )
     logger.info("search: %d search images (%.0f MB of uint8 pixels)", len(problem.labels), problem.images.nbytes / 1e6)
-    guided = guided_anchors(cfg, store, problem, backend)
+    guided = guided_anchors(cfg, store, problem, space, backend)
     problem.anchors = [*problem.anchors, *guided]
     path, filesystem = ray_storage(store)
     retries = cfg.run.max_failures
